@@ -1,0 +1,41 @@
+"""luna: LUNA16 scans -> candidate crops -> LunaModel training -> validation (metrics, FROC/CPM, submission).
+
+Run: snakemake --cores 8 --resources gpu=1        (see README.md; SLURM: --profile profiles/slurm)
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# `gpu` is a per-node resource: on a cluster each job's gpu=1 is checked against its node, not summed
+# over all running jobs (locally the two are the same).
+resource_scopes:
+    gpu="local",
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/synthesize.smk"
+include: "workflow/rules/candidates.smk"
+include: "workflow/rules/crops.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/validate.smk"
+
+
+localrules:
+    all,
+    candidates,
+    split,
+
+
+rule all:
+    default_target: True
+    input:
+        VALIDATION_OUTPUTS,
+
+
+onsuccess:
+    print_summary()

@@ -1,0 +1,87 @@
+"""World (x, y, z mm) <-> voxel index (i, r, c) = (z, y, x) transforms for any direction matrix.
+
+The book's ``xyz2irc`` multiplies by the inverse direction on the wrong side, which is only correct for
+symmetric direction matrices. Here ``xyz = origin + direction @ (spacing * cri)`` and its exact inverse
+``cri = inverse(direction) @ (xyz - origin) / spacing`` are used, as SimpleITK and ITK define them.
+Rounding to a voxel is ``floor(x + 0.5)`` per axis, as SimpleITK's ``TransformPhysicalPointToIndex``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a scan's voxel grid sits in world space (all in x, y, z order, millimetres)."""
+
+    origin_xyz: np.ndarray
+    spacing_xyz: np.ndarray
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def __post_init__(self) -> None:
+        origin = np.asarray(self.origin_xyz, dtype=np.float64).reshape(3)
+        spacing = np.asarray(self.spacing_xyz, dtype=np.float64).reshape(3)
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        if not np.all(np.isfinite(origin)):
+            raise ValueError(f"origin must be finite, got {origin.tolist()}")
+        if not np.all(spacing > 0):
+            raise ValueError(f"spacing must be positive, got {spacing.tolist()}")
+        if abs(np.linalg.det(direction)) < 1e-6:
+            raise ValueError(f"direction matrix is singular: {direction.tolist()}")
+        object.__setattr__(self, "origin_xyz", origin)
+        object.__setattr__(self, "spacing_xyz", spacing)
+        object.__setattr__(self, "direction", direction)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        return (
+            np.array_equal(self.origin_xyz, other.origin_xyz)
+            and np.array_equal(self.spacing_xyz, other.spacing_xyz)
+            and np.array_equal(self.direction, other.direction)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.origin_xyz.tobytes(), self.spacing_xyz.tobytes(), self.direction.tobytes()))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain lists, for JSON/HDF5 attributes."""
+        return {
+            "origin_xyz": self.origin_xyz.tolist(),
+            "spacing_xyz": self.spacing_xyz.tolist(),
+            "direction": self.direction.reshape(9).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(d["origin_xyz"], d["spacing_xyz"], np.asarray(d["direction"]).reshape(3, 3))
+
+
+def xyz_to_irc_continuous(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """World mm (..., 3) in x, y, z -> continuous voxel index (..., 3) in i, r, c order."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    offset = xyz - geometry.origin_xyz
+    # row vectors: (inv(D) @ v)^T == v^T @ inv(D)^T
+    cri = offset @ np.linalg.inv(geometry.direction).T / geometry.spacing_xyz
+    return cri[..., ::-1]
+
+
+def xyz_to_irc(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """World mm (..., 3) -> nearest voxel index (..., 3) int64 in i, r, c order (SimpleITK's rounding)."""
+    return np.floor(xyz_to_irc_continuous(xyz, geometry) + 0.5).astype(np.int64)
+
+
+def irc_to_xyz(irc: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Voxel index (..., 3) in i, r, c order (integer or continuous) -> world mm (..., 3) in x, y, z."""
+    cri = np.asarray(irc, dtype=np.float64)[..., ::-1]
+    return geometry.origin_xyz + (cri * geometry.spacing_xyz) @ geometry.direction.T
+
+
+def is_inside(irc: np.ndarray, shape_irc: tuple[int, int, int]) -> np.ndarray:
+    """True where every index of irc (..., 3) lies in [0, size) of the scan's (i, r, c) shape."""
+    irc = np.asarray(irc)
+    shape = np.asarray(shape_irc)
+    return np.all((irc >= 0) & (irc < shape), axis=-1)

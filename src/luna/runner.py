@@ -1,0 +1,43 @@
+"""Run a stage app from a Snakemake rule script: log to the rule's log file, fail the job on a bad exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(log_path: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr, or to a file (a Snakemake ``log:``), once per process."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(log_path, mode="a")
+    elif root.handlers:
+        return
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+
+
+def run_rule(app_factory: Callable[[list[str]], object], argv: Sequence[str], log_path: str | os.PathLike) -> None:
+    """Build ``App(argv)`` and call ``main()`` with stdout/stderr and logging going to ``log_path``.
+
+    A non-zero return or an exception fails the Snakemake job; the last error line stays in the log.
+    """
+    argv = [str(a) for a in argv]
+    setup_logging(log_path)
+    logging.getLogger(__name__).info("argv: %s", " ".join(argv))
+    with open(log_path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        code = app_factory(argv).main()  # type: ignore[attr-defined]
+    if code not in (None, 0):
+        with open(log_path) as fh:
+            last = [line for line in fh.read().splitlines() if line.strip()][-1:]
+        sys.exit(f"{app_factory.__name__} failed (exit {code}): {last[0] if last else ''}")

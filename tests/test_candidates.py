@@ -1,0 +1,169 @@
+"""LUNA16 tables: parsing with one-line errors, diameter matching, candidates.tsv and the series-level split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import LUNA16_ANNOTATIONS
+from luna.candidates import (
+    CandidatesApp, SplitApp, TableError, build_candidates_table, make_splits, match_diameters,
+    read_annotations_csv, read_candidates_csv, read_candidates_tsv, read_splits_tsv,
+)
+from luna.ct import ScanFile, write_scan
+from luna.geometry import Geometry
+
+
+def test_official_annotations_parse() -> None:
+    ann = read_annotations_csv(LUNA16_ANNOTATIONS)
+    assert len(ann) == 1186
+    assert ann["seriesuid"].nunique() == 601
+    assert ann["diameter_mm"].min() >= 3.0
+    first = ann.iloc[0]
+    assert first["seriesuid"] == "1.3.6.1.4.1.14519.5.2.1.6279.6001.100225287222365663678666836860"
+    assert first["coordX"] == pytest.approx(-128.6994211)
+
+
+def write(tmp_path, text: str, name: str = "candidates.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_missing_column_names_file_and_line(tmp_path) -> None:
+    p = write(tmp_path, "seriesuid,coordX,coordY,class\n1.2,1,2,0\n")
+    with pytest.raises(TableError, match=r"candidates\.csv:1: missing column 'coordZ'"):
+        read_candidates_csv(p)
+
+
+def test_non_numeric_coordinate_names_file_and_line(tmp_path) -> None:
+    p = write(tmp_path, "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,0\n1.2,1,abc,3,1\n")
+    with pytest.raises(TableError, match=r"candidates\.csv:3: column coordY is not a finite number: 'abc'"):
+        read_candidates_csv(p)
+
+
+def test_duplicate_header_line_names_file_and_line(tmp_path) -> None:
+    p = write(tmp_path, "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,0\nseriesuid,coordX,coordY,coordZ,class\n1.3,1,2,3,0\n")
+    with pytest.raises(TableError, match=r"candidates\.csv:3: duplicate header line"):
+        read_candidates_csv(p)
+
+
+def test_duplicate_header_column(tmp_path) -> None:
+    p = write(tmp_path, "seriesuid,coordX,coordY,coordZ,coordX\n1.2,1,2,3,4\n")
+    with pytest.raises(TableError, match=r"candidates\.csv:1: duplicate column 'coordX'"):
+        read_candidates_csv(p)
+
+
+def test_bad_class_and_diameter(tmp_path) -> None:
+    p = write(tmp_path, "seriesuid,coordX,coordY,coordZ,class\n1.2,1,2,3,2\n")
+    with pytest.raises(TableError, match=r"candidates\.csv:2: column class must be 0 or 1"):
+        read_candidates_csv(p)
+    a = write(tmp_path, "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2,1,2,3,-1\n", "annotations.csv")
+    with pytest.raises(TableError, match=r"annotations\.csv:2: diameter_mm must be > 0"):
+        read_annotations_csv(a)
+    assert read_annotations_csv(a, allow_negative=True)["diameter_mm"].tolist() == [-1.0]
+
+
+def test_candidates_without_class_column(tmp_path) -> None:
+    p = write(tmp_path, "seriesuid,coordX,coordY,coordZ\n1.2,1,2,3\n")
+    df = read_candidates_csv(p)
+    assert "class" not in df and df["coordZ"].tolist() == [3.0]
+
+
+def test_diameter_matching_book_rule() -> None:
+    ann = pd.DataFrame({
+        "seriesuid": ["a", "a", "b"],
+        "coordX": [0.0, 0.5, 10.0], "coordY": [0.0, 0.0, 10.0], "coordZ": [0.0, 0.0, 10.0],
+        "diameter_mm": [4.0, 20.0, 8.0],
+    })
+    cand = pd.DataFrame({
+        "seriesuid": ["a", "a", "a", "b", "b", "c"],
+        #   within 1 mm of first -> 4; 3 mm off in x -> only second (20/4=5) matches; far; b: delta 2 == 8/4 -> 8
+        "coordX": [0.9, 3.0, 50.0, 12.0, 12.1, 0.0],
+        "coordY": [1.0, 0.0, 0.0, 10.0, 10.0, 0.0],
+        "coordZ": [-1.0, 0.0, 0.0, 8.0, 10.0, 0.0],
+    })
+    np.testing.assert_array_equal(match_diameters(cand, ann), [4.0, 20.0, 0.0, 8.0, 0.0, 0.0])
+
+
+def _data_root(tmp_path):
+    geo = Geometry([0, 0, 0], [1, 1, 1])
+    for subset, uid in [("subset0", "1.1"), ("subset0", "1.3"), ("subset1", "1.2")]:
+        write_scan(tmp_path / subset / f"{uid}.mhd", np.zeros((2, 2, 2), np.int16), geo)
+    write(tmp_path, "seriesuid,coordX,coordY,coordZ,class\n"
+          "1.1,1,1,1,1\n9.9,0,0,0,0\n1.2,5,5,5,0\n9.9,1,1,1,1\n1.3,0,0,0,0\n")
+    write(tmp_path, "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.1,1.5,1,1,6\n", "annotations.csv")
+    return tmp_path
+
+
+def test_candidates_table_keeps_order_and_reports_missing_scans(tmp_path) -> None:
+    root = _data_root(tmp_path)
+    scans = {"1.1": ScanFile("1.1", "subset0", root), "1.2": ScanFile("1.2", "subset1", root),
+             "1.3": ScanFile("1.3", "subset0", root)}
+    table, report = build_candidates_table(root / "candidates.csv", root / "annotations.csv", scans)
+    assert table["candidate_id"].tolist() == [0, 2, 4]
+    assert table["series_uid"].tolist() == ["1.1", "1.2", "1.3"]
+    assert table["subset"].tolist() == ["subset0", "subset1", "subset0"]
+    assert table["is_nodule"].tolist() == [1, 0, 0]
+    assert table["diameter_mm"].tolist() == [6.0, 0.0, 0.0]
+    assert report.n_missing_scan_rows == 2 and report.missing_scans == ["9.9"]
+    assert "2 candidate rows left out" in report.lines()[1]
+
+
+def test_candidates_app_writes_tsv(tmp_path, caplog) -> None:
+    root = _data_root(tmp_path)
+    out = tmp_path / "results" / "candidates.tsv"
+    assert CandidatesApp(["--root", str(root), "--out", str(out)]).main() == 0
+    df = read_candidates_tsv(out)
+    assert list(df.columns) == ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z",
+                                "is_nodule", "diameter_mm"]
+    assert df["candidate_id"].tolist() == [0, 2, 4]
+    assert "2 candidate rows left out" in caplog.text
+    # only subset1 selected: the other rows are counted as missing
+    assert CandidatesApp(["--root", str(root), "--subsets", "subset1", "--out", str(out)]).main() == 0
+    assert read_candidates_tsv(out)["series_uid"].tolist() == ["1.2"]
+
+
+def test_candidates_app_bad_csv_exits_2(tmp_path, capsys) -> None:
+    root = _data_root(tmp_path)
+    write(root, "seriesuid,coordX,coordY,coordZ,class\n1.1,x,1,1,1\n")
+    assert CandidatesApp(["--root", str(root), "--out", str(tmp_path / "c.tsv")]).main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("candidates.csv:2: column coordX is not a finite number: 'x'")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "c.tsv").exists()
+
+
+def test_candidates_predict_only_has_empty_is_nodule(tmp_path) -> None:
+    root = _data_root(tmp_path)
+    write(root, "seriesuid,coordX,coordY,coordZ\n1.1,1,1,1\n", "list.csv")
+    out = tmp_path / "c.tsv"
+    assert CandidatesApp(["--root", str(root), "--candidates", "list.csv", "--annotations", "", "--out", str(out)]).main() == 0
+    assert out.read_text().splitlines()[1].split("\t")[6] == ""
+    assert read_candidates_tsv(out)["is_nodule"].isna().all()
+
+
+def test_split_stride_series_level() -> None:
+    uids = [f"1.{i}" for i in range(25)]
+    splits = make_splits(uids, val_stride=10)
+    ordered = sorted(uids)  # string order: 1.0, 1.1, 1.10, 1.11, ...
+    assert splits["series_uid"].tolist() == ordered
+    assert splits.loc[splits["split"] == "val", "series_uid"].tolist() == [ordered[0], ordered[10], ordered[20]]
+    assert splits["series_uid"].is_unique
+
+
+def test_split_by_subsets() -> None:
+    subsets = {"a": "subset0", "b": "subset1", "c": "subset1"}
+    splits = make_splits(list(subsets), subsets, val_subsets=["subset1"])
+    assert dict(zip(splits["series_uid"], splits["split"])) == {"a": "train", "b": "val", "c": "val"}
+    with pytest.raises(ValueError, match="subset9"):
+        make_splits(list(subsets), subsets, val_subsets=["subset9"])
+
+
+def test_split_app_includes_scans_without_candidates(tmp_path) -> None:
+    root = _data_root(tmp_path)
+    out = tmp_path / "splits.tsv"
+    assert SplitApp(["--root", str(root), "--val-stride", "2", "--out", str(out)]).main() == 0
+    df = read_splits_tsv(out)
+    assert df.to_dict("list") == {"series_uid": ["1.1", "1.2", "1.3"], "split": ["val", "train", "val"]}

@@ -1,0 +1,108 @@
+"""Config validation and helpers shared by the rules: data locations, subsets, state folders."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+validate(config, "../schemas/config.schema.yaml")
+
+DATASET = config["dataset"]
+DATA_ROOT = DATASET["root"]
+SYNTHETIC = DATASET["source"] == "synthetic"
+RESULTS = "results"
+CROPS_DIR = f"{RESULTS}/crops"
+MODEL_DIR = f"{RESULTS}/model"
+VALIDATION_DIR = f"{RESULTS}/validation"
+
+
+def table_path(name):
+    """A dataset table path: relative to the data root unless absolute; None stays None."""
+    if name is None or name == "":
+        return None
+    p = Path(name)
+    return str(p if p.is_absolute() else Path(DATA_ROOT) / p)
+
+
+def selected_subsets():
+    """Subsets the run uses: the configured ones, else all the synthetic set makes, else every subset* on disk."""
+    if DATASET["subsets"]:
+        return list(DATASET["subsets"])
+    if SYNTHETIC:
+        return [f"subset{k}" for k in range(config["synthetic"]["n_subsets"])]
+    found = sorted(p.name for p in Path(DATA_ROOT).glob("subset*") if p.is_dir())
+    if not found:
+        raise WorkflowError(f"dataset.root: no subset* folders under {DATA_ROOT}")
+    return found
+
+
+def check_dataset():
+    """Fail the dry-run early, naming the key and the path, when a LUNA16 download is not where config says."""
+    if SYNTHETIC:
+        return
+    if not Path(DATA_ROOT).is_dir():
+        raise WorkflowError(f"dataset.root: data folder {DATA_ROOT} not found")
+    for key in ("candidates", "annotations", "annotations_excluded"):
+        path = table_path(DATASET[key])
+        if path is not None and not Path(path).is_file():
+            raise WorkflowError(f"dataset.{key}: file {path} not found")
+    for subset in DATASET["subsets"]:
+        if not (Path(DATA_ROOT) / subset).is_dir():
+            raise WorkflowError(f"dataset.subsets: folder {Path(DATA_ROOT) / subset} not found")
+
+
+check_dataset()
+SUBSETS = selected_subsets()
+
+
+def dataset_inputs():
+    """What the table rules read: the synthesize rule's folder, or the user's CSVs."""
+    if SYNTHETIC:
+        return {"root": DATA_ROOT}
+    inputs = {"candidates": table_path(DATASET["candidates"])}
+    if DATASET["annotations"]:
+        inputs["annotations"] = table_path(DATASET["annotations"])
+    return inputs
+
+
+def subset_inputs(wildcards):
+    """A crop job reads its subset's folder (under the synthetic root when that is generated)."""
+    if SYNTHETIC:
+        return {"root": DATA_ROOT}
+    return {"subset_dir": str(Path(DATA_ROOT) / wildcards.subset)}
+
+
+def state_dir(stage, *sections):
+    """A resumable-state folder outside the declared outputs, keyed by the config that shapes the stage,
+    so a changed hyper-parameter never resumes from another run's state."""
+    key = json.dumps({s: config[s] for s in sections}, sort_keys=True)
+    return f"{RESULTS}/.state/{stage}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+VALIDATION_OUTPUTS = [
+    f"{VALIDATION_DIR}/predictions.tsv",
+    f"{VALIDATION_DIR}/metrics.tsv",
+    f"{VALIDATION_DIR}/froc.tsv",
+    f"{VALIDATION_DIR}/submission.csv",
+]
+
+
+def print_summary():
+    """Where to look after a successful run."""
+    metrics = Path(f"{VALIDATION_DIR}/metrics.tsv")
+    if metrics.exists():
+        print(f"luna: metrics in {metrics}, plots in {VALIDATION_DIR}/")
+        print("luna: build the report with: snakemake --report report.html")
+
+
+def validation_tables():
+    """The annotation tables FROC/CPM reads (the synthetic folder provides them once generated)."""
+    tables = {}
+    for key in ("annotations", "annotations_excluded"):
+        path = table_path(DATASET[key])
+        if path is not None:
+            tables[key] = DATA_ROOT if SYNTHETIC else path
+    return tables

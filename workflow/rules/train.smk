@@ -1,0 +1,26 @@
+rule train:
+    input:
+        crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
+        splits=f"{RESULTS}/splits.tsv",
+    output:
+        model=protected(f"{MODEL_DIR}/model.pt"),
+        history=f"{MODEL_DIR}/history.tsv",
+    params:
+        train=config["train"],
+        # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
+        # deletes before a job starts; keyed by the config so a changed hyper-parameter starts afresh
+        state=state_dir("train", "dataset", "synthetic", "crops", "split", "train"),
+        tb_dir=f"{MODEL_DIR}/tensorboard",
+        config=config,
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    log:
+        "logs/train.log",
+    benchmark:
+        "benchmarks/runs/train.tsv"
+    conda:
+        "../../envs/luna.yaml"
+    script:
+        "../../scripts/train.py"
