@@ -11,6 +11,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 # `gpu` is a per-node resource: on a cluster each job's gpu=1 is checked against its node, not summed
 # over all running jobs (locally the two are the same).
 resource_scopes:

@@ -3,17 +3,17 @@ rule candidates:
         unpack(lambda wc: dataset_inputs()),
     output:
         f"{RESULTS}/candidates.tsv",
-    params:
-        root=DATA_ROOT,
-        candidates=DATASET["candidates"],
-        annotations=DATASET["annotations"] or "",
-        subsets=SUBSETS,
     log:
         "logs/candidates.log",
     benchmark:
         "benchmarks/runs/candidates.tsv"
     conda:
         "../../envs/luna.yaml"
+    params:
+        root=DATA_ROOT,
+        candidates=DATASET["candidates"],
+        annotations=DATASET["annotations"] or "",
+        subsets=SUBSETS,
     script:
         "../../scripts/candidates.py"
 
@@ -23,16 +23,16 @@ rule split:
         unpack(lambda wc: dataset_inputs()),
     output:
         f"{RESULTS}/splits.tsv",
-    params:
-        root=DATA_ROOT,
-        subsets=SUBSETS,
-        val_stride=config["split"]["val_stride"],
-        val_subsets=config["split"]["val_subsets"],
     log:
         "logs/split.log",
     benchmark:
         "benchmarks/runs/split.tsv"
     conda:
         "../../envs/luna.yaml"
+    params:
+        root=DATA_ROOT,
+        subsets=SUBSETS,
+        val_stride=config["split"]["val_stride"],
+        val_subsets=config["split"]["val_subsets"],
     script:
         "../../scripts/split.py"

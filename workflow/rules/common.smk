@@ -8,7 +8,28 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
-validate(config, "../schemas/config.schema.yaml")
+def check_config(cfg, schema_path):
+    """Validate the config against the schema, failing with one line per problem that names the key."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    errors = sorted(
+        jsonschema.Draft202012Validator(schema).iter_errors(cfg),
+        key=lambda e: list(e.path),
+    )
+    if errors:
+        lines = [
+            f"config key {'.'.join(str(p) for p in e.path) or '(top level)'}: {e.message}"
+            for e in errors
+        ]
+        raise WorkflowError("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+check_config(
+    config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+)
+validate(config, "../schemas/config.schema.yaml")  # fills in the defaults
 
 DATASET = config["dataset"]
 DATA_ROOT = DATASET["root"]
@@ -51,7 +72,9 @@ def check_dataset():
             raise WorkflowError(f"dataset.{key}: file {path} not found")
     for subset in DATASET["subsets"]:
         if not (Path(DATA_ROOT) / subset).is_dir():
-            raise WorkflowError(f"dataset.subsets: folder {Path(DATA_ROOT) / subset} not found")
+            raise WorkflowError(
+                f"dataset.subsets: folder {Path(DATA_ROOT) / subset} not found"
+            )
 
 
 check_dataset()
@@ -85,9 +108,8 @@ def state_dir(stage, *sections):
 VALIDATION_OUTPUTS = [
     f"{VALIDATION_DIR}/predictions.tsv",
     f"{VALIDATION_DIR}/metrics.tsv",
-    f"{VALIDATION_DIR}/froc.tsv",
     f"{VALIDATION_DIR}/submission.csv",
-]
+] + ([f"{VALIDATION_DIR}/froc.tsv"] if DATASET["annotations"] else [])
 
 
 def print_summary():

@@ -5,18 +5,18 @@ rule crops:
     output:
         store=f"{CROPS_DIR}/{{subset}}.h5",
         skipped=f"{CROPS_DIR}/{{subset}}.skipped.tsv",
-    params:
-        root=DATA_ROOT,
-        crops=config["crops"],
-        cache=lambda wc: f"{config['crops']['cache']}/{wc.subset}",
-    threads: 4
-    resources:
-        mem_mb=4000,
     log:
         "logs/crops/{subset}.log",
     benchmark:
         "benchmarks/runs/crops/{subset}.tsv"
     conda:
         "../../envs/luna.yaml"
+    threads: 4
+    resources:
+        mem_mb=4000,
+    params:
+        root=DATA_ROOT,
+        crops=config["crops"],
+        cache=lambda wc: f"{config['crops']['cache']}/{wc.subset}",
     script:
         "../../scripts/crops.py"

@@ -3,14 +3,14 @@ if SYNTHETIC:
     rule synthesize:
         output:
             directory(DATA_ROOT),
-        params:
-            synthetic=config["synthetic"],
-        threads: 2
         log:
             "logs/synthesize.log",
         benchmark:
             "benchmarks/runs/synthesize.tsv"
         conda:
             "../../envs/luna.yaml"
+        threads: 2
+        params:
+            synthetic=config["synthetic"],
         script:
             "../../scripts/synthesize.py"

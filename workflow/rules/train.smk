@@ -5,6 +5,16 @@ rule train:
     output:
         model=protected(f"{MODEL_DIR}/model.pt"),
         history=f"{MODEL_DIR}/history.tsv",
+    log:
+        "logs/train.log",
+    benchmark:
+        "benchmarks/runs/train.tsv"
+    conda:
+        "../../envs/luna.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
     params:
         train=config["train"],
         # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
@@ -12,15 +22,5 @@ rule train:
         state=state_dir("train", "dataset", "synthetic", "crops", "split", "train"),
         tb_dir=f"{MODEL_DIR}/tensorboard",
         config=config,
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=8000,
-    log:
-        "logs/train.log",
-    benchmark:
-        "benchmarks/runs/train.tsv"
-    conda:
-        "../../envs/luna.yaml"
     script:
         "../../scripts/train.py"

@@ -1,0 +1,223 @@
+"""Training speed: this project's loop vs. a book-style loop on the same model and data, plus loader and
+augmentation throughput. Writes a markdown table to benchmarks/results/train.md.
+
+    .venv/bin/python benchmarks/train.py                       # a generated store of random crops
+    .venv/bin/python benchmarks/train.py --crops results/crops/*.h5 --splits results/splits.tsv
+
+Rows:
+* training samples/s, book-style: the book's Chapter 12 loop — per-sample augmentation in the Dataset
+  (``getCtAugmentedCandidate``), one HDF5 read per sample, eager fp32, contiguous tensors, one-hot labels,
+  CrossEntropy(reduction none) then mean — vs. this loop (``LunaTrainingApp._train_epoch`` itself, with the
+  defaults) and its ablations (AMP off, channels_last off). Same model, same sampler order, same crops.
+* augmentation alone: the book's per-sample version vs. ``augment_batch`` on a collated batch.
+* loader only: crops/s through the DataLoader with 0, 1 and 2 workers (batched HDF5 reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from luna.data import AugmentConfig, CropDataset, EpochSampler, augment_batch, augment_one_book_style, make_loader
+from luna.geometry import Geometry
+from luna.model import LunaModel
+from luna.store import StoreWriter
+from luna.training import LunaTrainingApp, cpu_has_native_bf16
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train.md"
+
+
+def make_random_store(root: Path, n: int = 600, n_pos: int = 60, n_scans: int = 30) -> tuple[list[str], str]:
+    """A store of random chest-like crops (positives with a central blob) and a splits.tsv (1 in 5 val)."""
+    rng = np.random.default_rng(0)
+    uids = [f"9.9.{k}" for k in range(n_scans)]
+    labels = np.zeros(n, dtype=np.int8)
+    labels[rng.choice(n, n_pos, replace=False)] = 1
+    z, y, x = np.ogrid[:32, :48, :48]
+    blob = (((z - 16) ** 2 + (y - 24) ** 2 + (x - 24) ** 2) <= 25) * 700
+    path = root / "bench.h5"
+    with StoreWriter(path, n, (32, 48, 48), (-1000, 1000), subset="bench") as writer:
+        for uid in uids:
+            writer.add_scan(uid, Geometry(np.zeros(3), np.ones(3)), (100, 200, 200))
+        for start in range(0, n, 50):
+            rows = np.arange(start, min(n, start + 50))
+            crops = rng.normal(-700, 150, size=(len(rows), 32, 48, 48)) + labels[rows, None, None, None] * blob
+            fields = {"candidate_id": rows, "series_uid": np.array([uids[i % n_scans] for i in rows], dtype=object),
+                      "center_xyz": np.zeros((len(rows), 3)), "center_irc": np.zeros((len(rows), 3), int),
+                      "crop_start_irc": np.zeros((len(rows), 3), int), "is_nodule": labels[rows],
+                      "diameter_mm": np.zeros(len(rows), np.float32)}
+            writer.write_rows(rows, np.clip(crops, -1000, 1000).astype(np.int16), fields)
+        writer.commit()
+    splits = root / "splits.tsv"
+    splits.write_text("series_uid\tsplit\n" + "".join(f"{u}\t{'val' if k % 5 == 0 else 'train'}\n"
+                                                        for k, u in enumerate(uids)))
+    return [str(path)], str(splits)
+
+
+class BookStyleDataset(Dataset):
+    """The book's per-sample path: read one crop, augment it alone, one-hot label."""
+
+    def __init__(self, base: CropDataset, augment: AugmentConfig) -> None:
+        self.base, self.augment = base, augment
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        crop_t, label, idx = self.base[index]
+        crop_t = augment_one_book_style(crop_t, self.augment)
+        label_t = torch.tensor([int(label) == 0, int(label) == 1], dtype=torch.long)
+        return crop_t, label_t, idx
+
+
+def book_style_samples_per_s(base: CropDataset, sampler: EpochSampler, batch_size: int, warmup: int) -> float:
+    """The book's doTraining/computeBatchLoss on the CPU: eager fp32, contiguous."""
+    torch.manual_seed(0)
+    model = LunaModel()
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.99)
+    loader = DataLoader(BookStyleDataset(base, AugmentConfig()), batch_size=batch_size, sampler=sampler)
+    metrics = torch.zeros(3, len(sampler))
+    n, start = 0, None
+    for batch_ndx, (input_t, label_t, _) in enumerate(loader):
+        if batch_ndx == warmup:
+            n, start = 0, time.perf_counter()
+        optimizer.zero_grad()
+        logits, probability = model(input_t)
+        loss = torch.nn.CrossEntropyLoss(reduction="none")(logits, label_t[:, 1])
+        lo = batch_ndx * batch_size
+        metrics[0, lo:lo + len(label_t)] = label_t[:, 1].detach()
+        metrics[1, lo:lo + len(label_t)] = probability[:, 1].detach()
+        metrics[2, lo:lo + len(label_t)] = loss.detach()
+        loss.mean().backward()
+        optimizer.step()
+        n += len(label_t)
+    return n / (time.perf_counter() - start)
+
+
+def app_samples_per_s(crops: list[str], splits: str, out: Path, samples: int, batch_size: int,
+                      extra: list[str], warmup: int) -> float:
+    """``LunaTrainingApp._train_epoch`` itself (after a warm-up epoch of ``warmup`` batches)."""
+    argv = ["--crops", *crops, "--splits", splits, "--out", str(out), "--tb-dir", "none", "--device", "cpu",
+            "--batch-size", str(batch_size), "--samples-per-epoch", str(warmup * batch_size), *extra]
+    app = LunaTrainingApp(argv)
+    app.setup()
+    app._train_epoch(1)  # warm-up: oneDNN primitive creation, allocator
+    app.sampler.samples_per_epoch = samples
+    start = time.perf_counter()
+    app._train_epoch(2)
+    return samples / (time.perf_counter() - start)
+
+
+def augmentation_crops_per_s(base: CropDataset, batch_size: int, batches: int) -> tuple[float, float]:
+    config = AugmentConfig()
+    batch = torch.stack([base[i][0] for i in range(batch_size)])
+    start = time.perf_counter()
+    for _ in range(batches):
+        torch.stack([augment_one_book_style(c, config) for c in batch])
+    per_sample = batches * batch_size / (time.perf_counter() - start)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(batches):
+        augment_batch(batch, config, generator)
+    batched = batches * batch_size / (time.perf_counter() - start)
+    return per_sample, batched
+
+
+def loader_crops_per_s(base: CropDataset, workers: int, samples: int, batch_size: int) -> float:
+    sampler = EpochSampler(base.labels, ratio=1, samples_per_epoch=samples, seed=0)
+    loader = make_loader(base, sampler, batch_size=batch_size, num_workers=workers)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is not throughput
+    n, start = 0, time.perf_counter()
+    for crops, _, _ in iterator:
+        n += len(crops)
+    rate = n / (time.perf_counter() - start)
+    del iterator, loader
+    return rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--crops", nargs="+", help="crop stores (default: a generated store of random crops)")
+    p.add_argument("--splits", help="splits.tsv for --crops")
+    p.add_argument("--samples", type=int, default=384, help="training samples timed per variant")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--loader-samples", type=int, default=1024, help="crops read per loader measurement")
+    p.add_argument("--out", default=str(RESULTS), help="markdown table to write")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warmup = 2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        if args.crops:
+            crops, splits, data_name = args.crops, args.splits, ", ".join(Path(c).name for c in args.crops)
+        else:
+            crops, splits = make_random_store(tmp_path)
+            data_name = "generated store, 600 random crops (60 positive)"
+        base = CropDataset(crops, splits, "train")
+        sampler = EpochSampler(base.labels, ratio=1, samples_per_epoch=(warmup * args.batch_size + args.samples),
+                               seed=0)
+        results: list[tuple[str, float]] = []
+
+        def record(name: str, value: float) -> None:
+            results.append((name, value))
+            print(f"{name:<70s} {value:8.1f}", flush=True)
+
+        book = book_style_samples_per_s(base, sampler, args.batch_size, warmup)
+        record("train, book-style loop (per-sample aug, eager fp32, contiguous)", book)
+        variants = [
+            ("train, this loop, defaults (channels_last, bf16 autocast auto, batched aug)", []),
+            ("train, this loop, --amp off (channels_last fp32)", ["--amp", "off"]),
+            ("train, this loop, --amp off --no-channels-last (batched aug only)", ["--amp", "off", "--no-channels-last"]),
+            ("train, this loop, --amp on --no-channels-last", ["--amp", "on", "--no-channels-last"]),
+        ]
+        for k, (name, extra) in enumerate(variants):
+            with contextlib.redirect_stderr(io.StringIO()):
+                rate = app_samples_per_s(crops, splits, tmp_path / f"run{k}", args.samples, args.batch_size,
+                                         extra, warmup)
+            record(name, rate)
+        per_sample, batched = augmentation_crops_per_s(base, args.batch_size, 6)
+        record("augmentation only, book per-sample (crops/s)", per_sample)
+        record("augmentation only, batched augment_batch (crops/s)", batched)
+        for workers in (0, 1, 2):
+            record(f"loader only, {workers} workers (crops/s)", loader_crops_per_s(base, workers, args.loader_samples,
+                                                                                 args.batch_size))
+
+    speedup = results[1][1] / results[0][1]
+    print(f"speed-up of this loop (defaults) over the book-style loop: {speedup:.2f}x")
+    lines = [
+        "# Training throughput (benchmarks/train.py)",
+        "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"native CPU bf16: {cpu_has_native_bf16()}. Data: {data_name}. Batch size {args.batch_size}, "
+        f"{args.samples} timed training samples per variant after a warm-up; all in one run.",
+        "",
+        "| measurement | samples/s |",
+        "|---|---:|",
+        *[f"| {name} | {value:.1f} |" for name, value in results],
+        "",
+        f"Speed-up of this loop (defaults) over the book-style loop: **{speedup:.2f}x**.",
+        "",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,598 @@
+"""Cut fixed-size candidate crops out of CT scans (pure numpy) and the crop-stage app.
+
+The stage turns one subset of candidates.tsv into ``crops/{subset}.h5`` (see luna.store for the layout):
+every candidate whose centre lies inside its scan gets an int16 crop, HU clipped to the window, placed by the
+border rule of DESIGN.md; the others go to ``{subset}.skipped.tsv`` with the reason.
+
+Border rule, per axis, with ``c`` the centre's voxel index, ``w`` the crop width and ``n`` the scan size::
+
+    crop_start = clamp(c - w // 2, min(0, n - w), max(0, n - w))
+
+Where the scan is at least as large as the crop this shifts the crop inside the scan (the book's rule); where
+it is smaller, the whole scan lies inside the crop and the voxels outside the scan hold the window minimum.
+
+Each scan's result is memoized in a ``diskcache.Cache`` at ``--cache-dir`` (keyed by the scan file's identity,
+the crop parameters and the candidate centres), so a killed job reruns only the scans it had not finished.
+The cache is removed once the store is committed: LUNA16 V2 is ~110 GB of crops, no second copy is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import diskcache
+import numpy as np
+import pandas as pd
+
+from luna.ct import ScanError, read_geometry, read_scan, scan_identity
+from luna.geometry import Geometry, is_inside, xyz_to_irc
+from luna.store import COMPRESSIONS, StoreWriter
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1  # of a cached per-scan result; bump whenever cutting or the cached value changes
+DEFAULT_CROP_SHAPE = (32, 48, 48)
+DEFAULT_HU_WINDOW = (-1000, 1000)
+DEFAULT_COMPRESSION = "none"  # chosen by benchmarks/crops.py, see benchmarks/results/crops.md
+CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; never evict while a job runs
+SKIPPED_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "reason"]
+REQUIRED_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm"]
+SLOW_ENV = "LUNA_CROPS_SLOW_S"  # test hook only: seconds to sleep before reading each scan not in the cache
+
+_INT16 = np.iinfo(np.int16)
+
+
+class CropError(ValueError):
+    """Bad input to the crop stage; the one-line message names the file (and row or value)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pure numpy cutting
+
+
+def crop_start(center_irc: np.ndarray, crop_shape: Sequence[int], scan_shape: Sequence[int]) -> np.ndarray:
+    """Where a crop starts in the scan, per the border rule; works on (3,) or (N, 3) centres, returns int64.
+
+    ``clamp(c - w//2, min(0, n - w), max(0, n - w))``: shifted inside the scan where it fits, the scan
+    centred-as-possible inside the crop where the scan is smaller (start may then be negative).
+    """
+    c = np.asarray(center_irc, dtype=np.int64)
+    w = np.asarray(crop_shape, dtype=np.int64)
+    n = np.asarray(scan_shape, dtype=np.int64)
+    return np.clip(c - w // 2, np.minimum(0, n - w), np.maximum(0, n - w))
+
+
+def _check_window(hu_window: Sequence[int]) -> tuple[int, int]:
+    lo, hi = (int(v) for v in hu_window)
+    if not (_INT16.min <= lo < hi <= _INT16.max):
+        raise ValueError(f"HU window must be two int16 values lo < hi, got {list(hu_window)}")
+    return lo, hi
+
+
+def cut_crop(
+    volume: np.ndarray,
+    start_irc: Sequence[int],
+    crop_shape: Sequence[int],
+    hu_window: Sequence[int] = DEFAULT_HU_WINDOW,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """One int16 crop of ``crop_shape`` starting at ``start_irc`` (may reach outside the scan).
+
+    HU are clipped to the window; voxels outside the scan get the window's minimum (air, -1000 by default).
+    ``out`` (int16, crop_shape) is filled in place when given, to avoid an allocation per crop.
+    """
+    lo_hu, hi_hu = _check_window(hu_window)
+    shape = tuple(int(v) for v in crop_shape)
+    if out is None:
+        out = np.empty(shape, dtype=np.int16)
+    elif out.shape != shape or out.dtype != np.int16:
+        raise ValueError(f"out must be int16 {shape}, got {out.dtype} {out.shape}")
+    start = np.asarray(start_irc, dtype=np.int64)
+    size = np.asarray(volume.shape, dtype=np.int64)
+    width = np.asarray(shape, dtype=np.int64)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + width, size)
+    if np.all(src_lo == start) and np.all(src_hi == start + width):  # wholly inside: one clipped copy
+        np.clip(volume[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))], lo_hu, hi_hu, out=out)
+        return out
+    out.fill(lo_hu)
+    if np.all(src_hi > src_lo):
+        dst = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
+        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        np.clip(volume[src], lo_hu, hi_hu, out=out[dst])
+    return out
+
+
+def cut_scan_crops(
+    volume: np.ndarray,
+    geometry: Geometry,
+    centers_xyz: np.ndarray,
+    crop_shape: Sequence[int] = DEFAULT_CROP_SHAPE,
+    hu_window: Sequence[int] = DEFAULT_HU_WINDOW,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """All crops of one scan.
+
+    Returns ``(crops, center_irc, start_irc, inside)``: ``center_irc`` and ``start_irc`` are int64 (N, 3) for
+    every centre; ``inside`` (N,) bool is False where any index of the centre is < 0 or >= the scan size;
+    ``crops`` is int16 (inside.sum(), *crop_shape), one crop per inside centre, in the order given.
+    """
+    centers = np.asarray(centers_xyz, dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(centers)):
+        raise ValueError("candidate centres must be finite")
+    lo_hu, hi_hu = _check_window(hu_window)
+    shape = tuple(int(v) for v in crop_shape)
+    center_irc = xyz_to_irc(centers, geometry)
+    inside = is_inside(center_irc, volume.shape)
+    start_irc = crop_start(center_irc, shape, volume.shape)
+    rows = np.flatnonzero(inside)
+    crops = np.empty((len(rows), *shape), dtype=np.int16)
+    wholly_inside = np.all((start_irc >= 0) & (start_irc + shape <= np.asarray(volume.shape)), axis=1)
+    (w0, w1, w2) = shape
+    # plain copies first, then one clip over all crops: several times faster than clipping crop by crop
+    for k, row in enumerate(rows):
+        if wholly_inside[row]:
+            s0, s1, s2 = (int(v) for v in start_irc[row])
+            crops[k] = volume[s0:s0 + w0, s1:s1 + w1, s2:s2 + w2]
+        else:
+            cut_crop(volume, start_irc[row], shape, (lo_hu, hi_hu), out=crops[k])
+    np.clip(crops, lo_hu, hi_hu, out=crops)
+    return crops, center_irc, start_irc, inside
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the crop stage
+
+
+@dataclass
+class _ScanJob:
+    """One scan of the subset: its candidate rows and what the header says (filled by the pre-pass)."""
+
+    series_uid: str
+    path: Path
+    positions: np.ndarray  # row positions in the subset table (TSV order)
+    centers_xyz: np.ndarray  # (n, 3)
+    error: str | None = None
+    geometry: Geometry | None = None
+    shape_irc: tuple[int, int, int] | None = None
+    identity: tuple | None = None
+    center_irc: np.ndarray | None = None
+    start_irc: np.ndarray | None = None
+    inside: np.ndarray | None = None
+    out_rows: np.ndarray | None = None  # store rows of the inside candidates
+
+
+@dataclass
+class CropResult:
+    """What one run of the crop stage did."""
+
+    out: Path
+    skipped: Path
+    n_candidates: int
+    n_cropped: int
+    n_outside: int
+    n_bad_scan_rows: int
+    bad_scans: list[str] = field(default_factory=list)
+    n_scans: int = 0
+    n_scans_from_cache: int = 0
+    n_scans_read: int = 0
+    seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # summed over threads: where the time went
+
+
+def cache_key(identity: tuple, crop_shape: Sequence[int], hu_window: Sequence[int], centers_xyz: np.ndarray) -> tuple:
+    """The diskcache key of one scan's result: scan file identity, crop parameters, the exact centres, version."""
+    centers = np.ascontiguousarray(centers_xyz, dtype=np.float64)
+    digest = hashlib.sha256(centers.tobytes()).hexdigest()
+    return ("luna.crops", CACHE_FORMAT_VERSION, tuple(identity), tuple(int(v) for v in crop_shape),
+            tuple(int(v) for v in hu_window), len(centers), digest)
+
+
+class _BufferReader:
+    """File-like view of an array's bytes: diskcache streams them to its file in 4 MiB slices, no copy."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self._view = memoryview(np.ascontiguousarray(array)).cast("B")
+        self._pos = 0
+
+    def read(self, size: int = -1) -> memoryview:
+        end = len(self._view) if size < 0 else min(self._pos + size, len(self._view))
+        chunk = self._view[self._pos:end]
+        self._pos = end
+        return chunk
+
+
+def cache_put(cache: diskcache.Cache, key: tuple, crops: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+    """Store one scan's result: the crops as a raw file, then the per-row arrays (written last: their presence
+    marks a complete entry, so a job killed mid-write leaves a miss, never half a result)."""
+    cache.set((*key, "crops"), _BufferReader(crops), read=True, retry=True)
+    cache.set((*key, "rows"), {"shape": crops.shape, **rows}, retry=True)
+
+
+def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """One scan's cached (crops, per-row arrays), or None when not (completely) cached."""
+    rows = cache.get((*key, "rows"), default=None, retry=True)
+    if rows is None:
+        return None
+    handle = cache.get((*key, "crops"), default=None, read=True, retry=True)
+    if handle is None:
+        return None
+    crops = np.empty(rows.pop("shape"), dtype=np.int16)
+    buffer = memoryview(crops).cast("B")
+    with handle:
+        n_read = 0
+        while n_read < len(buffer):
+            n = handle.readinto(buffer[n_read:])
+            if not n:
+                return None  # shorter than recorded: treat as not cached
+            n_read += n
+    return crops, rows
+
+
+def open_cache(cache_dir: str | os.PathLike) -> diskcache.Cache:
+    """The resume cache of one subset: large entries, never evicted (it is removed whole after the commit)."""
+    return diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none", cull_limit=0)
+
+
+def read_subset_candidates(path: str | os.PathLike, subset: str) -> pd.DataFrame:
+    """The rows of candidates.tsv whose subset is ``subset``, in file order, checked; is_nodule -1 when empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise CropError(f"{path}: candidates table not found")
+    try:
+        df = pd.read_csv(path, sep="\t", dtype={"series_uid": str, "subset": str}, keep_default_na=True)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise CropError(f"{path}: unreadable candidates table ({str(exc).splitlines()[0]})") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise CropError(f"{path}:1: missing column {missing[0]!r}")
+    df["line"] = np.arange(len(df)) + 2
+    df = df[df["subset"] == subset].reset_index(drop=True)
+    for col in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "is_nodule"):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() if col != "is_nodule" else (values.isna() & df[col].notna())
+        bad |= ~np.isfinite(values.fillna(0).to_numpy(dtype=np.float64))
+        if col == "is_nodule":
+            bad |= ~values.fillna(-1).isin([-1, 0, 1])
+        if col == "candidate_id":
+            bad |= values.fillna(0) != np.floor(values.fillna(0))
+        if bad.any():
+            i = int(np.argmax(bad.to_numpy()))
+            raise CropError(f"{path}:{df['line'].iloc[i]}: bad {col} value {df[col].iloc[i]!r}")
+        df[col] = values
+    df["candidate_id"] = df["candidate_id"].astype(np.int64)
+    df["is_nodule"] = df["is_nodule"].fillna(-1).astype(np.int8)
+    df["diameter_mm"] = df["diameter_mm"].astype(np.float32)
+    empty_uid = df["series_uid"].isna() | (df["series_uid"].astype(str).str.strip() == "")
+    if empty_uid.any():
+        i = int(np.argmax(empty_uid.to_numpy()))
+        raise CropError(f"{path}:{df['line'].iloc[i]}: empty series_uid")
+    return df
+
+
+def _write_tsv_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write a TSV under a temp name and rename it (floats written round-trip exact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        df.to_csv(tmp, sep="\t", index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class CropApp:
+    """Crop stage: cut every candidate of one subset of candidates.tsv out of its scan into crops/{subset}.h5.
+
+    Candidates whose centre lies outside their scan (and, with --on-bad-scan skip, those of unreadable scans)
+    are listed in the skipped table. Scans are processed in parallel threads; each scan's crops are cached at
+    --cache-dir so a killed job resumes; the cache is removed after the store is complete.
+    """
+
+    def __init__(self, argv: list[str] | None = None) -> None:
+        parser = argparse.ArgumentParser(prog="luna-crops", description=self.__doc__,
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser.add_argument("--candidates", required=True, help="candidates.tsv written by luna-candidates")
+        parser.add_argument("--root", required=True, help="data folder holding <subset>/<series_uid>.mhd")
+        parser.add_argument("--subset", required=True, help="subset to crop (rows of candidates.tsv with this subset)")
+        parser.add_argument("--out", required=True, help="output crop store, e.g. results/crops/subset0.h5")
+        parser.add_argument("--skipped", default=None,
+                            help="skipped-candidates table; default: <out dir>/<subset>.skipped.tsv")
+        parser.add_argument("--cache-dir", default=None,
+                            help="this subset's resume cache (diskcache), removed after success; "
+                                 "default: <out dir>/.<out name>.cache")
+        parser.add_argument("--threads", type=int, default=1, help="scans read and cut in parallel threads")
+        parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_CROP_SHAPE), metavar=("I", "R", "C"),
+                            help="crop shape in voxels, (index, row, col) = (z, y, x)")
+        parser.add_argument("--hu-window", type=int, nargs=2, default=list(DEFAULT_HU_WINDOW), metavar=("LO", "HI"),
+                            help="HU are clipped to [LO, HI]; voxels outside the scan get LO")
+        parser.add_argument("--on-bad-scan", choices=("fail", "skip"), default="fail",
+                            help="a missing/unreadable/truncated scan: fail the job (exit 2), or skip its candidates")
+        parser.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
+                            help="HDF5 compression of the crops (benchmarks/results/crops.md)")
+        self.args = parser.parse_args(argv)
+
+    # ---- entry points
+
+    def main(self) -> int:
+        """Run; on bad input print one line to stderr and return 2."""
+        _setup_logging()
+        try:
+            self.run()
+        except (CropError, ScanError) as exc:
+            print(f"luna-crops: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    def run(self) -> CropResult:
+        """Run the stage; raises CropError/ScanError on bad input, leaving no store (nor temp) behind."""
+        a = self.args
+        self.crop_shape = tuple(int(v) for v in a.shape)
+        if min(self.crop_shape) < 1:
+            raise CropError(f"--shape must be positive, got {list(a.shape)}")
+        try:
+            self.hu_window = _check_window(a.hu_window)
+        except ValueError as exc:
+            raise CropError(f"--hu-window: {exc}") from exc
+        if a.threads < 1:
+            raise CropError(f"--threads must be >= 1, got {a.threads}")
+        self.out = Path(a.out)
+        self.skipped_path = Path(a.skipped) if a.skipped else self.out.parent / f"{a.subset}.skipped.tsv"
+        self.cache_dir = Path(a.cache_dir) if a.cache_dir else self.out.parent / f".{self.out.name}.cache"
+        self.root = Path(a.root)
+        logger.info("Starting %s, %s", type(self).__name__, vars(a))
+        t0 = time.perf_counter()
+
+        table = read_subset_candidates(a.candidates, a.subset)
+        self._remove_old_outputs()
+        jobs = self._make_jobs(table)
+        if not jobs:
+            logger.warning("%s: no candidates of subset %s", a.candidates, a.subset)
+
+        with ThreadPoolExecutor(max_workers=a.threads, thread_name_prefix="crops") as pool:
+            for job in pool.map(self._inspect, jobs):  # pre-pass: headers only, fast; bad files found here
+                if job.error is not None and a.on_bad_scan == "fail":
+                    raise CropError(job.error)
+            cache = open_cache(self.cache_dir)
+            try:
+                result = self._crop_all(pool, cache, table, jobs)
+            finally:
+                cache.close()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        result.seconds = time.perf_counter() - t0
+        logger.info("wrote %s: %d crops of %d scans (%d scans from cache) in %.1f s; removed cache %s",
+                    self.out, result.n_cropped, result.n_scans, result.n_scans_from_cache, result.seconds,
+                    self.cache_dir)
+        return result
+
+    # ---- steps
+
+    def _remove_old_outputs(self) -> None:
+        """A previous store/skipped table and temp files left by a killed job: a rerun replaces them."""
+        for path in (self.out, self.skipped_path):
+            if path.exists():
+                logger.info("removing previous %s", path)
+                path.unlink()
+            for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+                logger.info("removing temp file %s left by an earlier run", tmp)
+                tmp.unlink(missing_ok=True)
+
+    def _make_jobs(self, table: pd.DataFrame) -> list[_ScanJob]:
+        jobs = []
+        centers = table[["coord_x", "coord_y", "coord_z"]].to_numpy(dtype=np.float64)
+        groups = table.groupby("series_uid", sort=False).indices
+        for uid in pd.unique(table["series_uid"]):  # scans in order of first appearance in the table
+            positions = np.sort(np.asarray(groups[uid], dtype=np.int64))
+            jobs.append(_ScanJob(str(uid), self.root / self.args.subset / f"{uid}.mhd", positions, centers[positions]))
+        return jobs
+
+    def _inspect(self, job: _ScanJob) -> _ScanJob:
+        """Header, data-file checks, identity and each candidate's voxel and crop start, without the voxels."""
+        try:
+            job.geometry, job.shape_irc = read_geometry(job.path)
+            job.identity = self._identity(job.path)
+        except ScanError as exc:
+            job.error = str(exc)
+            return job
+        job.center_irc = xyz_to_irc(job.centers_xyz, job.geometry)
+        job.inside = is_inside(job.center_irc, job.shape_irc)
+        job.start_irc = crop_start(job.center_irc, self.crop_shape, job.shape_irc)
+        return job
+
+    @staticmethod
+    def _identity(path: Path) -> tuple:
+        try:
+            return scan_identity(path)
+        except OSError as exc:
+            raise ScanError(f"{path}: scan file vanished ({exc.strerror})") from exc
+
+    def _plan_rows(self, jobs: list[_ScanJob], n_rows: int) -> np.ndarray:
+        """Store rows of the kept candidates (TSV order); returns the kept mask over the subset table."""
+        keep = np.zeros(n_rows, dtype=bool)
+        for job in jobs:
+            if job.error is None:
+                keep[job.positions[job.inside]] = True
+        out_index = np.cumsum(keep) - 1
+        for job in jobs:
+            if job.error is None:
+                job.out_rows = out_index[job.positions[job.inside]]
+        return keep
+
+    def _process(self, job: _ScanJob, cache: diskcache.Cache) -> tuple[np.ndarray, bool, dict[str, float]]:
+        """One scan's crops (cached); returns (crops, from_cache, seconds per phase). Runs in a worker thread."""
+        times: dict[str, float] = {}
+        if not job.inside.any():  # nothing to cut: the voxels are not needed
+            return np.zeros((0, *self.crop_shape), dtype=np.int16), False, times
+        key = cache_key(job.identity, self.crop_shape, self.hu_window, job.centers_xyz)
+        rows_expected = {"center_irc": job.center_irc, "crop_start_irc": job.start_irc, "inside": job.inside}
+        t0 = time.perf_counter()
+        hit = cache_get(cache, key)
+        times["cache read"] = time.perf_counter() - t0
+        if hit is not None:
+            crops, rows = hit
+            if crops.shape == (int(job.inside.sum()), *self.crop_shape) and all(
+                    np.array_equal(rows.get(k), v) for k, v in rows_expected.items()):
+                return crops, True, times
+        slow_s = float(os.environ.get(SLOW_ENV, "0") or 0)
+        if slow_s > 0:
+            time.sleep(slow_s)
+        t0 = time.perf_counter()
+        volume, geometry = read_scan(job.path)
+        times["scan read"] = time.perf_counter() - t0
+        if geometry != job.geometry or volume.shape != job.shape_irc or self._identity(job.path) != job.identity:
+            raise ScanError(f"{job.path}: scan changed while the crop job ran")
+        t0 = time.perf_counter()
+        crops, center_irc, start_irc, inside = cut_scan_crops(volume, geometry, job.centers_xyz,
+                                                              self.crop_shape, self.hu_window)
+        del volume
+        times["cut"] = time.perf_counter() - t0
+        rows = {"center_irc": center_irc, "crop_start_irc": start_irc, "inside": inside}
+        if not all(np.array_equal(rows[k], v) for k, v in rows_expected.items()):
+            raise RuntimeError(f"{job.path}: crop placement differs between header and volume")  # a bug, not input
+        t0 = time.perf_counter()
+        cache_put(cache, key, crops, rows)
+        times["cache write"] = time.perf_counter() - t0
+        return crops, False, times
+
+    def _crop_all(self, pool: ThreadPoolExecutor, cache: diskcache.Cache, table: pd.DataFrame,
+                  jobs: list[_ScanJob]) -> CropResult:
+        a = self.args
+        keep = self._plan_rows(jobs, len(table))
+        fields_all = {
+            "candidate_id": table["candidate_id"].to_numpy(np.int64),
+            "series_uid": table["series_uid"].astype(str).to_numpy(),
+            "center_xyz": table[["coord_x", "coord_y", "coord_z"]].to_numpy(np.float64),
+            "is_nodule": table["is_nodule"].to_numpy(np.int8),
+            "diameter_mm": table["diameter_mm"].to_numpy(np.float32),
+        }
+        late_bad: list[_ScanJob] = []
+        n_from_cache = n_read = 0
+        n_total = len(jobs)
+        good = [j for j in jobs if j.error is None]
+        n_done = n_total - len(good)  # bad scans (skip mode) are done already
+        writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
+                             compression=a.compression)
+        t0 = time.perf_counter()
+        n_crops = 0
+        phase_s: dict[str, float] = {}
+        try:
+            pending: dict[Future, _ScanJob] = {}
+            queue = iter(good)
+            max_in_flight = a.threads + 1  # bounds memory: volumes being cut + results waiting to be written
+
+            def submit_next() -> None:
+                job = next(queue, None)
+                if job is not None:
+                    pending[pool.submit(self._process, job, cache)] = job
+
+            for _ in range(max_in_flight):
+                submit_next()
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = pending.pop(future)
+                    try:
+                        crops, from_cache, times = future.result()
+                        for phase, seconds in times.items():
+                            phase_s[phase] = phase_s.get(phase, 0.0) + seconds
+                        status = "from cache" if from_cache else "read"
+                    except ScanError as exc:
+                        status = "bad scan"
+                        if a.on_bad_scan == "fail":
+                            for other in pending:
+                                other.cancel()
+                            raise
+                        job.error = str(exc)
+                        late_bad.append(job)
+                        logger.warning("bad scan, its candidates are skipped: %s", exc)
+                    else:
+                        n_from_cache += from_cache
+                        n_read += (not from_cache) and bool(job.inside.any())
+                        t_write = time.perf_counter()
+                        self._write_scan(writer, job, crops, fields_all)
+                        phase_s["store write"] = phase_s.get("store write", 0.0) + time.perf_counter() - t_write
+                        n_crops += len(job.out_rows)
+                    n_done += 1
+                    elapsed = time.perf_counter() - t0
+                    eta = elapsed / max(n_done, 1) * (n_total - n_done)
+                    logger.info("scan %d/%d done (%s) %s: %d crops; %d crops in %.1f s (%.1f crops/s), ETA %s",
+                                n_done, n_total, status, job.series_uid,
+                                0 if job.error else len(job.out_rows), n_crops, elapsed,
+                                n_crops / max(elapsed, 1e-9), _format_eta(eta))
+                    submit_next()
+            if late_bad:  # a scan failed only when its voxels were read: rows change, rebuild from the cache
+                writer.abort()
+                keep = self._plan_rows(jobs, len(table))
+                writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
+                                     compression=a.compression)
+                for job in jobs:
+                    if job.error is None:
+                        crops, _, _ = self._process(job, cache)
+                        self._write_scan(writer, job, crops, fields_all)
+            skipped = self._skipped_table(table, jobs)
+            _write_tsv_atomic(skipped, self.skipped_path)
+            t_commit = time.perf_counter()
+            writer.commit()
+            phase_s["store write"] = phase_s.get("store write", 0.0) + time.perf_counter() - t_commit
+        except BaseException:
+            writer.abort()
+            raise
+        n_outside = int((skipped["reason"].str.startswith("outside scan")).sum())
+        bad_scans = [str(j.path) for j in jobs if j.error is not None]
+        logger.info("%d candidates skipped (outside scan: %d, bad scan: %d); wrote %s",
+                    len(skipped), n_outside, len(skipped) - n_outside, self.skipped_path)
+        logger.info("%d of %d scans from cache, %d read", n_from_cache, n_total, n_read)
+        logger.info("time per phase (s, summed over threads): %s",
+                    ", ".join(f"{k} {v:.2f}" for k, v in sorted(phase_s.items())))
+        return CropResult(self.out, self.skipped_path, len(table), int(keep.sum()), n_outside,
+                          len(skipped) - n_outside, bad_scans, n_total, n_from_cache, n_read, phase_seconds=phase_s)
+
+    def _write_scan(self, writer: StoreWriter, job: _ScanJob, crops: np.ndarray, fields_all: dict) -> None:
+        writer.add_scan(job.series_uid, job.geometry, job.shape_irc)
+        rows = job.positions[job.inside]
+        fields = {name: values[rows] for name, values in fields_all.items()}
+        fields["center_irc"] = job.center_irc[job.inside]
+        fields["crop_start_irc"] = job.start_irc[job.inside]
+        writer.write_rows(job.out_rows, crops, fields)
+
+    def _skipped_table(self, table: pd.DataFrame, jobs: list[_ScanJob]) -> pd.DataFrame:
+        reasons = np.full(len(table), "", dtype=object)
+        for job in jobs:
+            if job.error is not None:
+                reasons[job.positions] = f"bad scan: {job.error}"
+                continue
+            for k in np.flatnonzero(~job.inside):
+                reasons[job.positions[k]] = (f"outside scan: center_irc {tuple(int(v) for v in job.center_irc[k])} "
+                                             f"not in shape_irc {tuple(job.shape_irc)}")
+        mask = reasons != ""
+        skipped = table.loc[mask, ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z"]].copy()
+        skipped["reason"] = reasons[mask].astype(str)
+        return skipped.reset_index(drop=True)[SKIPPED_COLUMNS]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``luna-crops``."""
+    sys.exit(CropApp(argv).main())
+
+
+if __name__ == "__main__":
+    main()

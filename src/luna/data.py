@@ -1,0 +1,387 @@
+"""Training data: a Dataset over the HDF5 crop stores, the book's balanced sampling, batched augmentation.
+
+* :class:`CropDataset` — the crops of one split (``splits.tsv``: train | val) over several stores; item
+  ``i`` is ``(crop float32 (1, 32, 48, 48) in HU, label int64 (1 = nodule), i)``. Crops are read lazily
+  (each DataLoader worker opens its own HDF5 handle) and a batch is read in one call per store.
+* :class:`EpochSampler` — a fixed number of samples per epoch. Balanced with ratio ``r`` (the book's
+  Chapter 12): sample ``i`` is a positive when ``i % (r + 1) == 0``, else a negative; the positive and the
+  negative lists are reshuffled at the start of every epoch and cycled. ``r = 0``: plain shuffling (the
+  book's Chapter 11 situation). The order of an epoch depends only on ``(seed, epoch)``, so a resumed run
+  draws exactly the samples an uninterrupted one would, whatever the number of loader workers.
+* :func:`augment_batch` — Chapter 12's augmentation (per-axis flip, offset, scale; in-plane rotation;
+  Gaussian noise), one random affine per sample, applied to a whole collated batch with
+  ``affine_grid``/``grid_sample`` on the training device (benchmarks/train.py measures it against the
+  book's per-sample version). Deterministic for a given ``torch.Generator`` seed on a given device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from luna.store import CropStore
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """Training input that cannot be used; the one-line message names the file, row or value."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# splits.tsv and the dataset
+# ----------------------------------------------------------------------------------------------------
+
+def read_splits(path: str | os.PathLike) -> dict[str, str]:
+    """``splits.tsv`` (columns series_uid, split) as ``{series_uid: split}``; every split train or val."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such splits file") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable TSV ({exc})") from exc
+    missing = [c for c in ("series_uid", "split") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(frame.columns)})")
+    bad = ~frame["split"].isin(SPLITS)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: split {frame['split'].iloc[row]!r} is not train or val")
+    duplicated = frame["series_uid"].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        raise DataError(f"{path}: row {row + 2}: series_uid {frame['series_uid'].iloc[row]} listed twice")
+    return dict(zip(frame["series_uid"], frame["split"]))
+
+
+class CropDataset(Dataset):
+    """The crops of one split over several crop stores, in store order then row order.
+
+    ``rows`` (DataFrame) holds, per item: store (position in ``stores``), row (in that store),
+    candidate_id, series_uid, coord_x/y/z, is_nodule, diameter_mm. ``labels`` is int64 (1 = nodule).
+    Rows of scans that splits.tsv does not list are left out (and counted in the log); an unlabelled row
+    (is_nodule -1) in the split is an error, since training needs labels.
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[CropStore | str | os.PathLike],
+        splits: Mapping[str, str] | str | os.PathLike,
+        split: str,
+    ) -> None:
+        if split not in SPLITS:
+            raise DataError(f"split {split!r} is not train or val")
+        self.split = split
+        self.stores = [s if isinstance(s, CropStore) else CropStore(s) for s in stores]
+        split_of = splits if isinstance(splits, Mapping) else read_splits(splits)
+        parts = []
+        n_unlisted = 0
+        for position, store in enumerate(self.stores):
+            table = store.table
+            assigned = table["series_uid"].map(split_of)
+            n_unlisted += int(assigned.isna().sum())
+            keep = (assigned == split).to_numpy()
+            part = table.loc[keep].copy()
+            part.insert(0, "row", np.flatnonzero(keep).astype(np.int64))
+            part.insert(0, "store", position)
+            unlabelled = part["is_nodule"].to_numpy() < 0
+            if unlabelled.any():
+                first = part.iloc[int(np.flatnonzero(unlabelled)[0])]
+                raise DataError(
+                    f"{store.path}: row {int(first['row'])} (candidate_id {int(first['candidate_id'])}) has no "
+                    "class label (is_nodule -1); training needs labelled candidates"
+                )
+            parts.append(part)
+        if n_unlisted:
+            logger.warning("%d crops belong to scans not listed in splits.tsv; left out", n_unlisted)
+        self.rows = (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["store", "row", "candidate_id", "series_uid", "coord_x", "coord_y", "coord_z",
+                     "is_nodule", "diameter_mm"]))
+        self.labels = (self.rows["is_nodule"].to_numpy() > 0).astype(np.int64)
+        self._store_of = self.rows["store"].to_numpy(dtype=np.int64)
+        self._row_of = self.rows["row"].to_numpy(dtype=np.int64)
+        self.crop_shape = self.stores[0].crop_shape if self.stores else (32, 48, 48)
+        for store in self.stores:
+            if store.crop_shape != self.crop_shape:
+                raise DataError(f"{store.path}: crop shape {store.crop_shape} differs from {self.crop_shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.labels.sum())
+
+    @property
+    def n_neg(self) -> int:
+        return len(self.labels) - self.n_pos
+
+    def crops_int16(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The crops of the given items, int16 (n, I, R, C) in the given order; one read per store."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *self.crop_shape), dtype=np.int16)
+        stores = self._store_of[indices]
+        for position in np.unique(stores):
+            where = np.flatnonzero(stores == position)
+            out[where] = self.stores[int(position)].crops(self._row_of[indices[where]])
+        return out
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index = int(index)
+        crop = self.stores[int(self._store_of[index])].crop(int(self._row_of[index]))
+        crop_t = torch.from_numpy(crop.astype(np.float32)).unsqueeze(0)
+        return crop_t, torch.tensor(self.labels[index], dtype=torch.long), index
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """A whole batch at once (DataLoader calls this when present): far fewer HDF5 calls."""
+        crops = torch.from_numpy(self.crops_int16(indices).astype(np.float32)).unsqueeze(1)
+        labels = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
+        return [(crops[k], labels[k], int(i)) for k, i in enumerate(indices)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------------
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(k) for k in keys]]))
+
+
+def balanced_indices(
+    labels: np.ndarray, ratio: int, n_samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """The book's balanced order: position i is a positive when ``i % (ratio + 1) == 0``, else a negative;
+    both lists shuffled once by ``rng`` and then cycled (the book's LunaDataset.__getitem__ arithmetic)."""
+    labels = np.asarray(labels)
+    positives = np.flatnonzero(labels > 0)
+    negatives = np.flatnonzero(labels <= 0)
+    if len(positives) == 0 or len(negatives) == 0:
+        raise DataError(
+            f"balanced sampling needs positive and negative training crops (have {len(positives)} positive, "
+            f"{len(negatives)} negative)"
+        )
+    positives = positives[rng.permutation(len(positives))]
+    negatives = negatives[rng.permutation(len(negatives))]
+    i = np.arange(n_samples, dtype=np.int64)
+    pos_ndx = i // (ratio + 1)
+    is_pos = i % (ratio + 1) == 0
+    neg_ndx = (i - 1 - pos_ndx) % len(negatives)
+    return np.where(is_pos, positives[pos_ndx % len(positives)], negatives[neg_ndx])
+
+
+def shuffled_indices(n_items: int, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Plain shuffling: fresh permutations of all items, concatenated up to ``n_samples``."""
+    if n_items == 0:
+        raise DataError("no training crops")
+    parts, total = [], 0
+    while total < n_samples:
+        parts.append(rng.permutation(n_items))
+        total += n_items
+    return np.concatenate(parts)[:n_samples].astype(np.int64)
+
+
+class EpochSampler(Sampler[int]):
+    """A fixed-length, per-epoch deterministic order of training items (balanced or plain).
+
+    ``samples_per_epoch`` 0 means one pass over the items (the book's unbalanced epoch). Under
+    DistributedDataParallel, rank ``k`` of ``world_size`` takes positions ``k, k + world_size, ...`` of the
+    epoch's sequence. The state (``state_dict``) is just the seed and the epoch: the order is a function
+    of both, so a resumed run continues with the same samples.
+    """
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        *,
+        ratio: int = 1,
+        samples_per_epoch: int = 0,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if ratio < 0:
+            raise DataError(f"balanced ratio must be >= 0, got {ratio}")
+        if samples_per_epoch < 0:
+            raise DataError(f"samples per epoch must be >= 0, got {samples_per_epoch}")
+        self.labels = np.asarray(labels)
+        self.ratio = int(ratio)
+        self.samples_per_epoch = int(samples_per_epoch) or len(self.labels)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
+        """The whole epoch's sequence (all ranks)."""
+        rng = _rng(self.seed, 1, self.epoch if epoch is None else epoch)
+        if self.ratio:
+            return balanced_indices(self.labels, self.ratio, self.samples_per_epoch, rng)
+        return shuffled_indices(len(self.labels), self.samples_per_epoch, rng)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.samples_per_epoch, self.world_size))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "seed": self.seed, "ratio": self.ratio,
+                "samples_per_epoch": self.samples_per_epoch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+
+
+class ShardSampler(Sampler[int]):
+    """A fixed list of items in order (validation), rank k of world_size taking every world_size-th one."""
+
+    def __init__(self, indices: Sequence[int] | np.ndarray, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)[rank::world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def val_indices(n_items: int, cap: int | None, seed: int) -> np.ndarray:
+    """All val items, or (``cap`` given and smaller) a fixed random subset of ``cap`` items, sorted."""
+    if cap is None or cap <= 0 or cap >= n_items:
+        return np.arange(n_items, dtype=np.int64)
+    return np.sort(_rng(seed, 2).choice(n_items, size=cap, replace=False)).astype(np.int64)
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: Sampler[int],
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``sampler``'s order; workers persist across epochs and open HDF5 lazily."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+        drop_last=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# augmentation
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Chapter 12's augmentation; each part off with False / 0."""
+
+    flip: bool = True
+    offset: float = 0.1     # normalised grid units (the crop spans -1..1), per axis
+    scale: float = 0.2      # factor 1 +- scale, per axis
+    rotate: bool = True     # random angle in [0, 2 pi) about the slice (index) axis
+    noise_hu: float = 25.0  # std of added Gaussian noise, HU
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.flip or self.offset or self.scale or self.rotate)
+
+    @property
+    def enabled(self) -> bool:
+        return self.geometric or bool(self.noise_hu)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+NO_AUGMENTATION = AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+
+
+def random_affine(
+    n: int, config: AugmentConfig, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n, 3, 4) affine matrices for ``affine_grid``, as the book builds one per sample: per grid axis
+    (x = column, y = row, z = index) a flip, a scale ``1 + scale * u`` and an offset ``offset * u``
+    (``u`` uniform in [-1, 1)), then a rotation in the x-y plane (about the slice axis)."""
+    kw = {"generator": generator, "device": device, "dtype": torch.float32}
+    transform = torch.eye(4, device=device, dtype=torch.float32).repeat(n, 1, 1)
+    diagonal = torch.ones(n, 3, device=device, dtype=torch.float32)
+    if config.flip:
+        diagonal = torch.where(torch.rand(n, 3, **kw) > 0.5, -diagonal, diagonal)
+    if config.offset:
+        transform[:, :3, 3] = config.offset * (torch.rand(n, 3, **kw) * 2 - 1)
+    if config.scale:
+        diagonal = diagonal * (1.0 + config.scale * (torch.rand(n, 3, **kw) * 2 - 1))
+    transform[:, [0, 1, 2], [0, 1, 2]] = diagonal
+    if config.rotate:
+        angle = torch.rand(n, **kw) * (2 * math.pi)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.eye(4, device=device, dtype=torch.float32).repeat(n, 1, 1)
+        rotation[:, 0, 0], rotation[:, 0, 1] = cos, -sin
+        rotation[:, 1, 0], rotation[:, 1, 1] = sin, cos
+        transform = transform @ rotation
+    return transform[:, :3]
+
+
+def augment_batch(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Augment a float batch (N, C, I, R, C) on its own device: one random affine per sample, resampled
+    (trilinear, border padding, as the book), then noise. ``generator`` must live on the batch's device."""
+    if not config.enabled or batch.shape[0] == 0:
+        return batch
+    batch = batch.float()
+    if config.geometric:
+        theta = random_affine(batch.shape[0], config, generator, batch.device)
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if config.noise_hu:
+        noise = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        batch = batch + noise * config.noise_hu
+    return batch
+
+
+def augment_one_book_style(crop: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+    """The book's per-sample version (getCtAugmentedCandidate), for the benchmark only: one (C, I, R, C)
+    crop, Python ``random`` for the parameters, the global torch RNG for the noise."""
+    import random
+
+    transform = torch.eye(4)
+    for i in range(3):
+        if config.flip and random.random() > 0.5:
+            transform[i, i] *= -1
+        if config.offset:
+            transform[i, 3] = config.offset * (random.random() * 2 - 1)
+        if config.scale:
+            transform[i, i] *= 1.0 + config.scale * (random.random() * 2 - 1)
+    if config.rotate:
+        angle = random.random() * math.pi * 2
+        s, c = math.sin(angle), math.cos(angle)
+        rotation = torch.tensor([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float32)
+        transform @= rotation
+    chunk = crop.unsqueeze(0).float()
+    grid = F.affine_grid(transform[:3].unsqueeze(0), list(chunk.shape), align_corners=False)
+    out = F.grid_sample(chunk, grid, padding_mode="border", align_corners=False)
+    if config.noise_hu:
+        out = out + torch.randn_like(out) * config.noise_hu
+    return out[0]

@@ -1,0 +1,670 @@
+"""The training stage: ``LunaTrainingApp(argv).main()`` trains the book's LunaModel on the HDF5 crops.
+
+Per epoch: a fixed number of (by default balanced, augmented) training samples, then every val crop
+(no balancing, no augmentation). For both, the DESIGN metric row (luna.metrics) is appended to
+``history.tsv``, logged, and written to TensorBoard under the book's tag names with step = training
+samples seen. The epoch with the best validation F1 is kept in ``model.pt``.
+
+Resumable: after every epoch the full state (model, optimizer, sampler epoch, RNG, history rows, best
+model) is written atomically to ``--state DIR``, a folder outside the declared outputs (Snakemake
+deletes those before a job starts). ``--resume`` continues after the last finished epoch and rewrites
+``history.tsv`` and ``model.pt`` from the state, so a run killed at any point and resumed ends with the
+same files as an uninterrupted one. A state written with other settings or inputs is not resumed.
+
+Speed without changing the method: channels_last_3d, bf16 autocast for the training steps (CUDA; CPU
+where it measured faster; validation always runs in fp32), pinned memory and non-blocking copies on
+CUDA, augmentation batched on the device, HDF5 read a batch at a time with one handle per worker.
+Several processes: DistributedDataParallel under torchrun (gloo on CPU, nccl on CUDA); each process
+trains on every world_size-th sample; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from luna.data import (
+    AugmentConfig,
+    CropDataset,
+    DataError,
+    EpochSampler,
+    ShardSampler,
+    augment_batch,
+    make_loader,
+    read_splits,
+    val_indices,
+)
+from luna.metrics import HISTORY_COLUMNS, format_row, metric_row
+from luna.model import LunaModel, atomic_torch_save, load_checkpoint, save_checkpoint, unwrap_model
+from luna.store import CropStore
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "luna-train-state-v1"
+SLEEP_ENV = "LUNA_TRAIN_BATCH_SLEEP_S"  # test hook: seconds to sleep after each training batch
+CPU_AMP_AUTO = True
+"""``--amp auto`` on CPU: bf16 autocast measured ~1.5x faster than fp32 on this repo's 2-core (AVX512-BF16)
+box with the same validation metrics (benchmarks/results/train.md); on CPUs without native bf16 it is
+slower, so auto turns it on only where ``torch.backends.mkldnn`` reports bf16 support (see resolve_amp)."""
+
+TB_TAGS = {
+    "loss_all": "loss/all", "loss_neg": "loss/neg", "loss_pos": "loss/pos",
+    "correct_all": "correct/all", "correct_neg": "correct/neg", "correct_pos": "correct/pos",
+    "precision": "pr/precision", "recall": "pr/recall", "f1": "pr/f1_score", "auc": "roc/auc",
+}
+# settings that change what is trained; a state written under others is not resumed
+_FINGERPRINT_ARGS = (
+    "batch_size", "lr", "momentum", "balanced", "samples_per_epoch", "val_samples", "seed",
+    "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
+)
+
+
+class TrainingError(ValueError):
+    """Training settings or state that cannot be used; the message names the option, file or value."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="luna-train",
+        description="Train the book's LunaModel (nodule vs. not) on HDF5 crop stores; writes OUT/model.pt "
+        "(best epoch by val F1) and OUT/history.tsv (train and val metrics per epoch).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--crops", nargs="+", required=True, metavar="H5", help="crop stores (results/crops/*.h5)")
+    io.add_argument("--splits", required=True, metavar="TSV", help="splits.tsv: series_uid, split (train|val)")
+    io.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pt and history.tsv")
+    io.add_argument("--state", default=None, metavar="DIR",
+                    help="resumable state folder (optimizer, sampler, RNG, best model); must lie outside the "
+                    "declared outputs. Default: OUT/../.<OUT name>.train_state")
+    io.add_argument("--resume", action="store_true",
+                    help="continue after the last finished epoch in --state (if its settings and inputs match)")
+    io.add_argument("--tb-dir", default=None, metavar="DIR",
+                    help="TensorBoard folder (one run = <time>-trn_cls and <time>-val_cls); 'none' disables. "
+                    "Default: OUT/tensorboard")
+    io.add_argument("--config", default=None, metavar="FILE",
+                    help="YAML/JSON pipeline config, recorded in model.pt's provenance only")
+    io.add_argument("--comment", default="", help="suffix of the TensorBoard run names")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--epochs", type=_positive_int, default=8, help="number of epochs")
+    tr.add_argument("--samples-per-epoch", type=_nonnegative_int, default=4000,
+                    help="training samples per epoch (the book: 200000); 0 = one pass over the train crops")
+    tr.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (per process under torchrun)")
+    tr.add_argument("--lr", type=_nonnegative_float, default=0.001, help="SGD learning rate")
+    tr.add_argument("--momentum", type=_nonnegative_float, default=0.99, help="SGD momentum")
+    tr.add_argument("--balanced", type=_nonnegative_int, default=1, metavar="RATIO",
+                    help="negatives per positive in the training order (the book: 1); 0 = plain shuffling")
+    tr.add_argument("--val-samples", type=_nonnegative_int, default=0,
+                    help="cap on val crops per epoch (a fixed random subset); 0 = all val crops")
+    tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
+
+    au = p.add_argument_group("augmentation (training only; the book's Chapter 12)")
+    au.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="master switch; --no-augment turns every augmentation off")
+    au.add_argument("--augment-flip", action=argparse.BooleanOptionalAction, default=True,
+                    help="random flip per axis (p 0.5)")
+    au.add_argument("--augment-offset", type=_nonnegative_float, default=0.1,
+                    help="random offset per axis up to +-this (normalised grid units); 0 = off")
+    au.add_argument("--augment-scale", type=_nonnegative_float, default=0.2,
+                    help="random scale per axis 1 +- this; 0 = off")
+    au.add_argument("--augment-rotate", action=argparse.BooleanOptionalAction, default=True,
+                    help="random in-plane rotation (0..2pi about the slice axis)")
+    au.add_argument("--augment-noise", type=_nonnegative_float, default=25.0,
+                    help="std of Gaussian noise added, HU; 0 = off")
+
+    rt = p.add_argument_group("runtime (speed only)")
+    rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto = cuda when available, else cpu")
+    rt.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                    help="bf16 autocast; auto = on for CUDA, and on CPU where it supports bf16 natively")
+    rt.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="channels_last_3d memory format for model and batches")
+    rt.add_argument("--num-workers", type=_nonnegative_int, default=0,
+                    help="DataLoader worker processes (0 = load in the main process; fastest on 2 cores)")
+    rt.add_argument("--threads", type=_nonnegative_int, default=0,
+                    help="torch CPU threads; 0 = torch's default")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env() -> DistInfo:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (one process when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: no CUDA device available")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 / AMX), where CPU autocast pays off."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(choice: str, device: torch.device) -> bool:
+    if choice == "on":
+        return True
+    if choice == "off":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return CPU_AMP_AUTO and cpu_has_native_bf16()
+
+
+def default_state_dir(out: Path) -> Path:
+    """``OUT/../.<OUT name>.train_state``: beside the outputs, never inside them."""
+    out = Path(out)
+    return out.parent / f".{out.name or 'model'}.train_state"
+
+
+def _file_identity(path: str) -> list[Any]:
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def run_fingerprint(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> str:
+    """Hash of everything that changes what is trained: settings, inputs (path, size, mtime), device kind,
+    AMP, process count. Not the number of epochs (a resumed run may go further) nor speed-only settings."""
+    splits_digest = hashlib.sha256(Path(args.splits).read_bytes()).hexdigest()
+    payload = {
+        "args": {k: getattr(args, k) for k in _FINGERPRINT_ARGS},
+        "augment": bool(args.augment),
+        "crops": [_file_identity(p) for p in args.crops],
+        "splits": splits_digest,
+        "amp": amp,
+        "device": device.type,
+        "world_size": world_size,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    if not args.augment:
+        return AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+    return AugmentConfig(flip=args.augment_flip, offset=args.augment_offset, scale=args.augment_scale,
+                         rotate=args.augment_rotate, noise_hu=args.augment_noise)
+
+
+def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()}
+
+
+def _read_config(path: str | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    import yaml
+
+    try:
+        with open(path) as fh:
+            value = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainingError(f"{path}: cannot read config ({exc})") from exc
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _seed_int(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1, dtype=np.uint64)[0]
+               & 0x7FFFFFFFFFFFFFFF)
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def with_progress(iterable: Iterable[Any], total: int, desc: str, every_s: float = 30.0) -> Iterator[Any]:
+    """Yield from ``iterable`` and log progress with rate and ETA: after batches 1, 4, 16, 64 ... (as the
+    book's enumerateWithEstimate) and at least every ``every_s`` seconds, plus once at the end."""
+    start = last = time.perf_counter()
+    next_mark = 1
+    n = 0
+    for n, item in enumerate(iterable, 1):
+        yield item
+        now = time.perf_counter()
+        if n == next_mark or now - last >= every_s:
+            if n == next_mark:
+                next_mark *= 4
+            last = now
+            rate = n / max(now - start, 1e-9)
+            eta = (total - n) / rate if rate > 0 else float("nan")
+            done_at = datetime.datetime.now() + datetime.timedelta(seconds=eta if math.isfinite(eta) else 0)
+            logger.info("%s %d/%d batches, %.2f batches/s, ETA %s (done at %s)", desc, n, total, rate,
+                        _format_duration(eta), done_at.strftime("%H:%M:%S"))
+    logger.info("%s %d/%d batches done in %s", desc, n, total, _format_duration(time.perf_counter() - start))
+
+
+def write_history(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """history.tsv from all kept rows, atomically (temp + rename); NaN as ``NaN``."""
+    frame = pd.DataFrame(list(rows), columns=HISTORY_COLUMNS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        frame.to_csv(tmp, sep="\t", index=False, na_rep="NaN", float_format="%.8g")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _f1_key(row: dict[str, Any]) -> float:
+    f1 = float(row["f1"])
+    return -1.0 if math.isnan(f1) else f1
+
+
+# ----------------------------------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------------------------------
+
+class LunaTrainingApp:
+    """``LunaTrainingApp(argv).main()``: parse ``argv`` (``sys.argv[1:]`` when None) and train."""
+
+    def __init__(self, sys_argv: Sequence[str] | None = None) -> None:
+        if sys_argv is None:
+            sys_argv = sys.argv[1:]
+        self.args = build_parser().parse_args([str(a) for a in sys_argv])
+        self.time_str = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
+        self.out_dir = Path(self.args.out)
+        self.state_dir = Path(self.args.state) if self.args.state else default_state_dir(self.out_dir)
+        if self.args.tb_dir is None:
+            self.tb_dir: Path | None = self.out_dir / "tensorboard"
+        elif str(self.args.tb_dir).lower() in ("", "none"):
+            self.tb_dir = None
+        else:
+            self.tb_dir = Path(self.args.tb_dir)
+        self._check_paths()
+        self.dist = dist_info_from_env()
+        self.device = resolve_device(self.args.device, self.dist.local_rank)
+        self.trn_writer = None
+        self.val_writer = None
+
+    def _check_paths(self) -> None:
+        out = self.out_dir.resolve()
+        state = self.state_dir.resolve()
+        if state == out or out in state.parents:
+            raise TrainingError(f"--state {self.state_dir} lies inside --out {self.out_dir}; it must live "
+                                "outside the declared outputs")
+        for path in [*self.args.crops, self.args.splits]:
+            if not Path(path).is_file():
+                raise TrainingError(f"{path}: no such file")
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def main(self) -> int:
+        args = self.args
+        if not self.dist.is_main:  # one log for the whole run: other processes report problems only
+            logger.setLevel(logging.WARNING)
+        logger.info("Starting %s, %s", type(self).__name__, args)
+        if self.dist.enabled and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+        try:
+            return self._main()
+        finally:
+            for writer in (self.trn_writer, self.val_writer):
+                if writer is not None:
+                    writer.close()
+            if self.dist.enabled and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _main(self) -> int:
+        self.setup()
+        return self.run()
+
+    def setup(self) -> None:
+        """Data, sampler, loaders, model, optimizer; restores the state under --resume."""
+        args = self.args
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.use_amp = resolve_amp(args.amp, self.device)
+        self.augment = augment_config(args)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        logger.info("device %s, amp %s, channels_last %s, %d process(es), %d torch threads", self.device,
+                    "bf16" if self.use_amp else "off", args.channels_last, self.dist.world_size,
+                    torch.get_num_threads())
+
+        splits = read_splits(args.splits)
+        stores = [CropStore(p) for p in args.crops]
+        self.train_ds = CropDataset(stores, splits, "train")
+        self.val_ds = CropDataset(stores, splits, "val")
+        for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
+            if len(ds) == 0:
+                raise TrainingError(f"{args.splits}: no {name} crops in {', '.join(args.crops)}")
+        logger.info("train: %d crops (%d positive), val: %d crops (%d positive)", len(self.train_ds),
+                    self.train_ds.n_pos, len(self.val_ds), self.val_ds.n_pos)
+
+        self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced,
+                                    samples_per_epoch=args.samples_per_epoch, seed=args.seed,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        self.val_sampler = ShardSampler(val_indices(len(self.val_ds), args.val_samples, args.seed),
+                                        self.dist.rank, self.dist.world_size)
+        pin = self.device.type == "cuda"
+        self.train_dl = make_loader(self.train_ds, self.sampler, batch_size=args.batch_size,
+                                    num_workers=args.num_workers, pin_memory=pin)
+        self.val_dl = make_loader(self.val_ds, self.val_sampler, batch_size=args.batch_size * 2,
+                                  num_workers=args.num_workers, pin_memory=pin)
+
+        torch.manual_seed(args.seed)
+        self.model = LunaModel()
+        self.model_config = {"in_channels": 1, "conv_channels": 8}
+        self.model.to(self.device)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        self.fingerprint = run_fingerprint(args, self.use_amp, self.device, self.dist.world_size)
+        self.config = _read_config(args.config)
+
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = 0
+        self.best_key = -math.inf
+        self.samples_seen = 0
+        self.start_epoch = self._restore() + 1
+
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+
+    def run(self) -> int:
+        """The epochs from the first unfinished one; returns 0."""
+        args = self.args
+        epoch_times: list[float] = []
+        for epoch in range(self.start_epoch, args.epochs + 1):
+            started = time.perf_counter()
+            logger.info("Epoch %d of %d, %d/%d training batches/samples per process, %d val batches", epoch,
+                        args.epochs, len(self.train_dl), len(self.sampler), len(self.val_dl))
+            trn = self._train_epoch(epoch)
+            self.samples_seen += self.sampler.samples_per_epoch
+            val = self._validate(epoch)
+            self._finish_epoch(epoch, trn, val)
+            epoch_times.append(time.perf_counter() - started)
+            remaining = (args.epochs - epoch) * float(np.mean(epoch_times))
+            logger.info("Epoch %d took %s; ETA %s for %d more epoch(s)", epoch,
+                        _format_duration(epoch_times[-1]), _format_duration(remaining), args.epochs - epoch)
+        if self.dist.is_main:
+            self._write_outputs()
+            best = next((r for r in self.history if r["epoch"] == self.best_epoch and r["split"] == "val"), None)
+            logger.info("Best epoch %d by val F1: %s", self.best_epoch, format_row(best) if best else "-")
+        return 0
+
+    # -- state ------------------------------------------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.state_dir / "last.pt"
+
+    @property
+    def _best_path(self) -> Path:
+        return self.state_dir / "best_model.pt"
+
+    def _restore(self) -> int:
+        """Load the state when resuming; returns the last finished epoch (0 for a fresh start)."""
+        path = self._state_path
+        if not self.args.resume:
+            return 0
+        if not path.is_file():
+            logger.info("--resume: no state in %s, starting at epoch 1", self.state_dir)
+            return 0
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: start afresh, say why
+            logger.warning("--resume: cannot read %s (%s); starting at epoch 1", path, exc)
+            return 0
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            logger.warning("--resume: %s is not a luna training state; starting at epoch 1", path)
+            return 0
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning("--resume: state in %s was written with other settings or inputs; starting at "
+                           "epoch 1", self.state_dir)
+            return 0
+        self.model.load_state_dict(state["model_state"])
+        if self.args.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.sampler.load_state_dict(state["sampler_state"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.history = [dict(r) for r in state["history"]]
+        self.best_epoch = int(state["best_epoch"])
+        self.best_key = float(state["best_key"])
+        self.samples_seen = int(state["samples_seen"])
+        epoch = int(state["epoch"])
+        logger.info("Resuming after epoch %d from %s (best epoch so far %d)", epoch, path, self.best_epoch)
+        if self.dist.is_main:
+            self._write_outputs()
+        return epoch
+
+    def _save_state(self, epoch: int) -> None:
+        state = {
+            "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "model_state": unwrap_model(self.model).state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "sampler_state": self.sampler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_key": self.best_key,
+            "samples_seen": self.samples_seen,
+        }
+        atomic_torch_save(state, self._state_path)
+
+    def _write_outputs(self) -> None:
+        """history.tsv from the kept rows and model.pt from the best model (both atomic)."""
+        write_history(self.out_dir / "history.tsv", self.history)
+        model_path = self.out_dir / "model.pt"
+        if self._best_path.is_file():
+            _copy_atomic(self._best_path, model_path)
+
+    # -- loops ------------------------------------------------------------------------------------
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def _forward(self, model: torch.nn.Module, crops: torch.Tensor,
+                 amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.args.channels_last:
+            crops = crops.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, _ = model(crops)
+        logits = logits.float()
+        return logits, torch.softmax(logits, dim=1)
+
+    def _train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.train_model.train()
+        self.sampler.set_epoch(epoch)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_seed_int(self.args.seed, 3, epoch, self.dist.rank))
+        sleep_s = float(os.environ.get(SLEEP_ENV, "0") or 0)
+        labels, probs, losses = [], [], []
+        for crops, label, _ in with_progress(self.train_dl, len(self.train_dl), f"E{epoch} Training"):
+            crops = augment_batch(self._to_device(crops), self.augment, generator)
+            label = self._to_device(label)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits, probability = self._forward(self.train_model, crops, amp=self.use_amp)
+            loss = F.cross_entropy(logits, label, reduction="none")
+            loss.mean().backward()
+            self.optimizer.step()
+            labels.append(label.detach())
+            probs.append(probability[:, 1].detach())
+            losses.append(loss.detach())
+            if sleep_s:
+                time.sleep(sleep_s)
+        return self._gather(labels, probs, losses)
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.dist.enabled:  # every process validates with rank 0's batch-norm statistics (the saved ones)
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
+        self.model.eval()
+        labels, probs, losses = [], [], []
+        for crops, label, _ in with_progress(self.val_dl, len(self.val_dl), f"E{epoch} Validation"):
+            crops, label = self._to_device(crops).float(), self._to_device(label)
+            # fp32 even with --amp: the reported metrics and the model choice do not depend on bf16
+            # rounding, and equal what the validate stage computes from model.pt
+            logits, probability = self._forward(self.model, crops)
+            labels.append(label)
+            probs.append(probability[:, 1])
+            losses.append(F.cross_entropy(logits, label, reduction="none"))
+        return self._gather(labels, probs, losses)
+
+    def _gather(self, labels: list[torch.Tensor], probs: list[torch.Tensor],
+                losses: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-sample values as numpy, concatenated over every process (rank order)."""
+        def cat(parts: list[torch.Tensor], dtype: Any) -> np.ndarray:
+            return torch.cat(parts).cpu().numpy().astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+        local = (cat(labels, np.int64), cat(probs, np.float64), cat(losses, np.float64))
+        if not self.dist.enabled:
+            return local
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, local)
+        return tuple(np.concatenate([g[k] for g in gathered]) for k in range(3))  # type: ignore[return-value]
+
+    def _finish_epoch(self, epoch: int, trn: tuple, val: tuple) -> None:
+        trn_row = metric_row(*trn, epoch=epoch, split="train")
+        val_row = metric_row(*val, epoch=epoch, split="val")
+        logger.info(format_row(trn_row))
+        logger.info(format_row(val_row))
+        if self.dist.is_main:
+            self.history = [r for r in self.history if r["epoch"] != epoch] + [trn_row, val_row]
+            self._log_tensorboard(trn, trn_row, val, val_row)
+            key = _f1_key(val_row)
+            if self.best_epoch == 0 or key > self.best_key:
+                self.best_epoch, self.best_key = epoch, key
+                save_checkpoint(self._best_path, self.model, epoch=epoch, val_metrics=val_row,
+                                args=_plain_args(self.args), model_config=self.model_config,
+                                device=self.device, config=self.config,
+                                extra={"train_metrics": trn_row, "samples_seen": self.samples_seen})
+                logger.info("Epoch %d is the best so far (val F1 %s)", epoch, val_row["f1"])
+            self._save_state(epoch)
+            self._write_outputs()
+        if self.dist.enabled:
+            dist.barrier()
+
+    def _log_tensorboard(self, trn: tuple, trn_row: dict, val: tuple, val_row: dict) -> None:
+        if self.tb_dir is None:
+            return
+        if self.trn_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            suffix = f"-{self.args.comment}" if self.args.comment else ""
+            self.trn_writer = SummaryWriter(log_dir=str(self.tb_dir / f"{self.time_str}-trn_cls{suffix}"))
+            self.val_writer = SummaryWriter(log_dir=str(self.tb_dir / f"{self.time_str}-val_cls{suffix}"))
+        step = self.samples_seen
+        bins = [x / 50.0 for x in range(51)]
+        for writer, (labels, probs, _), row in ((self.trn_writer, trn, trn_row), (self.val_writer, val, val_row)):
+            for key, tag in TB_TAGS.items():
+                writer.add_scalar(tag, float(row[key]), step)
+            writer.add_pr_curve("pr", labels, probs, step)
+            neg = (labels == 0) & (probs > 0.01)
+            pos = (labels == 1) & (probs < 0.99)
+            if neg.any():
+                writer.add_histogram("is_neg", probs[neg], step, bins=bins)
+            if pos.any():
+                writer.add_histogram("is_pos", probs[pos], step, bins=bins)
+            writer.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``luna-train``: bad input -> one line on stderr, exit status 2."""
+    from luna.runner import setup_logging
+
+    setup_logging()
+    try:
+        code = LunaTrainingApp(argv).main()
+    except (TrainingError, DataError, ValueError) as exc:
+        print(f"luna-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""CropDataset over stores + splits, the book's balanced sampling, and the batched augmentation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from luna.data import (
+    NO_AUGMENTATION,
+    AugmentConfig,
+    CropDataset,
+    DataError,
+    EpochSampler,
+    ShardSampler,
+    augment_batch,
+    balanced_indices,
+    make_loader,
+    random_affine,
+    read_splits,
+    val_indices,
+)
+from luna.geometry import Geometry
+from luna.store import StoreWriter
+
+
+def make_store(path: Path, n: int = 40, n_pos: int = 8, n_scans: int = 8, seed: int = 0,
+               uid_prefix: str = "1.2.3", unlabelled: bool = False) -> list[str]:
+    """A tiny labelled crop store: positives carry a bright central blob, negatives are noise."""
+    rng = np.random.default_rng(seed)
+    uids = [f"{uid_prefix}.{k}" for k in range(n_scans)]
+    labels = np.zeros(n, dtype=np.int8)
+    labels[rng.choice(n, n_pos, replace=False)] = 1
+    crops = rng.normal(-700, 150, size=(n, 32, 48, 48))
+    z, y, x = np.ogrid[:32, :48, :48]
+    crops[labels == 1] += (((z - 16) ** 2 + (y - 24) ** 2 + (x - 24) ** 2) <= 25) * 700
+    fields = {
+        "candidate_id": np.arange(n) + 1000 * seed,
+        "series_uid": np.array([uids[i % n_scans] for i in range(n)], dtype=object),
+        "center_xyz": rng.normal(size=(n, 3)),
+        "center_irc": np.zeros((n, 3), dtype=np.int64),
+        "crop_start_irc": np.zeros((n, 3), dtype=np.int64),
+        "is_nodule": np.full(n, -1, dtype=np.int8) if unlabelled else labels,
+        "diameter_mm": np.where(labels == 1, 6.0, 0.0).astype(np.float32),
+    }
+    with StoreWriter(path, n, (32, 48, 48), (-1000, 1000), subset=path.stem) as writer:
+        for uid in uids:
+            writer.add_scan(uid, Geometry(np.zeros(3), np.ones(3)), (100, 200, 200))
+        writer.write_rows(np.arange(n), np.clip(crops, -1000, 1000).astype(np.int16), fields)
+        writer.commit()
+    return uids
+
+
+def write_splits(path: Path, uids: list[str], val_every: int = 4) -> Path:
+    lines = ["series_uid\tsplit"] + [f"{u}\t{'val' if k % val_every == 0 else 'train'}" for k, u in enumerate(uids)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], list[str]]:
+    root = tmp_path_factory.mktemp("stores")
+    uids = make_store(root / "subset0.h5", n=40, n_pos=8, seed=0, uid_prefix="1.2.3")
+    uids += make_store(root / "subset1.h5", n=20, n_pos=4, n_scans=4, seed=1, uid_prefix="1.2.4")
+    return [root / "subset0.h5", root / "subset1.h5"], uids
+
+
+# -- splits and dataset ---------------------------------------------------------------------------------
+
+def test_read_splits_rejects_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "splits.tsv"
+    path.write_text("series_uid\tsplit\na\ttrain\nb\ttest\n")
+    with pytest.raises(DataError, match=r"splits.tsv: row 3: split 'test'"):
+        read_splits(path)
+    path.write_text("series_uid\tfold\na\ttrain\n")
+    with pytest.raises(DataError, match="missing column"):
+        read_splits(path)
+    path.write_text("series_uid\tsplit\na\ttrain\na\tval\n")
+    with pytest.raises(DataError, match="listed twice"):
+        read_splits(path)
+
+
+def test_dataset_filters_by_split_over_several_stores(two_stores, tmp_path: Path, caplog) -> None:
+    paths, uids = two_stores
+    listed = uids[:-1]  # the last scan of subset1 is not in splits.tsv
+    splits = write_splits(tmp_path / "splits.tsv", listed)
+    with caplog.at_level(logging.WARNING, logger="luna.data"):
+        train = CropDataset(paths, splits, "train")
+    val = CropDataset(paths, splits, "val")
+    assert "5 crops belong to scans not listed" in caplog.text  # 20 rows over 4 scans of subset1
+    split_of = read_splits(splits)
+    assert set(train.rows["series_uid"]) == {u for u in listed if split_of[u] == "train"}
+    assert set(val.rows["series_uid"]) == {u for u in listed if split_of[u] == "val"}
+    assert len(train) + len(val) == 55
+    assert sorted(train.rows["store"].unique()) == [0, 1]
+
+    crop, label, index = train[7]
+    assert crop.shape == (1, 32, 48, 48) and crop.dtype == torch.float32
+    assert label.dtype == torch.long and int(label) == train.labels[7] and index == 7
+    store, row = int(train.rows["store"][7]), int(train.rows["row"][7])
+    np.testing.assert_array_equal(crop[0].numpy(), train.stores[store].crop(row).astype(np.float32))
+    # the batched read returns the same items, in the order asked (duplicates and both stores included)
+    order = [30, 2, 7, 2, len(train) - 1]
+    for (c1, l1, i1), k in zip(train.__getitems__(order), order):
+        c2, l2, i2 = train[k]
+        assert i1 == i2 == k and int(l1) == int(l2)
+        torch.testing.assert_close(c1, c2)
+
+
+def test_dataset_needs_labels_in_the_split(tmp_path: Path) -> None:
+    uids = make_store(tmp_path / "s.h5", unlabelled=True)
+    with pytest.raises(DataError, match=r"s\.h5: row \d+ .*no class label"):
+        CropDataset([tmp_path / "s.h5"], write_splits(tmp_path / "splits.tsv", uids), "train")
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+
+def imbalanced_labels(n: int = 1000, n_pos: int = 20, seed: int = 0) -> np.ndarray:
+    labels = np.zeros(n, dtype=np.int64)
+    labels[np.random.default_rng(seed).choice(n, n_pos, replace=False)] = 1
+    return labels
+
+
+@pytest.mark.parametrize("ratio", [1, 3])
+def test_balanced_order_is_the_books(ratio: int) -> None:
+    labels = imbalanced_labels()
+    sampler = EpochSampler(labels, ratio=ratio, samples_per_epoch=400, seed=5)
+    order = np.array(list(sampler))
+    assert len(order) == len(sampler) == 400
+    is_pos_position = np.arange(400) % (ratio + 1) == 0
+    np.testing.assert_array_equal(labels[order], is_pos_position.astype(np.int64))
+    # positives are cycled: 400 / (ratio + 1) positive draws over 20 positives, each equally often
+    counts = np.bincount(order[is_pos_position], minlength=len(labels))[labels == 1]
+    assert counts.min() == counts.max() == 400 // (ratio + 1) // 20
+    # negatives are a shuffled list walked in order: no repeats before the list is exhausted
+    negatives = order[~is_pos_position]
+    assert len(np.unique(negatives)) == len(negatives)
+
+
+def test_balanced_lists_reshuffle_each_epoch_deterministically() -> None:
+    labels = imbalanced_labels()
+    a = EpochSampler(labels, ratio=1, samples_per_epoch=200, seed=5)
+    b = EpochSampler(labels, ratio=1, samples_per_epoch=200, seed=5)
+    epoch1 = np.array(list(a))
+    a.set_epoch(2)
+    epoch2 = np.array(list(a))
+    assert not np.array_equal(epoch1, epoch2)
+    np.testing.assert_array_equal(labels[epoch1], labels[epoch2])  # same pattern, other items
+    b.load_state_dict(a.state_dict())  # resuming at epoch 2 gives epoch 2's order
+    np.testing.assert_array_equal(np.array(list(b)), epoch2)
+    other_seed = EpochSampler(labels, ratio=1, samples_per_epoch=200, seed=6)
+    assert not np.array_equal(np.array(list(other_seed)), epoch1)
+
+
+def test_balanced_zero_keeps_the_data_ratio_the_books_failure_case() -> None:
+    """With --balanced 0 an epoch has the data's 2% positives (what makes Chapter 11's model say 'never');
+    with --balanced 1 it has 50%."""
+    labels = imbalanced_labels(1000, 20)
+    plain = np.array(list(EpochSampler(labels, ratio=0, samples_per_epoch=0, seed=1)))
+    assert len(plain) == 1000 and sorted(plain.tolist()) == list(range(1000))  # one pass, shuffled
+    assert labels[plain].mean() == pytest.approx(0.02)
+    assert not np.array_equal(plain, np.arange(1000))
+    longer = np.array(list(EpochSampler(labels, ratio=0, samples_per_epoch=2500, seed=1)))
+    assert np.bincount(longer[:2000]).tolist() == [2] * 1000  # whole permutations before repeats
+    balanced = np.array(list(EpochSampler(labels, ratio=1, samples_per_epoch=1000, seed=1)))
+    assert labels[balanced].mean() == pytest.approx(0.5)
+
+
+def test_balanced_needs_both_classes() -> None:
+    with pytest.raises(DataError, match="0 positive"):
+        balanced_indices(np.zeros(10), 1, 10, np.random.default_rng(0))
+
+
+def test_ranks_share_the_epoch_without_overlap() -> None:
+    labels = imbalanced_labels()
+    whole = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3).epoch_indices()
+    parts = [list(EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3, rank=r, world_size=2))
+             for r in range(2)]
+    assert len(parts[0]) == 51 and len(parts[1]) == 50
+    np.testing.assert_array_equal(np.array(parts[0]), whole[0::2])
+    np.testing.assert_array_equal(np.array(parts[1]), whole[1::2])
+    val = [list(ShardSampler(np.arange(9), r, 2)) for r in range(2)]
+    assert sorted(val[0] + val[1]) == list(range(9))
+
+
+def test_val_cap_is_a_fixed_subset() -> None:
+    np.testing.assert_array_equal(val_indices(50, 0, 1), np.arange(50))
+    capped = val_indices(50, 10, 1)
+    assert len(capped) == 10 and len(np.unique(capped)) == 10 and np.all(np.diff(capped) > 0)
+    np.testing.assert_array_equal(capped, val_indices(50, 10, 1))
+
+
+def test_loader_workers_read_the_same_batches(two_stores, tmp_path: Path) -> None:
+    paths, uids = two_stores
+    ds = CropDataset(paths, write_splits(tmp_path / "splits.tsv", uids), "train")
+    sampler = EpochSampler(ds.labels, ratio=1, samples_per_epoch=24, seed=0)
+    in_process = list(make_loader(ds, sampler, batch_size=8, num_workers=0))
+    in_worker = list(make_loader(ds, sampler, batch_size=8, num_workers=1))
+    assert len(in_process) == len(in_worker) == 3
+    for (c0, l0, i0), (c1, l1, i1) in zip(in_process, in_worker):
+        assert c0.shape == (8, 1, 32, 48, 48)
+        torch.testing.assert_close(c0, c1)
+        torch.testing.assert_close(l0, l1)
+        torch.testing.assert_close(i0, i1)
+    np.testing.assert_array_equal(torch.cat([b[2] for b in in_process]).numpy(), sampler.epoch_indices())
+
+
+# -- augmentation -----------------------------------------------------------------------------------------
+
+def _batch(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 32, 48, 48, generator=g) * 300 - 400
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_augmentation_is_deterministic_for_a_seed() -> None:
+    x = _batch()
+    config = AugmentConfig()
+    a = augment_batch(x, config, _gen(1))
+    b = augment_batch(x, config, _gen(1))
+    c = augment_batch(x, config, _gen(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().mean() > 10
+    assert a.shape == x.shape and a.dtype == torch.float32
+
+
+def test_no_augmentation_is_identity() -> None:
+    x = _batch()
+    assert augment_batch(x, NO_AUGMENTATION, _gen(1)) is x
+
+
+def test_flip_only_mirrors_along_axes() -> None:
+    x = _batch(8)
+    out = augment_batch(x, AugmentConfig(flip=True, offset=0, scale=0, rotate=False, noise_hu=0), _gen(3))
+    seen = set()
+    for k in range(8):
+        match = [dims for dims in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+                 if torch.allclose(out[k:k + 1], torch.flip(x[k:k + 1], dims) if dims else x[k:k + 1], atol=0.05)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) > 1  # different samples got different flips
+
+
+def test_noise_only_adds_25_hu_gaussian() -> None:
+    x = _batch(2)
+    out = augment_batch(x, AugmentConfig(flip=False, offset=0, scale=0, rotate=False, noise_hu=25.0), _gen(4))
+    delta = out - x
+    assert delta.std().item() == pytest.approx(25.0, rel=0.02)
+    assert abs(delta.mean().item()) < 0.5
+
+
+def test_rotation_is_in_plane_about_the_slice_axis() -> None:
+    rotate_only = AugmentConfig(flip=False, offset=0, scale=0, rotate=True, noise_hu=0)
+    # varies along the index (slice) axis only: an in-plane rotation leaves it unchanged
+    ramp = torch.linspace(-1000, 1000, 32).view(1, 1, 32, 1, 1).expand(3, 1, 32, 48, 48).contiguous()
+    torch.testing.assert_close(augment_batch(ramp, rotate_only, _gen(5)), ramp, atol=1e-2, rtol=0)
+    # varies along the columns only: rotating the plane changes it
+    cols = torch.linspace(-1000, 1000, 48).view(1, 1, 1, 1, 48).expand(3, 1, 32, 48, 48).contiguous()
+    assert (augment_batch(cols, rotate_only, _gen(5)) - cols).abs().mean() > 50
+    theta = random_affine(16, rotate_only, _gen(6))
+    torch.testing.assert_close(torch.linalg.det(theta[:, :2, :2]), torch.ones(16))
+    torch.testing.assert_close(theta[:, 2, :], torch.tensor([0.0, 0, 1, 0]).expand(16, 4))
+
+
+def test_offset_and_scale_stay_in_their_ranges() -> None:
+    theta = random_affine(500, AugmentConfig(flip=False, offset=0.1, scale=0.2, rotate=False, noise_hu=0), _gen(7))
+    diagonal = theta[:, [0, 1, 2], [0, 1, 2]]
+    assert diagonal.min() >= 0.8 and diagonal.max() <= 1.2 and diagonal.std() > 0.08
+    offsets = theta[:, :, 3]
+    assert offsets.abs().max() <= 0.1 and offsets.abs().max() > 0.09
+    off_diagonal = theta[:, :, :3] - torch.diag_embed(diagonal)
+    assert off_diagonal.abs().max() == 0
+    flips = random_affine(500, AugmentConfig(flip=True, offset=0, scale=0, rotate=False, noise_hu=0), _gen(8))
+    signs = flips[:, [0, 1, 2], [0, 1, 2]]
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+    assert (signs < 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_offset_shifts_the_crop() -> None:
+    x = torch.zeros(1, 1, 32, 48, 48)
+    x[0, 0, 14:18, 22:26, 22:26] = 1000
+    out = augment_batch(x, AugmentConfig(flip=False, offset=0.1, scale=0, rotate=False, noise_hu=0), _gen(9))
+    centre_in = torch.stack(torch.where(x[0, 0] > 500)).float().mean(dim=1)
+    centre_out = torch.stack(torch.where(out[0, 0] > 500)).float().mean(dim=1)
+    shift = (centre_out - centre_in).abs()
+    assert shift.max() > 0.5 and torch.all(shift <= torch.tensor([32, 48, 48]) * 0.1 / 2 + 1)
+    assert math.isclose(out.sum().item(), x.sum().item(), rel_tol=0.35)

@@ -1,0 +1,221 @@
+"""LunaTrainingApp: outputs per DESIGN, determinism, kill -9 + resume, DDP under torchrun (gloo), errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from luna.metrics import HISTORY_COLUMNS
+from luna.model import load_model
+from luna.training import LunaTrainingApp, build_parser, default_state_dir, main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_data import make_store, write_splits  # noqa: E402
+
+BIN = Path(sys.executable).parent
+EPOCHS, SAMPLES, BATCH = 2, 32, 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train_data")
+    uids = make_store(root / "subset0.h5", n=40, n_pos=8, n_scans=8, seed=0)
+    return {"root": root, "crops": root / "subset0.h5", "splits": write_splits(root / "splits.tsv", uids)}
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--crops", str(data["crops"]), "--splits", str(data["splits"]), "--out", str(out),
+            "--epochs", str(EPOCHS), "--samples-per-epoch", str(SAMPLES), "--batch-size", str(BATCH),
+            "--threads", "2", "--tb-dir", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted in-process run (seed 0) whose outputs the other tests compare against."""
+    out = tmp_path_factory.mktemp("reference") / "model"
+    assert LunaTrainingApp(argv(data, out, "--tb-dir", str(out.parent / "tb"))).main() == 0
+    return out
+
+
+def test_help_lists_every_option(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        LunaTrainingApp(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--crops", "--splits", "--out", "--state", "--resume", "--tb-dir", "--comment", "--epochs",
+                 "--samples-per-epoch", "--batch-size", "--lr", "--momentum", "--balanced", "--val-samples",
+                 "--seed", "--augment-flip", "--augment-offset", "--augment-scale", "--augment-rotate",
+                 "--augment-noise", "--device", "--amp", "--channels-last", "--no-channels-last",
+                 "--num-workers", "--threads"]:
+        assert flag in text, flag
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+    assert "(default: 0.001)" in text and "(default: 0.99)" in text
+
+
+def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> None:
+    history = pd.read_csv(reference / "history.tsv", sep="\t")
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
+    train, val = history[history.split == "train"], history[history.split == "val"]
+    assert (train.n == SAMPLES).all() and (train.n_pos == SAMPLES // 2).all()  # balanced 1:1
+    assert (val.n == 10).all() and (val.n_pos == 2).all()  # every val crop (2 of 8 scans), unbalanced
+
+    raw = torch.load(reference / "model.pt", weights_only=True)
+    best = val.assign(key=val.f1.fillna(-1)).sort_values(["key", "epoch"], ascending=[False, True]).iloc[0]
+    assert raw["epoch"] == int(best.epoch)
+    assert raw["val_metrics"]["epoch"] == raw["epoch"] and raw["val_metrics"]["split"] == "val"
+    assert isinstance(raw["args"], dict) and raw["args"]["lr"] == 0.001 and raw["args"]["momentum"] == 0.99
+    assert raw["provenance"]["device"] == "cpu" and raw["provenance"]["torch_version"] == str(torch.__version__)
+    assert not [k for k in raw["model_state"] if k.startswith(("module.", "_orig_mod."))]
+    model, _ = load_model(reference / "model.pt")
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 32, 48, 48))[1].shape == (2, 2)
+    state = default_state_dir(reference)
+    assert state == reference.parent / ".model.train_state" and (state / "last.pt").is_file()
+    assert not list(reference.glob(".*tmp"))
+
+
+def test_tensorboard_uses_the_books_tags(reference: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted((reference.parent / "tb").iterdir())
+    assert [r.name[-7:] for r in runs] == ["trn_cls", "val_cls"]  # <time>-trn_cls, <time>-val_cls
+    for run in runs:
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+        tags = acc.Tags()
+        for tag in ["loss/all", "loss/neg", "loss/pos", "correct/all", "correct/neg", "correct/pos",
+                    "pr/precision", "pr/recall", "pr/f1_score"]:
+            assert tag in tags["scalars"], tag
+        assert [e.step for e in acc.Scalars("loss/all")] == [SAMPLES, 2 * SAMPLES]  # samples seen
+        assert "is_neg" in tags["histograms"] or "is_pos" in tags["histograms"]
+        assert any("pr" in t for t in tags.get("tensors", []))
+
+
+def test_same_seed_twice_gives_identical_history(reference: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    assert LunaTrainingApp(argv(data, tmp_path / "again")).main() == 0
+    assert (tmp_path / "again" / "history.tsv").read_bytes() == (reference / "history.tsv").read_bytes()
+    assert LunaTrainingApp(argv(data, tmp_path / "seed1", "--seed", "1")).main() == 0
+    assert (tmp_path / "seed1" / "history.tsv").read_bytes() != (reference / "history.tsv").read_bytes()
+
+
+def test_kill_9_mid_epoch_then_resume_continues(reference: Path, data: dict[str, Path], tmp_path: Path,
+                                                env_with_bin: dict[str, str]) -> None:
+    out, state = tmp_path / "results" / "model", tmp_path / "results" / ".state" / "train"
+    cmd = [str(BIN / "luna-train"), *argv(data, out, "--state", str(state), "--resume")]
+    env = dict(env_with_bin, LUNA_TRAIN_BATCH_SLEEP_S="0.3")
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "E2 Training 1/" not in log.read_text():  # epoch 1 finished, a batch of epoch 2 done
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed = pd.read_csv(out / "history.tsv", sep="\t")
+    assert killed.epoch.tolist() == [1, 1]  # epoch 2 never finished
+    # Snakemake deletes declared outputs before rerunning a job; the state outside them is enough
+    (out / "history.tsv").unlink()
+    (out / "model.pt").unlink()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env_with_bin, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "Resuming after epoch 1" in second.stderr
+    assert "E1 Training" not in second.stderr
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
+    # the resumed run ends exactly where the uninterrupted one did
+    assert (out / "history.tsv").read_bytes() == (reference / "history.tsv").read_bytes()
+    a = torch.load(out / "model.pt", weights_only=True)
+    b = torch.load(reference / "model.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"]
+    for key in b["model_state"]:
+        torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=0)
+
+
+def test_resume_ignores_a_state_from_other_settings(reference: Path, data: dict[str, Path], tmp_path: Path,
+                                                    caplog) -> None:
+    out = tmp_path / "model"
+    state = tmp_path / "state"
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1")).main() == 0
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume", "--lr", "0.002")).main() == 0
+    assert "written with other settings or inputs; starting at epoch 1" in caplog.text
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    assert history.epoch.tolist() == [1, 1, 2, 2]
+    assert (out / "history.tsv").read_bytes() != (reference / "history.tsv").read_bytes()
+
+
+def test_resume_with_more_epochs_extends_the_run(reference: Path, data: dict[str, Path], tmp_path: Path) -> None:
+    out, state = tmp_path / "model", tmp_path / "state"
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1")).main() == 0
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume")).main() == 0
+    assert (out / "history.tsv").read_bytes() == (reference / "history.tsv").read_bytes()
+
+
+def test_ddp_under_torchrun_gloo(data: dict[str, Path], tmp_path: Path, env_with_bin: dict[str, str]) -> None:
+    out = tmp_path / "ddp"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "luna.training",
+           *argv(data, out, "--device", "cpu")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env_with_bin, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
+    train, val = history[history.split == "train"], history[history.split == "val"]
+    assert (train.n == SAMPLES).all() and (train.n_pos == SAMPLES // 2).all()  # both ranks' samples
+    assert (val.n == 10).all() and (val.n_pos == 2).all()  # every val crop exactly once
+    assert np.isfinite(history.loss_all).all() and history.auc.between(0, 1).all()
+    assert result.stderr.count("Starting LunaTrainingApp") == 1  # only rank 0 logs progress
+    raw = torch.load(out / "model.pt", weights_only=True)
+    assert not [k for k in raw["model_state"] if k.startswith("module.")]
+    assert raw["samples_seen"] == raw["epoch"] * SAMPLES
+
+
+def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope.tsv"
+    with pytest.raises(SystemExit) as info:
+        main(["--crops", str(data["crops"]), "--splits", str(missing), "--out", str(tmp_path / "o")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"luna-train: error: {missing}: no such file"
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o", "--state", str(tmp_path / "o" / "state")))
+    assert info.value.code == 2
+    assert "lies inside --out" in capsys.readouterr().err
+    bad_splits = tmp_path / "bad.tsv"
+    bad_splits.write_text("series_uid\tsplit\n1.2.3.0\ttrain\n")  # no val scan
+    with pytest.raises(SystemExit) as info:
+        main(["--crops", str(data["crops"]), "--splits", str(bad_splits), "--out", str(tmp_path / "o2"),
+              "--tb-dir", "none"])
+    assert info.value.code == 2
+    assert "no val crops" in capsys.readouterr().err
+
+
+def test_nan_metrics_are_written_as_nan(reference: Path) -> None:
+    text = (reference / "history.tsv").read_text()
+    history = pd.read_csv(reference / "history.tsv", sep="\t")
+    undefined = history[["precision", "f1"]].isna().to_numpy().any()
+    assert ("NaN" in text) == undefined
+    assert not any(math.isinf(v) for v in history.select_dtypes("number").to_numpy().ravel())

@@ -1,0 +1,551 @@
+"""Tests of luna.validation: predictions, metrics.tsv, froc.tsv, submission, plots, predict-only, real CT.
+
+Tiny crop stores are written with StoreWriter; the model is a seeded LunaModel saved with save_checkpoint
+(its tail BatchNorm given running statistics of CT, so the probabilities are not saturated at 0/1).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from luna.candidates import read_annotations_csv
+from luna.geometry import Geometry, irc_to_xyz, xyz_to_irc
+from luna.metrics import (
+    FROC_RATES,
+    HISTORY_COLUMNS,
+    METRICS_COLUMNS,
+    SENSITIVITY_COLUMNS,
+    froc,
+    froc_bootstrap,
+    metric_row,
+)
+from luna.model import LunaModel, load_model, save_checkpoint
+from luna.store import CropStore, StoreWriter
+from luna.validation import (
+    PREDICTION_COLUMNS,
+    ValidationApp,
+    crops_to_tensor,
+    main,
+)
+
+from conftest import LIDC_DIR, LIDC_MHD, LIDC_UID
+
+CROP_SHAPE = (32, 48, 48)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EPOCH = 7
+
+VAL_A, VAL_B, VAL_EMPTY, TRAIN_A = "1.2.826.0.1.9", "1.2.826.0.1.10", "1.2.826.0.1.11", "1.2.826.0.1.12"
+
+# World = voxel coordinates (identity geometry); crops are synthetic, only FROC looks at the coordinates.
+# (candidate_id, series_uid, x, y, z, is_nodule, diameter_mm)
+STORE0_ROWS = [
+    (0, VAL_A, 100.0, 100.0, 50.0, 1, 10.0),  # on nodule N1 (d 10)
+    (1, VAL_A, 102.0, 100.0, 50.0, 1, 10.0),  # 2 mm off N1: a second hit on the same nodule
+    (2, VAL_A, 150.0, 150.0, 40.0, 0, 0.0),   # false positive
+    (3, VAL_A, 300.0, 300.0, 30.0, 0, 0.0),   # 1 mm from an excluded finding (d -1 -> 10 mm): ignored
+    (4, TRAIN_A, 60.0, 60.0, 20.0, 1, 8.0),   # train scan: not predicted
+    (5, TRAIN_A, 70.0, 70.0, 20.0, 0, 0.0),
+    (6, VAL_A, 50.0, 50.0, 20.0, 0, 0.0),     # false positive
+]
+STORE1_ROWS = [
+    (7, VAL_B, 120.0, 80.0, 40.0, 1, 12.0),   # on nodule N4 (d 12)
+    (8, VAL_B, 10.0, 10.0, 10.0, 0, 0.0),     # false positives
+    (9, VAL_B, 20.0, 20.0, 20.0, 0, 0.0),
+    (10, VAL_B, 30.0, 30.0, 30.0, 0, 0.0),
+]
+ANNOTATIONS = pd.DataFrame({
+    "seriesuid": [VAL_A, VAL_A, VAL_B, TRAIN_A],
+    "coordX": [100.0, 400.0, 120.0, 60.0],
+    "coordY": [100.0, 400.0, 80.0, 60.0],
+    "coordZ": [50.0, 80.0, 40.0, 20.0],
+    "diameter_mm": [10.0, 8.0, 12.0, 8.0],  # N1, N3 (never hit), N4, a train-scan nodule (not counted)
+})
+EXCLUDED = pd.DataFrame({"seriesuid": [VAL_A], "coordX": [300.0], "coordY": [301.0], "coordZ": [30.0],
+                         "diameter_mm": [-1.0]})
+VAL_CANDIDATE_IDS = [0, 1, 2, 3, 6, 7, 8, 9, 10]  # store order, stores in the order given
+N_VAL_SCANS = 3       # VAL_A, VAL_B and VAL_EMPTY (no candidates, still in the FP divisor)
+N_VAL_NODULES = 3     # N1, N3, N4
+N_FP = 5              # candidates 2, 6, 8, 9, 10
+
+
+def synthetic_crop(rng: np.random.Generator, nodule: bool) -> np.ndarray:
+    """Lung-like noise around -800 HU; a nodule is a soft-tissue sphere (r 5 voxels) at the centre."""
+    crop = rng.normal(-800.0, 60.0, CROP_SHAPE)
+    if nodule:
+        i, r, c = np.ogrid[:CROP_SHAPE[0], :CROP_SHAPE[1], :CROP_SHAPE[2]]
+        sphere = (i - 16) ** 2 + (r - 24) ** 2 + (c - 24) ** 2 <= 25
+        crop[sphere] = rng.normal(40.0, 20.0, int(sphere.sum()))
+    return np.clip(np.rint(crop), -1000, 1000).astype(np.int16)
+
+
+def write_store(path: Path, rows: list[tuple], seed: int, subset: str, extra_scans: tuple[str, ...] = (),
+                crop_shape: tuple[int, int, int] = CROP_SHAPE, unlabelled: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    geometry = Geometry(np.zeros(3), np.ones(3))
+    shape_irc = (100, 512, 512)
+    centers = np.array([row[2:5] for row in rows], dtype=np.float64)
+    center_irc = xyz_to_irc(centers, geometry)
+    if crop_shape == CROP_SHAPE:
+        crops = np.stack([synthetic_crop(rng, bool(row[5])) for row in rows])
+    else:
+        crops = rng.integers(-1000, 1000, (len(rows), *crop_shape)).astype(np.int16)
+    with StoreWriter(path, len(rows), crop_shape, (-1000, 1000), subset=subset) as writer:
+        for uid in dict.fromkeys([row[1] for row in rows] + list(extra_scans)):
+            writer.add_scan(uid, geometry, shape_irc)
+        writer.write_rows(np.arange(len(rows)), crops, {
+            "candidate_id": np.array([row[0] for row in rows], dtype=np.int64),
+            "series_uid": np.array([row[1] for row in rows], dtype=object),
+            "center_xyz": centers,
+            "center_irc": center_irc,
+            "crop_start_irc": center_irc - np.array(crop_shape) // 2,
+            "is_nodule": np.array([-1 if unlabelled else row[5] for row in rows], dtype=np.int8),
+            "diameter_mm": np.array([row[6] for row in rows], dtype=np.float32),
+        })
+        writer.commit()
+    return path
+
+
+def ct_model(seed: int = 0) -> LunaModel:
+    """A seeded, untrained LunaModel whose tail BatchNorm has running statistics of lung CT."""
+    torch.manual_seed(seed)
+    model = LunaModel()
+    model.tail_batchnorm.running_mean.fill_(-700.0)
+    model.tail_batchnorm.running_var.fill_(250.0 ** 2)
+    with torch.no_grad():  # a small head: probabilities spread around 0.5 instead of saturating
+        model.head_linear.weight.mul_(-0.1)
+        model.head_linear.bias.copy_(torch.tensor([0.0, -1.4]))
+    return model.eval()
+
+
+def read_tsv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype={"series_uid": str})
+
+
+def assert_row_equal(actual: dict, expected: dict, columns: list[str]) -> None:
+    for column in columns:
+        a, e = actual[column], expected[column]
+        if isinstance(e, str):
+            assert a == e, column
+        elif isinstance(e, float) and math.isnan(e):
+            assert math.isnan(float(a)), f"{column}: {a} is not NaN"
+        else:
+            assert float(a) == pytest.approx(float(e), rel=1e-9, abs=1e-12), column
+
+
+def assert_valid_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.01, f"{path} is blank"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("validation_inputs")
+    paths = {
+        "store0": write_store(root / "subset0.h5", STORE0_ROWS, seed=1, subset="subset0"),
+        "store1": write_store(root / "subset1.h5", STORE1_ROWS, seed=2, subset="subset1", extra_scans=(VAL_EMPTY,)),
+        "model": save_checkpoint(root / "model.pt", ct_model(), epoch=EPOCH),
+        "splits": root / "splits.tsv",
+        "annotations": root / "annotations.csv",
+        "excluded": root / "annotations_excluded.csv",
+        "history": root / "history.tsv",
+    }
+    pd.DataFrame({"series_uid": [VAL_A, VAL_B, VAL_EMPTY, TRAIN_A], "split": ["val", "val", "val", "train"]}
+                 ).to_csv(paths["splits"], sep="\t", index=False)
+    ANNOTATIONS.to_csv(paths["annotations"], index=False)
+    EXCLUDED.to_csv(paths["excluded"], index=False)
+    history = []
+    for epoch in (1, 2, 3):
+        for split, offset in (("train", 0.0), ("val", 0.05)):
+            history.append({"epoch": epoch, "split": split, "n": 10, "n_pos": 3, "n_neg": 7,
+                            "loss_all": 0.7 / epoch + offset, "loss_neg": 0.5, "loss_pos": 0.9,
+                            "correct_all": 70.0, "correct_neg": 80.0, "correct_pos": 50.0,
+                            "precision": 0.3 * epoch - offset, "recall": 0.25 * epoch, "f1": 0.27 * epoch,
+                            "auc": 0.8})
+    pd.DataFrame(history)[HISTORY_COLUMNS].to_csv(paths["history"], sep="\t", index=False)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def labelled_run(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("validation_out")
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]),
+            "--annotations-excluded", str(inputs["excluded"]), "--history", str(inputs["history"]),
+            "--out", str(out), "--batch-size", "4", "--device", "cpu", "--bootstrap", "25", "--seed", "3"]
+    result = ValidationApp(argv).run()
+    return out, result
+
+
+def expected_probabilities(inputs) -> tuple[np.ndarray, np.ndarray]:
+    """Probability and loss of every val candidate by a plain forward pass of the checkpoint (no app code)."""
+    model, _ = load_model(inputs["model"])
+    crops, labels = [], []
+    for key, rows in (("store0", STORE0_ROWS), ("store1", STORE1_ROWS)):
+        store = CropStore(inputs[key])
+        for k, row in enumerate(rows):
+            if row[0] in VAL_CANDIDATE_IDS:
+                crops.append(store.crop(k))
+                labels.append(row[5])
+    with torch.no_grad():
+        logits, probability = model(torch.from_numpy(np.stack(crops).astype(np.float32))[:, None])
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="none")
+    return probability[:, 1].numpy(), loss.numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# labelled run: predictions, metrics, FROC, submission, plots
+# ----------------------------------------------------------------------------------------------------
+
+def test_predictions_one_row_per_val_candidate(inputs, labelled_run):
+    out, _ = labelled_run
+    predictions = read_tsv(out / "predictions.tsv")
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    assert predictions["candidate_id"].tolist() == VAL_CANDIDATE_IDS
+    by_id = {row[0]: row for row in STORE0_ROWS + STORE1_ROWS}
+    for _, p in predictions.iterrows():
+        row = by_id[int(p["candidate_id"])]
+        assert (p["series_uid"], p["coord_x"], p["coord_y"], p["coord_z"], p["is_nodule"]) == row[1:6]
+        assert p["diameter_mm"] == pytest.approx(row[6])
+    probability = predictions["probability"].to_numpy()
+    assert np.all((probability >= 0.0) & (probability <= 1.0))
+    assert probability.std() > 1e-3, "probabilities saturated: the test model does not discriminate inputs"
+    expected_probability, expected_loss = expected_probabilities(inputs)
+    np.testing.assert_allclose(probability, expected_probability, atol=1e-5)
+    np.testing.assert_allclose(predictions["loss"].to_numpy(), expected_loss, rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_row_equals_metric_row_of_predictions(inputs, labelled_run):
+    out, result = labelled_run
+    metrics = read_tsv(out / "metrics.tsv")
+    assert list(metrics.columns) == METRICS_COLUMNS
+    assert len(metrics) == 1
+    row = metrics.iloc[0].to_dict()
+    predictions = read_tsv(out / "predictions.tsv")
+    expected = metric_row(predictions["is_nodule"], predictions["probability"], predictions["loss"],
+                          epoch=EPOCH, split="val")
+    assert_row_equal(row, expected, HISTORY_COLUMNS)
+    assert (row["epoch"], row["split"], row["n"], row["n_pos"], row["n_neg"]) == (EPOCH, "val", 9, 3, 6)
+
+
+def test_froc_consistent_with_metrics_and_hand_counts(inputs, labelled_run):
+    out, result = labelled_run
+    curve = read_tsv(out / "froc.tsv")
+    assert list(curve.columns) == ["threshold", "fp_per_scan", "sensitivity"]
+    assert curve["threshold"].iloc[0] == math.inf and curve[["fp_per_scan", "sensitivity"]].iloc[0].tolist() == [0, 0]
+    assert np.all(np.diff(curve["threshold"].to_numpy()) < 0)
+    # by hand: 5 false positives over 3 val scans (the empty one included); N1 and N4 hit, N3 missed;
+    # candidate 3 lies on an excluded finding and counts as neither
+    assert curve["fp_per_scan"].iloc[-1] == pytest.approx(N_FP / N_VAL_SCANS)
+    assert curve["sensitivity"].iloc[-1] == pytest.approx(2 / N_VAL_NODULES)
+    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    sensitivities = np.interp(FROC_RATES, curve["fp_per_scan"], curve["sensitivity"])
+    for name, value in zip(SENSITIVITY_COLUMNS, sensitivities):
+        assert metrics[name] == pytest.approx(value, abs=1e-12)
+    # 5/3 FPs per scan at most: at 2, 4 and 8 the curve's last value
+    for name in ("sens_at_2", "sens_at_4", "sens_at_8"):
+        assert metrics[name] == pytest.approx(2 / 3)
+    assert metrics["cpm"] == pytest.approx(sensitivities.mean(), abs=1e-12)
+    # and the same from predictions.tsv with metrics.froc
+    predictions = read_tsv(out / "predictions.tsv")
+    again = froc(predictions, read_annotations_csv(inputs["annotations"]), [VAL_A, VAL_B, VAL_EMPTY],
+                 read_annotations_csv(inputs["excluded"], allow_negative=True))
+    assert (again.n_scans, again.n_nodules, again.n_hit, again.n_fp) == (N_VAL_SCANS, N_VAL_NODULES, 2, N_FP)
+    assert again.cpm == pytest.approx(metrics["cpm"], abs=1e-12)
+    np.testing.assert_allclose(again.curve.to_numpy(), curve.to_numpy())
+
+
+def test_bootstrap_interval_file(inputs, labelled_run):
+    out, _ = labelled_run
+    ci = read_tsv(out / "metrics_ci.tsv")
+    assert ci["metric"].tolist() == ["cpm", *SENSITIVITY_COLUMNS]
+    predictions = read_tsv(out / "predictions.tsv")
+    expected = froc_bootstrap(predictions, read_annotations_csv(inputs["annotations"]), [VAL_A, VAL_B, VAL_EMPTY],
+                              read_annotations_csv(inputs["excluded"], allow_negative=True), n_bootstrap=25, seed=3)
+    for _, row in ci.iterrows():
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(expected[row["metric"]], nan_ok=True)
+    assert set(ci["n_bootstrap"]) == {25} and set(ci["seed"]) == {3}
+    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    assert ci.set_index("metric").loc["cpm", "value"] == pytest.approx(metrics["cpm"])
+
+
+def test_submission_format_exact(labelled_run):
+    out, _ = labelled_run
+    lines = (out / "submission.csv").read_text().splitlines()
+    assert lines[0] == "seriesuid,coordX,coordY,coordZ,probability"
+    assert len(lines) == 1 + len(VAL_CANDIDATE_IDS)
+    predictions = read_tsv(out / "predictions.tsv")
+    submission = pd.read_csv(out / "submission.csv", dtype={"seriesuid": str})
+    assert submission["seriesuid"].tolist() == predictions["series_uid"].tolist()
+    np.testing.assert_array_equal(submission[["coordX", "coordY", "coordZ", "probability"]].to_numpy(),
+                                  predictions[["coord_x", "coord_y", "coord_z", "probability"]].to_numpy())
+    first = lines[1].split(",")
+    assert first[0] == VAL_A and [float(v) for v in first[1:4]] == [100.0, 100.0, 50.0]
+
+
+def test_plots_are_valid_pngs(labelled_run):
+    out, result = labelled_run
+    for name in ("roc.png", "pr.png", "froc.png", "training_curves.png"):
+        assert_valid_png(out / name)
+    assert sorted(p.name for p in result.written) == sorted([
+        "predictions.tsv", "submission.csv", "froc.tsv", "froc.png", "metrics.tsv", "metrics_ci.tsv",
+        "roc.png", "pr.png", "training_curves.png"])
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_batch_size_and_memory_format_do_not_change_predictions(inputs, labelled_run, tmp_path):
+    out, _ = labelled_run
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--out", str(tmp_path), "--batch-size", "2",
+            "--channels-last", "off", "--device", "cpu"]
+    assert ValidationApp(argv).main() == 0
+    np.testing.assert_allclose(read_tsv(tmp_path / "predictions.tsv")["probability"],
+                               read_tsv(out / "predictions.tsv")["probability"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# other modes
+# ----------------------------------------------------------------------------------------------------
+
+def test_nan_written_as_nan_and_no_froc_without_annotations(inputs, tmp_path):
+    model = ct_model()
+    with torch.no_grad():  # every candidate predicted negative: precision and F1 undefined
+        model.head_linear.weight.zero_()
+        model.head_linear.bias.copy_(torch.tensor([4.0, -4.0]))
+    checkpoint = save_checkpoint(tmp_path / "negative.pt", model, epoch=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "froc.tsv").write_text("stale\n")
+    argv = ["--model", str(checkpoint), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--out", str(out), "--device", "cpu"]
+    assert ValidationApp(argv).main() == 0
+    header, values = (out / "metrics.tsv").read_text().splitlines()
+    row = dict(zip(header.split("\t"), values.split("\t")))
+    assert row["precision"] == "NaN" and row["f1"] == "NaN" and row["cpm"] == "NaN"
+    assert float(row["recall"]) == 0.0 and float(row["correct_neg"]) == 100.0
+    p = 1.0 / (1.0 + math.exp(8.0))  # softmax of logits (4, -4)
+    assert float(row["loss_neg"]) == pytest.approx(-math.log(1 - p), rel=1e-4)
+    assert float(row["loss_pos"]) == pytest.approx(8.0 + math.log1p(math.exp(-8.0)), rel=1e-5)
+    assert not (out / "froc.tsv").exists() and not (out / "froc.png").exists()
+    for name in ("predictions.tsv", "submission.csv", "roc.png", "pr.png"):
+        assert (out / name).exists()
+
+
+def test_predict_only_store_without_classes(inputs, tmp_path):
+    store = write_store(tmp_path / "unlabelled.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.tsv").write_text("stale\n")  # from an earlier run: must not survive
+    argv = ["--model", str(inputs["model"]), "--crops", str(store), "--out", str(out), "--device", "cpu"]
+    assert ValidationApp(argv).main() == 0
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.tsv", "submission.csv"]
+    lines = (out / "predictions.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == PREDICTION_COLUMNS
+    assert len(lines) == 1 + len(STORE1_ROWS)
+    for line in lines[1:]:
+        fields = line.split("\t")
+        assert fields[5] == "" and fields[8] == ""  # is_nodule, loss
+        assert 0.0 <= float(fields[7]) <= 1.0
+    submission = pd.read_csv(out / "submission.csv")
+    assert list(submission.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+    assert len(submission) == len(STORE1_ROWS)
+
+
+def test_unlabelled_candidates_with_annotations_give_cpm_only(inputs, tmp_path):
+    store = write_store(tmp_path / "unlabelled.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
+    out = tmp_path / "out"
+    argv = ["--model", str(inputs["model"]), "--crops", str(store), "--annotations", str(inputs["annotations"]),
+            "--out", str(out), "--device", "cpu"]
+    assert ValidationApp(argv).main() == 0
+    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    assert (metrics["epoch"], metrics["split"], metrics["n"]) == (EPOCH, "val", 4)
+    assert math.isnan(metrics["auc"]) and math.isnan(metrics["n_pos"])
+    # without --splits the scans of the store are the val scans: VAL_B only, its nodule N4 hit, 3 FPs
+    curve = read_tsv(out / "froc.tsv")
+    assert curve["fp_per_scan"].iloc[-1] == pytest.approx(3.0) and curve["sensitivity"].iloc[-1] == 1.0
+    assert not (out / "roc.png").exists() and (out / "froc.png").exists()
+
+
+def test_val_scan_without_candidates_gives_empty_predictions(inputs, tmp_path):
+    splits = tmp_path / "splits.tsv"
+    pd.DataFrame({"series_uid": [VAL_A, VAL_EMPTY], "split": ["train", "val"]}).to_csv(splits, sep="\t", index=False)
+    out = tmp_path / "out"
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(splits), "--annotations", str(inputs["annotations"]), "--out", str(out), "--device", "cpu"]
+    assert ValidationApp(argv).main() == 0
+    assert len(read_tsv(out / "predictions.tsv")) == 0
+    assert (out / "submission.csv").read_text() == "seriesuid,coordX,coordY,coordZ,probability\n"
+    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    assert metrics["n"] == 0 and math.isnan(metrics["loss_all"]) and math.isnan(metrics["cpm"])  # no nodules
+    curve = read_tsv(out / "froc.tsv")  # only the start point; sensitivity undefined without nodules
+    assert len(curve) == 1 and curve["threshold"].iloc[0] == math.inf and curve["fp_per_scan"].iloc[0] == 0.0
+    assert math.isnan(curve["sensitivity"].iloc[0])
+    for name in ("roc.png", "pr.png", "froc.png"):
+        assert_valid_png(out / name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing_model", "no_val_scans", "mixed_labels", "wrong_crop_shape", "bad_history"])
+def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
+    argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
+            "--out": str(tmp_path / "out"), "--device": "cpu"}
+    if case == "missing_model":
+        argv["--model"] = str(tmp_path / "nope.pt")
+        expected = "nope.pt"
+    elif case == "no_val_scans":
+        pd.DataFrame({"series_uid": [VAL_A], "split": ["train"]}).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+        argv["--splits"] = str(tmp_path / "s.tsv")
+        expected = "s.tsv: no scan with split val"
+    elif case == "mixed_labels":
+        unlabelled = write_store(tmp_path / "u.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
+        argv["--crops"].append(str(unlabelled))
+        expected = "u.h5: row 0 (candidate_id 7) has no class label"
+    elif case == "wrong_crop_shape":
+        small = write_store(tmp_path / "small.h5", STORE1_ROWS, seed=2, subset="x", crop_shape=(8, 8, 8))
+        argv["--crops"] = [str(small)]
+        expected = "model does not accept crops of shape (8, 8, 8)"
+    else:
+        (tmp_path / "h.tsv").write_text("epoch\tsplit\n1\ttrain\n")
+        argv["--history"] = str(tmp_path / "h.tsv")
+        expected = "h.tsv: missing column(s) loss_all"
+    flat = [str(v) for key, value in argv.items() for v in ([key] + (value if isinstance(value, list) else [value]))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(flat)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("luna-validate: error: ") and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ValidationApp(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--crops", "--splits", "--annotations", "--annotations-excluded", "--history",
+                   "--out", "--batch-size", "--device", "--amp", "--threads", "--bootstrap", "--seed"):
+        assert option in text
+
+
+def test_crops_to_tensor_matches_training_dataset():
+    crops = np.array([[[[-1000, 5], [300, 1000]]]], dtype=np.int16)  # (1, 1, 2, 2)
+    tensor = crops_to_tensor(crops)
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (1, 1, 1, 2, 2)
+    assert tensor.flatten().tolist() == [-1000.0, 5.0, 300.0, 1000.0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# end to end on real CT
+# ----------------------------------------------------------------------------------------------------
+
+# voxel positions (i, r, c) elsewhere in the LIDC slab (512 x 512 x 16): lung, mediastinum, body wall, air;
+# all farther than 20 mm from the nodule (d 23.35 mm, so never a hit)
+LIDC_OTHERS_IRC = [(7, 256, 256), (3, 200, 150), (12, 300, 380), (8, 150, 360), (5, 380, 160),
+                   (10, 250, 100), (2, 420, 256), (14, 120, 250), (6, 330, 200), (9, 60, 60)]
+
+
+@pytest.fixture(scope="module")
+def lidc_case(tmp_path_factory) -> dict:
+    """Crops of the real LIDC slab: the official nodule + 10 candidates elsewhere, cut by luna.crops."""
+    from luna.crops import cut_scan_crops
+    from luna.ct import read_scan
+
+    root = tmp_path_factory.mktemp("lidc")
+    volume, geometry = read_scan(LIDC_MHD)
+    nodule = read_annotations_csv(LIDC_DIR / "annotations.csv").iloc[0]
+    nodule_xyz = nodule[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64)
+    centers = np.vstack([nodule_xyz, irc_to_xyz(np.array(LIDC_OTHERS_IRC, dtype=np.float64), geometry)])
+    assert np.all(np.linalg.norm(centers[1:] - nodule_xyz, axis=1) > 20.0)
+    crops, center_irc, start_irc, inside = cut_scan_crops(volume, geometry, centers, CROP_SHAPE, (-1000, 1000))
+    assert inside.all()
+    n = len(centers)
+    labels = np.r_[1, np.zeros(n - 1)].astype(np.int8)
+    store = root / "lidc.h5"
+    with StoreWriter(store, n, CROP_SHAPE, (-1000, 1000), subset="lidc") as writer:
+        writer.add_scan(LIDC_UID, geometry, volume.shape)
+        writer.write_rows(np.arange(n), crops, {
+            "candidate_id": np.arange(100, 100 + n), "series_uid": np.array([LIDC_UID] * n, dtype=object),
+            "center_xyz": centers, "center_irc": center_irc, "crop_start_irc": start_irc, "is_nodule": labels,
+            "diameter_mm": np.r_[nodule["diameter_mm"], np.zeros(n - 1)].astype(np.float32)})
+        writer.commit()
+    splits = root / "splits.tsv"
+    pd.DataFrame({"series_uid": [LIDC_UID], "split": ["val"]}).to_csv(splits, sep="\t", index=False)
+
+    # independent crop of the nodule: clip, pad the 16-slice slab with air, slice around the voxel
+    nodule_irc = xyz_to_irc(nodule_xyz, geometry)
+    padded = np.pad(np.clip(volume, -1000, 1000), ((16, 16), (0, 0), (0, 0)), constant_values=-1000)
+    i0 = 16 + max(min(nodule_irc[0] - 16, 0), 16 - 32)  # border rule, scan smaller than the crop in z
+    r0, c0 = nodule_irc[1] - 24, nodule_irc[2] - 24
+    nodule_crop = padded[i0:i0 + 32, r0:r0 + 48, c0:c0 + 48]
+    return {"store": store, "splits": splits, "crops": crops, "labels": labels, "nodule_crop": nodule_crop,
+            "n": n, "root": root}
+
+
+def train_head(crops: np.ndarray, labels: np.ndarray, steps: int = 200) -> LunaModel:
+    """The book's model, seeded, with its tail BatchNorm statistics taken from the crops and its head trained
+    (Adam, positive class weighted by the imbalance) on the frozen convolutional features: a trained model
+    in a fraction of a second, where backpropagating through the 3-D convolutions takes minutes on 2 cores."""
+    torch.manual_seed(0)
+    model = LunaModel().eval()
+    x = crops_to_tensor(crops)
+    with torch.no_grad():
+        model.tail_batchnorm.running_mean.fill_(float(x.mean()))
+        model.tail_batchnorm.running_var.fill_(float(x.var()))
+        features = x
+        for block in (model.tail_batchnorm, model.block1, model.block2, model.block3, model.block4):
+            features = block(features)
+        features = features.reshape(len(x), -1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    weight = torch.tensor([1.0, float((labels == 0).sum())])
+    optimizer = torch.optim.Adam(model.head_linear.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model.head_linear(features), y, weight=weight).backward()
+        optimizer.step()
+    return model
+
+
+def test_lidc_end_to_end(lidc_case, tmp_path):
+    crops, labels = lidc_case["crops"], lidc_case["labels"]
+    np.testing.assert_array_equal(crops[0], lidc_case["nodule_crop"])
+    assert crops[0].min() == -1000 and crops[0].max() > 0  # air padding in z, soft tissue of the nodule
+    model = train_head(crops, labels)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", model, epoch=1)
+    out = tmp_path / "out"
+    argv = ["--model", str(checkpoint), "--crops", str(lidc_case["store"]), "--splits", str(lidc_case["splits"]),
+            "--annotations", str(LIDC_DIR / "annotations.csv"), "--out", str(out), "--device", "cpu"]
+    assert ValidationApp(argv).main() == 0
+
+    predictions = read_tsv(out / "predictions.tsv")
+    assert predictions["candidate_id"].tolist() == list(range(100, 100 + lidc_case["n"]))
+    assert (predictions["series_uid"] == LIDC_UID).all()
+    assert predictions["is_nodule"].tolist() == labels.tolist()
+    with torch.no_grad():
+        _, probability = model(crops_to_tensor(np.stack([lidc_case["nodule_crop"], *crops[1:]])))
+    np.testing.assert_allclose(predictions["probability"], probability[:, 1].numpy(), atol=1e-5)
+
+    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    assert (metrics["n"], metrics["n_pos"], metrics["n_neg"], metrics["epoch"]) == (11, 1, 10, 1)
+    # the briefly trained model ranks the real nodule above the 10 other places of the slab
+    nodule_p = predictions["probability"].iloc[0]
+    assert nodule_p > predictions["probability"].iloc[1:].max()
+    assert metrics["auc"] == 1.0
+    # one scan, one nodule, hit first (no FP above it): sensitivity 1 at every rate, CPM 1
+    assert metrics["cpm"] == 1.0
+    curve = read_tsv(out / "froc.tsv")
+    assert curve["fp_per_scan"].iloc[-1] == pytest.approx(10.0)
+    assert curve.iloc[1]["threshold"] == pytest.approx(nodule_p) and curve.iloc[1]["sensitivity"] == 1.0
+    for name in ("roc.png", "pr.png", "froc.png"):
+        assert_valid_png(out / name)
