@@ -382,7 +382,7 @@ BREAKERS = {
     "truncated-raw": (_break_truncated_raw, ".raw"),
     "unreadable-header": (_break_unreadable_header, ".mhd"),
     "vanished-scan": (_break_vanished, ".mhd"),
-    "truncated-zraw": (_break_truncated_zraw, ".mhd"),
+    "truncated-zraw": (_break_truncated_zraw, ".zraw"),
 }
 
 

@@ -180,9 +180,12 @@ def test_ranks_share_the_epoch_without_overlap() -> None:
     whole = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3).epoch_indices()
     parts = [list(EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3, rank=r, world_size=2))
              for r in range(2)]
-    assert len(parts[0]) == 51 and len(parts[1]) == 50
+    # 101 samples round up to 102: both processes run the same number of steps (else DDP hangs)
+    assert len(parts[0]) == len(parts[1]) == 51 and len(whole) == 102
     np.testing.assert_array_equal(np.array(parts[0]), whole[0::2])
     np.testing.assert_array_equal(np.array(parts[1]), whole[1::2])
+    single = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3).epoch_indices()
+    np.testing.assert_array_equal(single, whole[:101])  # the same order, one more sample
     val = [list(ShardSampler(np.arange(9), r, 2)) for r in range(2)]
     assert sorted(val[0] + val[1]) == list(range(9))
 

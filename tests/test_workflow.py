@@ -20,6 +20,18 @@ from workflow_util import BIN, REPO, TINY_CONFIG, env, snakemake, write_config
 SUBSETS = ("subset0", "subset1")
 
 
+def job_stats(output: str) -> dict[str, int]:
+    """The dry-run's 'Job stats' table as {rule: count}."""
+    lines = output[output.index("Job stats:"):].splitlines()[3:]
+    stats = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        stats[parts[0]] = int(parts[1])
+    return stats
+
+
 def test_lint_and_snakefmt_clean() -> None:
     lint = subprocess.run([str(BIN / "snakemake"), "--lint"], cwd=REPO, env=env(), capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
@@ -95,11 +107,8 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     changed["train"]["lr"] = 0.002
     other = tiny_run / "changed.yaml"
     other.write_text(__import__("yaml").safe_dump(changed))
-    dry = snakemake(tiny_run, "-n", "--quiet", "rules", configfile=other)
-    out = dry.stdout + dry.stderr
-    table = out[out.index("Job stats"):] if "Job stats" in out else out
-    rules = {line.split()[0] for line in table.splitlines()[3:] if line.strip() and line.split()[0].isidentifier()}
-    assert rules - {"total", "all"} == {"train", "validate"}, out
+    dry = snakemake(tiny_run, "-n", configfile=other)
+    assert job_stats(dry.stdout + dry.stderr) == {"train": 1, "validate": 1, "all": 1}
 
 
 @pytest.mark.slow

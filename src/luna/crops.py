@@ -514,7 +514,7 @@ class CropApp:
                         crops, from_cache, times = future.result()
                         for phase, seconds in times.items():
                             phase_s[phase] = phase_s.get(phase, 0.0) + seconds
-                        status = "from cache" if from_cache else "read"
+                        status = "from cache" if from_cache else ("read" if job.inside.any() else "no crops")
                     except ScanError as exc:
                         status = "bad scan"
                         if a.on_bad_scan == "fail":

@@ -84,6 +84,14 @@ def check_scan_files(path: str | os.PathLike) -> dict[str, str]:
     if len(dims) != 3 or min(dims) <= 0:
         raise ScanError(f"{path}: unreadable header, DimSize = {header['DimSize']!r}")
     compressed = header.get("CompressedData", "False").lower() == "true"
+    if compressed and "CompressedDataSize" in header and data != path:
+        try:
+            expected_z = int(header["CompressedDataSize"])
+        except ValueError as exc:
+            raise ScanError(f"{path}: unreadable header, CompressedDataSize = {header['CompressedDataSize']!r}") from exc
+        actual_z = data.stat().st_size
+        if actual_z < expected_z:
+            raise ScanError(f"{data}: truncated voxel data, {actual_z} bytes where {expected_z} are needed")
     if not compressed and data != path:
         nbytes = _DTYPE_BYTES.get(header["ElementType"])
         if nbytes is None:
@@ -100,6 +108,14 @@ def _sitk_error(path: Path, exc: Exception) -> ScanError:
     detail = next((m for m in reversed(msg) if m.strip()), "unknown error")
     detail = re.sub(r"\s+", " ", detail)[:200]
     return ScanError(f"{path}: SimpleITK cannot read the scan ({detail})")
+
+
+class _ImageBuffer:
+    """Keeps a SimpleITK image alive under a numpy view of its voxels (a view alone would dangle)."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
 
 
 def read_geometry(path: str | os.PathLike) -> tuple[Geometry, tuple[int, int, int]]:
@@ -127,9 +143,10 @@ def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         raise _sitk_error(path, exc) from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ScanError(f"{path}: expected a 3-D single-channel scan")
-    volume = sitk.GetArrayFromImage(image)
-    if volume.dtype != np.int16:
-        volume = np.clip(np.rint(volume), -32768, 32767).astype(np.int16)
+    if image.GetPixelID() == sitk.sitkInt16:
+        volume = np.asarray(_ImageBuffer(image))  # read-only view, no second copy of the scan
+    else:
+        volume = np.clip(np.rint(sitk.GetArrayFromImage(image)), -32768, 32767).astype(np.int16)
     geometry = Geometry(image.GetOrigin(), image.GetSpacing(), np.reshape(image.GetDirection(), (3, 3)))
     return volume, geometry
 

@@ -198,7 +198,8 @@ class EpochSampler(Sampler[int]):
 
     ``samples_per_epoch`` 0 means one pass over the items (the book's unbalanced epoch). Under
     DistributedDataParallel, rank ``k`` of ``world_size`` takes positions ``k, k + world_size, ...`` of the
-    epoch's sequence. The state (``state_dict``) is just the seed and the epoch: the order is a function
+    epoch's sequence, which is rounded up to a multiple of ``world_size`` (``total``) so that every process
+    runs the same number of steps (an uneven count would hang the gradient all-reduce). The state (``state_dict``) is just the seed and the epoch: the order is a function
     of both, so a resumed run continues with the same samples.
     """
 
@@ -224,6 +225,11 @@ class EpochSampler(Sampler[int]):
         self.world_size = int(world_size)
         self.epoch = 1
 
+    @property
+    def total(self) -> int:
+        """Samples per epoch over all processes (``samples_per_epoch`` rounded up to a multiple of world_size)."""
+        return -(-self.samples_per_epoch // self.world_size) * self.world_size
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -231,14 +237,14 @@ class EpochSampler(Sampler[int]):
         """The whole epoch's sequence (all ranks)."""
         rng = _rng(self.seed, 1, self.epoch if epoch is None else epoch)
         if self.ratio:
-            return balanced_indices(self.labels, self.ratio, self.samples_per_epoch, rng)
-        return shuffled_indices(len(self.labels), self.samples_per_epoch, rng)
+            return balanced_indices(self.labels, self.ratio, self.total, rng)
+        return shuffled_indices(len(self.labels), self.total, rng)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.samples_per_epoch, self.world_size))
+        return self.total // self.world_size
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "seed": self.seed, "ratio": self.ratio,

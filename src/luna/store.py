@@ -108,14 +108,15 @@ class StoreWriter:
         crops = np.asarray(crops)
         if crops.shape != (len(rows), *self.crop_shape) or crops.dtype != np.int16:
             raise ValueError(f"crops must be int16 {(len(rows), *self.crop_shape)}, got {crops.dtype} {crops.shape}")
-        order = np.argsort(rows)
+        order = np.argsort(rows, kind="stable")
         rows = rows[order]
+        in_order = bool(np.all(order == np.arange(len(order))))  # the crop stage's case: no extra copy
         f = self._file
         # contiguous runs are written as slices (fast); h5py needs increasing indices for fancy writes
         runs = np.split(np.arange(len(rows)), np.nonzero(np.diff(rows) != 1)[0] + 1)
         for run in runs:
             lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
-            src = order[run]
+            src = slice(int(run[0]), int(run[-1]) + 1) if in_order else order[run]
             f["crops"][lo:hi] = crops[src]
             for name in ROW_FIELDS:
                 values = np.asarray(fields[name])[src]

@@ -457,7 +457,7 @@ class LunaTrainingApp:
             logger.info("Epoch %d of %d, %d/%d training batches/samples per process, %d val batches", epoch,
                         args.epochs, len(self.train_dl), len(self.sampler), len(self.val_dl))
             trn = self._train_epoch(epoch)
-            self.samples_seen += self.sampler.samples_per_epoch
+            self.samples_seen += self.sampler.total
             val = self._validate(epoch)
             self._finish_epoch(epoch, trn, val)
             epoch_times.append(time.perf_counter() - started)

@@ -31,6 +31,18 @@ check_config(
 )
 validate(config, "../schemas/config.schema.yaml")  # fills in the defaults
 
+
+def sorted_tree(value):
+    """Dicts with sorted keys, recursively: a rule's params then do not change with the key order of a YAML file."""
+    if isinstance(value, dict):
+        return {k: sorted_tree(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [sorted_tree(v) for v in value]
+    return value
+
+
+config.update(sorted_tree(config))
+
 DATASET = config["dataset"]
 DATA_ROOT = DATASET["root"]
 SYNTHETIC = DATASET["source"] == "synthetic"

@@ -1,0 +1,80 @@
+"""Honest baseline for docs/results.md: how well does the candidate's centre-voxel HU alone rank nodules?
+
+Reads the crop stores and splits.tsv of a finished run and prints (and writes as markdown) the ROC AUC of
+the centre voxel's Hounsfield value (and of the mean HU of the central 3x3x3 voxels) as a score on the val
+set, beside the CNN's AUC from results/validation/metrics.tsv.
+
+    python benchmarks/hu_baseline.py [--results results] [--out benchmarks/results/hu_baseline.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from luna.candidates import read_splits_tsv
+from luna.metrics import auc_score
+from luna.store import CropStore
+
+
+def centre_scores(store: CropStore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-voxel HU and 3x3x3 mean HU around the candidate's voxel inside each crop."""
+    local = store.center_irc[rows] - store.crop_start_irc[rows]
+    crops = store.crops(rows).astype(np.float32)
+    idx = np.arange(len(rows))
+    centre = crops[idx, local[:, 0], local[:, 1], local[:, 2]]
+    shape = np.array(store.crop_shape)
+    mean3 = np.empty(len(rows), dtype=np.float32)
+    for k, (i, r, c) in enumerate(local):
+        lo = np.maximum([i - 1, r - 1, c - 1], 0)
+        hi = np.minimum([i + 2, r + 2, c + 2], shape)
+        mean3[k] = crops[k, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].mean()
+    return centre, mean3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="results", help="a finished run's results/ folder")
+    parser.add_argument("--out", default="benchmarks/results/hu_baseline.md")
+    a = parser.parse_args()
+    results = Path(a.results)
+    splits = read_splits_tsv(results / "splits.tsv")
+    val = set(splits.loc[splits["split"] == "val", "series_uid"])
+    labels, centre, mean3 = [], [], []
+    for path in sorted((results / "crops").glob("*.h5")):
+        store = CropStore(path)
+        rows = np.flatnonzero(store.table["series_uid"].isin(val).to_numpy())
+        c, m = centre_scores(store, rows)
+        labels.append(store.table["is_nodule"].to_numpy()[rows])
+        centre.append(c)
+        mean3.append(m)
+    y = np.concatenate(labels)
+    rows_md = [
+        ("centre voxel HU", auc_score(y, np.concatenate(centre))),
+        ("mean HU of the central 3x3x3 voxels", auc_score(y, np.concatenate(mean3))),
+    ]
+    metrics_path = results / "validation" / "metrics.tsv"
+    if metrics_path.exists():
+        m = pd.read_csv(metrics_path, sep="\t")
+        rows_md.append((f"LunaModel (epoch {int(m['epoch'].iloc[0])}, results/validation/metrics.tsv)", float(m["auc"].iloc[0])))
+    lines = [
+        f"# Centre-HU baseline vs. the CNN ({datetime.date.today()})",
+        "",
+        f"Val set of `{results}`: {len(y)} candidates, {int((y == 1).sum())} positive, in {len(val)} scans.",
+        "",
+        "| score | ROC AUC on val |",
+        "|---|---:|",
+        *[f"| {name} | {auc:.4f} |" for name, auc in rows_md],
+    ]
+    text = "\n".join(lines) + "\n"
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
