@@ -108,7 +108,7 @@ with tempfile.TemporaryDirectory() as tmp:
             rows.append((f"train amp={amp} workers={workers}", rate, utilisation(w0, w1)))
             print(f"{rows[-1][0]:<28s} {rate:9.1f} samples/s   GPU: {rows[-1][2]}", flush=True)
             del app
-    base = CropDataset(crops, splits, "train")
+    base = CropDataset(crops, splits, "train", int16=True)
     best_train = max(r[1] for r in rows)
     loader_rates = {}
     for workers in ((0, 2, 4, 8) if cuda else (0, 1)):

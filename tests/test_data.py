@@ -109,6 +109,10 @@ def test_dataset_filters_by_split_over_several_stores(two_stores, tmp_path: Path
         c2, l2, i2 = train[k]
         assert i1 == i2 == k and int(l1) == int(l2)
         torch.testing.assert_close(c1, c2)
+    as_int16 = CropDataset(paths, splits, "train", int16=True)
+    for crop16, _, _ in [as_int16[7], *as_int16.__getitems__([7, 30])]:
+        assert crop16.dtype == torch.int16 and crop16.shape == (1, 32, 48, 48)
+    torch.testing.assert_close(as_int16[7][0].float(), crop)
 
 
 def test_dataset_needs_labels_in_the_split(tmp_path: Path) -> None:
@@ -177,7 +181,7 @@ def test_balanced_needs_both_classes() -> None:
 
 def test_ranks_share_the_epoch_without_overlap() -> None:
     labels = imbalanced_labels()
-    whole = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3).epoch_indices()
+    whole = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3, world_size=2).epoch_indices()
     parts = [list(EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3, rank=r, world_size=2))
              for r in range(2)]
     # 101 samples round up to 102: both processes run the same number of steps (else DDP hangs)

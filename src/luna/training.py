@@ -406,8 +406,9 @@ class LunaTrainingApp:
 
         splits = read_splits(args.splits)
         stores = [CropStore(p) for p in args.crops]
-        self.train_ds = CropDataset(stores, splits, "train")
-        self.val_ds = CropDataset(stores, splits, "val")
+        # int16 through the loader (half the bytes), float32 on the device
+        self.train_ds = CropDataset(stores, splits, "train", int16=True)
+        self.val_ds = CropDataset(stores, splits, "val", int16=True)
         for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
             if len(ds) == 0:
                 raise TrainingError(f"{args.splits}: no {name} crops in {', '.join(args.crops)}")
@@ -500,6 +501,10 @@ class LunaTrainingApp:
             logger.warning("--resume: state in %s was written with other settings or inputs; starting at "
                            "epoch 1", self.state_dir)
             return 0
+        if int(state["epoch"]) > self.args.epochs:
+            logger.warning("--resume: state in %s has %d finished epochs, more than --epochs %d; starting at "
+                           "epoch 1", self.state_dir, int(state["epoch"]), self.args.epochs)
+            return 0
         self.model.load_state_dict(state["model_state"])
         if self.args.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
@@ -564,7 +569,7 @@ class LunaTrainingApp:
         sleep_s = float(os.environ.get(SLEEP_ENV, "0") or 0)
         labels, probs, losses = [], [], []
         for crops, label, _ in with_progress(self.train_dl, len(self.train_dl), f"E{epoch} Training"):
-            crops = augment_batch(self._to_device(crops), self.augment, generator)
+            crops = augment_batch(self._to_device(crops).float(), self.augment, generator)
             label = self._to_device(label)
             self.optimizer.zero_grad(set_to_none=True)
             logits, probability = self._forward(self.train_model, crops, amp=self.use_amp)
