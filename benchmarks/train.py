@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warmup = 2
+    load_before = os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             ("train, this loop, --amp off (channels_last fp32)", ["--amp", "off"]),
             ("train, this loop, --amp off --no-channels-last (batched aug only)", ["--amp", "off", "--no-channels-last"]),
             ("train, this loop, --amp on --no-channels-last", ["--amp", "on", "--no-channels-last"]),
+            ("train, this loop, defaults + --num-workers 1", ["--num-workers", "1"]),
+            ("train, this loop, defaults + --num-workers 2", ["--num-workers", "2"]),
         ]
         for k, (name, extra) in enumerate(variants):
             with contextlib.redirect_stderr(io.StringIO()):
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         "# Training throughput (benchmarks/train.py)",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"load average before the run {load_before:.2f} (a shared box: compare rows of one run only), "
         f"native CPU bf16: {cpu_has_native_bf16()}. Data: {data_name}. Batch size {args.batch_size}, "
         f"{args.samples} timed training samples per variant after a warm-up; all in one run.",
         "",
