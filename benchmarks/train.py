@@ -84,43 +84,69 @@ class BookStyleDataset(Dataset):
         return crop_t, label_t, idx
 
 
-def book_style_samples_per_s(base: CropDataset, sampler: EpochSampler, batch_size: int, warmup: int) -> float:
-    """The book's doTraining/computeBatchLoss on the CPU: eager fp32, contiguous."""
-    torch.manual_seed(0)
-    model = LunaModel()
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.99)
-    loader = DataLoader(BookStyleDataset(base, AugmentConfig()), batch_size=batch_size, sampler=sampler)
-    metrics = torch.zeros(3, len(sampler))
-    n, start = 0, None
-    for batch_ndx, (input_t, label_t, _) in enumerate(loader):
-        if batch_ndx == warmup:
-            n, start = 0, time.perf_counter()
-        optimizer.zero_grad()
-        logits, probability = model(input_t)
-        loss = torch.nn.CrossEntropyLoss(reduction="none")(logits, label_t[:, 1])
-        lo = batch_ndx * batch_size
-        metrics[0, lo:lo + len(label_t)] = label_t[:, 1].detach()
-        metrics[1, lo:lo + len(label_t)] = probability[:, 1].detach()
-        metrics[2, lo:lo + len(label_t)] = loss.detach()
-        loss.mean().backward()
-        optimizer.step()
-        n += len(label_t)
-    return n / (time.perf_counter() - start)
+class BookStyleLoop:
+    """The book's doTraining/computeBatchLoss on the CPU: eager fp32, contiguous, per-sample data path."""
+
+    def __init__(self, base: CropDataset, batch_size: int) -> None:
+        torch.manual_seed(0)
+        self.model = LunaModel()
+        self.model.train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.99)
+        self.dataset = BookStyleDataset(base, AugmentConfig())
+        self.labels = base.labels
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def train(self, samples: int) -> float:
+        """Train on ``samples`` samples; returns the seconds taken."""
+        self.epoch += 1
+        sampler = EpochSampler(self.labels, ratio=1, samples_per_epoch=samples, seed=0)
+        sampler.set_epoch(self.epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+        metrics = torch.zeros(3, samples)
+        start = time.perf_counter()
+        for batch_ndx, (input_t, label_t, _) in enumerate(loader):
+            self.optimizer.zero_grad()
+            logits, probability = self.model(input_t)
+            loss = torch.nn.CrossEntropyLoss(reduction="none")(logits, label_t[:, 1])
+            lo = batch_ndx * self.batch_size
+            metrics[0, lo:lo + len(label_t)] = label_t[:, 1].detach()
+            metrics[1, lo:lo + len(label_t)] = probability[:, 1].detach()
+            metrics[2, lo:lo + len(label_t)] = loss.detach()
+            loss.mean().backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
 
 
-def app_samples_per_s(crops: list[str], splits: str, out: Path, samples: int, batch_size: int,
-                      extra: list[str], warmup: int) -> float:
-    """``LunaTrainingApp._train_epoch`` itself (after a warm-up epoch of ``warmup`` batches)."""
-    argv = ["--crops", *crops, "--splits", splits, "--out", str(out), "--tb-dir", "none", "--device", "cpu",
-            "--batch-size", str(batch_size), "--samples-per-epoch", str(warmup * batch_size), *extra]
-    app = LunaTrainingApp(argv)
-    app.setup()
-    app._train_epoch(1)  # warm-up: oneDNN primitive creation, allocator
-    app.sampler.samples_per_epoch = samples
-    start = time.perf_counter()
-    app._train_epoch(2)
-    return samples / (time.perf_counter() - start)
+class AppLoop:
+    """``LunaTrainingApp._train_epoch`` itself, one short epoch per call."""
+
+    def __init__(self, crops: list[str], splits: str, out: Path, batch_size: int, extra: list[str]) -> None:
+        argv = ["--crops", *crops, "--splits", splits, "--out", str(out), "--tb-dir", "none", "--device", "cpu",
+                "--batch-size", str(batch_size), *extra]
+        self.app = LunaTrainingApp(argv)
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.app.setup()
+        self.epoch = 0
+
+    def train(self, samples: int) -> float:
+        self.epoch += 1
+        self.app.sampler.samples_per_epoch = samples
+        start = time.perf_counter()
+        self.app._train_epoch(self.epoch)
+        return time.perf_counter() - start
+
+
+def interleaved_rates(loops: list, samples: int, rounds: int, warmup_samples: int) -> list[tuple[float, float]]:
+    """(best, median) samples/s of each loop, timed in ``rounds`` interleaved rounds: on a shared machine a
+    burst of outside load then slows every variant alike instead of whichever ran at that moment."""
+    for loop in loops:
+        loop.train(warmup_samples)  # oneDNN primitive creation, allocator, worker start-up
+    rates: list[list[float]] = [[] for _ in loops]
+    for _ in range(rounds):
+        for k, loop in enumerate(loops):
+            rates[k].append(samples / loop.train(samples))
+    return [(max(r), float(np.median(r))) for r in rates]
 
 
 def amp_gradient_error(base: CropDataset, batch_size: int) -> tuple[float, float]:
@@ -179,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crops", nargs="+", help="crop stores (default: a generated store of random crops)")
     p.add_argument("--splits", help="splits.tsv for --crops")
-    p.add_argument("--samples", type=int, default=384, help="training samples timed per variant")
+    p.add_argument("--samples", type=int, default=384, help="training samples timed per variant (all rounds)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--loader-samples", type=int, default=1024, help="crops read per loader measurement")
     p.add_argument("--out", default=str(RESULTS), help="markdown table to write")
@@ -196,29 +223,28 @@ def main(argv: list[str] | None = None) -> None:
             crops, splits = make_random_store(tmp_path)
             data_name = "generated store, 600 random crops (60 positive)"
         base = CropDataset(crops, splits, "train")
-        sampler = EpochSampler(base.labels, ratio=1, samples_per_epoch=(warmup * args.batch_size + args.samples),
-                               seed=0)
-        results: list[tuple[str, float]] = []
+        results: list[tuple[str, float, float]] = []
 
-        def record(name: str, value: float) -> None:
-            results.append((name, value))
-            print(f"{name:<70s} {value:8.1f}", flush=True)
+        def record(name: str, best: float, median: float | None = None) -> None:
+            results.append((name, best, best if median is None else median))
+            print(f"{name:<72s} {best:8.1f} {'' if median is None else f'(median {median:.1f})'}", flush=True)
 
-        book = book_style_samples_per_s(base, sampler, args.batch_size, warmup)
-        record("train, book-style loop (per-sample aug, eager fp32, contiguous)", book)
         variants = [
             ("train, this loop, defaults (channels_last, bf16 autocast auto, batched aug)", []),
             ("train, this loop, --amp off (channels_last fp32)", ["--amp", "off"]),
             ("train, this loop, --amp off --no-channels-last (batched aug only)", ["--amp", "off", "--no-channels-last"]),
             ("train, this loop, --amp on --no-channels-last", ["--amp", "on", "--no-channels-last"]),
             ("train, this loop, defaults + --num-workers 1", ["--num-workers", "1"]),
-            ("train, this loop, defaults + --num-workers 2", ["--num-workers", "2"]),
         ]
-        for k, (name, extra) in enumerate(variants):
-            with contextlib.redirect_stderr(io.StringIO()):
-                rate = app_samples_per_s(crops, splits, tmp_path / f"run{k}", args.samples, args.batch_size,
-                                         extra, warmup)
-            record(name, rate)
+        loops = [BookStyleLoop(base, args.batch_size)]
+        loops += [AppLoop(crops, splits, tmp_path / f"run{k}", args.batch_size, extra)
+                  for k, (_, extra) in enumerate(variants)]
+        names = ["train, book-style loop (per-sample aug, eager fp32, contiguous)"] + [v[0] for v in variants]
+        per_round = args.samples // args.rounds // args.batch_size * args.batch_size
+        for name, (best, median) in zip(names, interleaved_rates(loops, per_round, args.rounds,
+                                                                 warmup * args.batch_size)):
+            record(name, best, median)
+        del loops
         per_sample, batched = augmentation_crops_per_s(base, args.batch_size, 6)
         record("augmentation only, book per-sample (crops/s)", per_sample)
         record("augmentation only, batched augment_batch (crops/s)", batched)
@@ -231,20 +257,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gradient difference bf16 vs fp32: {amp_error:.4f}; between two fp32 batches: {batch_noise:.4f}")
 
     speedup = results[1][1] / results[0][1]
-    print(f"speed-up of this loop (defaults) over the book-style loop: {speedup:.2f}x")
+    speedup_median = results[1][2] / results[0][2]
+    print(f"speed-up of this loop (defaults) over the book-style loop: {speedup:.2f}x best, "
+          f"{speedup_median:.2f}x median")
     lines = [
         "# Training throughput (benchmarks/train.py)",
         "",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"load average before the run {load_before:.2f} (a shared box: compare rows of one run only), "
         f"native CPU bf16: {cpu_has_native_bf16()}. Data: {data_name}. Batch size {args.batch_size}, "
-        f"{args.samples} timed training samples per variant after a warm-up; all in one run.",
+        f"{args.samples} timed training samples per variant after a warm-up, in {args.rounds} interleaved rounds "
+        "(best and median round shown); all in one run.",
         "",
-        "| measurement | samples/s |",
-        "|---|---:|",
-        *[f"| {name} | {value:.1f} |" for name, value in results],
+        "| measurement | samples/s (best round) | median round |",
+        "|---|---:|---:|",
+        *[f"| {name} | {best:.1f} | {median:.1f} |" for name, best, median in results],
         "",
-        f"Speed-up of this loop (defaults) over the book-style loop: **{speedup:.2f}x**.",
+        f"Speed-up of this loop (defaults) over the book-style loop: **{speedup:.2f}x** (best rounds), "
+        f"{speedup_median:.2f}x (median rounds).",
         "",
         "Numerics of bf16 autocast (same weights, same batch of real crops, all parameter gradients): relative "
         f"L2 difference bf16 vs. fp32 = {amp_error:.4f}; between two different fp32 batches = {batch_noise:.4f} "

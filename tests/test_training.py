@@ -90,7 +90,8 @@ def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> No
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 32, 48, 48))[1].shape == (2, 2)
     state = default_state_dir(reference)
-    assert state == reference.parent / ".model.train_state" and (state / "last.pt").is_file()
+    assert state == reference.parent / ".model.train_state"
+    assert sorted(p.name for p in state.iterdir()) == [f"best_model.e{raw['epoch']}.pt", "last.pt"]
     assert not list(reference.glob(".*tmp"))
 
 
