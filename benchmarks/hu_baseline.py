@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from luna.candidates import read_splits_tsv
+from luna.splits import read_splits_tsv
 from luna.metrics import auc_score
 from luna.store import CropStore
 

@@ -34,6 +34,8 @@ run_rule(
         "--batch-size", t["batch_size"],
         "--lr", t["lr"],
         "--momentum", t["momentum"],
+        "--lr-warmup-steps", t["lr_warmup_steps"],
+        "--clip-grad-norm", t["clip_grad_norm"],
         "--balanced", t["balanced"],
         "--val-samples", t["val_samples"],
         "--seed", t["seed"],

@@ -268,6 +268,22 @@ def test_every_crop_equals_reference(tmp_path, synthetic_scans, crop_shape):
     assert shape == (20, 30, 40)
 
 
+def test_store_batch_read_keeps_order_duplicates_and_checks_range(tmp_path, synthetic_scans):
+    root, tsv, df, paths = synthetic_scans
+    _, out = _run(tmp_path, tsv, root)
+    store = CropStore(out)
+    every = store.crops()
+    order = [7, 2, 7, len(store) - 1, 0, 2]
+    batch = store.crops(order)
+    assert batch.shape == (6, *store.crop_shape) and batch.dtype == np.int16
+    for k, i in enumerate(order):
+        np.testing.assert_array_equal(batch[k], every[i])
+        np.testing.assert_array_equal(store.crop(i), every[i])
+    assert store.crops([]).shape == (0, *store.crop_shape)
+    with pytest.raises(IndexError, match=f"crop index {len(store)} out of range"):
+        store.crops([0, len(store)])
+
+
 def test_same_inputs_identical_arrays_any_thread_count(tmp_path, synthetic_scans):
     root, tsv, df, paths = synthetic_scans
     _, out1 = _run(tmp_path, tsv, root, "a", ["--shape", "8", "12", "16", "--threads", "1"])

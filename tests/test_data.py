@@ -74,7 +74,7 @@ def two_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], li
 def test_read_splits_rejects_bad_rows(tmp_path: Path) -> None:
     path = tmp_path / "splits.tsv"
     path.write_text("series_uid\tsplit\na\ttrain\nb\ttest\n")
-    with pytest.raises(DataError, match=r"splits.tsv: row 3: split 'test'"):
+    with pytest.raises(DataError, match=r"splits.tsv:3: split 'test' is not train or val"):
         read_splits(path)
     path.write_text("series_uid\tfold\na\ttrain\n")
     with pytest.raises(DataError, match="missing column"):

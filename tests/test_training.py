@@ -17,7 +17,7 @@ import torch
 
 from luna.metrics import HISTORY_COLUMNS
 from luna.model import load_model
-from luna.training import LunaTrainingApp, build_parser, default_state_dir, main
+from luna.training import LunaTrainingApp, build_parser, default_state_dir, main, resolve_workers, warmup_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data import make_store, write_splits  # noqa: E402
@@ -63,12 +63,30 @@ def test_help_lists_every_option(capsys) -> None:
                  "--samples-per-epoch", "--batch-size", "--lr", "--momentum", "--balanced", "--val-samples",
                  "--seed", "--augment-flip", "--augment-offset", "--augment-scale", "--augment-rotate",
                  "--augment-noise", "--device", "--amp", "--channels-last", "--no-channels-last",
-                 "--num-workers", "--threads"]:
+                 "--num-workers", "--threads", "--lr-warmup-steps", "--clip-grad-norm"]:
         assert flag in text, flag
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, action.dest
     assert "(default: 0.001)" in text and "(default: 0.99)" in text
+
+
+def test_loader_workers_auto_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build_parser().parse_args(["--crops", "a", "--splits", "b", "--out", "c"]).num_workers == "auto"
+    assert resolve_workers("auto", torch.device("cpu")) == 0  # workers only compete with the model on a CPU
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_workers("auto", torch.device("cuda")) == 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert resolve_workers("auto", torch.device("cuda")) == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--crops", "a", "--splits", "b", "--out", "c", "--num-workers", "-1"])
+
+
+def test_warmup_schedule_is_a_pure_function_of_the_step() -> None:
+    assert [warmup_lr(0.001, step, 4) for step in range(6)] == pytest.approx(
+        [0.00025, 0.0005, 0.00075, 0.001, 0.001, 0.001])
+    assert warmup_lr(0.001, 0, 0) == 0.001  # 0 = off: the book's constant rate from the first step
 
 
 def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> None:

@@ -19,13 +19,13 @@ import numpy as np
 import pandas as pd
 
 from luna.ct import ScanFile, find_scans
+from luna.splits import SPLITS_TSV_COLUMNS, read_splits_tsv  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 CANDIDATES_TSV_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm"]
-SPLITS_TSV_COLUMNS = ["series_uid", "split"]
 
 
 class TableError(ValueError):
@@ -226,19 +226,6 @@ def read_candidates_tsv(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in CANDIDATES_TSV_COLUMNS if c not in df.columns]
     if missing:
         raise TableError(f"{path}:1: missing column {missing[0]!r}")
-    return df
-
-
-def read_splits_tsv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read splits.tsv, checking its columns and split values."""
-    df = pd.read_csv(path, sep="\t", dtype=str)
-    missing = [c for c in SPLITS_TSV_COLUMNS if c not in df.columns]
-    if missing:
-        raise TableError(f"{path}:1: missing column {missing[0]!r}")
-    bad = ~df["split"].isin(["train", "val"])
-    if bad.any():
-        i = int(np.argmax(bad.to_numpy()))
-        raise TableError(f"{path}:{i + 2}: split must be train or val, got {df['split'].iloc[i]!r}")
     return df
 
 

@@ -29,12 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from luna.splits import SPLITS, SplitsError, split_of_scan
 from luna.store import CropStore
 
 logger = logging.getLogger(__name__)
-
-SPLITS = ("train", "val")
-
 
 class DataError(ValueError):
     """Training input that cannot be used; the one-line message names the file, row or value."""
@@ -44,27 +42,18 @@ class DataError(ValueError):
 # splits.tsv and the dataset
 # ----------------------------------------------------------------------------------------------------
 
+def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
+    """int16 crops (n, I, R, C) -> float32 (n, 1, I, R, C) in HU, what the model is fed in training and
+    validation alike: no rescaling, the model's tail BatchNorm normalises."""
+    return torch.from_numpy(np.asarray(crops).astype(np.float32)).unsqueeze(1)
+
+
 def read_splits(path: str | os.PathLike) -> dict[str, str]:
-    """``splits.tsv`` (columns series_uid, split) as ``{series_uid: split}``; every split train or val."""
-    path = Path(path)
+    """``splits.tsv`` as ``{series_uid: split}`` (luna.splits is the one reader); errors as DataError."""
     try:
-        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such splits file") from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable TSV ({exc})") from exc
-    missing = [c for c in ("series_uid", "split") if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(frame.columns)})")
-    bad = ~frame["split"].isin(SPLITS)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{path}: row {row + 2}: split {frame['split'].iloc[row]!r} is not train or val")
-    duplicated = frame["series_uid"].duplicated()
-    if duplicated.any():
-        row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise DataError(f"{path}: row {row + 2}: series_uid {frame['series_uid'].iloc[row]} listed twice")
-    return dict(zip(frame["series_uid"], frame["split"]))
+        return split_of_scan(path)
+    except SplitsError as exc:
+        raise DataError(str(exc)) from exc
 
 
 class CropDataset(Dataset):
@@ -154,7 +143,7 @@ class CropDataset(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """A whole batch at once (DataLoader calls this when present): far fewer HDF5 calls."""
         crops_np = self.crops_int16(indices)
-        crops = torch.from_numpy(crops_np if self.int16 else crops_np.astype(np.float32)).unsqueeze(1)
+        crops = torch.from_numpy(crops_np).unsqueeze(1) if self.int16 else crops_to_tensor(crops_np)
         labels = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
         return [(crops[k], labels[k], int(i)) for k, i in enumerate(indices)]
 

@@ -42,7 +42,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from luna.candidates import TableError, read_annotations_csv, read_splits_tsv
+from luna.candidates import TableError, read_annotations_csv
+from luna.splits import SplitsError, read_splits_tsv
+from luna.data import crops_to_tensor
+from luna.device import DeviceError, resolve_device, use_bf16
 from luna.metrics import (
     FROC_RATES,
     HISTORY_COLUMNS,
@@ -89,12 +92,6 @@ class ValidationError(ValueError):
 # inputs
 # ----------------------------------------------------------------------------------------------------
 
-def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
-    """int16 crops (n, I, R, C) -> float32 (n, 1, I, R, C) in HU, as the training Dataset
-    (luna.data.CropDataset) feeds the model: no rescaling, the model's tail BatchNorm normalises."""
-    return torch.from_numpy(np.asarray(crops).astype(np.float32)).unsqueeze(1)
-
-
 def open_stores(paths: Sequence[str | os.PathLike]) -> list[CropStore]:
     """Open the crop stores (StoreError names an unreadable one); the same file twice is an error."""
     seen: dict[Path, str] = {}
@@ -113,15 +110,11 @@ def open_stores(paths: Sequence[str | os.PathLike]) -> list[CropStore]:
 
 
 def read_splits(path: str | os.PathLike) -> pd.DataFrame:
-    """splits.tsv (series_uid, split), checked; a missing or unreadable file is a one-line error."""
+    """splits.tsv (series_uid, split), checked by luna.splits; errors as ValidationError."""
     try:
-        splits = read_splits_tsv(path)
-    except FileNotFoundError as exc:
-        raise ValidationError(f"{path}: no such splits file") from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"{path}: not a readable TSV ({exc})") from exc
-    splits["series_uid"] = splits["series_uid"].astype(str)
-    return splits
+        return read_splits_tsv(path)
+    except SplitsError as exc:
+        raise ValidationError(str(exc)) from exc
 
 
 def val_scans_of(splits: pd.DataFrame, path: str | os.PathLike) -> list[str]:
@@ -204,25 +197,9 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
 # device and inference
 # ----------------------------------------------------------------------------------------------------
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValidationError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: ``off`` None; ``on`` bf16; ``auto`` bf16 on a GPU that supports it (as training),
-    on the CPU per :data:`CPU_AMP_AUTO`."""
-    if mode == "off":
-        return None
-    if device.type == "cuda":
-        if mode == "on" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return torch.bfloat16 if mode == "on" or CPU_AMP_AUTO else None
+    """The autocast dtype (luna.device's policy; on the CPU per :data:`CPU_AMP_AUTO`): bf16 or None."""
+    return torch.bfloat16 if use_bf16(mode, device, cpu_auto=CPU_AMP_AUTO) else None
 
 
 def use_channels_last(device: torch.device, mode: str = "auto") -> bool:
@@ -611,7 +588,8 @@ class ValidationApp:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             self.run()
-        except (ValidationError, CheckpointError, StoreError, TableError, MetricsError) as exc:
+        except (ValidationError, CheckpointError, StoreError, TableError, MetricsError, DeviceError,
+                SplitsError) as exc:
             print(f"luna-validate: error: {exc}", file=sys.stderr)
             return 2
         return 0
