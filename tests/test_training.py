@@ -43,7 +43,7 @@ def _keep_torch_threads():
 def argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ["--crops", str(data["crops"]), "--splits", str(data["splits"]), "--out", str(out),
             "--epochs", str(EPOCHS), "--samples-per-epoch", str(SAMPLES), "--batch-size", str(BATCH),
-            "--threads", "2", "--tb-dir", "none", *extra]
+            "--threads", "2", "--tb-dir", "none", "--lr-warmup-steps", "6", "--clip-grad-norm", "5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,20 @@ def test_warmup_schedule_is_a_pure_function_of_the_step() -> None:
     assert [warmup_lr(0.001, step, 4) for step in range(6)] == pytest.approx(
         [0.00025, 0.0005, 0.00075, 0.001, 0.001, 0.001])
     assert warmup_lr(0.001, 0, 0) == 0.001  # 0 = off: the book's constant rate from the first step
+
+
+def test_warmup_sets_the_rate_and_clipping_bounds_the_step(data: dict[str, Path], tmp_path: Path) -> None:
+    app = LunaTrainingApp(argv(data, tmp_path / "w"))
+    app.setup()
+    app._train_epoch(1)  # steps 0..3 of a 6-step warm-up
+    assert app.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * 4 / 6)
+    # a clip far below the gradient's norm, no momentum: 4 steps move the weights by at most 4 * lr * max
+    app = LunaTrainingApp(argv(data, tmp_path / "c", "--clip-grad-norm", "1e-6", "--momentum", "0"))
+    app.setup()
+    before = torch.cat([q.detach().flatten().clone() for q in app.model.parameters()])
+    app._train_epoch(1)
+    after = torch.cat([q.detach().flatten() for q in app.model.parameters()])
+    assert 0 < float((after - before).norm()) <= 4 * 0.001 * 1e-6 * 1.001
 
 
 def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> None:
