@@ -12,7 +12,8 @@ a = t["augment"]
 state = Path(sm.params.state)
 state.mkdir(parents=True, exist_ok=True)
 config_json = state / "config.json"  # the run's full config, recorded in model.pt's provenance
-config_json.write_text(json.dumps(sm.params.config, indent=1, sort_keys=True))
+config_json.write_text(json.dumps(sm.config, indent=1, sort_keys=True))
+speed = sm.config["train"]  # speed-only keys: read here, not rule params, so changing them reruns nothing
 
 
 def flag(name: str, on: bool) -> str:
@@ -47,7 +48,7 @@ run_rule(
         "--augment-noise", a["noise"],
         "--amp", t["amp"],
         flag("channels-last", t["channels_last"]),
-        "--num-workers", t["num_workers"],
+        "--num-workers", speed["num_workers"],
         "--threads", sm.threads,
     ],
     sm.log[0],

@@ -109,6 +109,17 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     other.write_text(__import__("yaml").safe_dump(changed))
     dry = snakemake(tiny_run, "-n", configfile=other)
     assert job_stats(dry.stdout + dry.stderr) == {"train": 1, "validate": 1, "all": 1}
+    # validate.* reruns validate only; a speed-only train key reruns nothing
+    changed = copy.deepcopy(TINY_CONFIG)
+    changed["validate"]["batch_size"] = 16
+    other.write_text(__import__("yaml").safe_dump(changed))
+    dry = snakemake(tiny_run, "-n", configfile=other)
+    assert job_stats(dry.stdout + dry.stderr) == {"validate": 1, "all": 1}
+    changed = copy.deepcopy(TINY_CONFIG)
+    changed["train"]["num_workers"] = 1
+    other.write_text(__import__("yaml").safe_dump(changed))
+    dry = snakemake(tiny_run, "-n", configfile=other)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 @pytest.mark.slow

@@ -110,10 +110,21 @@ def subset_inputs(wildcards):
     return {"subset_dir": str(Path(DATA_ROOT) / wildcards.subset)}
 
 
+# train keys that change only the speed, never the result: left out of the rule's params and state key, so
+# changing them reruns nothing (the train script reads them from the config)
+TRAIN_SPEED_KEYS = ("num_workers",)
+
+
+def train_settings():
+    """config["train"] without the speed-only keys: what shapes the model."""
+    return {k: v for k, v in config["train"].items() if k not in TRAIN_SPEED_KEYS}
+
+
 def state_dir(stage, *sections):
     """A resumable-state folder outside the declared outputs, keyed by the config that shapes the stage,
     so a changed hyper-parameter never resumes from another run's state."""
-    key = json.dumps({s: config[s] for s in sections}, sort_keys=True)
+    shaping = {s: (train_settings() if s == "train" else config[s]) for s in sections}
+    key = json.dumps(shaping, sort_keys=True)
     return f"{RESULTS}/.state/{stage}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 

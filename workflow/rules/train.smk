@@ -16,11 +16,11 @@ rule train:
         gpu=1,
         mem_mb=8000,
     params:
-        train=config["train"],
+        # what shapes the model: a change reruns train and validate (not train.num_workers, speed only)
+        train=train_settings(),
         # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
         # deletes before a job starts; keyed by the config so a changed hyper-parameter starts afresh
         state=state_dir("train", "dataset", "synthetic", "crops", "split", "train"),
         tb_dir=f"{MODEL_DIR}/tensorboard",
-        config=config,
     script:
         "../../scripts/train.py"
