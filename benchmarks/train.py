@@ -36,7 +36,8 @@ from luna.data import AugmentConfig, CropDataset, EpochSampler, augment_batch, a
 from luna.geometry import Geometry
 from luna.model import LunaModel
 from luna.store import StoreWriter
-from luna.training import LunaTrainingApp, cpu_has_native_bf16
+from luna.device import cpu_has_native_bf16
+from luna.training import LunaTrainingApp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.md"
 

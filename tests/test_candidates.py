@@ -9,10 +9,11 @@ import pytest
 from conftest import LUNA16_ANNOTATIONS
 from luna.candidates import (
     CandidatesApp, SplitApp, TableError, build_candidates_table, make_splits, match_diameters,
-    read_annotations_csv, read_candidates_csv, read_candidates_tsv, read_splits_tsv,
+    read_annotations_csv, read_candidates_csv, read_candidates_tsv,
 )
 from luna.ct import ScanFile, write_scan
 from luna.geometry import Geometry
+from luna.splits import read_splits_tsv
 
 
 def test_official_annotations_parse() -> None:

@@ -167,9 +167,10 @@ def test_default_config_tables_on_a_fresh_checkout(tmp_path: Path) -> None:
     """The repo's own config: synthesize + candidates.tsv + splits.tsv; real-looking, readable, leak-free."""
     import SimpleITK as sitk
 
-    from luna.candidates import read_annotations_csv, read_candidates_tsv, read_splits_tsv
+    from luna.candidates import read_annotations_csv, read_candidates_tsv
     from luna.ct import find_scans, read_scan
     from luna.geometry import xyz_to_irc
+    from luna.splits import read_splits_tsv
 
     snakemake(tmp_path, targets=("results/candidates.tsv", "results/splits.tsv"),
               configfile=REPO / "config" / "config.yaml")

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 
 from luna.ct import ScanFile, find_scans
-from luna.splits import SPLITS_TSV_COLUMNS, read_splits_tsv  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

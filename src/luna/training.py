@@ -50,7 +50,7 @@ from luna.data import (
     read_splits,
     val_indices,
 )
-from luna.device import cpu_has_native_bf16, resolve_device, use_bf16  # noqa: F401
+from luna.device import resolve_device, use_bf16
 from luna.metrics import HISTORY_COLUMNS, format_row, metric_row
 from luna.model import LunaModel, atomic_torch_save, save_checkpoint, unwrap_model
 from luna.store import CropStore

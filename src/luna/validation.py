@@ -588,8 +588,7 @@ class ValidationApp:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             self.run()
-        except (ValidationError, CheckpointError, StoreError, TableError, MetricsError, DeviceError,
-                SplitsError) as exc:
+        except (ValidationError, CheckpointError, StoreError, TableError, MetricsError, DeviceError) as exc:
             print(f"luna-validate: error: {exc}", file=sys.stderr)
             return 2
         return 0
