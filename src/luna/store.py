@@ -202,14 +202,14 @@ class CropStore:
         return self._file
 
     def crop(self, index: int) -> np.ndarray:
-        """One crop, int16 (I, R, C)."""
-        return self._handle()["crops"][int(index)]
+        """One crop, int16 (I, R, C) (read as :meth:`crops` reads, with its range check)."""
+        return self.crops([int(index)])[0]
 
     def crops(self, indices: Iterable[int] | None = None) -> np.ndarray:
         """Several crops (all when indices is None), int16 (n, I, R, C), in the order given.
 
         One ``read_direct`` per crop, in file order: ~10,000 crops/s, where h5py's fancy indexing
-        (``ds[sorted_list]``) manages ~300/s on the same store (benchmarks/results/crops.md).
+        (``ds[sorted_list]``) manages ~300/s on the same store (docs/benchmarks.md, "HDF5 batch reads").
         """
         ds = self._handle()["crops"]
         if indices is None:
