@@ -120,10 +120,9 @@ def train_settings():
     return {k: v for k, v in config["train"].items() if k not in TRAIN_SPEED_KEYS}
 
 
-def state_dir(stage, *sections):
-    """A resumable-state folder outside the declared outputs, keyed by the config that shapes the stage,
-    so a changed hyper-parameter never resumes from another run's state."""
-    shaping = {s: (train_settings() if s == "train" else config[s]) for s in sections}
+def state_dir(stage, **shaping):
+    """A resumable-state folder outside the declared outputs, keyed by the config sections that shape
+    the stage, so a changed hyper-parameter never resumes from another run's state."""
     key = json.dumps(shaping, sort_keys=True)
     return f"{RESULTS}/.state/{stage}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 

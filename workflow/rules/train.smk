@@ -20,7 +20,14 @@ rule train:
         train=train_settings(),
         # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
         # deletes before a job starts; keyed by the config so a changed hyper-parameter starts afresh
-        state=state_dir("train", "dataset", "synthetic", "crops", "split", "train"),
+        state=state_dir(
+            "train",
+            dataset=config["dataset"],
+            synthetic=config["synthetic"],
+            crops=config["crops"],
+            split=config["split"],
+            train=train_settings(),
+        ),
         tb_dir=f"{MODEL_DIR}/tensorboard",
     script:
         "../../scripts/train.py"
