@@ -471,9 +471,9 @@ def test_bad_candidates_table_names_file_and_line(tmp_path, capsys):
                                  coord_z=2.0, is_nodule=0, diameter_mm=0.0)])
     argv = ["--candidates", str(tsv), "--root", str(tmp_path), "--subset", SUBSET, "--out", str(tmp_path / "o.h5")]
     assert CropApp(argv).main() == 2
-    assert capsys.readouterr().err.strip() == f"luna-crops: error: {tsv}:2: bad coord_y value 'abc'"
+    assert capsys.readouterr().err.strip() == f"luna-crops: error: {tsv}:2: coord_y = 'abc' is not a number"
     assert CropApp([*argv[:1], str(tmp_path / "nope.tsv"), *argv[2:]]).main() == 2
-    assert "nope.tsv: candidates table not found" in capsys.readouterr().err
+    assert "nope.tsv: no such candidates table" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------- resume

@@ -419,7 +419,7 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     else:
         (tmp_path / "h.tsv").write_text("epoch\tsplit\n1\ttrain\n")
         argv["--history"] = str(tmp_path / "h.tsv")
-        expected = "h.tsv: missing column(s) loss_all"
+        expected = "h.tsv:1: missing column(s) loss_all"
     flat = [str(v) for key, value in argv.items() for v in ([key] + (value if isinstance(value, list) else [value]))]
     with pytest.raises(SystemExit) as exit_info:
         main(flat)

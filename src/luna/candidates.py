@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from luna.ct import ScanFile, find_scans
+from luna.tables import read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +221,9 @@ def write_tsv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def read_candidates_tsv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read candidates.tsv back with its dtypes (is_nodule nullable Int8)."""
-    df = pd.read_csv(path, sep="\t", dtype={"series_uid": str, "subset": str, "is_nodule": "Int8"})
-    missing = [c for c in CANDIDATES_TSV_COLUMNS if c not in df.columns]
-    if missing:
-        raise TableError(f"{path}:1: missing column {missing[0]!r}")
-    return df
+    """Read candidates.tsv back with its dtypes (is_nodule nullable Int8); errors as one-line TableError."""
+    return read_tsv(path, what="candidates table", error=TableError, required=CANDIDATES_TSV_COLUMNS,
+                    dtype={"series_uid": str, "subset": str, "is_nodule": "Int8"})
 
 
 def resolve(root: str | os.PathLike, name: str | os.PathLike | None) -> Path | None:

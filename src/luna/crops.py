@@ -37,6 +37,7 @@ import pandas as pd
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.store import COMPRESSIONS, StoreWriter
+from luna.tables import numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -246,21 +247,13 @@ def open_cache(cache_dir: str | os.PathLike) -> diskcache.Cache:
 def read_subset_candidates(path: str | os.PathLike, subset: str) -> pd.DataFrame:
     """The rows of candidates.tsv whose subset is ``subset``, in file order, checked; is_nodule -1 when empty."""
     path = Path(path)
-    if not path.is_file():
-        raise CropError(f"{path}: candidates table not found")
-    try:
-        df = pd.read_csv(path, sep="\t", dtype={"series_uid": str, "subset": str}, keep_default_na=True)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise CropError(f"{path}: unreadable candidates table ({str(exc).splitlines()[0]})") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise CropError(f"{path}:1: missing column {missing[0]!r}")
+    df = read_tsv(path, what="candidates table", error=CropError, required=REQUIRED_COLUMNS,
+                  dtype={"series_uid": str, "subset": str}, keep_default_na=True)
     df["line"] = np.arange(len(df)) + 2
     df = df[df["subset"] == subset].reset_index(drop=True)
     for col in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "is_nodule"):
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() if col != "is_nodule" else (values.isna() & df[col].notna())
-        bad |= ~np.isfinite(values.fillna(0).to_numpy(dtype=np.float64))
+        values = numeric_column(df, col, path, CropError, allow_missing=col == "is_nodule", lines=df["line"])
+        bad = pd.Series(~np.isfinite(values.fillna(0).to_numpy(dtype=np.float64)), index=values.index)
         if col == "is_nodule":
             bad |= ~values.fillna(-1).isin([-1, 0, 1])
         if col == "candidate_id":

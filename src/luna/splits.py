@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from luna.tables import read_tsv
+
 SPLITS = ("train", "val")
 SPLITS_TSV_COLUMNS = ["series_uid", "split"]
 
@@ -25,15 +27,8 @@ def read_splits_tsv(path: str | os.PathLike) -> pd.DataFrame:
 
     Errors name the file and its line (the header is line 1)."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except FileNotFoundError as exc:
-        raise SplitsError(f"{path}: no such splits file") from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SplitsError(f"{path}: not a readable TSV ({str(exc).strip().splitlines()[0]})") from exc
-    missing = [c for c in SPLITS_TSV_COLUMNS if c not in frame.columns]
-    if missing:
-        raise SplitsError(f"{path}:1: missing column(s) {', '.join(missing)} (has {', '.join(frame.columns)})")
+    frame = read_tsv(path, what="splits file", error=SplitsError, required=SPLITS_TSV_COLUMNS,
+                     dtype=str, keep_default_na=False)
     bad = ~frame["split"].isin(SPLITS)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])

@@ -62,6 +62,7 @@ from luna.metrics import (
 )
 from luna.model import CheckpointError, load_model
 from luna.store import CropStore, StoreError
+from luna.tables import numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -172,24 +173,10 @@ def read_annotations(path: str | os.PathLike | None, excluded: bool = False) -> 
 
 def read_history(path: str | os.PathLike) -> pd.DataFrame:
     """history.tsv for the training-curves plot (columns checked)."""
-    try:
-        history = pd.read_csv(path, sep="\t")
-    except FileNotFoundError as exc:
-        raise ValidationError(f"{path}: no such history file") from exc
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValidationError(f"{path}: not a readable TSV ({exc})") from exc
-    missing = [column for column in HISTORY_REQUIRED if column not in history.columns]
-    if missing:
-        raise ValidationError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(history.columns)})")
+    history = read_tsv(path, what="history file", error=ValidationError, required=HISTORY_REQUIRED)
     for column in HISTORY_REQUIRED:
-        if column == "split":
-            continue
-        values = pd.to_numeric(history[column], errors="coerce")
-        bad = values.isna() & history[column].notna()
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ValidationError(f"{path}: row {i + 2}: {column} = {history[column].iloc[i]!r} is not a number")
-        history[column] = values
+        if column != "split":
+            history[column] = numeric_column(history, column, path, ValidationError, allow_missing=True)
     return history
 
 

@@ -1,0 +1,68 @@
+"""Read the pipeline's TSV tables with one-line errors: the shared error translation of every TSV reader.
+
+Each stage's reader (splits.tsv, history.tsv, candidates.tsv) raises its own error class, but the messages
+for a table that cannot be used are the same everywhere and name the file (and line; the header is line 1):
+
+* ``<path>: no such <what>``: the file does not exist;
+* ``<path>: not a readable TSV (<first line of the reader's error>)``: empty, not text, not parseable;
+* ``<path>:1: missing column(s) a, b (has x, y)``: the header lacks required columns;
+* ``<path>:<line>: <column> = <value!r> is not a number`` (or ``<column> is empty``): :func:`numeric_column`.
+
+Only pandas and numpy are imported here, so light modules (luna.splits) can use it without torch or SimpleITK.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["first_line", "numeric_column", "read_tsv"]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its class name when the message is empty)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], required: Sequence[str] = (),
+             **read_csv_kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv(path, sep="\\t", **read_csv_kwargs)`` with its failures raised as ``error`` (one line).
+
+    ``what`` names the table in the missing-file message ("splits file"); ``required`` are the columns the header
+    must have (others are allowed, order is free). Parse and dtype errors of pandas (ValueError, TypeError) and
+    OS errors other than a missing file (a directory, no permission) are "not a readable TSV".
+    """
+    try:
+        frame = pd.read_csv(path, sep="\t", **read_csv_kwargs)
+    except FileNotFoundError as exc:
+        raise error(f"{path}: no such {what}") from exc
+    except (OSError, ValueError, TypeError) as exc:  # ParserError, EmptyDataError, UnicodeDecodeError are ValueErrors
+        raise error(f"{path}: not a readable TSV ({first_line(exc)})") from exc
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise error(f"{path}:1: missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    return frame
+
+
+def numeric_column(frame: pd.DataFrame, column: str, path: str | os.PathLike, error: type[Exception], *,
+                   allow_missing: bool = False,
+                   lines: Sequence[int] | np.ndarray | pd.Series | None = None) -> pd.Series:
+    """``frame[column]`` as numbers; the first value that is not one raises ``error`` naming its file line.
+
+    An empty cell (NA) is an error unless ``allow_missing`` (then it stays NaN). ``lines`` gives each row's line
+    in the file when the frame is not the whole file in order (default: row position + 2, the header is line 1).
+    """
+    values = pd.to_numeric(frame[column], errors="coerce")
+    bad = values.isna() if not allow_missing else values.isna() & frame[column].notna()
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        line = int(np.asarray(lines)[i]) if lines is not None else i + 2
+        value = frame[column].iloc[i]
+        if pd.isna(value):
+            raise error(f"{path}:{line}: {column} is empty, expected a number")
+        raise error(f"{path}:{line}: {column} = {value!r} is not a number")
+    return values

@@ -1,0 +1,164 @@
+"""luna.tables: the shared TSV error translation, as seen through each of the four readers that use it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from luna.candidates import CANDIDATES_TSV_COLUMNS, TableError, read_candidates_tsv
+from luna.crops import CropError, read_subset_candidates
+from luna.splits import SplitsError, read_splits_tsv
+from luna.tables import numeric_column, read_tsv
+from luna.validation import HISTORY_REQUIRED, ValidationError, read_history
+
+
+class Reader(NamedTuple):
+    read: Callable[[Path], pd.DataFrame]
+    error: type[Exception]
+    what: str
+    header: list[str]
+
+
+READERS = {
+    "splits": Reader(read_splits_tsv, SplitsError, "splits file", ["series_uid", "split"]),
+    "history": Reader(read_history, ValidationError, "history file", HISTORY_REQUIRED),
+    "candidates": Reader(read_candidates_tsv, TableError, "candidates table", CANDIDATES_TSV_COLUMNS),
+    "crops": Reader(lambda path: read_subset_candidates(path, "subset0"), CropError, "candidates table",
+                    CANDIDATES_TSV_COLUMNS),
+}
+
+
+def _raises_one_line(reader: Reader, path: Path) -> str:
+    with pytest.raises(reader.error) as info:
+        reader.read(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(str(path)), message
+    return message[len(str(path)):]
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_missing_file_names_it(tmp_path: Path, name: str) -> None:
+    reader = READERS[name]
+    rest = _raises_one_line(reader, tmp_path / "nope.tsv")
+    assert rest == f": no such {reader.what}"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "No columns to parse from file"),
+        (b"\n\n", "No columns to parse from file"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x00", "codec can't decode"),
+        (b'series_uid\tsplit\n"unterminated\tval\n', "EOF inside string"),
+    ],
+    ids=["empty", "blank-lines", "binary", "open-quote"],
+)
+@pytest.mark.parametrize("name", READERS)
+def test_unreadable_file_is_one_line(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    path = tmp_path / "table.tsv"
+    path.write_bytes(content)
+    rest = _raises_one_line(READERS[name], path)
+    assert rest.startswith(": not a readable TSV (") and reason in rest and rest.endswith(")"), rest
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_a_directory_is_one_line(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "dir.tsv"
+    path.mkdir()
+    assert _raises_one_line(READERS[name], path).startswith(": not a readable TSV (")
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_missing_columns_are_listed_on_line_1(tmp_path: Path, name: str) -> None:
+    reader = READERS[name]
+    header = [c for c in reader.header if c not in ("split", "subset")] + ["extra"]
+    path = tmp_path / "table.tsv"
+    path.write_text("\t".join(header) + "\n")
+    rest = _raises_one_line(reader, path)
+    missing = [c for c in reader.header if c in ("split", "subset")]
+    assert rest == f":1: missing column(s) {', '.join(missing)} (has {', '.join(header)})"
+
+
+@pytest.mark.parametrize("value", ["abc", "0.5", "300"])
+def test_candidates_tsv_bad_is_nodule_is_not_readable(tmp_path: Path, value: str) -> None:
+    # pandas raises ValueError ('abc') or TypeError (0.5, 300 into Int8) while parsing; both become TableError
+    row = {c: "1" for c in CANDIDATES_TSV_COLUMNS} | {"series_uid": "1.2", "subset": "subset0", "is_nodule": value}
+    path = tmp_path / "candidates.tsv"
+    pd.DataFrame([row]).to_csv(path, sep="\t", index=False)
+    assert _raises_one_line(READERS["candidates"], path).startswith(": not a readable TSV (")
+
+
+def _history(path: Path, loss: list[str]) -> Path:
+    lines = ["\t".join(HISTORY_REQUIRED)]
+    lines += [f"{i + 1}\ttrain\t{value}\t0.5\t0.5\t0.5" for i, value in enumerate(loss)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_history_numeric_check_names_line_and_value(tmp_path: Path) -> None:
+    path = _history(tmp_path / "history.tsv", ["0.7", "abc", "0.5"])
+    assert _raises_one_line(READERS["history"], path) == ":3: loss_all = 'abc' is not a number"
+    # an empty cell is allowed in history.tsv (a metric that was not defined) and stays NaN
+    history = read_history(_history(tmp_path / "ok.tsv", ["0.7", "", "0.5"]))
+    assert history["loss_all"].dtype == np.float64 and np.isnan(history["loss_all"].iloc[1])
+
+
+def _candidates(path: Path, rows: list[dict]) -> Path:
+    base = {"candidate_id": 0, "series_uid": "1.2", "subset": "subset0", "coord_x": 1.0, "coord_y": 2.0,
+            "coord_z": 3.0, "is_nodule": 0, "diameter_mm": 0.0}
+    pd.DataFrame([base | row for row in rows], columns=CANDIDATES_TSV_COLUMNS).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_crops_numeric_check_names_the_file_line(tmp_path: Path) -> None:
+    # rows of another subset are not checked, but they still count for the line number
+    path = _candidates(tmp_path / "candidates.tsv",
+                       [{"subset": "subset1", "coord_z": "junk"}, {}, {"subset": "subset1"}, {"coord_z": "1e"}])
+    assert _raises_one_line(READERS["crops"], path) == ":5: coord_z = '1e' is not a number"
+    path = _candidates(tmp_path / "empty.tsv", [{}, {"coord_x": None}])
+    assert _raises_one_line(READERS["crops"], path) == ":3: coord_x is empty, expected a number"
+    # a number that is not usable keeps the crop stage's own check
+    path = _candidates(tmp_path / "inf.tsv", [{"coord_y": "inf"}])
+    rest = _raises_one_line(READERS["crops"], path)
+    assert rest.startswith(":2: bad coord_y value ") and "inf" in rest, rest
+
+
+def test_read_tsv_passes_read_csv_options_and_raises_the_given_class(tmp_path: Path) -> None:
+    class MyError(ValueError):
+        pass
+
+    path = tmp_path / "t.tsv"
+    path.write_text("a\tb\n007\t\n")
+    frame = read_tsv(path, what="test table", error=MyError, required=["b", "a"], dtype=str, keep_default_na=False)
+    assert frame.to_dict("records") == [{"a": "007", "b": ""}]
+    with pytest.raises(MyError, match=r"t\.tsv:1: missing column\(s\) c \(has a, b\)$"):
+        read_tsv(path, what="test table", error=MyError, required=["a", "c"])
+    with pytest.raises(MyError, match=r"gone\.tsv: no such test table$"):
+        read_tsv(tmp_path / "gone.tsv", what="test table", error=MyError)
+
+
+def test_numeric_column_lines_default_to_row_plus_2() -> None:
+    frame = pd.DataFrame({"x": ["1", "2.5", "x1", None]})
+    with pytest.raises(LookupError, match="t.tsv:4: x = 'x1' is not a number"):
+        numeric_column(frame, "x", "t.tsv", LookupError)
+    with pytest.raises(LookupError, match="t.tsv:12: x = 'x1'"):
+        numeric_column(frame, "x", "t.tsv", LookupError, lines=[10, 11, 12, 13])
+    frame = frame.iloc[[0, 1, 3]]
+    values = numeric_column(frame, "x", "t.tsv", LookupError, allow_missing=True)
+    assert values.tolist()[:2] == [1.0, 2.5] and np.isnan(values.iloc[2])
+    with pytest.raises(LookupError, match="t.tsv:4: x is empty"):
+        numeric_column(frame, "x", "t.tsv", LookupError)
+
+
+def test_tables_and_splits_stay_light() -> None:
+    code = ("import sys, luna.tables, luna.splits; "
+            "print(sorted(m for m in ('torch', 'SimpleITK', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
