@@ -17,7 +17,8 @@ import torch
 
 from luna.metrics import HISTORY_COLUMNS
 from luna.model import load_model
-from luna.training import LunaTrainingApp, build_parser, default_state_dir, main, resolve_workers, warmup_lr
+from luna.training import (LunaTrainingApp, build_parser, default_state_dir, ema_decay_at, ema_update, main,
+                           make_optimizer, resolve_workers, warmup_lr)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data import make_store, write_splits  # noqa: E402
@@ -63,7 +64,8 @@ def test_help_lists_every_option(capsys) -> None:
                  "--samples-per-epoch", "--batch-size", "--lr", "--momentum", "--balanced", "--val-samples",
                  "--seed", "--augment-flip", "--augment-offset", "--augment-scale", "--augment-rotate",
                  "--augment-noise", "--device", "--amp", "--channels-last", "--no-channels-last",
-                 "--num-workers", "--threads", "--lr-warmup-steps", "--clip-grad-norm"]:
+                 "--num-workers", "--threads", "--lr-warmup-steps", "--clip-grad-norm", "--ema-decay",
+                 "--optimizer"]:
         assert flag in text, flag
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
@@ -101,6 +103,64 @@ def test_warmup_sets_the_rate_and_clipping_bounds_the_step(data: dict[str, Path]
     app._train_epoch(1)
     after = torch.cat([q.detach().flatten() for q in app.model.parameters()])
     assert 0 < float((after - before).norm()) <= 4 * 0.001 * 1e-6 * 1.001
+
+
+def test_optimizer_is_the_books_sgd_unless_asked() -> None:
+    base = ["--crops", "a", "--splits", "b", "--out", "c"]
+    model = torch.nn.Linear(3, 2)
+    sgd = make_optimizer(build_parser().parse_args(base), model)
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.defaults["lr"] == 0.001 and sgd.defaults["momentum"] == 0.99
+    adam = make_optimizer(build_parser().parse_args([*base, "--optimizer", "adam", "--lr", "0.0003"]), model)
+    assert type(adam) is torch.optim.Adam
+    assert adam.defaults["lr"] == 0.0003 and adam.defaults["betas"] == (0.9, 0.999)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--optimizer", "lbfgs"])
+
+
+def test_ema_update_averages_weights_and_statistics() -> None:
+    ema, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        ema.weight.fill_(1.0)
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(10.0)
+        model.num_batches_tracked.fill_(7)
+    ema_update(ema, model, 0.75)
+    assert ema.weight.tolist() == [1.5, 1.5]  # 0.75 * 1 + 0.25 * 3
+    assert ema.running_mean.tolist() == [2.5, 2.5]  # 0.75 * 0 + 0.25 * 10
+    assert int(ema.num_batches_tracked) == 7  # integer buffers are copied
+    assert model.weight.tolist() == [3.0, 3.0]
+    # the decay starts low so the random init is forgotten quickly, then holds at the asked value
+    assert [ema_decay_at(0.99, s) for s in (0, 1, 10, 1000)] == pytest.approx([0.1, 2 / 11, 0.55, 0.99])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--crops", "a", "--splits", "b", "--out", "c", "--ema-decay", "1"])
+
+
+def test_ema_weights_are_validated_kept_and_resumed(data: dict[str, Path], tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    assert LunaTrainingApp(argv(data, whole, "--ema-decay", "0.9")).main() == 0
+    state = torch.load(default_state_dir(whole) / "last.pt", weights_only=True)
+    assert any(not torch.equal(state["ema_state"][k], state["model_state"][k]) for k in state["model_state"])
+    # one epoch, then a resumed second: the same history and averaged weights as the uninterrupted run
+    part = tmp_path / "part"
+    assert LunaTrainingApp(argv(data, part, "--ema-decay", "0.9", "--epochs", "1")).main() == 0
+    first = torch.load(default_state_dir(part) / "last.pt", weights_only=True)
+    kept = torch.load(part / "model.pt", weights_only=True)  # epoch 1: model.pt holds the averaged weights
+    for key, value in first["ema_state"].items():
+        torch.testing.assert_close(kept["model_state"][key], value, rtol=0, atol=0)
+    assert LunaTrainingApp(argv(data, part, "--ema-decay", "0.9", "--resume")).main() == 0
+    assert (part / "history.tsv").read_bytes() == (whole / "history.tsv").read_bytes()
+    resumed = torch.load(default_state_dir(part) / "last.pt", weights_only=True)
+    for key, value in state["ema_state"].items():
+        torch.testing.assert_close(resumed["ema_state"][key], value, rtol=0, atol=0)
+    # and the averaged weights change what is validated
+    plain = pd.read_csv(tmp_path / "whole" / "history.tsv", sep="\t")
+    assert LunaTrainingApp(argv(data, tmp_path / "plain")).main() == 0
+    other = pd.read_csv(tmp_path / "plain" / "history.tsv", sep="\t")
+    train_cols = ["loss_all", "auc"]
+    pd.testing.assert_frame_equal(plain[plain.split == "train"][train_cols].reset_index(drop=True),
+                                  other[other.split == "train"][train_cols].reset_index(drop=True))
+    assert not np.allclose(plain[plain.split == "val"].loss_all, other[other.split == "val"].loss_all)
 
 
 def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> None:

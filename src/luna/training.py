@@ -21,6 +21,7 @@ trains on every world_size-th sample; only rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import hashlib
 import json
@@ -71,8 +72,8 @@ TB_TAGS = {
 }
 # settings that change what is trained; a state written under others is not resumed
 _FINGERPRINT_ARGS = (
-    "batch_size", "lr", "momentum", "balanced", "samples_per_epoch", "val_samples", "seed",
-    "lr_warmup_steps", "clip_grad_norm",
+    "batch_size", "optimizer", "lr", "momentum", "balanced", "samples_per_epoch", "val_samples", "seed",
+    "lr_warmup_steps", "clip_grad_norm", "ema_decay",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
 
@@ -113,6 +114,13 @@ def resolve_workers(choice: int | str, device: torch.device) -> int:
     return max(0, min(8, cores - 1))
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {text}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or math.isinf(value):
@@ -148,13 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--samples-per-epoch", type=_nonnegative_int, default=4000,
                     help="training samples per epoch (the book: 200000); 0 = one pass over the train crops")
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (per process under torchrun)")
-    tr.add_argument("--lr", type=_nonnegative_float, default=0.001, help="SGD learning rate")
+    tr.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                    help="sgd = the book's SGD with --momentum; adam = Adam (betas 0.9, 0.999; --momentum unused)")
+    tr.add_argument("--lr", type=_nonnegative_float, default=0.001, help="learning rate")
     tr.add_argument("--momentum", type=_nonnegative_float, default=0.99, help="SGD momentum")
     tr.add_argument("--lr-warmup-steps", type=_nonnegative_int, default=0, metavar="STEPS",
                     help="raise the learning rate linearly from lr/STEPS to lr over the first STEPS optimizer "
                          "steps; 0 = off (the book)")
     tr.add_argument("--clip-grad-norm", type=_nonnegative_float, default=0.0, metavar="MAX",
                     help="clip the gradient's global L2 norm to MAX before each step; 0 = off (the book)")
+    tr.add_argument("--ema-decay", type=_unit_interval, default=0.0, metavar="DECAY",
+                    help="validate and keep an exponential moving average of the weights, updated after every "
+                    "optimizer step with this decay (e.g. 0.99; torchvision's --model-ema); 0 = off (the book)")
     tr.add_argument("--balanced", type=_nonnegative_int, default=1, metavar="RATIO",
                     help="negatives per positive in the training order (the book: 1); 0 = plain shuffling")
     tr.add_argument("--val-samples", type=_nonnegative_int, default=0,
@@ -255,6 +268,32 @@ def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0 or step >= warmup_steps:
         return lr
     return lr * (step + 1) / warmup_steps
+
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The book's SGD (lr, momentum) or Adam (lr, torch's default betas)."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay for optimizer step ``step`` (0-based): ``decay``, lowered early on as
+    ``(1 + step) / (10 + step)`` so the average forgets the random init within the first epoch."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every parameter and floating buffer (batch-norm
+    statistics); integer buffers (batch counts) are copied."""
+    pairs = list(zip(ema.parameters(), model.parameters())) + list(zip(ema.buffers(), model.buffers()))
+    floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - decay)
+    for e, m in pairs:
+        if not e.is_floating_point():
+            e.copy_(m)
 
 
 def augment_config(args: argparse.Namespace) -> AugmentConfig:
@@ -444,7 +483,11 @@ class LunaTrainingApp:
         self.model.to(self.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=args.momentum)
+        self.optimizer = make_optimizer(args, self.model)
+        # the averaged weights are what is validated and kept when --ema-decay is on
+        self.ema: torch.nn.Module | None = copy.deepcopy(self.model) if args.ema_decay > 0 else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
         self.fingerprint = run_fingerprint(args, self.use_amp, self.device, self.dist.world_size)
         self.config = _read_config(args.config)
 
@@ -528,6 +571,10 @@ class LunaTrainingApp:
         if self.args.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.optimizer.load_state_dict(state["optimizer_state"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema_state"])
+            if self.args.channels_last:
+                self.ema.to(memory_format=torch.channels_last_3d)
         self.sampler.load_state_dict(state["sampler_state"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -549,6 +596,7 @@ class LunaTrainingApp:
             "epoch": epoch,
             "model_state": unwrap_model(self.model).state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
+            "ema_state": self.ema.state_dict() if self.ema is not None else None,
             "sampler_state": self.sampler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -567,6 +615,11 @@ class LunaTrainingApp:
             _copy_atomic(self._best_path, model_path)
 
     # -- loops ------------------------------------------------------------------------------------
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are validated and kept in model.pt: the EMA when on, else the trained ones."""
+        return self.ema if self.ema is not None else self.model
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.to(self.device, non_blocking=self.device.type == "cuda")
@@ -601,6 +654,8 @@ class LunaTrainingApp:
             for group in self.optimizer.param_groups:
                 group["lr"] = warmup_lr(self.args.lr, step, self.args.lr_warmup_steps)
             self.optimizer.step()
+            if self.ema is not None:
+                ema_update(self.ema, self.model, ema_decay_at(self.args.ema_decay, step))
             labels.append(label.detach())
             probs.append(probability[:, 1].detach())
             losses.append(loss.detach())
@@ -610,16 +665,17 @@ class LunaTrainingApp:
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        model = self.eval_model
         if self.dist.enabled:  # every process validates with rank 0's batch-norm statistics (the saved ones)
-            for buffer in self.model.buffers():
+            for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        self.model.eval()
+        model.eval()
         labels, probs, losses = [], [], []
         for crops, label, _ in with_progress(self.val_dl, len(self.val_dl), f"E{epoch} Validation"):
             crops, label = self._to_device(crops).float(), self._to_device(label)
             # fp32 even with --amp: the reported metrics and the model choice do not depend on bf16
             # rounding, and equal what the validate stage computes from model.pt
-            logits, probability = self._forward(self.model, crops)
+            logits, probability = self._forward(model, crops)
             labels.append(label)
             probs.append(probability[:, 1])
             losses.append(F.cross_entropy(logits, label, reduction="none"))
@@ -649,7 +705,7 @@ class LunaTrainingApp:
             key = _f1_key(val_row)
             if self.best_epoch == 0 or key > self.best_key:
                 self.best_epoch, self.best_key = epoch, key
-                save_checkpoint(self._best_path, self.model, epoch=epoch, val_metrics=val_row,
+                save_checkpoint(self._best_path, self.eval_model, epoch=epoch, val_metrics=val_row,
                                 args=_plain_args(self.args), model_config=self.model_config,
                                 device=self.device, config=self.config,
                                 extra={"train_metrics": trn_row, "samples_seen": self.samples_seen})
