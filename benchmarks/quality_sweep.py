@@ -48,6 +48,13 @@ VARIANTS: dict[str, list[str]] = {
     "noaug": ["--no-augment"],
     "book-x5": ["--epochs", "50"],
     "warmup200+clip5-x5": ["--lr-warmup-steps", "200", "--clip-grad-norm", "5", "--epochs", "50"],
+    "adam+warmup200+clip5+bal3": ["--optimizer", "adam", "--lr-warmup-steps", "200", "--clip-grad-norm", "5",
+                                  "--balanced", "3"],
+    "adam+ema99+warmup200+clip5+bal3": ["--optimizer", "adam", "--ema-decay", "0.99", "--lr-warmup-steps", "200",
+                                        "--clip-grad-norm", "5", "--balanced", "3"],
+    # config/config.yaml's train settings (append `-- --epochs 8` for the default run's length)
+    "config": ["--optimizer", "adam", "--ema-decay", "0.99", "--lr-warmup-steps", "200", "--clip-grad-norm", "5",
+               "--balanced", "3", "--balanced-schedule", "6:8"],
 }
 GOAL = {"recall": 0.8, "precision": 0.3}
 

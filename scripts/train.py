@@ -40,6 +40,7 @@ run_rule(
         "--clip-grad-norm", t["clip_grad_norm"],
         "--ema-decay", t["ema_decay"],
         "--balanced", t["balanced"],
+        "--balanced-schedule", *(f"{epoch}:{ratio}" for epoch, ratio in t["balanced_schedule"]),
         "--val-samples", t["val_samples"],
         "--seed", t["seed"],
         flag("augment", a["enabled"]),

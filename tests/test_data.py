@@ -174,6 +174,27 @@ def test_balanced_zero_keeps_the_data_ratio_the_books_failure_case() -> None:
     assert labels[balanced].mean() == pytest.approx(0.5)
 
 
+def test_balanced_schedule_changes_the_ratio_from_its_epoch_on() -> None:
+    labels = imbalanced_labels(1000, 20)
+    sampler = EpochSampler(labels, ratio=3, samples_per_epoch=800, seed=2, schedule=[(5, 0), (3, 7)])
+    assert [sampler.ratio_at(e) for e in range(1, 7)] == [3, 3, 7, 7, 0, 0]
+    fractions = []
+    for epoch in (1, 2, 3, 4):
+        sampler.set_epoch(epoch)
+        fractions.append(labels[np.array(list(sampler))].mean())
+    assert fractions == pytest.approx([1 / 4, 1 / 4, 1 / 8, 1 / 8])
+    # epoch 3 is the ratio-7 order of an unscheduled sampler: the schedule only picks the ratio
+    plain7 = EpochSampler(labels, ratio=7, samples_per_epoch=800, seed=2)
+    plain7.set_epoch(3)
+    sampler.set_epoch(3)
+    np.testing.assert_array_equal(np.array(list(sampler)), np.array(list(plain7)))
+    assert sampler.state_dict()["schedule"] == [[3, 7], [5, 0]]
+    with pytest.raises(DataError, match="epochs start at 1"):
+        EpochSampler(labels, schedule=[(0, 2)])
+    with pytest.raises(DataError, match="must be >= 0"):
+        EpochSampler(labels, schedule=[(2, -1)])
+
+
 def test_balanced_needs_both_classes() -> None:
     with pytest.raises(DataError, match="0 positive"):
         balanced_indices(np.zeros(10), 1, 10, np.random.default_rng(0))

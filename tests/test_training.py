@@ -65,7 +65,7 @@ def test_help_lists_every_option(capsys) -> None:
                  "--seed", "--augment-flip", "--augment-offset", "--augment-scale", "--augment-rotate",
                  "--augment-noise", "--device", "--amp", "--channels-last", "--no-channels-last",
                  "--num-workers", "--threads", "--lr-warmup-steps", "--clip-grad-norm", "--ema-decay",
-                 "--optimizer"]:
+                 "--optimizer", "--balanced-schedule"]:
         assert flag in text, flag
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
@@ -116,6 +116,20 @@ def test_optimizer_is_the_books_sgd_unless_asked() -> None:
     assert adam.defaults["lr"] == 0.0003 and adam.defaults["betas"] == (0.9, 0.999)
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--optimizer", "lbfgs"])
+
+
+def test_balanced_schedule_option_parses_epoch_ratio_pairs(data: dict[str, Path], tmp_path: Path) -> None:
+    base = ["--crops", "a", "--splits", "b", "--out", "c"]
+    assert build_parser().parse_args(base).balanced_schedule == []
+    assert build_parser().parse_args([*base, "--balanced-schedule", "7:8", "3:2"]).balanced_schedule == [(7, 8), (3, 2)]
+    for bad in ("7", "0:3", "2:-1", "a:b"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, "--balanced-schedule", bad])
+    # epoch 2 of the run trains at 1:3 (8 of 32 samples positive) instead of --balanced's 1:1
+    out = tmp_path / "sched"
+    assert LunaTrainingApp(argv(data, out, "--balanced-schedule", "2:3")).main() == 0
+    train = pd.read_csv(out / "history.tsv", sep="\t").query("split == 'train'")
+    assert train.n_pos.tolist() == [SAMPLES // 2, SAMPLES // 4]
 
 
 def test_ema_update_averages_weights_and_statistics() -> None:

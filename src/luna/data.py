@@ -192,11 +192,14 @@ def shuffled_indices(n_items: int, n_samples: int, rng: np.random.Generator) -> 
 class EpochSampler(Sampler[int]):
     """A fixed-length, per-epoch deterministic order of training items (balanced or plain).
 
-    ``samples_per_epoch`` 0 means one pass over the items (the book's unbalanced epoch). Under
+    ``samples_per_epoch`` 0 means one pass over the items (the book's unbalanced epoch). ``schedule`` lists
+    ``(epoch, ratio)`` pairs: from that epoch on, ``ratio`` replaces ``ratio`` (e.g. ``[(7, 8)]``: 1:8 from
+    epoch 7), so a run can learn on many positives first and end nearer the data's own prior. Under
     DistributedDataParallel, rank ``k`` of ``world_size`` takes positions ``k, k + world_size, ...`` of the
     epoch's sequence, which is rounded up to a multiple of ``world_size`` (``total``) so that every process
-    runs the same number of steps (an uneven count would hang the gradient all-reduce). The state (``state_dict``) is just the seed and the epoch: the order is a function
-    of both, so a resumed run continues with the same samples.
+    runs the same number of steps (an uneven count would hang the gradient all-reduce). The state
+    (``state_dict``) is just the seed and the epoch: the order is a function of both, so a resumed run
+    continues with the same samples.
     """
 
     def __init__(
@@ -208,13 +211,17 @@ class EpochSampler(Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        schedule: Sequence[tuple[int, int]] = (),
     ) -> None:
-        if ratio < 0:
-            raise DataError(f"balanced ratio must be >= 0, got {ratio}")
+        if ratio < 0 or any(r < 0 for _, r in schedule):
+            raise DataError(f"balanced ratio must be >= 0, got {min([ratio, *(r for _, r in schedule)])}")
+        if any(e < 1 for e, _ in schedule):
+            raise DataError(f"balanced schedule epochs start at 1, got {min(e for e, _ in schedule)}")
         if samples_per_epoch < 0:
             raise DataError(f"samples per epoch must be >= 0, got {samples_per_epoch}")
         self.labels = np.asarray(labels)
         self.ratio = int(ratio)
+        self.schedule = sorted((int(e), int(r)) for e, r in schedule)
         self.samples_per_epoch = int(samples_per_epoch) or len(self.labels)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -229,11 +236,17 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def ratio_at(self, epoch: int) -> int:
+        """Negatives per positive in ``epoch`` (0 = plain shuffling): the last schedule entry that has begun."""
+        return next((r for e, r in reversed(self.schedule) if e <= epoch), self.ratio)
+
     def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
         """The whole epoch's sequence (all ranks)."""
-        rng = _rng(self.seed, 1, self.epoch if epoch is None else epoch)
-        if self.ratio:
-            return balanced_indices(self.labels, self.ratio, self.total, rng)
+        epoch = self.epoch if epoch is None else epoch
+        rng = _rng(self.seed, 1, epoch)
+        ratio = self.ratio_at(epoch)
+        if ratio:
+            return balanced_indices(self.labels, ratio, self.total, rng)
         return shuffled_indices(len(self.labels), self.total, rng)
 
     def __iter__(self) -> Iterator[int]:
@@ -242,11 +255,11 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.total // self.world_size
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed, "ratio": self.ratio,
-                "samples_per_epoch": self.samples_per_epoch}
+                "schedule": [list(p) for p in self.schedule], "samples_per_epoch": self.samples_per_epoch}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
 

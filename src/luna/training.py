@@ -5,7 +5,11 @@ Per epoch: a fixed number of (by default balanced, augmented) training samples, 
 ``history.tsv``, logged, and written to TensorBoard under the book's tag names with step = training
 samples seen. The epoch with the best validation F1 is kept in ``model.pt``.
 
-Resumable: after every epoch the full state (model, optimizer, sampler epoch, RNG, history rows, best
+Method: the book's (SGD lr 0.001 momentum 0.99, balanced 1:1, Chapter 12 augmentation) unless asked;
+options beside it, each off by default: linear LR warm-up, gradient-norm clipping, Adam, and an
+exponential moving average of the weights (then the average is what is validated and kept).
+
+Resumable: after every epoch the full state (model, optimizer, EMA, sampler epoch, RNG, history rows, best
 model) is written atomically to ``--state DIR``, a folder outside the declared outputs (Snakemake
 deletes those before a job starts). ``--resume`` continues after the last finished epoch and rewrites
 ``history.tsv`` and ``model.pt`` from the state, so a run killed at any point and resumed ends with the
@@ -72,7 +76,7 @@ TB_TAGS = {
 }
 # settings that change what is trained; a state written under others is not resumed
 _FINGERPRINT_ARGS = (
-    "batch_size", "optimizer", "lr", "momentum", "balanced", "samples_per_epoch", "val_samples", "seed",
+    "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch", "val_samples", "seed",
     "lr_warmup_steps", "clip_grad_norm", "ema_decay",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
@@ -112,6 +116,16 @@ def resolve_workers(choice: int | str, device: torch.device) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores - 1))
+
+
+def _epoch_ratio(text: str) -> tuple[int, int]:
+    try:
+        epoch, ratio = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected EPOCH:RATIO (e.g. 7:8), got {text!r}") from None
+    if epoch < 1 or ratio < 0:
+        raise argparse.ArgumentTypeError(f"EPOCH must be >= 1 and RATIO >= 0, got {text!r}")
+    return epoch, ratio
 
 
 def _unit_interval(text: str) -> float:
@@ -170,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "optimizer step with this decay (e.g. 0.99; torchvision's --model-ema); 0 = off (the book)")
     tr.add_argument("--balanced", type=_nonnegative_int, default=1, metavar="RATIO",
                     help="negatives per positive in the training order (the book: 1); 0 = plain shuffling")
+    tr.add_argument("--balanced-schedule", type=_epoch_ratio, nargs="*", default=[], metavar="EPOCH:RATIO",
+                    help="from EPOCH on, RATIO negatives per positive instead of --balanced (e.g. 7:8: learn on "
+                    "many positives first, end nearer the data's prior); none = --balanced throughout (the book)")
     tr.add_argument("--val-samples", type=_nonnegative_int, default=0,
                     help="cap on val crops per epoch (a fixed random subset); 0 = all val crops")
     tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
@@ -465,7 +482,7 @@ class LunaTrainingApp:
         logger.info("train: %d crops (%d positive), val: %d crops (%d positive)", len(self.train_ds),
                     self.train_ds.n_pos, len(self.val_ds), self.val_ds.n_pos)
 
-        self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced,
+        self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced, schedule=args.balanced_schedule,
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
         self.val_sampler = ShardSampler(val_indices(len(self.val_ds), args.val_samples, args.seed),
@@ -510,8 +527,10 @@ class LunaTrainingApp:
         epoch_times: list[float] = []
         for epoch in range(self.start_epoch, args.epochs + 1):
             started = time.perf_counter()
-            logger.info("Epoch %d of %d, %d/%d training batches/samples per process, %d val batches", epoch,
-                        args.epochs, len(self.train_dl), len(self.sampler), len(self.val_dl))
+            ratio = self.sampler.ratio_at(epoch)
+            logger.info("Epoch %d of %d, %d/%d training batches/samples per process (%s), %d val batches", epoch,
+                        args.epochs, len(self.train_dl), len(self.sampler),
+                        f"balanced 1:{ratio}" if ratio else "plain order", len(self.val_dl))
             trn = self._train_epoch(epoch)
             self.samples_seen += self.sampler.total
             val = self._validate(epoch)
