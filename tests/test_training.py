@@ -284,7 +284,8 @@ def test_resume_with_more_epochs_extends_the_run(reference: Path, data: dict[str
 def test_ddp_under_torchrun_gloo(data: dict[str, Path], tmp_path: Path, env_with_bin: dict[str, str]) -> None:
     out = tmp_path / "ddp"
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "luna.training",
-           *argv(data, out, "--device", "cpu", "--samples-per-epoch", "33")]
+           *argv(data, out, "--device", "cpu", "--samples-per-epoch", "33", "--ema-decay", "0.9", "--optimizer", "adam",
+                 "--balanced-schedule", "2:3")]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env_with_bin, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     history = pd.read_csv(out / "history.tsv", sep="\t")
@@ -292,7 +293,7 @@ def test_ddp_under_torchrun_gloo(data: dict[str, Path], tmp_path: Path, env_with
     assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
     train, val = history[history.split == "train"], history[history.split == "val"]
     # 33 samples round up to 34 = 2 x 17 (3 batches each; unequal step counts would hang DDP)
-    assert (train.n == 34).all() and (train.n_pos == 17).all()  # both processes' samples
+    assert (train.n == 34).all() and train.n_pos.tolist() == [17, 9]  # both processes' samples; 1:1, then 1:3
     assert (val.n == 10).all() and (val.n_pos == 2).all()  # every val crop exactly once
     assert np.isfinite(history.loss_all).all() and history.auc.between(0, 1).all()
     assert result.stderr.count("Starting LunaTrainingApp") == 1  # only rank 0 logs progress
