@@ -53,7 +53,9 @@ def test_shipped_config_validates_and_defaults_fill_in() -> None:
     assert empty["train"]["augment"]["noise"] == 25.0
 
 
-@pytest.mark.parametrize("bad", [{"dataset": {"sauce": "x"}}, {"crops": {"shape": [32, 48]}}, {"train": {"lr": -1}}])
+@pytest.mark.parametrize("bad", [{"dataset": {"sauce": "x"}}, {"crops": {"shape": [32, 48]}}, {"train": {"lr": -1}},
+                                 {"train": {"balanced_schedule": [[0, 8]]}}, {"train": {"balanced_schedule": [[6]]}},
+                                 {"train": {"balanced_schedule": [[6, 8, 1]]}}, {"train": {"balanced_schedule": [[6, -1]]}}])
 def test_schema_rejects(bad: dict) -> None:
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     with pytest.raises(jsonschema.ValidationError):
