@@ -76,8 +76,8 @@ TB_TAGS = {
 }
 # settings that change what is trained; a state written under others is not resumed
 _FINGERPRINT_ARGS = (
-    "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch", "val_samples", "seed",
-    "lr_warmup_steps", "clip_grad_norm", "ema_decay",
+    "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch",
+    "val_samples", "seed", "lr_warmup_steps", "clip_grad_norm", "ema_decay",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
 
@@ -586,14 +586,11 @@ class LunaTrainingApp:
             logger.warning("--resume: state in %s has %d finished epochs, more than --epochs %d; starting at "
                            "epoch 1", self.state_dir, int(state["epoch"]), self.args.epochs)
             return 0
+        # load_state_dict copies into the existing tensors: model and EMA keep their channels_last layout
         self.model.load_state_dict(state["model_state"])
-        if self.args.channels_last:
-            self.model.to(memory_format=torch.channels_last_3d)
         self.optimizer.load_state_dict(state["optimizer_state"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema_state"])
-            if self.args.channels_last:
-                self.ema.to(memory_format=torch.channels_last_3d)
         self.sampler.load_state_dict(state["sampler_state"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state.get("rng_cuda") is not None:
