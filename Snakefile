@@ -1,4 +1,4 @@
-"""luna: LUNA16 scans -> candidate crops -> LunaModel training -> validation (metrics, FROC/CPM, submission).
+"""luna: LUNA16 scans -> candidate crops -> one LunaModel per test fold -> pooled test-fold metrics (FROC/CPM, submission).
 
 Run: snakemake --cores 8 --resources gpu=1        (see README.md; SLURM: --profile profiles/slurm)
 """

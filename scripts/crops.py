@@ -18,6 +18,7 @@ run_rule(
         "--hu-window", *c["hu_window"],
         "--on-bad-scan", c["on_bad_scan"],
         "--compression", c["compression"],
+        "--allow-empty-subset",  # the subset folders were checked at the dry run; a list may skip one
     ],
     snakemake.log[0],  # noqa: F821
 )

@@ -1,10 +1,8 @@
-"""Rule split: scans on disk -> results/splits.tsv (thin: maps the rule to luna.candidates.SplitApp)."""
+"""Rule split: scans on disk -> results/splits.tsv (thin: maps the rule to luna.splits.SplitApp)."""
 
-from luna.candidates import SplitApp
 from luna.runner import run_rule
+from luna.splits import SplitApp
 
 p = snakemake.params  # noqa: F821 - injected by Snakemake
-argv = ["--root", p.root, "--subsets", *p.subsets, "--val-stride", p.val_stride, "--out", snakemake.output[0]]  # noqa: F821
-if p.val_subsets:
-    argv += ["--val-subsets", *p.val_subsets]
+argv = ["--root", p.root, "--subsets", *p.subsets, "--folds", p.folds, "--out", snakemake.output[0]]  # noqa: F821
 run_rule(SplitApp, argv, snakemake.log[0])  # noqa: F821

@@ -1,4 +1,4 @@
-"""LUNA16 tables: parsing with one-line errors, diameter matching, candidates.tsv and the series-level split."""
+"""LUNA16 tables: parsing with one-line errors, diameter matching, candidates.tsv."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import pytest
 
 from conftest import LUNA16_ANNOTATIONS
 from luna.candidates import (
-    CandidatesApp, SplitApp, TableError, build_candidates_table, make_splits, match_diameters,
+    CandidatesApp, TableError, build_candidates_table, match_diameters,
     read_annotations_csv, read_candidates_csv, read_candidates_tsv,
 )
 from luna.ct import ScanFile, write_scan
 from luna.geometry import Geometry
-from luna.splits import read_splits_tsv
 
 
 def test_official_annotations_parse() -> None:
@@ -143,28 +142,3 @@ def test_candidates_predict_only_has_empty_is_nodule(tmp_path) -> None:
     assert CandidatesApp(["--root", str(root), "--candidates", "list.csv", "--annotations", "", "--out", str(out)]).main() == 0
     assert out.read_text().splitlines()[1].split("\t")[6] == ""
     assert read_candidates_tsv(out)["is_nodule"].isna().all()
-
-
-def test_split_stride_series_level() -> None:
-    uids = [f"1.{i}" for i in range(25)]
-    splits = make_splits(uids, val_stride=10)
-    ordered = sorted(uids)  # string order: 1.0, 1.1, 1.10, 1.11, ...
-    assert splits["series_uid"].tolist() == ordered
-    assert splits.loc[splits["split"] == "val", "series_uid"].tolist() == [ordered[0], ordered[10], ordered[20]]
-    assert splits["series_uid"].is_unique
-
-
-def test_split_by_subsets() -> None:
-    subsets = {"a": "subset0", "b": "subset1", "c": "subset1"}
-    splits = make_splits(list(subsets), subsets, val_subsets=["subset1"])
-    assert dict(zip(splits["series_uid"], splits["split"])) == {"a": "train", "b": "val", "c": "val"}
-    with pytest.raises(ValueError, match="subset9"):
-        make_splits(list(subsets), subsets, val_subsets=["subset9"])
-
-
-def test_split_app_includes_scans_without_candidates(tmp_path) -> None:
-    root = _data_root(tmp_path)
-    out = tmp_path / "splits.tsv"
-    assert SplitApp(["--root", str(root), "--val-stride", "2", "--out", str(out)]).main() == 0
-    df = read_splits_tsv(out)
-    assert df.to_dict("list") == {"series_uid": ["1.1", "1.2", "1.3"], "split": ["val", "train", "val"]}

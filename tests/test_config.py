@@ -35,10 +35,17 @@ def test_every_key_has_type_default_and_description() -> None:
 
 
 def test_every_key_is_in_config_readme() -> None:
+    import subprocess
+    import sys
+
     readme = (REPO / "config" / "README.md").read_text()
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     for key, _ in leaf_keys(schema["properties"]):
         assert f"`{key}`" in readme, key
+    # the table is the generated one: schema defaults and the shipped config's values as they are now
+    check = subprocess.run([sys.executable, str(REPO / "workflow" / "schemas" / "config_table.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
 
 
 def test_shipped_config_validates_and_defaults_fill_in() -> None:
@@ -49,14 +56,28 @@ def test_shipped_config_validates_and_defaults_fill_in() -> None:
     empty: dict = {}
     validate(empty, str(SCHEMA_PATH))
     assert empty["dataset"]["source"] == "synthetic"
-    assert empty["split"]["val_stride"] == 10
+    assert empty["split"] == {"folds": "subsets", "run_folds": "all", "selection_fraction": 0.2}
+    assert empty["train"]["threshold"] == 0.5 and empty["train"]["keep"] == "f1"
     assert empty["train"]["augment"]["noise"] == 25.0
 
 
 @pytest.mark.parametrize("bad", [{"dataset": {"sauce": "x"}}, {"crops": {"shape": [32, 48]}}, {"train": {"lr": -1}},
                                  {"train": {"balanced_schedule": [[0, 8]]}}, {"train": {"balanced_schedule": [[6]]}},
-                                 {"train": {"balanced_schedule": [[6, 8, 1]]}}, {"train": {"balanced_schedule": [[6, -1]]}}])
+                                 {"train": {"balanced_schedule": [[6, 8, 1]]}}, {"train": {"balanced_schedule": [[6, -1]]}},
+                                 {"crops": {"shape": [16, 32, 8]}}, {"split": {"folds": 1}}, {"split": {"folds": "subset"}},
+                                 {"split": {"run_folds": []}}, {"split": {"run_folds": "some"}},
+                                 {"split": {"run_folds": [0, 0]}}, {"split": {"selection_fraction": 1.0}},
+                                 {"train": {"threshold": 1.5}}, {"train": {"threshold": "best"}},
+                                 {"train": {"threshold": "recall:2"}}, {"train": {"keep": "loss"}},
+                                 {"split": {"val_stride": 5}}])
 def test_schema_rejects(bad: dict) -> None:
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(copy.deepcopy(bad), schema)
+
+
+@pytest.mark.parametrize("good", [{"split": {"folds": 10, "run_folds": [0, 3]}}, {"train": {"threshold": "max_f1"}},
+                                  {"train": {"threshold": "recall:0.9"}}, {"train": {"threshold": 0.3}},
+                                  {"crops": {"shape": [16, 16, 16]}}])
+def test_schema_accepts(good: dict) -> None:
+    jsonschema.validate(copy.deepcopy(good), yaml.safe_load(SCHEMA_PATH.read_text()))

@@ -393,12 +393,52 @@ def _break_truncated_zraw(path: Path) -> None:
     zraw.write_bytes(zraw.read_bytes()[: zraw.stat().st_size // 2])
 
 
+def _break_corrupt_zraw(path: Path) -> None:
+    """200 bytes overwritten inside the compressed stream; sizes and header unchanged (SimpleITK reads it)."""
+    volume, geometry = read_scan(path)
+    path.with_suffix(".raw").unlink()
+    write_scan(path, volume, geometry, compress=True)
+    zraw = path.with_suffix(".zraw")
+    data = bytearray(zraw.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 200] = np.random.default_rng(3).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    zraw.write_bytes(bytes(data))
+
+
+def _set_header(path: Path, key: str, value: str) -> None:
+    path.write_text(re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", path.read_text()))
+
+
+def _break_uchar_over_short(path: Path) -> None:
+    _set_header(path, "ElementType", "MET_UCHAR")
+
+
+def _break_non_orthonormal(path: Path) -> None:
+    _set_header(path, "TransformMatrix", "-1 0 0 0 -2 0 0 0 1")
+
+
+def _break_singular_direction(path: Path) -> None:
+    _set_header(path, "TransformMatrix", "0 0 0 0 1 0 0 0 1")
+
+
+def _break_larger_data_file(path: Path) -> None:
+    """ElementDataFile names another, larger scan's data."""
+    other = path.with_name("9.9.other.mhd")
+    write_scan(other, np.zeros((21, 30, 40), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    other.unlink()
+    _set_header(path, "ElementDataFile", other.with_suffix(".raw").name)
+
+
 BREAKERS = {
     "missing-raw": (_break_missing_raw, ".raw"),
     "truncated-raw": (_break_truncated_raw, ".raw"),
     "unreadable-header": (_break_unreadable_header, ".mhd"),
     "vanished-scan": (_break_vanished, ".mhd"),
     "truncated-zraw": (_break_truncated_zraw, ".zraw"),
+    "corrupt-zraw": (_break_corrupt_zraw, ".zraw"),
+    "uchar-over-short": (_break_uchar_over_short, ".raw"),
+    "non-orthonormal": (_break_non_orthonormal, ".mhd"),
+    "singular-direction": (_break_singular_direction, ".mhd"),
+    "larger-data-file": (_break_larger_data_file, ".mhd"),
 }
 
 
@@ -430,7 +470,8 @@ def test_bad_scan_fails_with_one_line_naming_file(tmp_path, broken_setup, capsys
     assert not [n for n in leftovers if n.endswith((".h5", ".tmp", ".tsv"))], leftovers
 
 
-@pytest.mark.parametrize("broken_setup", ["truncated-raw", "vanished-scan", "truncated-zraw"], indirect=True)
+@pytest.mark.parametrize("broken_setup", ["truncated-raw", "vanished-scan", "truncated-zraw", "corrupt-zraw",
+                                          "uchar-over-short", "non-orthonormal", "singular-direction"], indirect=True)
 def test_bad_scan_skip_records_it_and_keeps_others(tmp_path, broken_setup, caplog):
     caplog.set_level("INFO", logger="luna.crops")
     root, tsv, df, paths, _ = broken_setup

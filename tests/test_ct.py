@@ -1,9 +1,13 @@
-"""Scan reader: real LIDC CT, round trips through write_scan, and one-line errors naming the file."""
+"""Scan reader: real LIDC CT, round trips through write_scan, one-line errors naming the file, and volumes
+byte-identical to SimpleITK's for every layout it reads (byte order, LOCAL data, HeaderSize, element types)."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from luna.ct import ScanError, find_scans, read_geometry, read_scan, write_scan
 from luna.geometry import Geometry, xyz_to_irc
@@ -81,3 +85,82 @@ def test_find_scans(tmp_path) -> None:
     assert list(find_scans(tmp_path, ["subset1"])) == ["2.1"]
     with pytest.raises(FileNotFoundError, match="subset7"):
         find_scans(tmp_path, ["subset7"])
+
+
+# ---------------------------------------------------------------------------------------------------- same as SimpleITK
+
+def _sitk_volume(path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_lidc_volume_byte_identical_to_simpleitk(lidc_mhd) -> None:
+    volume, _ = read_scan(lidc_mhd)
+    reference = _sitk_volume(lidc_mhd)
+    assert volume.dtype == np.int16 and reference.dtype == np.int16
+    assert volume.tobytes() == reference.tobytes()
+    assert not volume.flags.writeable  # one shared copy, as SimpleITK's view was
+
+
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([-1.0, -1.0, 1.0])], ids=["identity", "flip-xy"])
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "zraw"])
+def test_volume_byte_identical_to_simpleitk(tmp_path, compress, direction) -> None:
+    """The directions luna.synth writes, both data file kinds: the volume is exactly SimpleITK's."""
+    vol = np.random.default_rng(1).integers(-3000, 3000, size=(5, 6, 7)).astype(np.int16)
+    path = tmp_path / "1.2.mhd"
+    write_scan(path, vol, Geometry([1.0, 2.0, 3.0], [0.5, 0.6, 2.0], direction), compress=compress)
+    volume, geometry = read_scan(path)
+    assert volume.tobytes() == _sitk_volume(path).tobytes() == vol.tobytes()
+    np.testing.assert_array_equal(geometry.direction, direction)
+
+
+def _hand_written(tmp_path, name: str, header: dict[str, str], data: bytes):
+    """A scan whose .mhd and data file are written here, byte by byte."""
+    lines = {"ObjectType": "Image", "NDims": "3", "BinaryData": "True", "TransformMatrix": "1 0 0 0 1 0 0 0 1",
+             "Offset": "0 0 0", "ElementSpacing": "1 1 1", "DimSize": "4 3 2", "ElementType": "MET_SHORT",
+             **header, "ElementDataFile": f"{name}.{'zraw' if header.get('CompressedData') == 'True' else 'raw'}"}
+    path = tmp_path / f"{name}.mhd"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in lines.items()))
+    (tmp_path / lines["ElementDataFile"]).write_bytes(data)
+    return path
+
+
+VALUES = np.arange(-12, 12, dtype=np.int16).reshape(2, 3, 4) * 111
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "zraw"])
+@pytest.mark.parametrize("key", ["BinaryDataByteOrderMSB", "ElementByteOrderMSB"])
+def test_big_endian_matches_simpleitk(tmp_path, compress, key) -> None:
+    data = VALUES.astype(">i2").tobytes()
+    header = {key: "True"}
+    if compress:
+        data = zlib.compress(data)
+        header |= {"CompressedData": "True", "CompressedDataSize": str(len(data))}
+    path = _hand_written(tmp_path, "msb", header, data)
+    volume, _ = read_scan(path)
+    assert volume.dtype == np.int16
+    np.testing.assert_array_equal(volume, VALUES)
+    assert volume.tobytes() == _sitk_volume(path).tobytes()
+
+
+def test_header_size_and_local_data_match_simpleitk(tmp_path) -> None:
+    path = _hand_written(tmp_path, "skip", {"HeaderSize": "10"}, b"0123456789" + VALUES.astype("<i2").tobytes())
+    np.testing.assert_array_equal(read_scan(path)[0], _sitk_volume(path))
+    np.testing.assert_array_equal(read_scan(path)[0], VALUES)
+    for compress in (False, True):  # .mha: header and data in one file (ElementDataFile = LOCAL)
+        mha = tmp_path / f"local{int(compress)}.mha"
+        sitk.WriteImage(sitk.GetImageFromArray(VALUES), str(mha), useCompression=compress)
+        np.testing.assert_array_equal(read_scan(mha)[0], VALUES)
+
+
+@pytest.mark.parametrize("element_type, dtype", [("MET_UCHAR", "u1"), ("MET_FLOAT", "<f4"), ("MET_INT", "<i4")])
+def test_other_element_types_rounded_and_clipped_to_int16(tmp_path, element_type, dtype) -> None:
+    values = np.array([0, 1.4, 2.6, 255, 40000.7, -40000, 7, 8] * 3)[:24].reshape(2, 3, 4)
+    if dtype == "u1":
+        values = np.clip(values, 0, 255)
+    stored = values.astype(dtype)
+    path = _hand_written(tmp_path, element_type.lower(), {"ElementType": element_type}, stored.tobytes())
+    volume, _ = read_scan(path)
+    expected = np.clip(np.rint(_sitk_volume(path)), -32768, 32767).astype(np.int16)
+    assert volume.dtype == np.int16
+    np.testing.assert_array_equal(volume, expected)
+    np.testing.assert_array_equal(volume, np.clip(np.rint(stored.astype(np.float64)), -32768, 32767))

@@ -1,4 +1,4 @@
-"""CropDataset over stores + splits, the book's balanced sampling, and the batched augmentation."""
+"""CropDataset over stores + fold roles, the book's balanced sampling, and the batched augmentation."""
 
 from __future__ import annotations
 
@@ -16,13 +16,10 @@ from luna.data import (
     CropDataset,
     DataError,
     EpochSampler,
-    ShardSampler,
     augment_batch,
     balanced_indices,
     make_loader,
     random_affine,
-    read_splits,
-    val_indices,
 )
 from luna.geometry import Geometry
 from luna.store import StoreWriter
@@ -55,10 +52,16 @@ def make_store(path: Path, n: int = 40, n_pos: int = 8, n_scans: int = 8, seed: 
     return uids
 
 
-def write_splits(path: Path, uids: list[str], val_every: int = 4) -> Path:
-    lines = ["series_uid\tsplit"] + [f"{u}\t{'val' if k % val_every == 0 else 'train'}" for k, u in enumerate(uids)]
+def write_splits(path: Path, uids: list[str], n_folds: int = 4) -> Path:
+    """splits.tsv with scan k in fold k % n_folds (all in subset0)."""
+    lines = ["series_uid\tsubset\tfold"] + [f"{u}\tsubset0\t{k % n_folds}" for k, u in enumerate(uids)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def roles_of(uids: list[str], selection_every: int = 4) -> dict[str, str]:
+    """Scan k chooses (selection) when k % selection_every == 0, else it is trained on."""
+    return {u: "selection" if k % selection_every == 0 else "train" for k, u in enumerate(uids)}
 
 
 @pytest.fixture(scope="module")
@@ -71,31 +74,20 @@ def two_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], li
 
 # -- splits and dataset ---------------------------------------------------------------------------------
 
-def test_read_splits_rejects_bad_rows(tmp_path: Path) -> None:
-    path = tmp_path / "splits.tsv"
-    path.write_text("series_uid\tsplit\na\ttrain\nb\ttest\n")
-    with pytest.raises(DataError, match=r"splits.tsv:3: split 'test' is not train or val"):
-        read_splits(path)
-    path.write_text("series_uid\tfold\na\ttrain\n")
-    with pytest.raises(DataError, match="missing column"):
-        read_splits(path)
-    path.write_text("series_uid\tsplit\na\ttrain\na\tval\n")
-    with pytest.raises(DataError, match="listed twice"):
-        read_splits(path)
-
-
-def test_dataset_filters_by_split_over_several_stores(two_stores, tmp_path: Path, caplog) -> None:
+def test_dataset_filters_by_role_over_several_stores(two_stores, caplog) -> None:
     paths, uids = two_stores
     listed = uids[:-1]  # the last scan of subset1 is not in splits.tsv
-    splits = write_splits(tmp_path / "splits.tsv", listed)
+    roles = roles_of(listed)
     with caplog.at_level(logging.WARNING, logger="luna.data"):
-        train = CropDataset(paths, splits, "train")
-    val = CropDataset(paths, splits, "val")
+        train = CropDataset(paths, roles, "train")
+    selection = CropDataset(paths, roles, "selection")
     assert "5 crops belong to scans not listed" in caplog.text  # 20 rows over 4 scans of subset1
-    split_of = read_splits(splits)
-    assert set(train.rows["series_uid"]) == {u for u in listed if split_of[u] == "train"}
-    assert set(val.rows["series_uid"]) == {u for u in listed if split_of[u] == "val"}
-    assert len(train) + len(val) == 55
+    assert set(train.rows["series_uid"]) == {u for u in listed if roles[u] == "train"}
+    assert set(selection.rows["series_uid"]) == {u for u in listed if roles[u] == "selection"}
+    assert len(train) + len(selection) == 55
+    assert len(CropDataset(paths, roles, "test")) == 0
+    with pytest.raises(DataError, match="role 'val' is not one of train, selection, test"):
+        CropDataset(paths, roles, "val")
     assert sorted(train.rows["store"].unique()) == [0, 1]
 
     crop, label, index = train[7]
@@ -109,7 +101,7 @@ def test_dataset_filters_by_split_over_several_stores(two_stores, tmp_path: Path
         c2, l2, i2 = train[k]
         assert i1 == i2 == k and int(l1) == int(l2)
         torch.testing.assert_close(c1, c2)
-    as_int16 = CropDataset(paths, splits, "train", int16=True)
+    as_int16 = CropDataset(paths, roles, "train", int16=True)
     for crop16, _, _ in [as_int16[7], *as_int16.__getitems__([7, 30])]:
         assert crop16.dtype == torch.int16 and crop16.shape == (1, 32, 48, 48)
     torch.testing.assert_close(as_int16[7][0].float(), crop)
@@ -118,7 +110,7 @@ def test_dataset_filters_by_split_over_several_stores(two_stores, tmp_path: Path
 def test_dataset_needs_labels_in_the_split(tmp_path: Path) -> None:
     uids = make_store(tmp_path / "s.h5", unlabelled=True)
     with pytest.raises(DataError, match=r"s\.h5: row \d+ .*no class label"):
-        CropDataset([tmp_path / "s.h5"], write_splits(tmp_path / "splits.tsv", uids), "train")
+        CropDataset([tmp_path / "s.h5"], roles_of(uids), "train")
 
 
 # -- sampling ---------------------------------------------------------------------------------------------
@@ -211,20 +203,11 @@ def test_ranks_share_the_epoch_without_overlap() -> None:
     np.testing.assert_array_equal(np.array(parts[1]), whole[1::2])
     single = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3).epoch_indices()
     np.testing.assert_array_equal(single, whole[:101])  # the same order, one more sample
-    val = [list(ShardSampler(np.arange(9), r, 2)) for r in range(2)]
-    assert sorted(val[0] + val[1]) == list(range(9))
 
 
-def test_val_cap_is_a_fixed_subset() -> None:
-    np.testing.assert_array_equal(val_indices(50, 0, 1), np.arange(50))
-    capped = val_indices(50, 10, 1)
-    assert len(capped) == 10 and len(np.unique(capped)) == 10 and np.all(np.diff(capped) > 0)
-    np.testing.assert_array_equal(capped, val_indices(50, 10, 1))
-
-
-def test_loader_workers_read_the_same_batches(two_stores, tmp_path: Path) -> None:
+def test_loader_workers_read_the_same_batches(two_stores) -> None:
     paths, uids = two_stores
-    ds = CropDataset(paths, write_splits(tmp_path / "splits.tsv", uids), "train")
+    ds = CropDataset(paths, roles_of(uids), "train")
     sampler = EpochSampler(ds.labels, ratio=1, samples_per_epoch=24, seed=0)
     in_process = list(make_loader(ds, sampler, batch_size=8, num_workers=0))
     in_worker = list(make_loader(ds, sampler, batch_size=8, num_workers=1))

@@ -1,11 +1,11 @@
-"""luna.device: one device and bf16 policy for training and validation."""
+"""luna.device: one device policy for every stage; bf16 autocast for training steps only (evaluation is float32)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from luna import training, validation
+from luna import training
 from luna.device import DeviceError, resolve_device, use_bf16
 
 
@@ -34,9 +34,7 @@ def test_bf16_policy_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert use_bf16("auto", cpu, cpu_auto=False) is False
     monkeypatch.setattr("luna.device.cpu_has_native_bf16", lambda: True)
     assert use_bf16("auto", cpu, cpu_auto=True) is True
-    # the stages differ only in their measured CPU choice: training on, validation off (fp32 metrics)
     assert training.resolve_amp("auto", cpu) is training.CPU_AMP_AUTO
-    assert validation.resolve_amp("auto", cpu) is (torch.bfloat16 if validation.CPU_AMP_AUTO else None)
     monkeypatch.setattr("luna.device.cpu_has_native_bf16", lambda: False)
     assert use_bf16("auto", cpu, cpu_auto=True) is False
     assert training.resolve_amp("auto", cpu) is False

@@ -387,11 +387,45 @@ def test_froc_bootstrap_single_draw_pattern_equals_froc_on_duplicated_scans():
 
 
 def test_metrics_columns_and_combine():
-    assert METRICS_COLUMNS == HISTORY_COLUMNS + ["cpm", "sens_at_0.125", "sens_at_0.25", "sens_at_0.5",
-                                                  "sens_at_1", "sens_at_2", "sens_at_4", "sens_at_8"]
+    assert METRICS_COLUMNS == ["fold"] + HISTORY_COLUMNS + ["threshold", "cpm", "sens_at_0.125", "sens_at_0.25",
+                                                            "sens_at_0.5", "sens_at_1", "sens_at_2", "sens_at_4",
+                                                            "sens_at_8"]
     predictions, annotations, excluded, val = hand_case()
-    row = metric_row(LABELS, PROBS, LOSSES, epoch=3, split="val")
-    combined = combine_metrics(row, froc(predictions, annotations, val, excluded))
+    row = metric_row(LABELS, PROBS, LOSSES, epoch=3, split="test")
+    combined = combine_metrics(row, froc(predictions, annotations, val, excluded), fold=2, threshold=0.4)
     assert list(combined) == METRICS_COLUMNS
+    assert combined["fold"] == 2 and combined["threshold"] == 0.4
     assert combined["cpm"] == pytest.approx(4.1 / 7) and combined["sens_at_0.125"] == pytest.approx(0.5)
-    assert math.isnan(combine_metrics(row, None)["cpm"])
+    assert math.isnan(combine_metrics(row, None)["cpm"]) and combine_metrics(row, None)["fold"] == "all"
+
+
+def test_metric_row_at_a_threshold_per_sample():
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    probs = np.array([0.6, 0.35, 0.4, 0.2, 0.7, 0.65])
+    losses = np.zeros(6)
+    at_03 = metric_row(labels, probs, losses, epoch=1, split="test", threshold=0.3)
+    assert (at_03["precision"], at_03["recall"]) == (pytest.approx(3 / 5), 1.0)
+    # first three samples at 0.5, last three at 0.66: positives 0.6 | 0.7 -> TP 2, FP 0
+    mixed = metric_row(labels, probs, losses, epoch=1, split="test", threshold=np.r_[[0.5] * 3, [0.66] * 3])
+    assert (mixed["precision"], mixed["recall"]) == (1.0, pytest.approx(2 / 3))
+    assert mixed["auc"] == metric_row(labels, probs, losses, epoch=1, split="test")["auc"]  # threshold-free
+
+
+def test_choose_threshold_policies():
+    from luna.metrics import MetricsError, choose_threshold
+
+    labels = np.array([1, 0, 1, 0, 0, 1, 0, 0])
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.2, 0.1])
+    assert choose_threshold(labels, probs, "0.35") == 0.35
+    # F1 of the top-k as positive: k=1 0.5, k=3 0.667, k=6 0.667 -> the highest cut on ties: between 0.7 and 0.6
+    assert choose_threshold(labels, probs, "max_f1") == pytest.approx(0.65)
+    assert choose_threshold(labels, probs, "recall:0.6") == pytest.approx(0.65)  # 2 of 3 from the top 3
+    assert choose_threshold(labels, probs, "recall:1") == pytest.approx(0.3)  # down to 0.4, cut halfway to 0.2
+    assert choose_threshold(np.ones(2), np.array([0.3, 0.2]), "recall:1") == pytest.approx(0.1)  # all positive
+    chosen = choose_threshold(labels, probs, "max_f1")
+    assert metric_row(labels, probs, np.zeros(8), epoch=1, split="s", threshold=chosen)["f1"] == pytest.approx(2 / 3)
+    for bad in ("1.5", "0", "recall:0", "recall:x", "best"):
+        with pytest.raises(MetricsError, match="threshold policy"):
+            choose_threshold(labels, probs, bad)
+    with pytest.raises(MetricsError, match="no positive sample"):
+        choose_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3]), "max_f1")

@@ -107,12 +107,14 @@ def test_checkpoint_round_trip_weights_only(tmp_path: Path, model: LunaModel) ->
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temp file left
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == CHECKPOINT_FORMAT
-    assert raw["epoch"] == 3 and raw["model_config"] == {"in_channels": 1, "conv_channels": 8}
+    assert raw["epoch"] == 3 and raw["crop_shape"] == [32, 48, 48]
+    assert raw["model_config"] == {"in_channels": 1, "conv_channels": 8, "crop_shape": [32, 48, 48]}
     assert raw["args"] == {"crops": ["a.h5"], "lr": 0.001, "balanced": 1}
     assert raw["val_metrics"]["f1"] == 0.5 and math.isnan(raw["val_metrics"]["precision"])
     assert raw["provenance"]["config"] == {"train": {"epochs": 3}}
     assert raw["provenance"]["torch_version"] == str(torch.__version__)
     assert raw["provenance"]["device"] == "cpu" and "luna_version" in raw["provenance"]
+    assert len(raw["provenance"]["source_sha256"]) == 64
     assert "git_commit" in raw["provenance"]
     assert not [k for k in raw["model_state"] if k.startswith(("module.", "_orig_mod."))]
     assert set(raw["model_state"]) == set(model.state_dict())
@@ -156,3 +158,21 @@ def test_a_file_that_is_not_a_checkpoint_gives_one_clear_error(tmp_path: Path, k
             load_checkpoint(path)
     assert isinstance(info.value, ValueError)
     assert "\n" not in str(info.value)
+
+
+def test_head_follows_the_crop_shape_and_too_small_shapes_are_refused(tmp_path: Path) -> None:
+    from luna.model import checkpoint_crop_shape, head_features
+
+    assert head_features(8, (32, 48, 48)) == 1152  # the book's
+    model = LunaModel(crop_shape=(16, 32, 64))
+    assert model.head_linear.in_features == 64 * 1 * 2 * 4
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 16, 32, 64))[0].shape == (1, 2)
+    path = save_checkpoint(tmp_path / "m.pt", model, epoch=1)
+    loaded, ckpt = load_model(path)
+    assert checkpoint_crop_shape(ckpt) == (16, 32, 64) and loaded.crop_shape == (16, 32, 64)
+    for bad in [(8, 48, 48), (32, 15, 48), (32, 48)]:
+        with pytest.raises(ValueError, match=r"cannot feed LunaModel: it needs three sizes, each >= 16"):
+            LunaModel(crop_shape=bad)
+    # a checkpoint written before the crop shape was recorded is the book's 32x48x48
+    assert checkpoint_crop_shape({"model_config": {"in_channels": 1, "conv_channels": 8}}) == (32, 48, 48)

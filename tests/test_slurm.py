@@ -80,7 +80,7 @@ def tiny_config(tmp_path: Path) -> dict:
             "extent_z_mm_max": 80.0,
         },
         "crops": {"shape": [32, 48, 48]},
-        "split": {"val_stride": 2},
+        "split": {"folds": 2},
     }
 
 

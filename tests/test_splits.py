@@ -1,15 +1,25 @@
-"""luna.splits: the one splits.tsv reader, its checks and one-line errors (file:line)."""
+"""luna.splits: folds (by subset, by stable hash), per-fold roles, the one splits.tsv reader and luna-split."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from luna.data import DataError, read_splits
-from luna.splits import SplitsError, read_splits_tsv, split_of_scan
-from luna.validation import ValidationError
-from luna.validation import read_splits as validation_read_splits
+from luna.ct import write_scan
+from luna.geometry import Geometry
+from luna.splits import (
+    SplitApp,
+    SplitsError,
+    fold_roles,
+    hash_fold,
+    make_splits,
+    read_splits_tsv,
+    subset_number,
+)
 
 
 def _write(path: Path, text: str) -> Path:
@@ -17,20 +27,84 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_reads_columns_in_any_order_as_strings(tmp_path: Path) -> None:
-    path = _write(tmp_path / "splits.tsv", "split\tseries_uid\ttrain_note\nval\t1.2.3\tx\ntrain\t007\t\n")
+def _uids(n: int, prefix: str = "1.3.6.1.4.1.14519.5.2.1.6279.6001.") -> list[str]:
+    rng = np.random.default_rng(3)
+    return [prefix + "".join(map(str, rng.integers(0, 10, 30))) for _ in range(n)]
+
+
+def test_subsets_protocol_fold_is_the_subset_number() -> None:
+    scans = {"1.5": "subset3", "1.2": "subset0", "1.9": "subset9", "1.1": "subset3"}
+    splits = make_splits(scans, "subsets")
+    assert splits.to_dict("list") == {"series_uid": ["1.1", "1.2", "1.5", "1.9"],
+                                      "subset": ["subset3", "subset0", "subset3", "subset9"], "fold": [3, 0, 3, 9]}
+    assert subset_number("subset12") == 12
+    with pytest.raises(SplitsError, match="subset 'extra' does not end in a number"):
+        make_splits({"1.1": "extra"}, "subsets")
+
+
+def test_hash_folds_are_sha256_of_the_uid_and_stable_when_scans_come_and_go() -> None:
+    uids = _uids(300)
+    scans = {uid: f"subset{i % 3}" for i, uid in enumerate(uids)}
+    splits = make_splits(scans, 5)
+    expected = [int.from_bytes(hashlib.sha256(u.encode()).digest()[:8], "big") % 5 for u in splits["series_uid"]]
+    assert splits["fold"].tolist() == expected
+    assert set(splits["fold"]) == {0, 1, 2, 3, 4}
+    assert splits["fold"].value_counts().min() > 40  # about 60 each
+    # remove subset1 and add new scans: no remaining scan changes fold
+    fewer = {u: s for u, s in scans.items() if s != "subset1"} | {u: "subset7" for u in _uids(20, "2.")}
+    after = make_splits(fewer, 5).set_index("series_uid")["fold"]
+    before = splits.set_index("series_uid")["fold"]
+    common = before.index.intersection(after.index)
+    assert len(common) == 200
+    assert (before[common] == after[common]).all()
+    assert hash_fold(uids[0], 5) == before[uids[0]]
+
+
+@pytest.mark.parametrize("bad", [1, 0, "two", "3.5", -2])
+def test_bad_fold_counts_are_refused(bad) -> None:
+    with pytest.raises(SplitsError, match="folds must be 'subsets' or a whole number >= 2"):
+        make_splits({"1.1": "subset0"}, bad)
+
+
+def test_roles_keep_the_test_fold_apart_and_draw_selection_from_the_others() -> None:
+    uids = _uids(400)
+    splits = make_splits({u: f"subset{i % 4}" for i, u in enumerate(uids)}, "subsets")
+    for test_fold in range(4):
+        roles = fold_roles(splits, test_fold, 0.25)
+        fold_of = dict(zip(splits["series_uid"], splits["fold"]))
+        assert {u for u, r in roles.items() if r == "test"} == {u for u, f in fold_of.items() if f == test_fold}
+        selection = {u for u, r in roles.items() if r == "selection"}
+        assert all(fold_of[u] != test_fold for u in selection)
+        assert 50 < len(selection) < 100  # 25% of 300
+        assert set(roles.values()) == {"train", "selection", "test"}
+    # selection depends on the test fold: a scan chooses in some folds and is trained on in others
+    sel0 = {u for u, r in fold_roles(splits, 0, 0.25).items() if r == "selection"}
+    sel1 = {u for u, r in fold_roles(splits, 1, 0.25).items() if r == "selection"}
+    assert sel0 != sel1
+    assert not any(r == "selection" for r in fold_roles(splits, 0, 0.0).values())
+
+
+def test_an_empty_test_fold_is_named(tmp_path: Path) -> None:
+    splits = make_splits({"1.1": "subset0", "1.2": "subset2"}, "subsets")
+    with pytest.raises(SplitsError, match=r"splits.tsv: test fold 1 has no scans \(folds present: 0, 2\)"):
+        fold_roles(splits, 1, 0.2)
+
+
+def test_reads_columns_in_any_order_uids_as_strings(tmp_path: Path) -> None:
+    path = _write(tmp_path / "splits.tsv", "fold\tseries_uid\tsubset\tnote\n1\t1.2.3\tsubset1\tx\n0\t007\tsubset0\t\n")
     frame = read_splits_tsv(path)
     assert list(frame["series_uid"]) == ["1.2.3", "007"]  # "007" stays a string, not 7
-    assert split_of_scan(path) == {"1.2.3": "val", "007": "train"}
+    assert frame["fold"].tolist() == [1, 0] and frame["fold"].dtype == np.int64
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("series_uid\tfold\na\ttrain\n", r"splits.tsv:1: missing column\(s\) split \(has series_uid, fold\)"),
-        ("series_uid\tsplit\na\ttrain\nb\ttest\n", r"splits.tsv:3: split 'test' is not train or val"),
-        ("series_uid\tsplit\na\ttrain\nb\t\n", r"splits.tsv:3: split '' is not train or val"),
-        ("series_uid\tsplit\na\ttrain\nb\tval\na\tval\n", r"splits.tsv:4: series_uid a listed twice"),
+        ("series_uid\tsplit\na\ttrain\n", r"splits.tsv:1: missing column\(s\) subset, fold \(has series_uid, split\)"),
+        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\tval\n", r"splits.tsv:3: fold 'val' is not a whole number >= 0"),
+        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\t\n", r"splits.tsv:3: fold '' is not a whole number >= 0"),
+        ("series_uid\tsubset\tfold\na\ts0\t-1\n", r"splits.tsv:2: fold '-1' is not a whole number >= 0"),
+        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\t1\na\ts0\t1\n", r"splits.tsv:4: series_uid a listed twice"),
         ("", r"splits.tsv: not a readable TSV"),
     ],
 )
@@ -38,13 +112,49 @@ def test_bad_files_name_file_and_line(tmp_path: Path, text: str, message: str) -
     path = _write(tmp_path / "splits.tsv", text)
     with pytest.raises(SplitsError, match=message):
         read_splits_tsv(path)
-    # every stage reports the same line, in its own error class
-    with pytest.raises(DataError, match=message):
-        read_splits(path)
-    with pytest.raises(ValidationError, match=message):
-        validation_read_splits(path)
 
 
 def test_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(SplitsError, match=r"nope.tsv: no such splits file$"):
         read_splits_tsv(tmp_path / "nope.tsv")
+
+
+def _data_root(tmp_path: Path) -> Path:
+    geometry = Geometry([0, 0, 0], [1, 1, 1])
+    for subset, uid in [("subset0", "1.1"), ("subset0", "1.3"), ("subset1", "1.2"), ("subset2", "1.4")]:
+        write_scan(tmp_path / subset / f"{uid}.mhd", np.zeros((2, 2, 2), np.int16), geometry)
+    return tmp_path
+
+
+def test_split_app_lists_every_scan_with_its_fold(tmp_path: Path) -> None:
+    root = _data_root(tmp_path)
+    out = tmp_path / "splits.tsv"
+    assert SplitApp(["--root", str(root), "--out", str(out)]).main() == 0
+    assert out.read_text() == ("series_uid\tsubset\tfold\n1.1\tsubset0\t0\n1.2\tsubset1\t1\n1.3\tsubset0\t0\n"
+                               "1.4\tsubset2\t2\n")
+    assert SplitApp(["--root", str(root), "--subsets", "subset0", "subset2", "--folds", "3", "--out", str(out)]).main() == 0
+    frame = read_splits_tsv(out)
+    assert frame["series_uid"].tolist() == ["1.1", "1.3", "1.4"]
+    assert frame["fold"].tolist() == [hash_fold(u, 3) for u in ["1.1", "1.3", "1.4"]]
+
+
+def test_split_app_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    root = _data_root(tmp_path)
+    out = tmp_path / "splits.tsv"
+    assert SplitApp(["--root", str(root), "--subsets", "subset9", "--out", str(out)]).main() == 2
+    assert capsys.readouterr().err.strip() == f"luna-split: error: {root / 'subset9'}: subset folder not found"
+    (root / "empty7").mkdir()
+    assert SplitApp(["--root", str(root), "--subsets", "empty7", "--out", str(out)]).main() == 2
+    assert "no scans" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        SplitApp(["--root", str(root), "--folds", "1", "--out", str(out)])
+    assert "folds must be 'subsets' or a whole number >= 2" in capsys.readouterr().err
+
+
+def test_splits_frame_round_trips(tmp_path: Path) -> None:
+    splits = make_splits({u: "subset4" for u in _uids(5)}, 2)
+    from luna.splits import write_splits_tsv
+
+    write_splits_tsv(splits, tmp_path / "s.tsv")
+    pd.testing.assert_frame_equal(read_splits_tsv(tmp_path / "s.tsv"), splits)

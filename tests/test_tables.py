@@ -13,9 +13,9 @@ import pytest
 
 from luna.candidates import CANDIDATES_TSV_COLUMNS, TableError, read_candidates_tsv
 from luna.crops import CropError, read_subset_candidates
-from luna.splits import SplitsError, read_splits_tsv
+from luna.evaluation import HISTORY_REQUIRED, EvaluationError, read_history
+from luna.splits import SPLITS_TSV_COLUMNS, SplitsError, read_splits_tsv
 from luna.tables import numeric_column, read_tsv
-from luna.validation import HISTORY_REQUIRED, ValidationError, read_history
 
 
 class Reader(NamedTuple):
@@ -26,8 +26,8 @@ class Reader(NamedTuple):
 
 
 READERS = {
-    "splits": Reader(read_splits_tsv, SplitsError, "splits file", ["series_uid", "split"]),
-    "history": Reader(read_history, ValidationError, "history file", HISTORY_REQUIRED),
+    "splits": Reader(read_splits_tsv, SplitsError, "splits file", SPLITS_TSV_COLUMNS),
+    "history": Reader(read_history, EvaluationError, "history file", HISTORY_REQUIRED),
     "candidates": Reader(read_candidates_tsv, TableError, "candidates table", CANDIDATES_TSV_COLUMNS),
     "crops": Reader(lambda path: read_subset_candidates(path, "subset0"), CropError, "candidates table",
                     CANDIDATES_TSV_COLUMNS),

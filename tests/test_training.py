@@ -1,4 +1,5 @@
-"""LunaTrainingApp: outputs per DESIGN, determinism, kill -9 + resume, DDP under torchrun (gloo), errors."""
+"""LunaTrainingApp: one test fold held out, selection-only choices, outputs per docs/design.md, determinism,
+kill -9 + resume, code-version fingerprint, DDP under torchrun (gloo), errors."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from test_data import make_store, write_splits  # noqa: E402
 
 BIN = Path(sys.executable).parent
 EPOCHS, SAMPLES, BATCH = 2, 32, 8
+SELECTION = 0.3  # with folds k % 4 and test fold 0: test scans .0 .4, selection .1 .3, train .2 .5 .6 .7
+BASE = ["--crops", "a", "--splits", "b", "--out", "c", "--test-fold", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,7 @@ def _keep_torch_threads():
 
 def argv(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return ["--crops", str(data["crops"]), "--splits", str(data["splits"]), "--out", str(out),
+            "--test-fold", "0", "--selection-fraction", str(SELECTION),
             "--epochs", str(EPOCHS), "--samples-per-epoch", str(SAMPLES), "--batch-size", str(BATCH),
             "--threads", "2", "--tb-dir", "none", "--lr-warmup-steps", "6", "--clip-grad-norm", "5", *extra]
 
@@ -61,7 +65,8 @@ def test_help_lists_every_option(capsys) -> None:
     assert info.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--crops", "--splits", "--out", "--state", "--resume", "--tb-dir", "--comment", "--epochs",
-                 "--samples-per-epoch", "--batch-size", "--lr", "--momentum", "--balanced", "--val-samples",
+                 "--test-fold", "--selection-fraction", "--keep", "--threshold", "--selection-interval",
+                 "--samples-per-epoch", "--batch-size", "--lr", "--momentum", "--balanced",
                  "--seed", "--augment-flip", "--augment-offset", "--augment-scale", "--augment-rotate",
                  "--augment-noise", "--device", "--amp", "--channels-last", "--no-channels-last",
                  "--num-workers", "--threads", "--lr-warmup-steps", "--clip-grad-norm", "--ema-decay",
@@ -74,7 +79,7 @@ def test_help_lists_every_option(capsys) -> None:
 
 
 def test_loader_workers_auto_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert build_parser().parse_args(["--crops", "a", "--splits", "b", "--out", "c"]).num_workers == "auto"
+    assert build_parser().parse_args(BASE).num_workers == "auto"
     assert resolve_workers("auto", torch.device("cpu")) == 0  # workers only compete with the model on a CPU
     assert resolve_workers(3, torch.device("cpu")) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
@@ -82,7 +87,7 @@ def test_loader_workers_auto_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert resolve_workers("auto", torch.device("cuda")) == 1
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--crops", "a", "--splits", "b", "--out", "c", "--num-workers", "-1"])
+        build_parser().parse_args([*BASE, "--num-workers", "-1"])
 
 
 def test_warmup_schedule_is_a_pure_function_of_the_step() -> None:
@@ -106,7 +111,7 @@ def test_warmup_sets_the_rate_and_clipping_bounds_the_step(data: dict[str, Path]
 
 
 def test_optimizer_is_the_books_sgd_unless_asked() -> None:
-    base = ["--crops", "a", "--splits", "b", "--out", "c"]
+    base = BASE
     model = torch.nn.Linear(3, 2)
     sgd = make_optimizer(build_parser().parse_args(base), model)
     assert type(sgd) is torch.optim.SGD
@@ -119,7 +124,7 @@ def test_optimizer_is_the_books_sgd_unless_asked() -> None:
 
 
 def test_balanced_schedule_option_parses_epoch_ratio_pairs(data: dict[str, Path], tmp_path: Path) -> None:
-    base = ["--crops", "a", "--splits", "b", "--out", "c"]
+    base = BASE
     assert build_parser().parse_args(base).balanced_schedule == []
     assert build_parser().parse_args([*base, "--balanced-schedule", "7:8", "3:2"]).balanced_schedule == [(7, 8), (3, 2)]
     for bad in ("7", "0:3", "2:-1", "a:b"):
@@ -147,7 +152,7 @@ def test_ema_update_averages_weights_and_statistics() -> None:
     # the decay starts low so the random init is forgotten quickly, then holds at the asked value
     assert [ema_decay_at(0.99, s) for s in (0, 1, 10, 1000)] == pytest.approx([0.1, 2 / 11, 0.55, 0.99])
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["--crops", "a", "--splits", "b", "--out", "c", "--ema-decay", "1"])
+        build_parser().parse_args([*BASE, "--ema-decay", "1"])
 
 
 def test_ema_weights_are_validated_kept_and_resumed(data: dict[str, Path], tmp_path: Path) -> None:
@@ -174,31 +179,88 @@ def test_ema_weights_are_validated_kept_and_resumed(data: dict[str, Path], tmp_p
     train_cols = ["loss_all", "auc"]
     pd.testing.assert_frame_equal(plain[plain.split == "train"][train_cols].reset_index(drop=True),
                                   other[other.split == "train"][train_cols].reset_index(drop=True))
-    assert not np.allclose(plain[plain.split == "val"].loss_all, other[other.split == "val"].loss_all)
+    assert not np.allclose(plain[plain.split == "selection"].loss_all, other[other.split == "selection"].loss_all)
 
 
 def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> None:
     history = pd.read_csv(reference / "history.tsv", sep="\t")
     assert list(history.columns) == HISTORY_COLUMNS
-    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
-    train, val = history[history.split == "train"], history[history.split == "val"]
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "selection"], [2, "train"],
+                                                           [2, "selection"]]
+    train, selection = history[history.split == "train"], history[history.split == "selection"]
     assert (train.n == SAMPLES).all() and (train.n_pos == SAMPLES // 2).all()  # balanced 1:1
-    assert (val.n == 10).all() and (val.n_pos == 2).all()  # every val crop (2 of 8 scans), unbalanced
+    assert (selection.n == 10).all() and (selection.n_pos == 4).all()  # every selection crop (scans .1 .3)
 
     raw = torch.load(reference / "model.pt", weights_only=True)
-    best = val.assign(key=val.f1.fillna(-1)).sort_values(["key", "epoch"], ascending=[False, True]).iloc[0]
-    assert raw["epoch"] == int(best.epoch)
-    assert raw["val_metrics"]["epoch"] == raw["epoch"] and raw["val_metrics"]["split"] == "val"
+    best = selection.assign(key=selection.f1.fillna(-1)).sort_values(["key", "epoch"], ascending=[False, True]).iloc[0]
+    assert raw["epoch"] == int(best.epoch)  # --keep f1 at the fixed threshold 0.5
+    assert raw["val_metrics"]["epoch"] == raw["epoch"] and raw["val_metrics"]["split"] == "selection"
+    assert raw["threshold"] == 0.5 and raw["threshold_policy"] == "0.5" and raw["keep"] == "f1"
+    # provenance of the held-out fold: nothing of test fold 0 was trained or chosen on
+    assert raw["test_fold"] == 0 and raw["crop_shape"] == [32, 48, 48]
+    assert raw["train_series_uids"] == ["1.2.3.2", "1.2.3.5", "1.2.3.6", "1.2.3.7"]
+    assert raw["selection_series_uids"] == ["1.2.3.1", "1.2.3.3"]
     assert isinstance(raw["args"], dict) and raw["args"]["lr"] == 0.001 and raw["args"]["momentum"] == 0.99
     assert raw["provenance"]["device"] == "cpu" and raw["provenance"]["torch_version"] == str(torch.__version__)
+    assert len(raw["provenance"]["source_sha256"]) == 64
     assert not [k for k in raw["model_state"] if k.startswith(("module.", "_orig_mod."))]
     model, _ = load_model(reference / "model.pt")
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 32, 48, 48))[1].shape == (2, 2)
+    chosen = pd.read_csv(reference / "selection_predictions.tsv", sep="\t", dtype={"series_uid": str})
+    assert sorted(chosen.series_uid.unique()) == raw["selection_series_uids"] and len(chosen) == 10
+    assert chosen.fold.eq(0).all() and chosen.is_nodule.sum() == 4
     state = default_state_dir(reference)
     assert state == reference.parent / ".model.train_state"
-    assert sorted(p.name for p in state.iterdir()) == [f"best_model.e{raw['epoch']}.pt", "last.pt"]
+    assert sorted(p.name for p in state.iterdir()) == [f"best_model.e{raw['epoch']}.pt",
+                                                       f"best_selection.e{raw['epoch']}.tsv", "last.pt"]
     assert not list(reference.glob(".*tmp"))
+
+
+def test_selection_rows_equal_luna_predict_on_the_selection_scans(reference: Path, data: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """One precision policy: the kept epoch's selection row and luna-predict's probabilities agree (1e-5)."""
+    from luna.metrics import metric_row
+    from luna.validation import PredictApp
+
+    out = tmp_path / "selection.tsv"
+    assert PredictApp(["--model", str(reference / "model.pt"), "--crops", str(data["crops"]), "--scans", "selection",
+                       "--out", str(out), "--batch-size", "3"]).main() == 0
+    predicted = pd.read_csv(out, sep="\t", dtype={"series_uid": str})
+    chosen = pd.read_csv(reference / "selection_predictions.tsv", sep="\t", dtype={"series_uid": str})
+    assert predicted.candidate_id.tolist() == chosen.candidate_id.tolist()
+    np.testing.assert_allclose(predicted.probability, chosen.probability, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(predicted.loss, chosen.loss, rtol=1e-5, atol=1e-5)
+    raw = torch.load(reference / "model.pt", weights_only=True)
+    row = metric_row(predicted.is_nodule, predicted.probability, predicted.loss, epoch=raw["epoch"], split="selection")
+    history = pd.read_csv(reference / "history.tsv", sep="\t")
+    kept = history[(history.split == "selection") & (history.epoch == raw["epoch"])].iloc[0]
+    for column in ("loss_all", "loss_neg", "loss_pos", "correct_all", "precision", "recall", "auc"):
+        assert float(row[column]) == pytest.approx(float(kept[column]), rel=1e-5, abs=1e-5, nan_ok=True), column
+
+
+def test_keep_and_threshold_policies_choose_on_the_selection_set_only(data: dict[str, Path], tmp_path: Path) -> None:
+    from luna.metrics import choose_threshold
+
+    out = tmp_path / "last"
+    assert LunaTrainingApp(argv(data, out, "--keep", "last", "--threshold", "max_f1", "--epochs", "3",
+                                "--selection-interval", "2")).main() == 0
+    history = pd.read_csv(out / "history.tsv", sep="\t")
+    # selection every 2nd epoch and after the last
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [2, "train"], [2, "selection"],
+                                                           [3, "train"], [3, "selection"]]
+    raw = torch.load(out / "model.pt", weights_only=True)
+    assert raw["epoch"] == 3 and raw["keep"] == "last" and raw["threshold_policy"] == "max_f1"
+    chosen = pd.read_csv(out / "selection_predictions.tsv", sep="\t")
+    assert raw["threshold"] == pytest.approx(choose_threshold(chosen.is_nodule, chosen.probability, "max_f1"))
+    assert raw["selection_metrics"]["f1"] >= history.iloc[-1]["f1"] - 1e-12  # max F1 >= F1 at 0.5
+    # nothing to choose on: only the last epoch and a fixed threshold make sense
+    none = tmp_path / "none"
+    assert LunaTrainingApp(argv(data, none, "--selection-fraction", "0", "--keep", "last")).main() == 0
+    assert pd.read_csv(none / "history.tsv", sep="\t").split.tolist() == ["train", "train"]
+    raw = torch.load(none / "model.pt", weights_only=True)
+    assert raw["epoch"] == 2 and raw["selection_series_uids"] == [] and raw["threshold"] == 0.5
+    assert not (none / "selection_predictions.tsv").exists()
 
 
 def test_tensorboard_uses_the_books_tags(reference: Path) -> None:
@@ -242,17 +304,16 @@ def test_kill_9_mid_epoch_then_resume_continues(reference: Path, data: dict[str,
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    killed = pd.read_csv(out / "history.tsv", sep="\t")
-    assert killed.epoch.tolist() == [1, 1]  # epoch 2 never finished
-    # Snakemake deletes declared outputs before rerunning a job; the state outside them is enough
-    (out / "history.tsv").unlink()
-    (out / "model.pt").unlink()
+    # nothing at --out looks finished: the outputs are written when the run ends, the state holds epoch 1
+    assert not (out / "history.tsv").exists() and not (out / "model.pt").exists()
+    assert torch.load(state / "last.pt", weights_only=True)["epoch"] == 1
     second = subprocess.run(cmd, capture_output=True, text=True, env=env_with_bin, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "Resuming after epoch 1" in second.stderr
     assert "E1 Training" not in second.stderr
     history = pd.read_csv(out / "history.tsv", sep="\t")
-    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "selection"], [2, "train"],
+                                                           [2, "selection"]]
     # the resumed run ends exactly where the uninterrupted one did
     assert (out / "history.tsv").read_bytes() == (reference / "history.tsv").read_bytes()
     a = torch.load(out / "model.pt", weights_only=True)
@@ -268,10 +329,32 @@ def test_resume_ignores_a_state_from_other_settings(reference: Path, data: dict[
     state = tmp_path / "state"
     assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1")).main() == 0
     assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume", "--lr", "0.002")).main() == 0
-    assert "written with other settings or inputs; starting at epoch 1" in caplog.text
+    assert "written with other settings, inputs or code; starting at epoch 1" in caplog.text
     history = pd.read_csv(out / "history.tsv", sep="\t")
     assert history.epoch.tolist() == [1, 1, 2, 2]
     assert (out / "history.tsv").read_bytes() != (reference / "history.tsv").read_bytes()
+
+
+def test_a_changed_source_file_makes_a_resume_start_afresh(data: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import shutil
+
+    import luna.provenance
+
+    out, state = tmp_path / "model", tmp_path / "state"
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1")).main() == 0
+    # the same package with one edited (uncommitted) source file
+    edited = tmp_path / "luna"
+    shutil.copytree(luna.provenance.PACKAGE_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(edited / "metrics.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    assert luna.provenance.source_digest(edited) != luna.provenance.source_digest()
+    monkeypatch.setattr(luna.provenance, "PACKAGE_DIR", edited)
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume")).main() == 0
+    assert "written with other settings, inputs or code; starting at epoch 1" in caplog.text
+    assert "Resuming after epoch" not in caplog.text
+    raw = torch.load(out / "model.pt", weights_only=True)
+    assert raw["provenance"]["source_sha256"] == luna.provenance.source_digest(edited)
 
 
 def test_resume_with_more_epochs_extends_the_run(reference: Path, data: dict[str, Path], tmp_path: Path) -> None:
@@ -290,11 +373,12 @@ def test_ddp_under_torchrun_gloo(data: dict[str, Path], tmp_path: Path, env_with
     assert result.returncode == 0, result.stderr[-3000:]
     history = pd.read_csv(out / "history.tsv", sep="\t")
     assert list(history.columns) == HISTORY_COLUMNS
-    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
-    train, val = history[history.split == "train"], history[history.split == "val"]
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "selection"], [2, "train"],
+                                                           [2, "selection"]]
+    train, selection = history[history.split == "train"], history[history.split == "selection"]
     # 33 samples round up to 34 = 2 x 17 (3 batches each; unequal step counts would hang DDP)
     assert (train.n == 34).all() and train.n_pos.tolist() == [17, 9]  # both processes' samples; 1:1, then 1:3
-    assert (val.n == 10).all() and (val.n_pos == 2).all()  # every val crop exactly once
+    assert (selection.n == 10).all() and (selection.n_pos == 4).all()  # every selection crop exactly once
     assert np.isfinite(history.loss_all).all() and history.auc.between(0, 1).all()
     assert result.stderr.count("Starting LunaTrainingApp") == 1  # only rank 0 logs progress
     raw = torch.load(out / "model.pt", weights_only=True)
@@ -305,7 +389,7 @@ def test_ddp_under_torchrun_gloo(data: dict[str, Path], tmp_path: Path, env_with
 def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.tsv"
     with pytest.raises(SystemExit) as info:
-        main(["--crops", str(data["crops"]), "--splits", str(missing), "--out", str(tmp_path / "o")])
+        main(["--crops", str(data["crops"]), "--splits", str(missing), "--out", str(tmp_path / "o"), "--test-fold", "0"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"luna-train: error: {missing}: no such file"
@@ -313,13 +397,25 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
         main(argv(data, tmp_path / "o", "--state", str(tmp_path / "o" / "state")))
     assert info.value.code == 2
     assert "lies inside --out" in capsys.readouterr().err
-    bad_splits = tmp_path / "bad.tsv"
-    bad_splits.write_text("series_uid\tsplit\n1.2.3.0\ttrain\n")  # no val scan
+    for extra, message in [
+        (["--test-fold", "7"], "splits.tsv: test fold 7 has no scans (folds present: 0, 1, 2, 3)"),
+        (["--selection-fraction", "0"], "--selection-fraction 0 leaves nothing to choose on: use --keep last"),
+        (["--selection-fraction", "0.05"], "the selection set of test fold 0 (--selection-fraction 0.05) has 0 nodule"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(argv(data, tmp_path / "o2", *extra))
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    # an --out that cannot be a folder fails before any training, naming it
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
     with pytest.raises(SystemExit) as info:
-        main(["--crops", str(data["crops"]), "--splits", str(bad_splits), "--out", str(tmp_path / "o2"),
-              "--tb-dir", "none"])
+        main(argv(data, blocker / "model"))
     assert info.value.code == 2
-    assert "no val crops" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err == f"luna-train: error: {blocker / 'model'}: cannot write to the --out folder (a file is in the way: not a folder)"
+    assert not any(p.name.startswith(".file.txt") for p in tmp_path.iterdir())
 
 
 def test_nan_metrics_are_written_as_nan(reference: Path) -> None:

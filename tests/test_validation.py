@@ -1,4 +1,5 @@
-"""Tests of luna.validation: predictions, metrics.tsv, froc.tsv, submission, plots, predict-only, real CT.
+"""luna-predict / luna-validate / luna-evaluate: predictions, metrics.tsv per fold and pooled, froc.tsv,
+submission, plots, predict-only, real CT.
 
 Tiny crop stores are written with StoreWriter; the model is a seeded LunaModel saved with save_checkpoint
 (its tail BatchNorm given running statistics of CT, so the probabilities are not saturated at 0/1).
@@ -25,14 +26,11 @@ from luna.metrics import (
     froc_bootstrap,
     metric_row,
 )
+from luna.evaluation import PREDICTION_COLUMNS, EvaluateApp
+from luna.inference import crops_to_tensor
 from luna.model import LunaModel, load_model, save_checkpoint
 from luna.store import CropStore, StoreWriter
-from luna.validation import (
-    PREDICTION_COLUMNS,
-    ValidationApp,
-    crops_to_tensor,
-    main,
-)
+from luna.validation import ValidationApp, main
 
 from conftest import LIDC_DIR, LIDC_MHD, LIDC_UID
 
@@ -123,6 +121,12 @@ def ct_model(seed: int = 0) -> LunaModel:
     return model.eval()
 
 
+def write_splits(path: Path, folds: dict[str, int]) -> Path:
+    pd.DataFrame({"series_uid": list(folds), "subset": "subset0", "fold": list(folds.values())}).to_csv(
+        path, sep="\t", index=False)
+    return path
+
+
 def read_tsv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", dtype={"series_uid": str})
 
@@ -159,13 +163,12 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
         "excluded": root / "annotations_excluded.csv",
         "history": root / "history.tsv",
     }
-    pd.DataFrame({"series_uid": [VAL_A, VAL_B, VAL_EMPTY, TRAIN_A], "split": ["val", "val", "val", "train"]}
-                 ).to_csv(paths["splits"], sep="\t", index=False)
+    write_splits(paths["splits"], {VAL_A: 0, VAL_B: 0, VAL_EMPTY: 0, TRAIN_A: 1})
     ANNOTATIONS.to_csv(paths["annotations"], index=False)
     EXCLUDED.to_csv(paths["excluded"], index=False)
     history = []
     for epoch in (1, 2, 3):
-        for split, offset in (("train", 0.0), ("val", 0.05)):
+        for split, offset in (("train", 0.0), ("selection", 0.05)):
             history.append({"epoch": epoch, "split": split, "n": 10, "n_pos": 3, "n_neg": 7,
                             "loss_all": 0.7 / epoch + offset, "loss_neg": 0.5, "loss_pos": 0.9,
                             "correct_all": 70.0, "correct_neg": 80.0, "correct_pos": 50.0,
@@ -181,7 +184,8 @@ def labelled_run(inputs, tmp_path_factory):
     argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
             "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]),
             "--annotations-excluded", str(inputs["excluded"]), "--history", str(inputs["history"]),
-            "--out", str(out), "--batch-size", "4", "--device", "cpu", "--bootstrap", "25", "--seed", "3"]
+            "--out", str(out), "--batch-size", "4", "--device", "cpu", "--bootstrap", "25", "--seed", "3",
+            "--fold", "0"]
     result = ValidationApp(argv).run()
     return out, result
 
@@ -206,7 +210,7 @@ def expected_probabilities(inputs) -> tuple[np.ndarray, np.ndarray]:
 # labelled run: predictions, metrics, FROC, submission, plots
 # ----------------------------------------------------------------------------------------------------
 
-def test_predictions_one_row_per_val_candidate(inputs, labelled_run):
+def test_predictions_one_row_per_test_candidate(inputs, labelled_run):
     out, _ = labelled_run
     predictions = read_tsv(out / "predictions.tsv")
     assert list(predictions.columns) == PREDICTION_COLUMNS
@@ -222,19 +226,21 @@ def test_predictions_one_row_per_val_candidate(inputs, labelled_run):
     expected_probability, expected_loss = expected_probabilities(inputs)
     np.testing.assert_allclose(probability, expected_probability, atol=1e-5)
     np.testing.assert_allclose(predictions["loss"].to_numpy(), expected_loss, rtol=1e-4, atol=1e-5)
+    assert predictions["fold"].eq(0).all()
 
 
 def test_metrics_row_equals_metric_row_of_predictions(inputs, labelled_run):
     out, result = labelled_run
     metrics = read_tsv(out / "metrics.tsv")
     assert list(metrics.columns) == METRICS_COLUMNS
-    assert len(metrics) == 1
-    row = metrics.iloc[0].to_dict()
+    assert metrics["fold"].astype(str).tolist() == ["0", "all"]  # one fold: its row and the pooled row agree
     predictions = read_tsv(out / "predictions.tsv")
     expected = metric_row(predictions["is_nodule"], predictions["probability"], predictions["loss"],
-                          epoch=EPOCH, split="val")
-    assert_row_equal(row, expected, HISTORY_COLUMNS)
-    assert (row["epoch"], row["split"], row["n"], row["n_pos"], row["n_neg"]) == (EPOCH, "val", 9, 3, 6)
+                          epoch=EPOCH, split="test")
+    for _, row in metrics.iterrows():
+        assert_row_equal(row.to_dict(), expected, HISTORY_COLUMNS)
+        assert (row["epoch"], row["split"], row["n"], row["n_pos"], row["n_neg"]) == (EPOCH, "test", 9, 3, 6)
+        assert row["threshold"] == 0.5  # a checkpoint without a recorded threshold: the book's 0.5
 
 
 def test_froc_consistent_with_metrics_and_hand_counts(inputs, labelled_run):
@@ -247,7 +253,7 @@ def test_froc_consistent_with_metrics_and_hand_counts(inputs, labelled_run):
     # candidate 3 lies on an excluded finding and counts as neither
     assert curve["fp_per_scan"].iloc[-1] == pytest.approx(N_FP / N_VAL_SCANS)
     assert curve["sensitivity"].iloc[-1] == pytest.approx(2 / N_VAL_NODULES)
-    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    metrics = read_tsv(out / "metrics.tsv").iloc[-1]
     sensitivities = np.interp(FROC_RATES, curve["fp_per_scan"], curve["sensitivity"])
     for name, value in zip(SENSITIVITY_COLUMNS, sensitivities):
         assert metrics[name] == pytest.approx(value, abs=1e-12)
@@ -267,14 +273,16 @@ def test_froc_consistent_with_metrics_and_hand_counts(inputs, labelled_run):
 def test_bootstrap_interval_file(inputs, labelled_run):
     out, _ = labelled_run
     ci = read_tsv(out / "metrics_ci.tsv")
-    assert ci["metric"].tolist() == ["cpm", *SENSITIVITY_COLUMNS]
+    assert ci["fold"].astype(str).tolist() == ["0"] * 8 + ["all"] * 8
+    assert ci["metric"].tolist() == ["cpm", *SENSITIVITY_COLUMNS] * 2
+    ci = ci[ci["fold"].astype(str) == "all"]
     predictions = read_tsv(out / "predictions.tsv")
     expected = froc_bootstrap(predictions, read_annotations_csv(inputs["annotations"]), [VAL_A, VAL_B, VAL_EMPTY],
                               read_annotations_csv(inputs["excluded"], allow_negative=True), n_bootstrap=25, seed=3)
     for _, row in ci.iterrows():
         assert (row["ci_low"], row["ci_high"]) == pytest.approx(expected[row["metric"]], nan_ok=True)
     assert set(ci["n_bootstrap"]) == {25} and set(ci["seed"]) == {3}
-    metrics = read_tsv(out / "metrics.tsv").iloc[0]
+    metrics = read_tsv(out / "metrics.tsv").iloc[-1]
     assert ci.set_index("metric").loc["cpm", "value"] == pytest.approx(metrics["cpm"])
 
 
@@ -306,7 +314,7 @@ def test_batch_size_and_memory_format_do_not_change_predictions(inputs, labelled
     out, _ = labelled_run
     argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
             "--splits", str(inputs["splits"]), "--out", str(tmp_path), "--batch-size", "2",
-            "--channels-last", "off", "--device", "cpu"]
+            "--channels-last", "off", "--device", "cpu", "--fold", "0"]
     assert ValidationApp(argv).main() == 0
     np.testing.assert_allclose(read_tsv(tmp_path / "predictions.tsv")["probability"],
                                read_tsv(out / "predictions.tsv")["probability"], atol=1e-6)
@@ -326,9 +334,9 @@ def test_nan_written_as_nan_and_no_froc_without_annotations(inputs, tmp_path):
     out.mkdir()
     (out / "froc.tsv").write_text("stale\n")
     argv = ["--model", str(checkpoint), "--crops", str(inputs["store0"]), str(inputs["store1"]),
-            "--splits", str(inputs["splits"]), "--out", str(out), "--device", "cpu"]
+            "--splits", str(inputs["splits"]), "--out", str(out), "--device", "cpu", "--fold", "0"]
     assert ValidationApp(argv).main() == 0
-    header, values = (out / "metrics.tsv").read_text().splitlines()
+    header, values, _ = (out / "metrics.tsv").read_text().splitlines()
     row = dict(zip(header.split("\t"), values.split("\t")))
     assert row["precision"] == "NaN" and row["f1"] == "NaN" and row["cpm"] == "NaN"
     assert float(row["recall"]) == 0.0 and float(row["correct_neg"]) == 100.0
@@ -345,7 +353,8 @@ def test_predict_only_store_without_classes(inputs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.tsv").write_text("stale\n")  # from an earlier run: must not survive
-    argv = ["--model", str(inputs["model"]), "--crops", str(store), "--out", str(out), "--device", "cpu"]
+    argv = ["--model", str(inputs["model"]), "--crops", str(store), "--out", str(out), "--device", "cpu",
+            "--scans", "all"]
     assert ValidationApp(argv).main() == 0
     assert sorted(p.name for p in out.iterdir()) == ["predictions.tsv", "submission.csv"]
     lines = (out / "predictions.tsv").read_text().splitlines()
@@ -353,7 +362,7 @@ def test_predict_only_store_without_classes(inputs, tmp_path):
     assert len(lines) == 1 + len(STORE1_ROWS)
     for line in lines[1:]:
         fields = line.split("\t")
-        assert fields[5] == "" and fields[8] == ""  # is_nodule, loss
+        assert fields[5] == "NaN" and fields[8] == "NaN"  # is_nodule, loss: undefined without classes
         assert 0.0 <= float(fields[7]) <= 1.0
     submission = pd.read_csv(out / "submission.csv")
     assert list(submission.columns) == ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
@@ -364,23 +373,23 @@ def test_unlabelled_candidates_with_annotations_give_cpm_only(inputs, tmp_path):
     store = write_store(tmp_path / "unlabelled.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
     out = tmp_path / "out"
     argv = ["--model", str(inputs["model"]), "--crops", str(store), "--annotations", str(inputs["annotations"]),
-            "--out", str(out), "--device", "cpu"]
+            "--out", str(out), "--device", "cpu", "--scans", "all"]
     assert ValidationApp(argv).main() == 0
     metrics = read_tsv(out / "metrics.tsv").iloc[0]
-    assert (metrics["epoch"], metrics["split"], metrics["n"]) == (EPOCH, "val", 4)
+    assert (metrics["epoch"], metrics["split"], metrics["n"]) == (EPOCH, "test", 4)
     assert math.isnan(metrics["auc"]) and math.isnan(metrics["n_pos"])
-    # without --splits the scans of the store are the val scans: VAL_B only, its nodule N4 hit, 3 FPs
+    # --scans all: the scans of the store are predicted: VAL_B only, its nodule N4 hit, 3 FPs
     curve = read_tsv(out / "froc.tsv")
     assert curve["fp_per_scan"].iloc[-1] == pytest.approx(3.0) and curve["sensitivity"].iloc[-1] == 1.0
     assert not (out / "roc.png").exists() and (out / "froc.png").exists()
 
 
-def test_val_scan_without_candidates_gives_empty_predictions(inputs, tmp_path):
-    splits = tmp_path / "splits.tsv"
-    pd.DataFrame({"series_uid": [VAL_A, VAL_EMPTY], "split": ["train", "val"]}).to_csv(splits, sep="\t", index=False)
+def test_test_scan_without_candidates_gives_empty_predictions(inputs, tmp_path):
+    splits = write_splits(tmp_path / "splits.tsv", {VAL_A: 1, VAL_EMPTY: 0})
     out = tmp_path / "out"
     argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
-            "--splits", str(splits), "--annotations", str(inputs["annotations"]), "--out", str(out), "--device", "cpu"]
+            "--splits", str(splits), "--annotations", str(inputs["annotations"]), "--out", str(out), "--device", "cpu",
+            "--fold", "0"]
     assert ValidationApp(argv).main() == 0
     assert len(read_tsv(out / "predictions.tsv")) == 0
     assert (out / "submission.csv").read_text() == "seriesuid,coordX,coordY,coordZ,probability\n"
@@ -393,21 +402,73 @@ def test_val_scan_without_candidates_gives_empty_predictions(inputs, tmp_path):
         assert_valid_png(out / name)
 
 
+def test_evaluate_pools_folds_each_at_its_own_threshold(inputs, tmp_path):
+    """Two folds (VAL_A and VAL_B + VAL_EMPTY) predicted by two models with other thresholds and epochs: the fold
+    rows, and a pooled row that equals an independent recomputation from the pooled predictions."""
+    splits = write_splits(tmp_path / "splits.tsv", {VAL_A: 3, VAL_B: 5, VAL_EMPTY: 5, TRAIN_A: 1})
+    folds = []
+    for fold, threshold, epoch, seed in ((3, 0.3, 4, 0), (5, 0.6, 6, 1)):
+        folder = tmp_path / "folds" / str(fold)
+        save_checkpoint(folder / "model.pt", ct_model(seed), epoch=epoch,
+                        extra={"test_fold": fold, "threshold": threshold})
+        argv = ["--model", str(folder / "model.pt"), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+                "--splits", str(splits), "--out", str(folder / "predictions.tsv"), "--device", "cpu"]
+        from luna.validation import PredictApp
+
+        assert PredictApp(argv).main() == 0
+        folds.append(folder)
+    out = tmp_path / "validation"
+    assert EvaluateApp(["--folds", *map(str, folds), "--splits", str(splits), "--annotations",
+                        str(inputs["annotations"]), "--annotations-excluded", str(inputs["excluded"]),
+                        "--out", str(out), "--bootstrap", "20"]).main() == 0
+    pooled = read_tsv(out / "predictions.tsv")
+    assert list(pooled.columns) == PREDICTION_COLUMNS
+    assert pooled["fold"].tolist() == [3] * 5 + [5] * 4 and sorted(set(pooled["series_uid"])) == sorted([VAL_A, VAL_B])
+    metrics = read_tsv(out / "metrics.tsv")
+    assert metrics["fold"].astype(str).tolist() == ["3", "5", "all"]
+    assert metrics["threshold"].tolist()[:2] == [0.3, 0.6] and math.isnan(metrics["threshold"].iloc[2])
+    assert metrics["epoch"].tolist()[:2] == [4, 6] and math.isnan(metrics["epoch"].iloc[2])
+    # independent recomputation of the pooled row: each prediction at its own fold's threshold
+    thresholds = pooled["fold"].map({3: 0.3, 5: 0.6}).to_numpy()
+    positive = pooled["probability"].to_numpy() > thresholds
+    label = pooled["is_nodule"].to_numpy() == 1
+    tp, fp = int((positive & label).sum()), int((positive & ~label).sum())
+    row = metrics.iloc[2]
+    assert row["precision"] == pytest.approx(tp / (tp + fp)) and row["recall"] == pytest.approx(tp / label.sum())
+    assert row["n"] == 9 and row["n_pos"] == 3
+    # LUNA16's FROC over every test scan of the folds run (VAL_EMPTY in the divisor)
+    again = froc(pooled, read_annotations_csv(inputs["annotations"]), [VAL_A, VAL_B, VAL_EMPTY],
+                 read_annotations_csv(inputs["excluded"], allow_negative=True))
+    assert row["cpm"] == pytest.approx(again.cpm, abs=1e-12)
+    fold5 = froc(pooled[pooled["fold"] == 5], read_annotations_csv(inputs["annotations"]), [VAL_B, VAL_EMPTY])
+    assert metrics.iloc[1]["cpm"] == pytest.approx(fold5.cpm, abs=1e-12)
+    ci = read_tsv(out / "metrics_ci.tsv")
+    assert ci["fold"].astype(str).unique().tolist() == ["3", "5", "all"]
+    assert (out / "training_curves.png").exists() is False  # no history.tsv in these fold folders
+    # a fold given twice, or predictions of another fold, is refused in one line
+    assert EvaluateApp(["--folds", str(folds[0]), str(folds[0]), "--splits", str(splits), "--out",
+                        str(tmp_path / "twice")]).main() == 2
+    assert not (tmp_path / "twice" / "metrics.tsv").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["missing_model", "no_val_scans", "mixed_labels", "wrong_crop_shape", "bad_history"])
+@pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
+                                  "no_fold"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
-            "--out": str(tmp_path / "out"), "--device": "cpu"}
+            "--out": str(tmp_path / "out"), "--device": "cpu", "--fold": "0"}
     if case == "missing_model":
         argv["--model"] = str(tmp_path / "nope.pt")
         expected = "nope.pt"
-    elif case == "no_val_scans":
-        pd.DataFrame({"series_uid": [VAL_A], "split": ["train"]}).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
-        argv["--splits"] = str(tmp_path / "s.tsv")
-        expected = "s.tsv: no scan with split val"
+    elif case == "no_test_scans":
+        argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {VAL_A: 1}))
+        expected = "s.tsv: fold 0 has no scans"
+    elif case == "no_fold":
+        del argv["--fold"]
+        expected = "model.pt: no test fold recorded; give --fold N"
     elif case == "mixed_labels":
         unlabelled = write_store(tmp_path / "u.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
         argv["--crops"].append(str(unlabelled))
@@ -415,7 +476,8 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     elif case == "wrong_crop_shape":
         small = write_store(tmp_path / "small.h5", STORE1_ROWS, seed=2, subset="x", crop_shape=(8, 8, 8))
         argv["--crops"] = [str(small)]
-        expected = "model does not accept crops of shape (8, 8, 8)"
+        expected = "model.pt: the model was trained on crops of shape [32, 48, 48], " \
+                   f"{tmp_path / 'small.h5'} holds [8, 8, 8]"
     else:
         (tmp_path / "h.tsv").write_text("epoch\tsplit\n1\ttrain\n")
         argv["--history"] = str(tmp_path / "h.tsv")
@@ -434,8 +496,9 @@ def test_help_documents_every_option(capsys):
         ValidationApp(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--crops", "--splits", "--annotations", "--annotations-excluded", "--history",
-                   "--out", "--batch-size", "--device", "--amp", "--threads", "--bootstrap", "--seed"):
+    for option in ("--model", "--crops", "--splits", "--scans", "--fold", "--annotations", "--annotations-excluded",
+                   "--history", "--out", "--batch-size", "--device", "--channels-last", "--threads", "--bootstrap",
+                   "--seed", "--max-per-scan"):
         assert option in text
 
 
@@ -480,8 +543,7 @@ def lidc_case(tmp_path_factory) -> dict:
             "center_xyz": centers, "center_irc": center_irc, "crop_start_irc": start_irc, "is_nodule": labels,
             "diameter_mm": np.r_[nodule["diameter_mm"], np.zeros(n - 1)].astype(np.float32)})
         writer.commit()
-    splits = root / "splits.tsv"
-    pd.DataFrame({"series_uid": [LIDC_UID], "split": ["val"]}).to_csv(splits, sep="\t", index=False)
+    splits = write_splits(root / "splits.tsv", {LIDC_UID: 0})
 
     # independent crop of the nodule: clip, pad the 16-slice slab with air, slice around the voxel
     nodule_irc = xyz_to_irc(nodule_xyz, geometry)
@@ -525,7 +587,7 @@ def test_lidc_end_to_end(lidc_case, tmp_path):
     checkpoint = save_checkpoint(tmp_path / "model.pt", model, epoch=1)
     out = tmp_path / "out"
     argv = ["--model", str(checkpoint), "--crops", str(lidc_case["store"]), "--splits", str(lidc_case["splits"]),
-            "--annotations", str(LIDC_DIR / "annotations.csv"), "--out", str(out), "--device", "cpu"]
+            "--annotations", str(LIDC_DIR / "annotations.csv"), "--out", str(out), "--device", "cpu", "--fold", "0"]
     assert ValidationApp(argv).main() == 0
 
     predictions = read_tsv(out / "predictions.tsv")

@@ -1,4 +1,5 @@
-"""The Snakemake workflow end to end: lint, config errors, caching, reruns, kill -9 recovery, report."""
+"""The Snakemake workflow end to end: lint, config errors, one model per test fold, pooled evaluation, caching,
+reruns (adding a fold trains only that fold), kill -9 recovery, report."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import torch
+
 from luna.metrics import METRICS_COLUMNS
 from luna.store import read_arrays
 from workflow_util import BIN, REPO, TINY_CONFIG, env, snakemake, write_config
 
-SUBSETS = ("subset0", "subset1")
+SUBSETS = ("subset0", "subset1", "subset2")
 
 
 def job_stats(output: str) -> dict[str, int]:
@@ -47,6 +50,8 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"train": {"epochs": "many"}}, "config key train.epochs: 'many' is not of type 'integer'"),
         ({"crops": {"on_bad_scan": "ignore"}}, "config key crops.on_bad_scan: 'ignore' is not one of ['fail', 'skip']"),
         ({"dataset": {"source": "luna16", "root": "no/such/folder"}}, "dataset.root: data folder no/such/folder not found"),
+        ({"split": {"run_folds": [0, 4]}}, "split.run_folds: fold(s) 4 do not exist; the split has folds 0, 1, 2"),
+        ({"split": {"folds": 3, "run_folds": [3]}}, "split.run_folds: fold(s) 3 do not exist; the split has folds 0, 1, 2"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:
@@ -68,7 +73,7 @@ def test_missing_candidates_file_named(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """One uninterrupted run of the whole workflow on the tiny synthetic config."""
+    """One uninterrupted run of the whole workflow on the tiny synthetic config (test folds 0 and 1)."""
     workdir = tmp_path_factory.mktemp("tiny")
     proc = snakemake(workdir, configfile=write_config(workdir, TINY_CONFIG))
     assert "luna: metrics in results/validation/metrics.tsv" in proc.stdout + proc.stderr
@@ -77,25 +82,33 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_tiny_pipeline_outputs(tiny_run: Path) -> None:
-    val = tiny_run / "results" / "validation"
+    results = tiny_run / "results"
+    splits = pd.read_csv(results / "splits.tsv", sep="\t", dtype={"series_uid": str})
+    assert list(splits.columns) == ["series_uid", "subset", "fold"]
+    assert (splits["fold"] == splits["subset"].str[-1].astype(int)).all()  # folds: subsets
+    for fold in (0, 1):
+        history = pd.read_csv(results / "folds" / str(fold) / "history.tsv", sep="\t")
+        assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "selection"], [2, "train"],
+                                                               [2, "selection"]]
+        predictions = pd.read_csv(results / "folds" / str(fold) / "predictions.tsv", sep="\t", dtype={"series_uid": str})
+        assert set(predictions["series_uid"]) <= set(splits.loc[splits["fold"] == fold, "series_uid"])
+        assert (predictions["fold"] == fold).all() and predictions["probability"].between(0, 1).all()
+    assert not (results / "folds" / "2").exists()
+    val = results / "validation"
     metrics = pd.read_csv(val / "metrics.tsv", sep="\t")
-    assert list(metrics.columns) == METRICS_COLUMNS and len(metrics) == 1
-    assert metrics["split"].iloc[0] == "val"
-    history = pd.read_csv(tiny_run / "results" / "model" / "history.tsv", sep="\t")
-    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "val"], [2, "train"], [2, "val"]]
+    assert list(metrics.columns) == METRICS_COLUMNS
+    assert metrics["fold"].astype(str).tolist() == ["0", "1", "all"] and set(metrics["split"]) == {"test"}
     predictions = pd.read_csv(val / "predictions.tsv", sep="\t")
-    splits = pd.read_csv(tiny_run / "results" / "splits.tsv", sep="\t")
-    val_uids = set(splits.loc[splits["split"] == "val", "series_uid"])
-    assert set(predictions["series_uid"]) <= val_uids
-    assert predictions["probability"].between(0, 1).all()
     submission = (val / "submission.csv").read_text().splitlines()
     assert submission[0] == "seriesuid,coordX,coordY,coordZ,probability"
     assert len(submission) == len(predictions) + 1
     for name in ("roc.png", "pr.png", "froc.png", "training_curves.png"):
         assert (val / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for rule in ("synthesize", "candidates", "split", "train", "validate"):
-        assert (tiny_run / "logs" / f"{rule}.log").stat().st_size > 0
-        assert (tiny_run / "benchmarks" / "runs" / f"{rule}.tsv").exists()
+    ci = pd.read_csv(val / "metrics_ci.tsv", sep="\t")
+    assert ci["fold"].astype(str).unique().tolist() == ["0", "1", "all"] and set(ci["n_bootstrap"]) == {50}
+    for log in ("synthesize", "candidates", "split", "train/0", "train/1", "predict/0", "predict/1", "evaluate"):
+        assert (tiny_run / "logs" / f"{log}.log").stat().st_size > 0
+        assert (tiny_run / "benchmarks" / "runs" / f"{log}.tsv").exists()
 
 
 @pytest.mark.slow
@@ -108,18 +121,24 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     other = tiny_run / "changed.yaml"
     other.write_text(__import__("yaml").safe_dump(changed))
     dry = snakemake(tiny_run, "-n", configfile=other)
-    assert job_stats(dry.stdout + dry.stderr) == {"train": 1, "validate": 1, "all": 1}
-    # validate.* reruns validate only; a speed-only train key reruns nothing
+    assert job_stats(dry.stdout + dry.stderr) == {"train": 2, "predict": 2, "evaluate": 1, "all": 1}
+    # the split's selection share shapes the models too; validate.* reruns evaluate only; speed-only keys nothing
     changed = copy.deepcopy(TINY_CONFIG)
-    changed["validate"]["batch_size"] = 16
+    changed["split"]["selection_fraction"] = 0.5
     other.write_text(__import__("yaml").safe_dump(changed))
     dry = snakemake(tiny_run, "-n", configfile=other)
-    assert job_stats(dry.stdout + dry.stderr) == {"validate": 1, "all": 1}
+    assert job_stats(dry.stdout + dry.stderr) == {"train": 2, "predict": 2, "evaluate": 1, "all": 1}
     changed = copy.deepcopy(TINY_CONFIG)
-    changed["train"]["num_workers"] = 1
+    changed["validate"]["bootstrap"] = 10
     other.write_text(__import__("yaml").safe_dump(changed))
     dry = snakemake(tiny_run, "-n", configfile=other)
-    assert "Nothing to be done" in dry.stdout + dry.stderr
+    assert job_stats(dry.stdout + dry.stderr) == {"evaluate": 1, "all": 1}
+    for section, key, value in (("train", "num_workers", 1), ("validate", "batch_size", 16)):
+        changed = copy.deepcopy(TINY_CONFIG)
+        changed[section][key] = value
+        other.write_text(__import__("yaml").safe_dump(changed))
+        dry = snakemake(tiny_run, "-n", configfile=other)
+        assert "Nothing to be done" in dry.stdout + dry.stderr, (section, key)
 
 
 @pytest.mark.slow
@@ -133,7 +152,8 @@ def test_report_has_metrics_and_plots(tiny_run: Path) -> None:
 @pytest.mark.slow
 def test_kill_during_crops_then_recovery_equals_uninterrupted_run(tiny_run: Path, tmp_path: Path) -> None:
     config_path = write_config(tmp_path, TINY_CONFIG)
-    cmd = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+    targets = [f"results/crops/{subset}.h5" for subset in SUBSETS] + ["results/splits.tsv"]
+    cmd = [str(BIN / "snakemake"), *targets, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--cores", "2", "--resources", "gpu=1", "--configfile", str(config_path)]
     slow_env = {**env(), "LUNA_CROPS_SLOW_S": "2"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=slow_env, start_new_session=True,
@@ -156,44 +176,78 @@ def test_kill_during_crops_then_recovery_equals_uninterrupted_run(tiny_run: Path
         ref = read_arrays(tiny_run / "results" / "crops" / f"{subset}.h5")
         for name in ref:
             np.testing.assert_array_equal(ours[name], ref[name], err_msg=f"{subset}:{name}")
-    for rel in ("results/candidates.tsv", "results/splits.tsv", "results/model/history.tsv",
-                "results/validation/predictions.tsv", "results/validation/metrics.tsv"):
+    for rel in ("results/candidates.tsv", "results/splits.tsv"):
         assert (tmp_path / rel).read_text() == (tiny_run / rel).read_text(), rel
     assert not (tmp_path / "results" / ".cache" / "crops" / "subset0").exists()
 
 
+def test_default_config_holds_out_a_fold_of_at_least_40_nodules() -> None:
+    """The repo's own config, from the synthetic plan (no rendering): five subsets = five folds, test fold 0
+    with >= 40 nodules, the other folds for training and selection."""
+    import yaml
+    from snakemake.utils import validate
+
+    from luna.splits import fold_roles, make_splits
+    from luna.synth import SynthConfig, plan_dataset
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["split"]["folds"] == "subsets" and config["split"]["run_folds"] == [0]
+    plans = plan_dataset(SynthConfig(**config["synthetic"]))
+    splits = make_splits({p.series_uid: p.subset for p in plans}, config["split"]["folds"])
+    assert sorted(set(splits["fold"])) == [0, 1, 2, 3, 4]
+    nodules = {p.series_uid: p.n_nodules for p in plans}
+    test = splits.loc[splits["fold"] == 0, "series_uid"]
+    assert sum(nodules[u] for u in test) >= 40
+    roles = fold_roles(splits, 0, config["split"]["selection_fraction"])
+    selection = [u for u, r in roles.items() if r == "selection"]
+    assert 15 <= len(selection) <= 35 and sum(nodules[u] for u in selection) >= 15
+
+
 @pytest.mark.slow
-def test_default_config_tables_on_a_fresh_checkout(tmp_path: Path) -> None:
-    """The repo's own config: synthesize + candidates.tsv + splits.tsv; real-looking, readable, leak-free."""
-    import SimpleITK as sitk
+def test_adding_a_fold_trains_only_that_fold_and_the_pooled_report_is_exact(tiny_run: Path) -> None:
+    """Runs last on tiny_run (it adds fold 2). Then every scan is in exactly one test fold, predicted once."""
+    from luna.candidates import read_annotations_csv
+    from luna.metrics import froc, metric_row
 
-    from luna.candidates import read_annotations_csv, read_candidates_tsv
-    from luna.ct import find_scans, read_scan
-    from luna.geometry import xyz_to_irc
-    from luna.splits import read_splits_tsv
+    config = copy.deepcopy(TINY_CONFIG)
+    config["split"]["run_folds"] = "all"
+    all_folds = tiny_run / "all.yaml"
+    all_folds.write_text(__import__("yaml").safe_dump(config))
+    dry = snakemake(tiny_run, "-n", configfile=all_folds)
+    out = dry.stdout + dry.stderr
+    assert job_stats(out) == {"train": 1, "predict": 1, "evaluate": 1, "all": 1}
+    assert "results/folds/2/model.pt" in out and "results/folds/0/model.pt:" not in out
+    before = {f: (tiny_run / "results" / "folds" / str(f) / "model.pt").stat().st_mtime_ns for f in (0, 1)}
+    snakemake(tiny_run, configfile=all_folds)
+    assert before == {f: (tiny_run / "results" / "folds" / str(f) / "model.pt").stat().st_mtime_ns for f in (0, 1)}
 
-    snakemake(tmp_path, targets=("results/candidates.tsv", "results/splits.tsv"),
-              configfile=REPO / "config" / "config.yaml")
-    root = tmp_path / "data" / "synthetic"
-    scans = find_scans(root)
-    assert len(scans) == 60
-    flipped = 0
-    for scan in scans.values():
-        image = sitk.ReadImage(str(scan.path))
-        assert image.GetSize()[0] > 0
-        flipped += np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1, -1, 1]))
-    assert 0 < flipped < len(scans)
-    annotations = read_annotations_csv(root / "annotations.csv")
-    assert len(annotations) >= 80
-    for uid, rows in annotations.groupby("seriesuid"):
-        volume, geometry = read_scan(scans[uid].path)
-        irc = xyz_to_irc(rows[["coordX", "coordY", "coordZ"]].to_numpy(), geometry)
-        hu = volume[irc[:, 0], irc[:, 1], irc[:, 2]]
-        assert np.all(hu > -750), (uid, hu)  # solid > -400, ground-glass > -750
-    candidates = read_candidates_tsv(tmp_path / "results" / "candidates.tsv")
-    assert set(candidates["series_uid"]) <= set(scans)
-    assert (candidates["is_nodule"] == 1).sum() >= 80
-    splits = read_splits_tsv(tmp_path / "results" / "splits.tsv")
-    assert sorted(splits["series_uid"]) == sorted(scans)
-    assert splits["series_uid"].is_unique
-    assert set(splits["split"]) == {"train", "val"}
+    results = tiny_run / "results"
+    splits = pd.read_csv(results / "splits.tsv", sep="\t", dtype={"series_uid": str})
+    fold_of = dict(zip(splits["series_uid"], splits["fold"]))
+    for fold in (0, 1, 2):
+        raw = torch.load(results / "folds" / str(fold) / "model.pt", weights_only=True)
+        test_scans = {u for u, f in fold_of.items() if f == fold}
+        assert raw["test_fold"] == fold
+        assert not test_scans & set(raw["train_series_uids"]) and not test_scans & set(raw["selection_series_uids"])
+        assert not set(raw["train_series_uids"]) & set(raw["selection_series_uids"])
+        predictions = pd.read_csv(results / "folds" / str(fold) / "predictions.tsv", sep="\t",
+                                  dtype={"series_uid": str})
+        assert set(predictions["series_uid"]) <= test_scans
+    val = results / "validation"
+    pooled = pd.read_csv(val / "predictions.tsv", sep="\t", dtype={"series_uid": str})
+    candidates = pd.read_csv(results / "candidates.tsv", sep="\t", dtype={"series_uid": str})
+    assert sorted(pooled["candidate_id"]) == sorted(candidates["candidate_id"])  # every candidate exactly once
+    assert (pooled["series_uid"].map(fold_of) == pooled["fold"]).all()
+    metrics = pd.read_csv(val / "metrics.tsv", sep="\t")
+    assert metrics["fold"].astype(str).tolist() == ["0", "1", "2", "all"]
+    row = metrics.iloc[-1]
+    thresholds = pooled["fold"].map(dict(zip(metrics["fold"].iloc[:3].astype(int), metrics["threshold"].iloc[:3])))
+    expected = metric_row(pooled["is_nodule"], pooled["probability"], pooled["loss"], epoch=0, split="test",
+                          threshold=thresholds.to_numpy())
+    for column in ("n", "n_pos", "loss_all", "precision", "recall", "f1", "auc"):
+        assert float(row[column]) == pytest.approx(float(expected[column]), rel=1e-12, nan_ok=True), column
+    root = tiny_run / "data" / "synthetic"
+    recomputed = froc(pooled, read_annotations_csv(root / "annotations.csv"), list(fold_of),
+                      read_annotations_csv(root / "annotations_excluded.csv", allow_negative=True))
+    assert row["cpm"] == pytest.approx(recomputed.cpm, abs=1e-12)

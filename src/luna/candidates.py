@@ -1,7 +1,14 @@
-"""LUNA16 tables: read and check the CSVs, match diameters, write candidates.tsv and the series-level split.
+"""LUNA16 tables: read and check the CSVs, match diameters, write candidates.tsv (the split: luna.splits).
 
-Every bad row is reported as one line naming the file and its line number. Candidate rows whose scan is not
-on disk are counted and reported, never dropped in silence.
+Every bad row is reported as one line naming the file and its line number (a row with too many fields too);
+a table with a header and no rows is an error, not an empty table. Candidate rows whose scan is not on disk are
+counted and reported, never dropped in silence.
+
+Duplicate candidates (same seriesuid, coordinates and class as an earlier row) are dropped with one warning
+that counts them and names the first pair of lines: a repeated row adds nothing but a second, identical crop
+(and weight in training and FROC), and the official 750,000-row candidates_V2.csv must stay usable as
+downloaded, which an error would prevent. The same point with a different class contradicts itself: an error
+naming both lines.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from luna.ct import ScanFile, find_scans
-from luna.tables import read_tsv
+from luna.io import atomic_path, check_writable_dir
+from luna.tables import first_line, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +41,22 @@ class TableError(ValueError):
     """A LUNA16 table with a bad header or row; the message names the file and line."""
 
 
-def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()) -> pd.DataFrame:
-    """Read a LUNA16 CSV, checking the header and that coordinates and numbers are numeric.
+def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (),
+                  allow_empty: bool = False) -> pd.DataFrame:
+    """Read a LUNA16 CSV, checking the header, the field count of every row and that numbers are numeric.
 
     Returns a DataFrame with ``seriesuid`` as str and every other named column as float64, plus a ``line``
-    column (1-based line number in the file) for error messages downstream.
+    column (1-based line number in the file) for error messages downstream. A header without rows is an
+    error unless ``allow_empty``.
     """
     path = Path(path)
     if not path.is_file():
         raise TableError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        header = next(csv.reader(fh), None)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
     if not header:
         raise TableError(f"{path}:1: empty file, expected header {','.join(required)}")
     header = [h.strip() for h in header]
@@ -55,10 +69,21 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
     if missing:
         raise TableError(f"{path}:1: missing column {missing[0]!r} (header is {','.join(header)})")
     wanted = [c for c in (*required, *optional) if c in header]
-    df = pd.read_csv(
-        path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig",
-        skipinitialspace=True, on_bad_lines="error", engine="c",
-    ) if path.stat().st_size else pd.DataFrame(columns=header)
+    try:
+        df = pd.read_csv(
+            path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig",
+            skipinitialspace=True, on_bad_lines="error", engine="c",
+        )
+    except pd.errors.ParserError as exc:  # "Expected 5 fields in line 7, saw 6": the line is the file's line
+        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if match:
+            expected, line_no, saw = match.groups()
+            raise TableError(f"{path}:{line_no}: {saw} fields where the header has {expected}") from exc
+        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, EmptyDataError
+        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
+    if df.empty and not allow_empty:
+        raise TableError(f"{path}: no rows, only the header line")
     df.columns = [c.strip() for c in df.columns]
     df = df[wanted]
     line = np.arange(len(df)) + 2
@@ -78,6 +103,8 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
         bad = ~np.isfinite(values)
         if bad.any():
             i = int(np.argmax(bad))
+            if not df[c].iloc[i].strip():
+                raise TableError(f"{path}:{line[i]}: column {c} is empty (a missing field?)")
             raise TableError(f"{path}:{line[i]}: column {c} is not a finite number: {df[c].iloc[i]!r}")
         out[c] = values
     if "class" in out:
@@ -97,14 +124,56 @@ def read_candidates_csv(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_annotations_csv(path: str | os.PathLike, allow_negative: bool = False) -> pd.DataFrame:
-    """``annotations.csv`` (diameters must be > 0) or, with allow_negative, ``annotations_excluded.csv``."""
-    df = read_luna_csv(path, ANNOTATION_COLUMNS)
+    """``annotations.csv`` (diameters must be > 0, at least one row) or, with allow_negative,
+    ``annotations_excluded.csv`` (which may list nothing)."""
+    df = read_luna_csv(path, ANNOTATION_COLUMNS, allow_empty=allow_negative)
     if not allow_negative:
         bad = df["diameter_mm"].to_numpy() <= 0
         if bad.any():
             i = int(np.argmax(bad))
             raise TableError(f"{path}:{df['line'].iloc[i]}: diameter_mm must be > 0, got {df['diameter_mm'].iloc[i]}")
     return df
+
+
+@dataclass
+class Duplicates:
+    """Candidate rows dropped as repeats of an earlier row: how many, and the first pair of lines."""
+
+    n_dropped: int = 0
+    first_line: int = 0  # of the kept row
+    repeat_line: int = 0  # of its first repeat
+
+    def line(self, path: str | os.PathLike) -> str:
+        return (f"{path}: {self.n_dropped} duplicate candidate rows dropped (same seriesuid, coordinates and class "
+                f"as an earlier row; first: line {self.repeat_line} repeats line {self.first_line})")
+
+
+def drop_duplicate_candidates(cand: pd.DataFrame, path: str | os.PathLike) -> tuple[pd.DataFrame, Duplicates]:
+    """Candidate rows without repeats (the first of each kept, file order), and what was dropped.
+
+    The same seriesuid and coordinates with a different class is a TableError naming both lines.
+    """
+    point = ["seriesuid", "coordX", "coordY", "coordZ"]
+    same_point = cand.duplicated(subset=point, keep=False).to_numpy()
+    if not same_point.any():
+        return cand, Duplicates()
+    if "class" in cand:
+        classes = cand[same_point].groupby(point, sort=False)["class"].nunique()
+        if (classes > 1).any():
+            conflict = cand[same_point].merge(classes[classes > 1].reset_index()[point], on=point)  # file order
+            first = conflict.iloc[0]
+            group = conflict[np.all([(conflict[c] == first[c]).to_numpy() for c in point], axis=0)]
+            other = group[group["class"] != first["class"]].iloc[0]
+            raise TableError(f"{path}:{int(other['line'])}: same seriesuid and coordinates as line "
+                             f"{int(first['line'])} but class {int(other['class'])} where that line has "
+                             f"{int(first['class'])}")
+    repeat = cand.duplicated(subset=point, keep="first").to_numpy()
+    i = int(np.argmax(repeat))
+    row = cand.iloc[i]
+    earlier = cand.iloc[:i]
+    j = int(np.flatnonzero(np.all([(earlier[c] == row[c]).to_numpy() for c in point], axis=0))[0])
+    info = Duplicates(int(repeat.sum()), int(cand["line"].iloc[j]), int(row["line"]))
+    return cand[~repeat].reset_index(drop=True), info
 
 
 def match_diameters(candidates: pd.DataFrame, annotations: pd.DataFrame) -> np.ndarray:
@@ -138,12 +207,16 @@ class CandidatesReport:
     missing_scans: list[str]
     n_scans_on_disk: int
     n_positive: int
+    duplicates: str = ""  # the warning line when duplicate rows were dropped
 
     def lines(self) -> list[str]:
+        """The summary line, then one warning line per thing left out."""
         out = [
             f"{self.n_rows} candidate rows read, {self.n_kept} refer to the {self.n_scans_on_disk} scans on disk "
             f"({self.n_positive} positive)",
         ]
+        if self.duplicates:
+            out.append(self.duplicates)
         if self.n_missing_scan_rows:
             shown = ", ".join(self.missing_scans[:3]) + (" ..." if len(self.missing_scans) > 3 else "")
             out.append(
@@ -156,8 +229,11 @@ class CandidatesReport:
 def build_candidates_table(
     candidates_csv: str | os.PathLike, annotations_csv: str | os.PathLike | None, scans: dict[str, ScanFile]
 ) -> tuple[pd.DataFrame, CandidatesReport]:
-    """candidates.tsv rows: every CSV row whose scan is on disk, in CSV order, with matched diameters."""
+    """candidates.tsv rows: every CSV row whose scan is on disk, in CSV order, without repeated rows, with
+    matched diameters; candidate_id is the row's number in the CSV (line - 2), repeats dropped or not."""
     cand = read_candidates_csv(candidates_csv)
+    n_rows = len(cand)
+    cand, duplicates = drop_duplicate_candidates(cand, candidates_csv)
     if annotations_csv is not None:
         ann = read_annotations_csv(annotations_csv)
         diameter = match_diameters(cand, ann)
@@ -166,7 +242,7 @@ def build_candidates_table(
     on_disk = cand["seriesuid"].isin(scans.keys()).to_numpy()
     kept = cand[on_disk]
     table = pd.DataFrame({
-        "candidate_id": np.flatnonzero(on_disk),
+        "candidate_id": kept["line"].to_numpy(dtype=np.int64) - 2,
         "series_uid": kept["seriesuid"].to_numpy(),
         "subset": [scans[u].subset for u in kept["seriesuid"]],
         "coord_x": kept["coordX"].to_numpy(),
@@ -178,45 +254,20 @@ def build_candidates_table(
     })
     missing = sorted(set(cand.loc[~on_disk, "seriesuid"]))
     report = CandidatesReport(
-        n_rows=len(cand), n_kept=len(table), n_missing_scan_rows=int((~on_disk).sum()), missing_scans=missing,
+        n_rows=n_rows, n_kept=len(table), n_missing_scan_rows=int((~on_disk).sum()), missing_scans=missing,
         n_scans_on_disk=len(scans),
         n_positive=int(table["is_nodule"].fillna(0).sum()) if len(table) else 0,
+        duplicates=duplicates.line(candidates_csv) if duplicates.n_dropped else "",
     )
     return table, report
 
 
-def make_splits(series_uids: Sequence[str], subsets: dict[str, str] | None = None, val_stride: int = 10,
-                val_subsets: Sequence[str] = ()) -> pd.DataFrame:
-    """Series-level train/val split: no scan in both.
-
-    Default: UIDs sorted as strings; 0-based position i goes to val when ``i % val_stride == 0``.
-    With ``val_subsets``, every scan of those subsets is val and the rest train (LUNA16's folds).
-    """
-    uids = sorted(set(series_uids))
-    if val_subsets:
-        if subsets is None:
-            raise ValueError("val_subsets needs each scan's subset")
-        unknown = sorted(set(val_subsets) - set(subsets.values()))
-        if unknown:
-            raise ValueError(f"val_subsets names subsets with no scans: {', '.join(unknown)}")
-        split = ["val" if subsets[u] in set(val_subsets) else "train" for u in uids]
-    else:
-        if val_stride < 2:
-            raise ValueError(f"val_stride must be >= 2, got {val_stride}")
-        split = ["val" if i % val_stride == 0 else "train" for i in range(len(uids))]
-    return pd.DataFrame({"series_uid": uids, "split": split})
-
-
 def write_tsv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a TSV atomically (temp file + rename); NaN/NA written as ``NaN`` for floats, empty for missing ints."""
+    """Write a TSV atomically (luna.io.atomic_path: an OutputError naming it when it cannot be written);
+    missing values written empty, floats as ``%.10g``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         df.to_csv(tmp, sep="\t", index=False, na_rep="", float_format="%.10g")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -258,55 +309,21 @@ class CandidatesApp:
         a = self.args
         logger.info("Starting %s, %s", type(self).__name__, vars(a))
         try:
+            check_writable_dir(Path(a.out).parent, "output folder")
             scans = find_scans(a.root, a.subsets or None)
             table, report = build_candidates_table(
                 resolve(a.root, a.candidates), resolve(a.root, a.annotations) if a.annotations else None, scans)
-        except (TableError, FileNotFoundError, ValueError) as exc:
+            lines = report.lines()
+            logger.info(lines[0])
+            for line in lines[1:]:
+                logger.warning(line)
+            write_tsv(table, a.out)
+        except (TableError, OSError, ValueError) as exc:  # OSError: luna.io.OutputError, FileNotFoundError
             print(f"luna-candidates: error: {exc}", file=sys.stderr)
             return 2
-        lines = report.lines()
-        logger.info(lines[0])
-        for line in lines[1:]:
-            logger.warning(line)
-        write_tsv(table, a.out)
         logger.info("wrote %s (%d rows)", a.out, len(table))
-        return 0
-
-
-class SplitApp:
-    """Write results/splits.tsv: a series-level train/val split of every scan under the selected subsets."""
-
-    def __init__(self, argv: list[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-split", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        parser.add_argument("--root", required=True, help="data folder holding subset*/")
-        parser.add_argument("--subsets", nargs="*", default=[], help="subset folders to use; none = every subset*")
-        parser.add_argument("--val-stride", type=int, default=10,
-                            help="scan i (UIDs sorted as strings, 0-based) goes to val when i %% stride == 0")
-        parser.add_argument("--val-subsets", nargs="*", default=[],
-                            help="instead of the stride: every scan of these subsets is val (LUNA16 folds)")
-        parser.add_argument("--out", required=True, help="output splits.tsv")
-        self.args = parser.parse_args(argv)
-
-    def main(self) -> int:
-        _setup_logging()
-        a = self.args
-        logger.info("Starting %s, %s", type(self).__name__, vars(a))
-        try:
-            scans = find_scans(a.root, a.subsets or None)
-            splits = make_splits(list(scans), {u: s.subset for u, s in scans.items()}, a.val_stride, a.val_subsets)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"luna-split: error: {exc}", file=sys.stderr)
-            return 2
-        write_tsv(splits, a.out)
-        counts = splits["split"].value_counts()
-        logger.info("wrote %s: %d train, %d val scans", a.out, counts.get("train", 0), counts.get("val", 0))
         return 0
 
 
 def main_candidates() -> None:
     sys.exit(CandidatesApp().main())
-
-
-def main_split() -> None:
-    sys.exit(SplitApp().main())

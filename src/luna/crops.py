@@ -14,6 +14,14 @@ it is smaller, the whole scan lies inside the crop and the voxels outside the sc
 Each scan's result is memoized in a ``diskcache.Cache`` at ``--cache-dir`` (keyed by the scan file's identity,
 the crop parameters and the candidate centres), so a killed job reruns only the scans it had not finished.
 The cache is removed once the store is committed: LUNA16 V2 is ~110 GB of crops, no second copy is kept.
+A run that fails (killed, a bad scan, out of disk space) keeps what the cache holds, by design: the next run
+resumes from it and writes the same store as an uninterrupted run; the failing run logs where it is and how many
+scans it holds (delete it to start afresh). A cache this run created and left empty is removed.
+
+Outputs are checked before the work: the output, skipped-table and cache folders must be writable, the store's
+room is reserved (luna.store) and the cache's free space checked, so a full disk or a read-only folder is one
+line naming the path, exit 2, at the start. A write that still fails later (another job filled the disk) is the
+same one line; no store, skipped table or temp file is left at the declared paths.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -36,7 +45,8 @@ import pandas as pd
 
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
-from luna.store import COMPRESSIONS, StoreWriter
+from luna.io import OutputError, check_writable_dir, describe_os_error, write_tsv
+from luna.store import COMPRESSIONS, NO_RESERVE_ENV, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
@@ -46,6 +56,7 @@ DEFAULT_CROP_SHAPE = (32, 48, 48)
 DEFAULT_HU_WINDOW = (-1000, 1000)
 DEFAULT_COMPRESSION = "none"  # chosen by benchmarks/crops.py, see benchmarks/results/crops.md
 CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; never evict while a job runs
+CACHE_BYTES_PER_SCAN = 64 * 1024  # beside the crops: the entry's database row and per-row arrays (upper bound)
 SKIPPED_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "reason"]
 REQUIRED_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm"]
 SLOW_ENV = "LUNA_CROPS_SLOW_S"  # test hook only: seconds to sleep before reading each scan not in the cache
@@ -241,16 +252,26 @@ def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str,
 
 def open_cache(cache_dir: str | os.PathLike) -> diskcache.Cache:
     """The resume cache of one subset: large entries, never evicted (it is removed whole after the commit)."""
-    return diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none", cull_limit=0)
+    try:
+        return diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none",
+                               cull_limit=0)
+    except (OSError, sqlite3.Error) as exc:
+        raise _cache_error(Path(cache_dir), exc) from exc
 
 
-def read_subset_candidates(path: str | os.PathLike, subset: str) -> pd.DataFrame:
-    """The rows of candidates.tsv whose subset is ``subset``, in file order, checked; is_nodule -1 when empty."""
+def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bool = False) -> pd.DataFrame:
+    """The rows of candidates.tsv whose subset is ``subset``, in file order, checked; is_nodule -1 when empty.
+
+    No row of the subset is an error (a typo in --subset must not give an empty store) unless ``allow_empty``."""
     path = Path(path)
     df = read_tsv(path, what="candidates table", error=CropError, required=REQUIRED_COLUMNS,
                   dtype={"series_uid": str, "subset": str}, keep_default_na=True)
     df["line"] = np.arange(len(df)) + 2
+    present = sorted(set(df["subset"].dropna().astype(str)))
     df = df[df["subset"] == subset].reset_index(drop=True)
+    if df.empty and not allow_empty:  # a typo in --subset must not give an empty store
+        has = f"its subsets are {', '.join(present)}" if present else "it has no rows"
+        raise CropError(f"{path}: no candidates of subset {subset!r} ({has})")
     for col in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "is_nodule"):
         values = numeric_column(df, col, path, CropError, allow_missing=col == "is_nodule", lines=df["line"])
         bad = pd.Series(~np.isfinite(values.fillna(0).to_numpy(dtype=np.float64)), index=values.index)
@@ -272,15 +293,24 @@ def read_subset_candidates(path: str | os.PathLike, subset: str) -> pd.DataFrame
     return df
 
 
-def _write_tsv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write a TSV under a temp name and rename it (floats written round-trip exact)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _complete_entries(cache: diskcache.Cache) -> int | None:
+    """How many scans the cache holds completely (reads only: works on a full disk); None when it cannot tell."""
     try:
-        df.to_csv(tmp, sep="\t", index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return sum(1 for key in cache.iterkeys() if isinstance(key, tuple) and key[-1] == "rows")
+    except (OSError, sqlite3.Error):
+        return None
+
+
+def _cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
+    """A failed read or write of the resume cache (diskcache: OSError, sqlite3.Error) as one line naming it."""
+    if isinstance(exc, OSError):
+        reason = describe_os_error(exc)
+    else:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = ("no space left on device" if "disk is full" in message
+                  else "permission denied or read-only file system" if "readonly" in message
+                  else message)
+    return OutputError(f"{cache_dir}: cannot use the resume cache ({reason})")
 
 
 def _format_eta(seconds: float) -> str:
@@ -298,7 +328,8 @@ class CropApp:
 
     Candidates whose centre lies outside their scan (and, with --on-bad-scan skip, those of unreadable scans)
     are listed in the skipped table. Scans are processed in parallel threads; each scan's crops are cached at
-    --cache-dir so a killed job resumes; the cache is removed after the store is complete.
+    --cache-dir so a killed or failed job resumes; the cache is removed after the store is complete. The output
+    folders and the free space for the store and the cache are checked before any scan is read.
     """
 
     def __init__(self, argv: list[str] | None = None) -> None:
@@ -322,17 +353,28 @@ class CropApp:
                             help="a missing/unreadable/truncated scan: fail the job (exit 2), or skip its candidates")
         parser.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
                             help="HDF5 compression of the crops (benchmarks/results/crops.md)")
+        parser.add_argument("--allow-empty-subset", action="store_true",
+                            help="a subset without candidate rows gives an empty store (with a warning) instead of an "
+                                 "error; the workflow sets it, since it crops every subset folder it was given")
         self.args = parser.parse_args(argv)
 
     # ---- entry points
 
     def main(self) -> int:
-        """Run; on bad input print one line to stderr and return 2."""
+        """Run; on bad input or an output that cannot be written print one line to stderr and return 2.
+
+        When a store write failed inside HDF5 (see luna.store) the process ends here with ``os._exit(2)``:
+        HDF5 would crash (segfault) closing the abandoned file at exit."""
         _setup_logging()
         try:
             self.run()
-        except (CropError, ScanError) as exc:
+        except (CropError, ScanError, OutputError) as exc:
             print(f"luna-crops: error: {exc}", file=sys.stderr)
+            if hdf5_left_broken():
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             return 2
         return 0
 
@@ -352,24 +394,27 @@ class CropApp:
         self.skipped_path = Path(a.skipped) if a.skipped else self.out.parent / f"{a.subset}.skipped.tsv"
         self.cache_dir = Path(a.cache_dir) if a.cache_dir else self.out.parent / f".{self.out.name}.cache"
         self.root = Path(a.root)
+        self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
         logger.info("Starting %s, %s", type(self).__name__, vars(a))
         t0 = time.perf_counter()
 
-        table = read_subset_candidates(a.candidates, a.subset)
+        table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
+        self._check_output_folders()
         self._remove_old_outputs()
         jobs = self._make_jobs(table)
         if not jobs:
-            logger.warning("%s: no candidates of subset %s", a.candidates, a.subset)
+            logger.warning("%s: no candidates of subset %s; writing an empty store", a.candidates, a.subset)
 
-        with ThreadPoolExecutor(max_workers=a.threads, thread_name_prefix="crops") as pool:
-            for job in pool.map(self._inspect, jobs):  # pre-pass: headers only, fast; bad files found here
-                if job.error is not None and a.on_bad_scan == "fail":
-                    raise CropError(job.error)
-            cache = open_cache(self.cache_dir)
-            try:
-                result = self._crop_all(pool, cache, table, jobs)
-            finally:
-                cache.close()
+        try:
+            with ThreadPoolExecutor(max_workers=a.threads, thread_name_prefix="crops") as pool:
+                for job in pool.map(self._inspect, jobs):  # pre-pass: headers only, fast; bad files found here
+                    if job.error is not None and a.on_bad_scan == "fail":
+                        raise CropError(job.error)
+                result = self._crop_all(pool, table, jobs)
+        except BaseException:
+            self._keep_cache_if_useful()  # the workers are done: the count of cached scans is final
+            raise
+        self._cache.close()
         shutil.rmtree(self.cache_dir, ignore_errors=True)
         result.seconds = time.perf_counter() - t0
         logger.info("wrote %s: %d crops of %d scans (%d scans from cache) in %.1f s; removed cache %s",
@@ -379,15 +424,66 @@ class CropApp:
 
     # ---- steps
 
+    def _check_output_folders(self) -> None:
+        """Every folder the run writes can be written (created if missing), before any scan is read."""
+        check_writable_dir(self.out.parent, "output folder")
+        if self.skipped_path.parent != self.out.parent:
+            check_writable_dir(self.skipped_path.parent, "folder of the skipped table")
+        if self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise OutputError(f"{self.cache_dir}: resume cache folder is a file")
+        # the cache folder itself only when it exists (a resumed run): a failed check must not leave one behind
+        if self.cache_dir.is_dir():
+            check_writable_dir(self.cache_dir, "resume cache folder")
+        elif self.cache_dir.parent != self.out.parent:
+            check_writable_dir(self.cache_dir.parent, "folder of the resume cache")
+
     def _remove_old_outputs(self) -> None:
         """A previous store/skipped table and temp files left by a killed job: a rerun replaces them."""
         for path in (self.out, self.skipped_path):
-            if path.exists():
-                logger.info("removing previous %s", path)
-                path.unlink()
-            for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-                logger.info("removing temp file %s left by an earlier run", tmp)
-                tmp.unlink(missing_ok=True)
+            try:
+                if path.exists():
+                    logger.info("removing previous %s", path)
+                    path.unlink()
+                for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+                    logger.info("removing temp file %s left by an earlier run", tmp)
+                    tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot remove the previous output ({describe_os_error(exc)})") from exc
+
+    def _keep_cache_if_useful(self) -> None:
+        """After a failure: a cache holding finished scans is kept for the next run (and said so); an empty one,
+        created by this run before it failed, is removed."""
+        n_scans = None  # not known: the cache was not opened by this run, or cannot be read
+        if self._cache is not None:
+            n_scans = _complete_entries(self._cache)
+            self._cache.close()
+        if not self.cache_dir.is_dir():
+            return
+        if n_scans == 0:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            return
+        logger.warning("kept the resume cache %s%s: a rerun resumes from it (delete it to start afresh)",
+                       self.cache_dir, f" ({n_scans} scans)" if n_scans is not None else "")
+
+    def _check_cache_space(self, cache: diskcache.Cache, jobs: list[_ScanJob]) -> None:
+        """The crops not cached yet fit in the cache's file system (after the store's reservation, when both
+        share one), so a full disk stops the run now and not after hours."""
+        if os.environ.get(NO_RESERVE_ENV, "") == "1":
+            return
+        crop_bytes = int(np.prod(self.crop_shape)) * 2
+        need = 0
+        try:
+            for job in jobs:
+                if job.error is None and job.inside.any():
+                    key = cache_key(job.identity, self.crop_shape, self.hu_window, job.centers_xyz)
+                    if (*key, "rows") not in cache:
+                        need += int(job.inside.sum()) * crop_bytes + CACHE_BYTES_PER_SCAN
+            free = free_bytes(self.cache_dir)
+        except (OSError, sqlite3.Error) as exc:
+            raise _cache_error(self.cache_dir, exc) from exc
+        if need > free:
+            raise OutputError(f"{self.cache_dir}: not enough space for the resume cache (it needs "
+                              f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free)")
 
     def _make_jobs(self, table: pd.DataFrame) -> list[_ScanJob]:
         jobs = []
@@ -438,7 +534,10 @@ class CropApp:
         key = cache_key(job.identity, self.crop_shape, self.hu_window, job.centers_xyz)
         rows_expected = {"center_irc": job.center_irc, "crop_start_irc": job.start_irc, "inside": job.inside}
         t0 = time.perf_counter()
-        hit = cache_get(cache, key)
+        try:
+            hit = cache_get(cache, key)
+        except (OSError, sqlite3.Error) as exc:
+            raise _cache_error(self.cache_dir, exc) from exc
         times["cache read"] = time.perf_counter() - t0
         if hit is not None:
             crops, rows = hit
@@ -462,12 +561,15 @@ class CropApp:
         if not all(np.array_equal(rows[k], v) for k, v in rows_expected.items()):
             raise RuntimeError(f"{job.path}: crop placement differs between header and volume")  # a bug, not input
         t0 = time.perf_counter()
-        cache_put(cache, key, crops, rows)
+        try:
+            cache_put(cache, key, crops, rows)
+        except (OSError, sqlite3.Error) as exc:
+            raise _cache_error(self.cache_dir, exc) from exc
         times["cache write"] = time.perf_counter() - t0
         return crops, False, times
 
-    def _crop_all(self, pool: ThreadPoolExecutor, cache: diskcache.Cache, table: pd.DataFrame,
-                  jobs: list[_ScanJob]) -> CropResult:
+    def _crop_all(self, pool: ThreadPoolExecutor, table: pd.DataFrame, jobs: list[_ScanJob]) -> CropResult:
+        """Reserve the store, open the cache, then cut (or take from the cache) and write every good scan."""
         a = self.args
         keep = self._plan_rows(jobs, len(table))
         fields_all = {
@@ -483,12 +585,15 @@ class CropApp:
         good = [j for j in jobs if j.error is None]
         n_done = n_total - len(good)  # bad scans (skip mode) are done already
         writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
-                             compression=a.compression)
+                             compression=a.compression, n_scans=len(good))  # reserves the store's room
         t0 = time.perf_counter()
         n_crops = 0
         phase_s: dict[str, float] = {}
+        pending: dict[Future, _ScanJob] = {}
+        wrote_skipped = False
         try:
-            pending: dict[Future, _ScanJob] = {}
+            cache = self._cache = open_cache(self.cache_dir)
+            self._check_cache_space(cache, jobs)
             queue = iter(good)
             max_in_flight = a.threads + 1  # bounds memory: volumes being cut + results waiting to be written
 
@@ -511,8 +616,6 @@ class CropApp:
                     except ScanError as exc:
                         status = "bad scan"
                         if a.on_bad_scan == "fail":
-                            for other in pending:
-                                other.cancel()
                             raise
                         job.error = str(exc)
                         late_bad.append(job)
@@ -536,18 +639,23 @@ class CropApp:
                 writer.abort()
                 keep = self._plan_rows(jobs, len(table))
                 writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
-                                     compression=a.compression)
+                                     compression=a.compression, n_scans=len(good) - len(late_bad))
                 for job in jobs:
                     if job.error is None:
                         crops, _, _ = self._process(job, cache)
                         self._write_scan(writer, job, crops, fields_all)
             skipped = self._skipped_table(table, jobs)
-            _write_tsv_atomic(skipped, self.skipped_path)
+            write_tsv(skipped, self.skipped_path)
+            wrote_skipped = True
             t_commit = time.perf_counter()
             writer.commit()
             phase_s["store write"] = phase_s.get("store write", 0.0) + time.perf_counter() - t_commit
         except BaseException:
+            for other in pending:  # nothing new starts; the running ones finish before the pool closes
+                other.cancel()
             writer.abort()
+            if wrote_skipped:  # the store failed to commit: no skipped table without its store
+                self.skipped_path.unlink(missing_ok=True)
             raise
         n_outside = int((skipped["reason"].str.startswith("outside scan")).sum())
         bad_scans = [str(j.path) for j in jobs if j.error is not None]

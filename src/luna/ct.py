@@ -2,24 +2,50 @@
 
 A scan is an int16 Hounsfield volume indexed (I, R, C) = (z, y, x) plus its :class:`Geometry`.
 Every failure is a :class:`ScanError` whose one-line message names the file.
+
+Voxel data is verified, not trusted (SimpleITK reads whatever bytes are there):
+
+* the data file must hold exactly what the header describes: ``prod(DimSize) x bytes(ElementType)`` for
+  ``.raw`` (a longer file is as wrong as a shorter one: a wrong ElementType or DimSize, or the wrong file), and
+  ``CompressedDataSize`` bytes for a ``.zraw`` whose header gives it;
+* a ``.zraw`` must inflate cleanly to exactly that size with nothing after the stream. SimpleITK ignores a
+  corrupt or short stream (at most "Uncompress failed" on stderr) and returns a wrong volume, so its voxels are
+  accepted only when the checksum ending the stream, the file's last bytes, matches them; otherwise the stream
+  is inflated again here, strictly, to name the reason;
+* the direction matrix must be orthonormal (``D^T D = I`` within :data:`ORTHONORMAL_TOLERANCE`): a scaled or
+  singular one would silently change every world-to-voxel transform.
+
+The volume is SimpleITK's (byte order, ``LOCAL`` data and ``HeaderSize`` are its business); element types
+other than int16 are rounded and clipped to int16. What this reader does not handle (ASCII data, one file per
+slice, several channels) is a one-line error.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from luna.geometry import Geometry
+from luna.geometry import ORTHONORMAL_TOLERANCE, Geometry, orthonormality_error
 
 _DTYPE_BYTES = {
     "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
     "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
 }
+# numpy kind of each MetaIO element type (sizes as MetaIO's MET_ValueTypeSize: MET_LONG is 4 bytes)
+_DTYPE_KIND = {
+    "MET_CHAR": "i", "MET_UCHAR": "u", "MET_SHORT": "i", "MET_USHORT": "u", "MET_INT": "i", "MET_UINT": "u",
+    "MET_LONG": "i", "MET_ULONG": "u", "MET_LONG_LONG": "i", "MET_ULONG_LONG": "u", "MET_FLOAT": "f",
+    "MET_DOUBLE": "f",
+}
+_DIRECTION_KEYS = ("TransformMatrix", "Rotation", "Orientation")  # MetaIO synonyms
+_HEADER_MAX_BYTES = 1 << 20  # a header is a few hundred bytes; stop looking for ElementDataFile after 1 MiB
+_ZLIB_OR_GZIP = 47  # zlib.MAX_WBITS | 32: zlib or gzip stream, as MetaIO's inflateInit2(..., 47)
 
 
 class ScanError(ValueError):
@@ -35,33 +61,65 @@ class ScanFile:
     path: Path
 
 
-def read_header(path: str | os.PathLike) -> dict[str, str]:
-    """The ``key = value`` lines of a MetaImage header, checked for the keys a scan needs."""
-    path = Path(path)
+@dataclass(frozen=True)
+class VoxelLayout:
+    """Where a scan's voxel bytes are and what they must be, from the header alone."""
+
+    data: Path  # the .raw/.zraw (the header file itself for ElementDataFile = LOCAL)
+    offset: int  # first byte of the voxel data in ``data``
+    shape_irc: tuple[int, int, int]
+    dtype: np.dtype  # element type with the header's byte order
+    compressed: bool
+    compressed_size: int | None  # CompressedDataSize when the header gives it
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size: prod(DimSize) x bytes per element."""
+        return int(np.prod(self.shape_irc)) * self.dtype.itemsize
+
+
+def _read_header_lines(path: Path) -> tuple[dict[str, str], int]:
+    """The ``key = value`` lines up to and including ElementDataFile (MetaIO stops there) and the byte
+    offset just after that line (where ``LOCAL`` voxel data starts)."""
     if not path.is_file():
         raise ScanError(f"{path}: scan header not found")
+    header: dict[str, str] = {}
+    offset = 0
     try:
-        text = path.read_text(encoding="latin-1")
+        with open(path, "rb") as fh:
+            for line_no, raw in enumerate(iter(lambda: fh.readline(_HEADER_MAX_BYTES), b""), start=1):
+                offset += len(raw)
+                line = raw.decode("latin-1")
+                if not line.strip():
+                    continue
+                if "=" not in line:
+                    raise ScanError(f"{path}:{line_no}: unreadable header line {line.strip()[:60]!r}")
+                key, value = line.split("=", 1)
+                header[key.strip()] = value.strip()
+                if key.strip() == "ElementDataFile" or offset > _HEADER_MAX_BYTES:
+                    break
     except OSError as exc:
         raise ScanError(f"{path}: cannot read header ({exc.strerror})") from exc
-    header: dict[str, str] = {}
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if "=" not in line:
-            raise ScanError(f"{path}:{line_no}: unreadable header line {line.strip()[:60]!r}")
-        key, value = line.split("=", 1)
-        header[key.strip()] = value.strip()
+    return header, offset
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The ``key = value`` lines of a MetaImage header, checked for the keys a scan needs."""
+    return _checked_header(Path(path))[0]
+
+
+def _checked_header(path: Path) -> tuple[dict[str, str], int]:
+    header, offset = _read_header_lines(path)
     for key in ("NDims", "DimSize", "ElementType", "ElementDataFile"):
         if key not in header:
             raise ScanError(f"{path}: unreadable header, no {key} line")
     if header["NDims"] != "3":
         raise ScanError(f"{path}: expected a 3-D scan, header says NDims = {header['NDims']}")
-    return header
+    return header, offset
 
 
 def data_file(path: str | os.PathLike, header: dict[str, str] | None = None) -> Path:
-    """The voxel data file (``.raw``/``.zraw``) a header points to."""
+    """The voxel data file (``.raw``/``.zraw``) a header points to (the header itself for ``LOCAL``)."""
     path = Path(path)
     header = header or read_header(path)
     name = header["ElementDataFile"]
@@ -70,36 +128,98 @@ def data_file(path: str | os.PathLike, header: dict[str, str] | None = None) -> 
     return path.parent / name
 
 
-def check_scan_files(path: str | os.PathLike) -> dict[str, str]:
-    """Fail with a one-line error before SimpleITK does: missing or truncated data file, bad header."""
-    path = Path(path)
-    header = read_header(path)
-    data = data_file(path, header)
-    if not data.is_file():
-        raise ScanError(f"{path}: voxel data file {data.name} is missing")
+def _is_true(header: dict[str, str], key: str) -> bool:
+    return header.get(key, "False").strip().lower() == "true"
+
+
+def _header_int(path: Path, header: dict[str, str], key: str, default: int | None = None) -> int | None:
+    if key not in header:
+        return default
+    try:
+        return int(header[key])
+    except ValueError as exc:
+        raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r}") from exc
+
+
+def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
+    header, header_end = _checked_header(path)
     try:
         dims = [int(v) for v in header["DimSize"].split()]
     except ValueError as exc:
         raise ScanError(f"{path}: unreadable header, DimSize = {header['DimSize']!r}") from exc
     if len(dims) != 3 or min(dims) <= 0:
         raise ScanError(f"{path}: unreadable header, DimSize = {header['DimSize']!r}")
-    compressed = header.get("CompressedData", "False").lower() == "true"
-    if compressed and "CompressedDataSize" in header and data != path:
-        try:
-            expected_z = int(header["CompressedDataSize"])
-        except ValueError as exc:
-            raise ScanError(f"{path}: unreadable header, CompressedDataSize = {header['CompressedDataSize']!r}") from exc
-        actual_z = data.stat().st_size
-        if actual_z < expected_z:
-            raise ScanError(f"{data}: truncated voxel data, {actual_z} bytes where {expected_z} are needed")
-    if not compressed and data != path:
-        nbytes = _DTYPE_BYTES.get(header["ElementType"])
-        if nbytes is None:
-            raise ScanError(f"{path}: unsupported ElementType {header['ElementType']}")
-        expected = int(np.prod(dims)) * nbytes
-        actual = data.stat().st_size
-        if actual < expected:
-            raise ScanError(f"{data}: truncated voxel data, {actual} bytes where {expected} are needed")
+    element_type = header["ElementType"]
+    if element_type not in _DTYPE_BYTES:
+        raise ScanError(f"{path}: unsupported ElementType {element_type}")
+    channels = _header_int(path, header, "ElementNumberOfChannels", 1)
+    if channels != 1:
+        raise ScanError(f"{path}: expected a single-channel scan, header says ElementNumberOfChannels = {channels}")
+    if "BinaryData" in header and not _is_true(header, "BinaryData"):
+        raise ScanError(f"{path}: ASCII voxel data (BinaryData = {header['BinaryData']}) is not supported")
+    name = header["ElementDataFile"]
+    if name.upper() == "LIST" or " " in name or "%" in name:
+        raise ScanError(f"{path}: ElementDataFile = {name!r}: voxel data split over several files is not supported")
+    local = name.upper() == "LOCAL"
+    data = path if local else path.parent / name
+    if not local and not data.is_file():
+        raise ScanError(f"{path}: voxel data file {data.name} is missing")
+    msb = _is_true(header, "BinaryDataByteOrderMSB") or _is_true(header, "ElementByteOrderMSB")
+    dtype = np.dtype(f"{'>' if msb else '<'}{_DTYPE_KIND[element_type]}{_DTYPE_BYTES[element_type]}")
+    compressed = _is_true(header, "CompressedData")
+    compressed_size = _header_int(path, header, "CompressedDataSize") if compressed else None
+    header_size = _header_int(path, header, "HeaderSize", 0)
+    if header_size < -1:
+        raise ScanError(f"{path}: unreadable header, HeaderSize = {header['HeaderSize']!r}")
+    layout = VoxelLayout(data, header_end if local else 0, (dims[2], dims[1], dims[0]), dtype, compressed,
+                         compressed_size)
+    if header_size == -1:  # MetaIO: the voxels are the last bytes of the file
+        if compressed:
+            raise ScanError(f"{path}: HeaderSize = -1 with compressed data is not supported")
+        offset = _file_size(data) - layout.nbytes
+        if offset < layout.offset:
+            raise ScanError(f"{data}: truncated voxel data, {_file_size(data) - layout.offset} bytes where "
+                            f"{layout.nbytes} are needed")
+        return header, VoxelLayout(data, offset, layout.shape_irc, dtype, compressed, compressed_size)
+    return header, VoxelLayout(data, layout.offset + header_size, layout.shape_irc, dtype, compressed,
+                               compressed_size)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise ScanError(f"{path}: cannot read voxel data ({exc.strerror})") from exc
+
+
+def _check_sizes(path: Path, layout: VoxelLayout) -> None:
+    """The data file holds exactly the bytes the header describes (compressed: CompressedDataSize, if given)."""
+    actual = _file_size(layout.data) - layout.offset
+    if layout.compressed:
+        expected = layout.compressed_size
+        if expected is None:  # nothing to compare before inflating; reading checks the stream itself
+            return
+        what = "compressed voxel data"
+        hint = f"CompressedDataSize = {expected}"
+    else:
+        expected = layout.nbytes
+        what = "voxel data"
+        hint = (f"DimSize {layout.shape_irc[2]} {layout.shape_irc[1]} {layout.shape_irc[0]} x "
+                f"{layout.dtype.itemsize} bytes of ElementType")
+    if actual < expected:
+        raise ScanError(f"{layout.data}: truncated {what}, {actual} bytes where {expected} are needed")
+    if actual > expected:
+        raise ScanError(f"{layout.data}: {actual} bytes of {what} where the header of {path.name} says {expected} "
+                        f"({hint}): wrong ElementType, DimSize or data file")
+
+
+def check_scan_files(path: str | os.PathLike) -> dict[str, str]:
+    """Fail with a one-line error before reading voxels: bad header, missing data file, wrong data size,
+    direction not orthonormal."""
+    path = Path(path)
+    header, layout = _header_and_layout(path)
+    _check_sizes(path, layout)
+    _check_header_direction(path, header)
     return header
 
 
@@ -118,36 +238,147 @@ class _ImageBuffer:
         self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
 
 
+def _geometry_of(path: Path, source: sitk.ImageFileReader | sitk.Image) -> Geometry:
+    """The geometry SimpleITK read (from a reader or an image), its direction orthonormal."""
+    direction = np.reshape(source.GetDirection(), (3, 3))
+    error = orthonormality_error(direction)  # the header's matrix was checked; this is what SimpleITK made of it
+    if not error <= ORTHONORMAL_TOLERANCE:
+        raise ScanError(f"{path}: direction matrix is not orthonormal (direction {direction.reshape(9).tolist()}; "
+                        f"max |D^T D - I| = {error:.3g}, tolerance {ORTHONORMAL_TOLERANCE:g})")
+    try:
+        return Geometry(source.GetOrigin(), source.GetSpacing(), direction)
+    except ValueError as exc:
+        raise ScanError(f"{path}: bad geometry in header ({exc})") from exc
+
+
+def _check_header_direction(path: Path, header: dict[str, str]) -> None:
+    """The header's direction is orthonormal, checked before SimpleITK reads the file (it fails on a singular one
+    with a message of its own). MetaIO writes the matrix column by column: D = M.T; no matrix is the identity."""
+    key = next((k for k in _DIRECTION_KEYS if k in header), None)
+    if key is None:
+        return
+    try:
+        matrix = np.array([float(v) for v in header[key].split()], dtype=np.float64)
+    except ValueError:
+        matrix = np.zeros(0)
+    if matrix.size != 9:
+        raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r}")
+    error = orthonormality_error(matrix.reshape(3, 3).T)
+    if not error <= ORTHONORMAL_TOLERANCE:
+        raise ScanError(f"{path}: direction matrix is not orthonormal ({key} = {header[key]}; max |D^T D - I| = "
+                        f"{error:.3g}, tolerance {ORTHONORMAL_TOLERANCE:g})")
+
+
+def _shape_of(path: Path, source: sitk.ImageFileReader | sitk.Image, layout: VoxelLayout) -> tuple[int, int, int]:
+    """(I, R, C) shape SimpleITK reads, checked against the header as parsed here."""
+    components = (source.GetNumberOfComponents() if isinstance(source, sitk.ImageFileReader)
+                  else source.GetNumberOfComponentsPerPixel())
+    if source.GetDimension() != 3 or components != 1:
+        raise ScanError(f"{path}: expected a 3-D single-channel scan")
+    size_xyz = source.GetSize()
+    shape_irc = (int(size_xyz[2]), int(size_xyz[1]), int(size_xyz[0]))
+    if shape_irc != layout.shape_irc:
+        raise ScanError(f"{path}: SimpleITK reads shape {shape_irc}, the header says {layout.shape_irc}")
+    return shape_irc
+
+
 def read_geometry(path: str | os.PathLike) -> tuple[Geometry, tuple[int, int, int]]:
-    """Geometry and (I, R, C) shape from the header alone, without reading the voxels."""
+    """Geometry and (I, R, C) shape from the header alone, without reading the voxels (sizes are checked)."""
     path = Path(path)
-    check_scan_files(path)
+    header, layout = _header_and_layout(path)
+    _check_sizes(path, layout)
+    _check_header_direction(path, header)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _sitk_error(path, exc) from exc
-    geometry = Geometry(reader.GetOrigin(), reader.GetSpacing(), np.reshape(reader.GetDirection(), (3, 3)))
-    size_xyz = reader.GetSize()
-    return geometry, (int(size_xyz[2]), int(size_xyz[1]), int(size_xyz[0]))
+    shape_irc = _shape_of(path, reader, layout)
+    return _geometry_of(path, reader), shape_irc
+
+
+def _inflate(layout: VoxelLayout) -> bytes:
+    """Inflate the zlib/gzip stream at ``layout`` strictly: it must end cleanly (checksum included), with nothing
+    after it, at exactly ``layout.nbytes`` bytes; else a one-line ScanError saying which."""
+    data = layout.data
+    with open(data, "rb") as fh:
+        fh.seek(layout.offset)
+        compressed = fh.read()
+    inflater = zlib.decompressobj(_ZLIB_OR_GZIP)
+    try:
+        out = inflater.decompress(compressed)
+    except zlib.error as exc:
+        raise ScanError(f"{data}: corrupt compressed voxel data ({exc})") from exc
+    if not inflater.eof:
+        raise ScanError(f"{data}: compressed voxel data ends early (truncated or corrupt .zraw), {len(out)} of "
+                        f"{layout.nbytes} bytes inflated")
+    if inflater.unused_data:
+        raise ScanError(f"{data}: {len(inflater.unused_data)} bytes after the end of the compressed voxel data "
+                        f"(corrupt .zraw)")
+    if len(out) != layout.nbytes:
+        raise ScanError(f"{data}: compressed voxel data inflates to {len(out)} bytes where the header describes "
+                        f"{layout.nbytes}: wrong ElementType, DimSize or data file")
+    return out
+
+
+def _stream_checksum_matches(layout: VoxelLayout, voxels: np.ndarray) -> bool:
+    """Whether the voxels SimpleITK inflated are the stream's content and the stream ends the file: the checksum
+    that ends a zlib (Adler-32) or gzip (CRC-32, size) stream, taken from the file's last bytes, matches them.
+
+    A corrupt, truncated or too short/long stream, or bytes after it, all fail this (SimpleITK returns a buffer
+    of the header's size whatever the stream held, and at most prints "Uncompress failed")."""
+    stored = voxels if voxels.dtype == layout.dtype else voxels.astype(layout.dtype)  # the bytes as in the file
+    buffer = memoryview(np.ascontiguousarray(stored)).cast("B")
+    with open(layout.data, "rb") as fh:
+        fh.seek(layout.offset)
+        head = fh.read(2)
+        size = fh.seek(0, os.SEEK_END) - layout.offset
+        if size < 10:
+            return False
+        fh.seek(-8, os.SEEK_END)
+        tail = fh.read(8)
+    if head == b"\x1f\x8b":  # gzip member: CRC-32 and size mod 2**32, little-endian
+        return (tail[:4] == zlib.crc32(buffer).to_bytes(4, "little")
+                and tail[4:] == (len(buffer) & 0xFFFFFFFF).to_bytes(4, "little"))
+    cmf, flg = head
+    if cmf & 0x0F != 8 or (cmf << 8 | flg) % 31:  # not a zlib header (deflate, valid check bits)
+        return False
+    return tail[4:] == zlib.adler32(buffer).to_bytes(4, "big")
 
 
 def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Read a scan: int16 HU volume (I, R, C) = (z, y, x) and its geometry."""
+    """Read a scan: int16 HU volume (I, R, C) = (z, y, x), read-only, and its geometry, both verified.
+
+    SimpleITK reads the voxels (its bundled zlib-ng inflates ~1.5x faster than Python's zlib); they are
+    accepted only after the checks of the module docstring. A compressed stream whose checksum does not match
+    is inflated again here, strictly, for the one-line reason (corrupt, ends early, too long, trailing bytes).
+    """
     path = Path(path)
-    check_scan_files(path)
+    header, layout = _header_and_layout(path)
+    _check_sizes(path, layout)
+    _check_header_direction(path, header)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise _sitk_error(path, exc) from exc
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ScanError(f"{path}: expected a 3-D single-channel scan")
-    if image.GetPixelID() == sitk.sitkInt16:
+    shape_irc = _shape_of(path, image, layout)
+    geometry = _geometry_of(path, image)
+    voxels = sitk.GetArrayViewFromImage(image)
+    if layout.compressed and not _stream_checksum_matches(layout, voxels):
+        try:
+            strict = _inflate(layout)  # raises the precise reason
+        except OSError as exc:
+            raise ScanError(f"{layout.data}: cannot read voxel data ({exc.strerror or exc})") from exc
+        voxels = np.frombuffer(strict, dtype=layout.dtype).reshape(shape_irc)
+        image = None  # the strict inflate is the content; SimpleITK's buffer is not used
+    if voxels.dtype == np.int16 and image is not None:
         volume = np.asarray(_ImageBuffer(image))  # read-only view, no second copy of the scan
+    elif voxels.dtype.kind == "i" and voxels.dtype.itemsize == 2:
+        volume = voxels.astype(np.int16)
     else:
-        volume = np.clip(np.rint(sitk.GetArrayFromImage(image)), -32768, 32767).astype(np.int16)
-    geometry = Geometry(image.GetOrigin(), image.GetSpacing(), np.reshape(image.GetDirection(), (3, 3)))
+        volume = np.clip(np.rint(voxels), -32768, 32767).astype(np.int16)  # as the reader always converted
+    volume.flags.writeable = False
     return volume, geometry
 
 

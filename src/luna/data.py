@@ -1,7 +1,7 @@
 """Training data: a Dataset over the HDF5 crop stores, the book's balanced sampling, batched augmentation.
 
-* :class:`CropDataset` — the crops of one split (``splits.tsv``: train | val) over several stores; item
-  ``i`` is ``(crop float32 (1, 32, 48, 48) in HU, label int64 (1 = nodule), i)``. Crops are read lazily
+* :class:`CropDataset` — the crops of the scans of one role (train | selection | test, luna.splits.fold_roles)
+  over several stores; item ``i`` is ``(crop float32 (1, 32, 48, 48) in HU, label int64 (1 = nodule), i)``. Crops are read lazily
   (each DataLoader worker opens its own HDF5 handle) and a batch is read in one call per store.
 * :class:`EpochSampler` — a fixed number of samples per epoch. Balanced with ratio ``r`` (the book's
   Chapter 12): sample ``i`` is a positive when ``i % (r + 1) == 0``, else a negative; the positive and the
@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from luna.splits import SPLITS, SplitsError, split_of_scan
+from luna.inference import crops_to_tensor
+from luna.splits import ROLES
 from luna.store import CropStore
 
 logger = logging.getLogger(__name__)
@@ -39,30 +40,17 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# splits.tsv and the dataset
+# the dataset
 # ----------------------------------------------------------------------------------------------------
 
-def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
-    """int16 crops (n, I, R, C) -> float32 (n, 1, I, R, C) in HU, what the model is fed in training and
-    validation alike: no rescaling, the model's tail BatchNorm normalises."""
-    return torch.from_numpy(np.asarray(crops).astype(np.float32)).unsqueeze(1)
-
-
-def read_splits(path: str | os.PathLike) -> dict[str, str]:
-    """``splits.tsv`` as ``{series_uid: split}`` (luna.splits is the one reader); errors as DataError."""
-    try:
-        return split_of_scan(path)
-    except SplitsError as exc:
-        raise DataError(str(exc)) from exc
-
-
 class CropDataset(Dataset):
-    """The crops of one split over several crop stores, in store order then row order.
+    """The crops of the scans with one role over several crop stores, in store order then row order.
 
-    ``rows`` (DataFrame) holds, per item: store (position in ``stores``), row (in that store),
-    candidate_id, series_uid, coord_x/y/z, is_nodule, diameter_mm. ``labels`` is int64 (1 = nodule).
-    Rows of scans that splits.tsv does not list are left out (and counted in the log); an unlabelled row
-    (is_nodule -1) in the split is an error, since training needs labels.
+    ``roles`` maps series UID -> role (luna.splits.fold_roles); ``role`` picks one. ``rows`` (DataFrame)
+    holds, per item: store (position in ``stores``), row (in that store), candidate_id, series_uid,
+    coord_x/y/z, is_nodule, diameter_mm. ``labels`` is int64 (1 = nodule). Rows of scans that the roles do
+    not list are left out (and counted in the log); an unlabelled row (is_nodule -1) is an error, since
+    training needs labels.
 
     ``int16=True``: items hold the stored int16 HU instead of float32 — half the bytes through loader
     workers, pinned memory and the host-to-device copy; the trainer converts on the device.
@@ -71,24 +59,23 @@ class CropDataset(Dataset):
     def __init__(
         self,
         stores: Sequence[CropStore | str | os.PathLike],
-        splits: Mapping[str, str] | str | os.PathLike,
-        split: str,
+        roles: Mapping[str, str],
+        role: str,
         *,
         int16: bool = False,
     ) -> None:
-        if split not in SPLITS:
-            raise DataError(f"split {split!r} is not train or val")
-        self.split = split
+        if role not in ROLES:
+            raise DataError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        self.role = role
         self.int16 = int16
         self.stores = [s if isinstance(s, CropStore) else CropStore(s) for s in stores]
-        split_of = splits if isinstance(splits, Mapping) else read_splits(splits)
         parts = []
         n_unlisted = 0
         for position, store in enumerate(self.stores):
             table = store.table
-            assigned = table["series_uid"].map(split_of)
+            assigned = table["series_uid"].map(roles)
             n_unlisted += int(assigned.isna().sum())
-            keep = (assigned == split).to_numpy()
+            keep = (assigned == role).to_numpy()
             part = table.loc[keep].copy()
             part.insert(0, "row", np.flatnonzero(keep).astype(np.int64))
             part.insert(0, "store", position)
@@ -101,7 +88,7 @@ class CropDataset(Dataset):
                 )
             parts.append(part)
         if n_unlisted:
-            logger.warning("%d crops belong to scans not listed in splits.tsv; left out", n_unlisted)
+            logger.warning("%d crops belong to scans not listed in splits.tsv; left out of %s", n_unlisted, role)
         self.rows = (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             columns=["store", "row", "candidate_id", "series_uid", "coord_x", "coord_y", "coord_z",
                      "is_nodule", "diameter_mm"]))
@@ -262,26 +249,6 @@ class EpochSampler(Sampler[int]):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
-
-
-class ShardSampler(Sampler[int]):
-    """A fixed list of items in order (validation), rank k of world_size taking every world_size-th one."""
-
-    def __init__(self, indices: Sequence[int] | np.ndarray, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = np.asarray(indices, dtype=np.int64)[rank::world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices.tolist())
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def val_indices(n_items: int, cap: int | None, seed: int) -> np.ndarray:
-    """All val items, or (``cap`` given and smaller) a fixed random subset of ``cap`` items, sorted."""
-    if cap is None or cap <= 0 or cap >= n_items:
-        return np.arange(n_items, dtype=np.int64)
-    return np.sort(_rng(seed, 2).choice(n_items, size=cap, replace=False)).astype(np.int64)
 
 
 def make_loader(

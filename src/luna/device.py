@@ -1,4 +1,5 @@
-"""Where the model runs: device choice and bf16 autocast, one policy for training and validation."""
+"""Where the model runs: device choice for every stage, and bf16 autocast for training steps (evaluation is float32:
+luna.inference)."""
 
 from __future__ import annotations
 

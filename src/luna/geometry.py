@@ -4,6 +4,10 @@ The book's ``xyz2irc`` multiplies by the inverse direction on the wrong side, wh
 symmetric direction matrices. Here ``xyz = origin + direction @ (spacing * cri)`` and its exact inverse
 ``cri = inverse(direction) @ (xyz - origin) / spacing`` are used, as SimpleITK and ITK define them.
 Rounding to a voxel is ``floor(x + 0.5)`` per axis, as SimpleITK's ``TransformPhysicalPointToIndex``.
+
+A scan's direction must be orthonormal (a rotation or reflection); :class:`Geometry` itself accepts any
+non-singular matrix (tests build sheared ones), the check that a scan file's direction is orthonormal is
+:func:`orthonormality_error` against :data:`ORTHONORMAL_TOLERANCE`, applied by luna.ct when reading a header.
 """
 
 from __future__ import annotations
@@ -11,6 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+# LUNA16 headers write the direction with ~6 decimals (|D^T D - I| ~ 1e-6); a scaled or sheared matrix is far off
+ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def orthonormality_error(direction: np.ndarray) -> float:
+    """``max |D^T D - I|`` of a 3x3 direction: 0 for a rotation or reflection; inf when not finite."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if not np.all(np.isfinite(d)):
+        return float("inf")
+    return float(np.max(np.abs(d.T @ d - np.eye(3))))
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 Two families:
 
-* the per-epoch **metric row** (history.tsv / metrics.tsv, DESIGN.md): the book's Chapter 11 loss and
-  percent-correct for all / negative / positive samples at threshold 0.5, Chapter 12's precision, recall
-  and F1, and the ROC AUC -- all derived from per-sample (label, probability of class 1, loss);
+* the per-epoch **metric row** (history.tsv / metrics.tsv, docs/design.md): the book's Chapter 11 loss and
+  percent-correct for all / negative / positive samples at a threshold (0.5 in history.tsv, the model's
+  operating point in metrics.tsv), Chapter 12's precision, recall and F1, and the ROC AUC -- all derived
+  from per-sample (label, probability of class 1, loss); :func:`choose_threshold` picks an operating point
+  on a selection set;
 * **FROC and CPM** exactly as the official LUNA16 evaluation script (``noduleCADEvaluationLUNA16.py``)
   defines them, vectorised per scan so that LUNA16's 750k candidates take seconds, not minutes.
 
@@ -30,6 +32,7 @@ __all__ = [
     "FrocResult",
     "MetricsError",
     "auc_score",
+    "choose_threshold",
     "combine_metrics",
     "format_row",
     "froc",
@@ -53,7 +56,9 @@ FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which LUNA16 reads the sensitivity; CPM is the mean of the seven."""
 
 SENSITIVITY_COLUMNS: list[str] = [f"sens_at_{rate:g}" for rate in FROC_RATES]
-METRICS_COLUMNS: list[str] = HISTORY_COLUMNS + ["cpm"] + SENSITIVITY_COLUMNS
+METRICS_COLUMNS: list[str] = ["fold"] + HISTORY_COLUMNS + ["threshold", "cpm"] + SENSITIVITY_COLUMNS
+"""metrics.tsv: one row per test fold (``fold`` = N) and one pooled row (``fold`` = ``all``); ``threshold`` is
+the operating point its threshold metrics use (NaN in the pooled row when the folds' thresholds differ)."""
 
 PREDICTION_COLUMNS = ("series_uid", "coord_x", "coord_y", "coord_z", "probability")
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
@@ -122,13 +127,15 @@ def metric_row(
     probabilities: Sequence[float] | np.ndarray,
     losses: Sequence[float] | np.ndarray,
     *,
-    epoch: int,
+    epoch: int | float,
     split: str,
+    threshold: float | np.ndarray = CLASSIFICATION_THRESHOLD,
 ) -> dict[str, int | str | float]:
     """One history.tsv row (keys in :data:`HISTORY_COLUMNS` order) from per-sample values.
 
     ``labels``: 1 = nodule (a label <= 0.5 is negative); ``probabilities``: of class 1, a positive
-    prediction is ``p > 0.5`` (exactly 0.5 is negative, as in the book); ``losses``: per-sample loss.
+    prediction is ``p > threshold`` (0.5 by default; exactly the threshold is negative, as in the book;
+    ``threshold`` may be one value per sample, e.g. each fold's own); ``losses``: per-sample loss.
     loss_* are means, correct_* percentages; precision = TP/(TP+FP), recall = TP/(TP+FN),
     f1 = 2TP/(2TP+FP+FN) (the harmonic mean of precision and recall; NaN when either is undefined).
     """
@@ -142,7 +149,7 @@ def metric_row(
         )
     positive = labels > CLASSIFICATION_THRESHOLD
     negative = ~positive
-    predicted_positive = probabilities > CLASSIFICATION_THRESHOLD
+    predicted_positive = probabilities > np.asarray(threshold, dtype=np.float64)
     n_pos = int(positive.sum())
     n_neg = int(negative.sum())
     true_pos = int((positive & predicted_positive).sum())
@@ -158,7 +165,7 @@ def metric_row(
         f1 = _ratio(2 * true_pos, 2 * true_pos + false_pos + false_neg)
 
     row: dict[str, int | str | float] = {
-        "epoch": int(epoch),
+        "epoch": epoch if isinstance(epoch, float) and math.isnan(epoch) else int(epoch),
         "split": str(split),
         "n": int(labels.size),
         "n_pos": n_pos,
@@ -251,6 +258,52 @@ def pr_curve(
     precision = true_pos / (true_pos + false_pos)  # never 0/0: each point has >= 1 prediction
     recall = true_pos / n_pos if n_pos else np.full(true_pos.size, np.nan)
     return precision.astype(np.float64), np.asarray(recall, dtype=np.float64), thresholds
+
+
+def parse_threshold_policy(policy: str | float) -> tuple[str, float]:
+    """``0.5`` -> ("fixed", 0.5); ``max_f1`` -> ("max_f1", nan); ``recall:0.9`` -> ("recall", 0.9)."""
+    text = str(policy).strip()
+    if text == "max_f1":
+        return "max_f1", math.nan
+    if text.startswith("recall:"):
+        try:
+            target = float(text.split(":", 1)[1])
+        except ValueError:
+            target = math.nan
+        if not 0.0 < target <= 1.0:
+            raise MetricsError(f"threshold policy {text!r}: recall target must be in (0, 1]")
+        return "recall", target
+    try:
+        value = float(text)
+    except ValueError:
+        raise MetricsError(f"threshold policy {text!r}: expected a number in (0, 1), max_f1 or recall:R") from None
+    if not 0.0 < value < 1.0:
+        raise MetricsError(f"threshold policy {text!r}: a fixed threshold must lie in (0, 1)")
+    return "fixed", value
+
+
+def choose_threshold(labels: Sequence[float] | np.ndarray, probabilities: Sequence[float] | np.ndarray,
+                     policy: str | float) -> float:
+    """The operating threshold (a positive is ``p > threshold``) that ``policy`` picks on these samples.
+
+    ``fixed`` (a number): that number. ``max_f1``: the cut between two distinct probabilities with the highest
+    F1 (the highest such cut on ties). ``recall:R``: the highest cut whose recall is at least R. A cut lies
+    halfway between the lowest probability called positive and the next lower distinct one (half the lowest
+    probability when all are called positive). Needs at least one positive unless fixed.
+    """
+    kind, value = parse_threshold_policy(policy)
+    if kind == "fixed":
+        return value
+    thresholds, true_pos, false_pos, n_pos, _ = _threshold_counts(labels, probabilities)
+    if n_pos == 0:
+        raise MetricsError(f"threshold policy {policy!r}: the selection set has no positive sample")
+    if kind == "max_f1":
+        f1 = 2.0 * true_pos / (true_pos + false_pos + n_pos)
+        k = int(np.argmax(f1))
+    else:
+        k = int(np.flatnonzero(true_pos >= value * n_pos - 1e-9)[0])
+    lower = thresholds[k + 1] if k + 1 < thresholds.size else 0.0
+    return float((thresholds[k] + lower) / 2.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -553,10 +606,13 @@ def froc_bootstrap(
     return result
 
 
-def combine_metrics(row: Mapping[str, object], froc_result: FrocResult | None) -> dict[str, object]:
-    """One metrics.tsv row (keys in :data:`METRICS_COLUMNS` order): the metric row plus CPM and the
-    seven sensitivities (NaN when ``froc_result`` is None, e.g. without annotations)."""
-    combined: dict[str, object] = {column: row[column] for column in HISTORY_COLUMNS}
+def combine_metrics(row: Mapping[str, object], froc_result: FrocResult | None, *, fold: int | str = "all",
+                    threshold: float = CLASSIFICATION_THRESHOLD) -> dict[str, object]:
+    """One metrics.tsv row (keys in :data:`METRICS_COLUMNS` order): the fold, the metric row, its threshold,
+    then CPM and the seven sensitivities (NaN when ``froc_result`` is None, e.g. without annotations)."""
+    combined: dict[str, object] = {"fold": fold}
+    combined.update({column: row[column] for column in HISTORY_COLUMNS})
+    combined["threshold"] = float(threshold)
     combined["cpm"] = froc_result.cpm if froc_result is not None else math.nan
     for column in SENSITIVITY_COLUMNS:
         combined[column] = froc_result.sensitivities[column] if froc_result is not None else math.nan

@@ -7,25 +7,32 @@ issue #72: ``nn.init.normal_(m.bias, -bound, bound)`` where ``uniform_`` was mea
 ``uniform(-bound, bound)`` with ``bound = 1/sqrt(fan_out)``, which is what that code meant. The weights use the
 book's Kaiming normal (a=0, mode fan_out, nonlinearity relu).
 
-model.pt (DESIGN.md) is a plain dict that loads with ``torch.load(path, weights_only=True)``:
+The head's input size follows the crop shape: ``8c * prod(shape // 16)`` features, 1152 for the book's
+32x48x48 (each of the four blocks halves every axis, so every axis needs at least 16 voxels).
+
+model.pt (docs/design.md, "model.pt") is a plain dict that loads with ``torch.load(path, weights_only=True)``:
 ``format``, ``model_state`` (unwrapped: no ``module.``/``_orig_mod.`` prefixes), ``model_config`` (constructor
-kwargs), ``epoch``, ``val_metrics``, ``args`` (plain dict) and ``provenance`` (config, luna version, git
-commit, torch version, device).
+kwargs, the crop shape among them), ``crop_shape``, ``epoch``, ``val_metrics``, ``args`` (plain dict) and
+``provenance`` (config, luna version and source hash, git commit, torch version, device); the training stage
+adds the test fold, the training and selection series UIDs and the operating threshold.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from luna.provenance import plain, provenance
+
 CHECKPOINT_FORMAT = "luna-model-v1"
 _PREFIXES = ("module.", "_orig_mod.")
+BOOK_CROP_SHAPE = (32, 48, 48)
+MIN_CROP_SIZE = 16  # four 2x max-pools: every axis needs >= 16 voxels to keep >= 1 after the last block
 
 
 class CheckpointError(ValueError):
@@ -51,22 +58,42 @@ class LunaBlock(nn.Module):
         return self.maxpool(block_out)
 
 
+def check_crop_shape(crop_shape: Sequence[int]) -> tuple[int, int, int]:
+    """The crop shape as three ints, each >= 16 (what LunaModel's four max-pools need); ValueError otherwise."""
+    shape = tuple(int(v) for v in crop_shape)
+    if len(shape) != 3 or min(shape) < MIN_CROP_SIZE:
+        raise ValueError(f"crop shape {list(shape)} cannot feed LunaModel: it needs three sizes, each >= "
+                         f"{MIN_CROP_SIZE} (four 2x max-pools)")
+    return shape  # type: ignore[return-value]
+
+
+def head_features(conv_channels: int, crop_shape: Sequence[int]) -> int:
+    """Inputs of the head: 8c channels times the crop shape halved four times (1152 for the book's)."""
+    size = 1
+    for v in check_crop_shape(crop_shape):
+        size *= v // 16
+    return conv_channels * 8 * size
+
+
 class LunaModel(nn.Module):
     """Tail BatchNorm3d(1), four LunaBlocks (c, 2c, 4c, 8c channels), Linear(1152, 2) head.
 
-    Input: (N, in_channels, 32, 48, 48) HU crops. ``forward`` returns ``(logits, softmax(logits, dim=1))``,
-    both (N, 2); column 1 is the nodule class.
+    Input: (N, in_channels, *crop_shape) HU crops, the book's 32x48x48 by default (the head takes
+    :func:`head_features` inputs). ``forward`` returns ``(logits, softmax(logits, dim=1))``, both (N, 2);
+    column 1 is the nodule class.
     """
 
-    def __init__(self, in_channels: int = 1, conv_channels: int = 8) -> None:
+    def __init__(self, in_channels: int = 1, conv_channels: int = 8,
+                 crop_shape: Sequence[int] = BOOK_CROP_SHAPE) -> None:
         super().__init__()
+        self.crop_shape = check_crop_shape(crop_shape)
         self.tail_batchnorm = nn.BatchNorm3d(1)
         self.block1 = LunaBlock(in_channels, conv_channels)
         self.block2 = LunaBlock(conv_channels, conv_channels * 2)
         self.block3 = LunaBlock(conv_channels * 2, conv_channels * 4)
         self.block4 = LunaBlock(conv_channels * 4, conv_channels * 8)
         # 32x48x48 halved four times -> 2x3x3; 8c channels (64 by default) -> 1152 features
-        self.head_linear = nn.Linear(conv_channels * 8 * 2 * 3 * 3, 2)
+        self.head_linear = nn.Linear(head_features(conv_channels, self.crop_shape), 2)
         self.head_softmax = nn.Softmax(dim=1)
         self._init_weights()
 
@@ -122,53 +149,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
-    """The current git commit of the source tree (None outside a repository or without git)."""
-    where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
-
-
-def provenance(device: str | torch.device, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Where a model came from: config (if given), luna version, git commit, torch version, device."""
-    from luna import __version__
-
-    return _plain({
-        "config": dict(config) if config is not None else None,
-        "luna_version": __version__,
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "device": str(device),
-    })
-
-
-def _plain(value: Any) -> Any:
-    """Convert to types that ``torch.load(weights_only=True)`` accepts (dict/list/str/int/float/bool/None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None:
-        return None
-    for kind in (bool, int, float, str):  # exact builtin types (torch.__version__ is a str subclass)
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        try:
-            return _plain(value.item())
-        except (ValueError, RuntimeError):
-            pass
-    return str(value)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -190,17 +170,21 @@ def save_checkpoint(
     plain_model = unwrap_model(model)
     if model_config is None:
         model_config = getattr(plain_model, "model_config", None) or _model_config_of(plain_model)
+    model_config = dict(model_config)
+    if isinstance(plain_model, LunaModel):
+        model_config.setdefault("crop_shape", list(plain_model.crop_shape))
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model_state": unwrap_state_dict(plain_model.state_dict()),
-        "model_config": _plain(dict(model_config)),
+        "model_config": plain(model_config),
+        "crop_shape": plain(model_config.get("crop_shape", list(BOOK_CROP_SHAPE))),
         "epoch": int(epoch),
-        "val_metrics": _plain(dict(val_metrics or {})),
-        "args": _plain(dict(args or {})),
+        "val_metrics": plain(dict(val_metrics or {})),
+        "args": plain(dict(args or {})),
         "provenance": provenance(device, config),
     }
     if extra:
-        payload.update(_plain(dict(extra)))
+        payload.update(plain(dict(extra)))
     atomic_torch_save(payload, path)
     return path
 
@@ -225,6 +209,7 @@ def _model_config_of(model: nn.Module) -> dict[str, int]:
         return {
             "in_channels": int(model.block1.conv1.in_channels),
             "conv_channels": int(model.block1.conv1.out_channels),
+            "crop_shape": list(model.crop_shape),
         }
     return {}
 
@@ -247,6 +232,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+def checkpoint_crop_shape(ckpt: Mapping[str, Any]) -> tuple[int, ...]:
+    """The crop shape a checkpoint was trained on (older checkpoints without one: the book's 32x48x48)."""
+    shape = ckpt.get("crop_shape") or ckpt.get("model_config", {}).get("crop_shape") or BOOK_CROP_SHAPE
+    return tuple(int(v) for v in shape)
+
+
 def load_model(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[LunaModel, dict[str, Any]]:
@@ -255,7 +246,7 @@ def load_model(
     try:
         model = LunaModel(**ckpt["model_config"])
         model.load_state_dict(ckpt["model_state"])
-    except (TypeError, RuntimeError) as exc:
+    except (TypeError, RuntimeError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path}: checkpoint does not fit LunaModel ({first_line})") from exc
     model.to(map_location)

@@ -1,4 +1,5 @@
-"""Run a stage app from a Snakemake rule script: log to the rule's log file, fail the job on a bad exit."""
+"""Run a stage app from a Snakemake rule script: config section -> command-line flags, log to the rule's log
+file, fail the job on a bad exit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -25,6 +26,32 @@ def setup_logging(log_path: str | os.PathLike | None = None, level: int = loggin
         handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
+
+
+def config_argv(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """A config section as the flags of the stage's CLI, so a new setting is added in the schema and argparse only.
+
+    ``key: value`` -> ``--key value`` (underscores become dashes); ``true``/``false`` -> ``--key``/``--no-key``;
+    a list -> ``--key v1 v2 ...`` with an inner list joined by ``:`` (``[[6, 8]]`` -> ``--key 6:8``); a nested
+    section -> its keys prefixed with its name (``augment: {noise: 25}`` -> ``--augment-noise 25``), its
+    ``enabled`` key -> ``--augment``/``--no-augment``; ``null`` -> nothing.
+    """
+    argv: list[str] = []
+    for key, value in settings.items():
+        name = prefix + str(key).replace("_", "-")
+        if isinstance(value, Mapping):
+            inner = dict(value)
+            enabled = inner.pop("enabled", None)
+            if enabled is not None:
+                argv.append(f"--{name}" if enabled else f"--no-{name}")
+            argv += config_argv(inner, prefix=f"{name}-")
+        elif isinstance(value, bool):
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{name}", *(":".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in value)]
+        elif value is not None:
+            argv += [f"--{name}", str(value)]
+    return argv
 
 
 def run_rule(app_factory: Callable[[list[str]], object], argv: Sequence[str], log_path: str | os.PathLike) -> None:

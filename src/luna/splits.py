@@ -1,46 +1,209 @@
-"""The ``splits.tsv`` contract (columns series_uid, split): one reader for every stage.
+"""The ``splits.tsv`` contract (series_uid, subset, fold), the per-fold roles of scans, and ``luna-split``.
 
-The split is per scan (never per candidate, the book's leak): a scan's candidates are all train or all val.
-This module has no heavy imports, so the training and validation stages read splits without SimpleITK.
+Every scan found under the selected subsets gets a fold (docs/design.md, "splits.tsv"):
+
+* ``folds: subsets`` — LUNA16's protocol: the fold is the subset's number (``subset3`` -> 3);
+* ``folds: k`` — ``int.from_bytes(sha256(series_uid)[:8], "big") % k``: a stable hash of the UID alone, so
+  adding or removing scans never moves another scan to another fold.
+
+For one test fold, :func:`fold_roles` gives every scan one role: ``test`` (the fold itself: never trained on,
+never chosen on), ``selection`` (a stable-hash share of the other folds' scans: what chooses the kept epoch
+and the threshold) or ``train`` (the rest). The split is by scan, never by candidate (the book's leak).
+Only pandas and numpy are imported, so every stage reads splits without SimpleITK or torch.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import logging
 import os
+import re
+import sys
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from luna.tables import read_tsv
 
-SPLITS = ("train", "val")
-SPLITS_TSV_COLUMNS = ["series_uid", "split"]
+logger = logging.getLogger(__name__)
+
+SPLITS_TSV_COLUMNS = ["series_uid", "subset", "fold"]
+ROLES = ("train", "selection", "test")
+FOLDS_BY_SUBSET = "subsets"
 
 
 class SplitsError(ValueError):
-    """A splits.tsv that cannot be used; the one-line message names the file and line."""
+    """A split that cannot be made or used; the one-line message names the file and line, or the value."""
 
+
+# ----------------------------------------------------------------------------------------------------
+# folds and roles (pure functions)
+# ----------------------------------------------------------------------------------------------------
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def hash_fold(series_uid: str, n_folds: int) -> int:
+    """The fold of a scan under ``folds: k``: ``int.from_bytes(sha256(uid)[:8], "big") % k``."""
+    return _hash64(series_uid) % int(n_folds)
+
+
+def subset_number(subset: str) -> int:
+    """The number a subset folder ends in (``subset7`` -> 7): its fold under ``folds: subsets``."""
+    match = re.search(r"(\d+)$", subset)
+    if match is None:
+        raise SplitsError(f"subset {subset!r} does not end in a number; split.folds: subsets needs folders "
+                          "named like subset0 ... subset9 (or give a number of folds)")
+    return int(match.group(1))
+
+
+def parse_folds(value: int | str) -> int | str:
+    """``split.folds``: ``subsets`` or a number of folds >= 2."""
+    if isinstance(value, str) and value.strip() == FOLDS_BY_SUBSET:
+        return FOLDS_BY_SUBSET
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise SplitsError(f"folds must be 'subsets' or a whole number >= 2, got {value!r}") from None
+    if k < 2 or str(k) != str(value).strip():
+        raise SplitsError(f"folds must be 'subsets' or a whole number >= 2, got {value!r}")
+    return k
+
+
+def make_splits(scans: Mapping[str, str], folds: int | str) -> pd.DataFrame:
+    """splits.tsv rows for ``{series_uid: subset}``: one per scan, sorted by UID, with its fold."""
+    folds = parse_folds(folds)
+    uids = sorted(scans)
+    if folds == FOLDS_BY_SUBSET:
+        fold = [subset_number(scans[uid]) for uid in uids]
+    else:
+        fold = [hash_fold(uid, int(folds)) for uid in uids]
+    return pd.DataFrame({"series_uid": uids, "subset": [scans[uid] for uid in uids],
+                         "fold": np.asarray(fold, dtype=np.int64)})
+
+
+def is_selection(series_uid: str, test_fold: int, fraction: float) -> bool:
+    """Whether a non-test scan chooses (kept epoch, threshold) for ``test_fold``: a stable hash of the UID and
+    the test fold below ``fraction``, so each scan is trained on in most folds and chooses in some."""
+    return _hash64(f"selection:{int(test_fold)}:{series_uid}") / 2.0**64 < fraction
+
+
+def fold_roles(splits: pd.DataFrame, test_fold: int, selection_fraction: float,
+               source: str | os.PathLike = "splits.tsv") -> dict[str, str]:
+    """``{series_uid: role}`` for one test fold: ``test`` (its scans), ``selection`` (see
+    :func:`is_selection`) or ``train``. A test fold without scans is an error naming the folds there are."""
+    if not 0.0 <= selection_fraction < 1.0:
+        raise SplitsError(f"selection fraction must be >= 0 and < 1, got {selection_fraction}")
+    folds = splits["fold"].to_numpy(dtype=np.int64)
+    if not (folds == int(test_fold)).any():
+        present = ", ".join(str(f) for f in sorted(set(folds.tolist())))
+        raise SplitsError(f"{source}: test fold {test_fold} has no scans (folds present: {present or 'none'})")
+    roles = {}
+    for uid, fold in zip(splits["series_uid"], folds):
+        if fold == int(test_fold):
+            roles[uid] = "test"
+        elif is_selection(uid, int(test_fold), selection_fraction):
+            roles[uid] = "selection"
+        else:
+            roles[uid] = "train"
+    return roles
+
+
+def scans_with_role(roles: Mapping[str, str], role: str) -> list[str]:
+    """The UIDs of one role, sorted."""
+    return sorted(uid for uid, r in roles.items() if r == role)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the file
+# ----------------------------------------------------------------------------------------------------
 
 def read_splits_tsv(path: str | os.PathLike) -> pd.DataFrame:
-    """splits.tsv as a DataFrame of strings, checked: columns, every split train or val, each scan once.
-
-    Errors name the file and its line (the header is line 1)."""
+    """splits.tsv checked: its columns, every fold a whole number >= 0, each scan once. ``series_uid`` and
+    ``subset`` are strings, ``fold`` int64. Errors name the file and its line (the header is line 1)."""
     path = Path(path)
     frame = read_tsv(path, what="splits file", error=SplitsError, required=SPLITS_TSV_COLUMNS,
                      dtype=str, keep_default_na=False)
-    bad = ~frame["split"].isin(SPLITS)
+    bad = ~frame["fold"].str.fullmatch(r"\d+")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise SplitsError(f"{path}:{row + 2}: split {frame['split'].iloc[row]!r} is not train or val")
+        raise SplitsError(f"{path}:{row + 2}: fold {frame['fold'].iloc[row]!r} is not a whole number >= 0")
+    empty = frame["series_uid"].str.strip() == ""
+    if empty.any():
+        raise SplitsError(f"{path}:{int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty series_uid")
     duplicated = frame["series_uid"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
         raise SplitsError(f"{path}:{row + 2}: series_uid {frame['series_uid'].iloc[row]} listed twice")
+    frame["fold"] = frame["fold"].astype(np.int64)
     return frame
 
 
-def split_of_scan(path: str | os.PathLike) -> dict[str, str]:
-    """splits.tsv as ``{series_uid: split}`` (checked as :func:`read_splits_tsv`)."""
-    frame = read_splits_tsv(path)
-    return dict(zip(frame["series_uid"], frame["split"]))
+def write_splits_tsv(splits: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write splits.tsv atomically (temp file + rename)."""
+    from luna.io import write_tsv
+
+    return write_tsv(splits[SPLITS_TSV_COLUMNS], path)
+
+
+def read_fold_roles(path: str | os.PathLike, test_fold: int, selection_fraction: float) -> dict[str, str]:
+    """splits.tsv read and checked, then :func:`fold_roles` for ``test_fold``."""
+    return fold_roles(read_splits_tsv(path), test_fold, selection_fraction, source=path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# luna-split
+# ----------------------------------------------------------------------------------------------------
+
+def _folds_arg(text: str) -> int | str:
+    try:
+        return parse_folds(text)
+    except SplitsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class SplitApp:
+    """Write splits.tsv (series_uid, subset, fold): every scan under the selected subsets gets a fold, by its
+    subset's number (LUNA16's protocol) or by a stable hash of its UID."""
+
+    def __init__(self, argv: Sequence[str] | None = None) -> None:
+        parser = argparse.ArgumentParser(prog="luna-split", description=self.__doc__,
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser.add_argument("--root", required=True, help="data folder holding subset*/<series_uid>.mhd")
+        parser.add_argument("--subsets", nargs="*", default=[], help="subset folders to use; none = every subset*")
+        parser.add_argument("--folds", type=_folds_arg, default=FOLDS_BY_SUBSET,
+                            help="'subsets': fold = the subset's number (LUNA16's 10-fold protocol); K: K folds by "
+                                 "sha256(series_uid) %% K (adding or removing scans moves no other scan)")
+        parser.add_argument("--out", required=True, help="output splits.tsv")
+        self.args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+
+    def main(self) -> int:
+        from luna.ct import find_scans
+        from luna.runner import setup_logging
+
+        setup_logging()
+        a = self.args
+        logger.info("Starting %s, %s", type(self).__name__, vars(a))
+        try:
+            scans = find_scans(a.root, a.subsets or None)
+            if not scans:
+                raise SplitsError(f"{a.root}: no scans (<series_uid>.mhd) under "
+                                  f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
+            splits = make_splits({uid: scan.subset for uid, scan in scans.items()}, a.folds)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"luna-split: error: {exc}", file=sys.stderr)
+            return 2
+        write_splits_tsv(splits, a.out)
+        counts = splits["fold"].value_counts().sort_index()
+        logger.info("wrote %s: %d scans in %d folds (%s)", a.out, len(splits), len(counts),
+                    ", ".join(f"fold {fold}: {n}" for fold, n in counts.items()))
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``luna-split``."""
+    sys.exit(SplitApp(argv).main())

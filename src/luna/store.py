@@ -12,19 +12,36 @@ Layout (format version 1), rows in candidates.tsv order:
   attrs: format_version, crop_shape, hu_window, subset, n_scans
   geometry/<series_uid> attrs: origin_xyz, spacing_xyz, direction (9), shape_irc
 No timestamps are stored, so the same inputs give identical arrays wherever the job ran.
+
+Writing is disk-full safe. HDF5 cannot recover from a failed write: the file can then neither be flushed nor
+closed, and the library crashes (segfault) when it is closed or at exit. So :class:`StoreWriter` never lets HDF5
+meet a full disk: it reserves the store's size up front (``fallocate`` of an upper bound: every crop
+uncompressed plus per-row and per-scan metadata; HDF5 trims the file to its real size on close), so "no space"
+is a one-line :class:`luna.io.OutputError` before any crop is cut. Where the file system cannot reserve space
+(no ``fallocate``), the free space is checked instead. A compressed store whose bound does not fit is written
+unreserved (it may well fit: only its metadata's room is required). Should a write still fail, the HDF5 file
+is abandoned unclosed (its temp file removed) and :func:`hdf5_left_broken` tells the caller to end the process with
+``os._exit`` rather than let HDF5 crash on the way out (luna-crops does).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
 import pandas as pd
 
 from luna.geometry import Geometry
+from luna.io import OutputError, describe_os_error
 
 FORMAT_VERSION = 1
 ROW_FIELDS = ("candidate_id", "series_uid", "center_xyz", "center_irc", "crop_start_irc", "is_nodule", "diameter_mm")
@@ -37,6 +54,61 @@ _ROW_DTYPES = {
     "diameter_mm": np.float32,
 }
 COMPRESSIONS = ("none", "lzf", "gzip1", "gzip4")
+# upper bounds of what a store holds beside the crops (measured: ~260 bytes per row, ~1.4 KiB per scan)
+RESERVE_PER_ROW = 1024
+RESERVE_PER_SCAN = 8192
+RESERVE_BASE = 1 << 20
+NO_RESERVE_ENV = "LUNA_STORE_NO_RESERVE"  # test hook only: "1" skips reserving and checking space
+
+_ABANDONED: list[Any] = []  # HDF5 objects of stores whose writes failed: never closed, never finalized
+
+
+def hdf5_left_broken() -> bool:
+    """True when a store write failed and its HDF5 file was abandoned unclosed: end the process with
+    ``os._exit`` (after flushing output), since HDF5 would crash trying to close it at exit."""
+    return bool(_ABANDONED)
+
+
+def _os_error_of(exc: BaseException) -> OSError:
+    """h5py's OSError/RuntimeError of a failed write as an OSError with the errno its message reports."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc
+    match = re.search(r"errno = (\d+)", str(exc))
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OSError(int(match.group(1)) if match else 0, message[:200])
+
+
+def _fallocate(path: Path, size: int) -> bool:
+    """Reserve ``size`` bytes for ``path`` (Linux ``fallocate``; no emulation by writing zeros); False where the
+    file system or platform cannot, OSError (ENOSPC, EDQUOT, EFBIG) where there is not the room."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return False
+    fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fallocate is None:
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = os.fstat(fd).st_size
+        if fallocate(fd, 0, 0, size) == 0:
+            return True
+        code = ctypes.get_errno()
+        os.ftruncate(fd, before)  # a failed fallocate may leave blocks allocated: give them back
+    finally:
+        os.close(fd)
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(code, os.strerror(code))
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Bytes an unprivileged process may still write in ``folder``'s file system."""
+    return shutil.disk_usage(folder).free
 
 
 class StoreError(ValueError):
@@ -56,6 +128,8 @@ def _compression_kwargs(compression: str) -> dict:
 class StoreWriter:
     """Write a store under a temporary name; ``commit()`` renames it into place, ``abort()`` removes it.
 
+    The room for the whole store is reserved when it is created (see the module docstring): no space is an
+    :class:`OutputError` naming the store here, not hours later. Any failed write is an OutputError naming it.
     Use as a context manager: leaving the block by an exception aborts, so a failed job leaves nothing that
     looks finished.
     """
@@ -68,37 +142,91 @@ class StoreWriter:
         hu_window: Sequence[int],
         subset: str = "",
         compression: str = "lzf",
+        n_scans: int = 0,
     ) -> None:
         self.path = Path(path)
         self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.n_rows = int(n_rows)
         self.crop_shape = tuple(int(v) for v in crop_shape)
-        self._file = h5py.File(self.tmp_path, "w", track_order=False)
-        f = self._file
+        self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._geometry: h5py.Group | None = None
+        self._broken = False
+        self._written = np.zeros(self.n_rows, dtype=bool)
+        compression_kwargs = _compression_kwargs(compression) if self.n_rows else {}
+        metadata_bytes = RESERVE_BASE + self.n_rows * RESERVE_PER_ROW + int(n_scans) * RESERVE_PER_SCAN
+        self.reserve_bytes = metadata_bytes + self.n_rows * int(np.prod(self.crop_shape)) * 2
+        # a compressed store needs less than the bound, by an amount known only once written: it is reserved when
+        # the bound fits, else written unreserved (a disk filling later is then found later)
+        required = self.reserve_bytes if compression == "none" else metadata_bytes
+        reserve = os.environ.get(NO_RESERVE_ENV, "") != "1"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if reserve and free_bytes(self.path.parent) < required:  # before HDF5 touches the disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            with self._hdf5():
+                self._file = h5py.File(self.tmp_path, "w", track_order=False)
+                self._create_layout(self._file, hu_window, subset, compression_kwargs)
+                self._file.close()
+                self._file = None
+            if reserve:
+                try:
+                    _fallocate(self.tmp_path, self.reserve_bytes)
+                except OSError as exc:
+                    if compression == "none" or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+            with self._hdf5():
+                self._file = h5py.File(self.tmp_path, "r+")  # HDF5 trims the reserved tail when it closes
+                self._datasets = {name: self._file[name] for name in ("crops", *ROW_FIELDS)}  # held open: errors
+                self._geometry = self._file["geometry"]  # surface at the write, not in a destructor
+        except OutputError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputError(
+                    f"{self.path}: not enough space for the crop store ({describe_os_error(exc)}: it needs up to "
+                    f"{self.reserve_bytes / 2**20:.1f} MiB, {free_bytes(self.path.parent) / 2**20:.1f} MiB "
+                    "are free)") from exc
+            raise OutputError(f"{self.path}: cannot write the crop store ({describe_os_error(exc)})") from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create_layout(self, f: h5py.File, hu_window: Sequence[int], subset: str, compression_kwargs: dict) -> None:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["crop_shape"] = np.asarray(self.crop_shape, dtype=np.int64)
         f.attrs["hu_window"] = np.asarray(hu_window, dtype=np.int64)
         f.attrs["subset"] = subset
         chunks = (1, *self.crop_shape) if self.n_rows else None
-        f.create_dataset(
-            "crops", shape=(self.n_rows, *self.crop_shape), dtype=np.int16, chunks=chunks,
-            track_times=False, **(_compression_kwargs(compression) if self.n_rows else {}),
-        )
+        f.create_dataset("crops", shape=(self.n_rows, *self.crop_shape), dtype=np.int16, chunks=chunks,
+                         track_times=False, **compression_kwargs)
         for name, dtype in _ROW_DTYPES.items():
             shape = (self.n_rows, 3) if name in ("center_xyz", "center_irc", "crop_start_irc") else (self.n_rows,)
             f.create_dataset(name, shape=shape, dtype=dtype, track_times=False)
         f.create_dataset("series_uid", shape=(self.n_rows,), dtype=h5py.string_dtype("utf-8"), track_times=False)
-        self._geometry = f.create_group("geometry", track_order=False)
-        self._written = np.zeros(self.n_rows, dtype=bool)
+        f.create_group("geometry", track_order=False)
+
+    @contextlib.contextmanager
+    def _hdf5(self) -> Iterator[None]:
+        """HDF5 calls: a failure (h5py raises OSError or RuntimeError) marks the file broken (never to be closed
+        again) and becomes an OutputError naming the store."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            self._broken = True
+            raise OutputError(f"{self.path}: cannot write the crop store ({describe_os_error(_os_error_of(exc))})"
+                              ) from exc
 
     def add_scan(self, series_uid: str, geometry: Geometry, shape_irc: Sequence[int]) -> None:
         """Record one scan's geometry."""
-        g = self._geometry.require_group(series_uid)
-        g.attrs["origin_xyz"] = geometry.origin_xyz
-        g.attrs["spacing_xyz"] = geometry.spacing_xyz
-        g.attrs["direction"] = geometry.direction.reshape(9)
-        g.attrs["shape_irc"] = np.asarray(shape_irc, dtype=np.int64)
+        with self._hdf5():
+            g = self._geometry.require_group(series_uid)
+            g.attrs["origin_xyz"] = geometry.origin_xyz
+            g.attrs["spacing_xyz"] = geometry.spacing_xyz
+            g.attrs["direction"] = geometry.direction.reshape(9)
+            g.attrs["shape_irc"] = np.asarray(shape_irc, dtype=np.int64)
 
     def write_rows(self, rows: Sequence[int] | np.ndarray, crops: np.ndarray, fields: dict) -> None:
         """Write crops and per-row fields at the given row positions (positions need not be contiguous)."""
@@ -111,16 +239,17 @@ class StoreWriter:
         order = np.argsort(rows, kind="stable")
         rows = rows[order]
         in_order = bool(np.all(order == np.arange(len(order))))  # the crop stage's case: no extra copy
-        f = self._file
+        ds = self._datasets
         # contiguous runs are written as slices (fast); h5py needs increasing indices for fancy writes
         runs = np.split(np.arange(len(rows)), np.nonzero(np.diff(rows) != 1)[0] + 1)
-        for run in runs:
-            lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
-            src = slice(int(run[0]), int(run[-1]) + 1) if in_order else order[run]
-            f["crops"][lo:hi] = crops[src]
-            for name in ROW_FIELDS:
-                values = np.asarray(fields[name])[src]
-                f[name][lo:hi] = values
+        with self._hdf5():
+            for run in runs:
+                lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
+                src = slice(int(run[0]), int(run[-1]) + 1) if in_order else order[run]
+                ds["crops"][lo:hi] = crops[src]
+                for name in ROW_FIELDS:
+                    values = np.asarray(fields[name])[src]
+                    ds[name][lo:hi] = values
         self._written[rows] = True
 
     def commit(self) -> Path:
@@ -129,17 +258,31 @@ class StoreWriter:
         if len(missing):
             self.abort()
             raise RuntimeError(f"{self.path}: {len(missing)} rows never written (first: {missing[0]})")
-        self._file.attrs["n_scans"] = len(self._geometry)
-        self._file.close()
-        os.replace(self.tmp_path, self.path)
+        with self._hdf5():
+            self._file.attrs["n_scans"] = len(self._geometry)
+            self._file.flush()  # write errors raise here; a dataset closed by a destructor would only print them
+            self._file.close()
+            self._file, self._datasets, self._geometry = None, {}, None
+        try:
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write the crop store ({describe_os_error(exc)})") from exc
         return self.path
 
     def abort(self) -> None:
-        """Close and remove the temporary file."""
-        try:
-            self._file.close()
-        except Exception:  # noqa: BLE001 - closing a broken file must not hide the original error
-            pass
+        """Close and remove the temporary file; a file whose writes failed is abandoned unclosed (see the module
+        docstring), its temp file removed all the same."""
+        if self._file is not None and not self._broken:
+            try:
+                self._file.flush()  # fails on a full disk: then the file is abandoned, not closed
+                self._file.close()
+                self._datasets, self._geometry = {}, None
+                self._file = None
+            except Exception:  # noqa: BLE001 - closing a broken file must not hide the original error
+                self._broken = True
+        if self._broken and self._file is not None:
+            _ABANDONED.append((self._file, self._datasets, self._geometry))
+            self._file = None
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "StoreWriter":

@@ -1,25 +1,35 @@
-"""The training stage: ``LunaTrainingApp(argv).main()`` trains the book's LunaModel on the HDF5 crops.
+"""The training stage: ``LunaTrainingApp(argv).main()`` trains the book's LunaModel for one test fold.
 
-Per epoch: a fixed number of (by default balanced, augmented) training samples, then every val crop
-(no balancing, no augmentation). For both, the DESIGN metric row (luna.metrics) is appended to
-``history.tsv``, logged, and written to TensorBoard under the book's tag names with step = training
-samples seen. The epoch with the best validation F1 is kept in ``model.pt``.
+The scans of splits.tsv get one role each (luna.splits.fold_roles): the test fold's scans are never read here
+beyond a check that they hold nodules; a stable-hash share of the other folds' scans is the *selection set*,
+which alone chooses what is chosen (the epoch kept in model.pt, the operating threshold); the rest is trained
+on. Per epoch: a fixed number of (by default balanced, augmented) training samples, then (every
+``--selection-interval`` epochs and always after the last) every selection crop through luna.inference's
+evaluation path (the same code and float32 precision as luna-predict). For both, the metric row (luna.metrics,
+threshold 0.5) is appended to ``history.tsv`` (splits ``train`` and ``selection``), logged, and written to
+TensorBoard under the book's tag names with step = training samples seen. ``--keep`` picks the kept epoch
+(best selection F1 at the operating threshold, best AUC, or the last); ``--threshold`` the operating point
+(fixed, max_f1 or recall:R on the selection set). model.pt records the test fold, the training and selection
+series UIDs, the crop shape and the threshold; ``selection_predictions.tsv`` holds the kept epoch's selection
+probabilities (docs/design.md has the contracts).
 
 Method: the book's (SGD lr 0.001 momentum 0.99, balanced 1:1, Chapter 12 augmentation) unless asked;
-options beside it, each off by default: linear LR warm-up, gradient-norm clipping, Adam, and an
-exponential moving average of the weights (then the average is what is validated and kept).
+options beside it, each off by default: linear LR warm-up, gradient-norm clipping, Adam, an exponential
+moving average of the weights (then the average is what is evaluated and kept) and a balance schedule.
 
 Resumable: after every epoch the full state (model, optimizer, EMA, sampler epoch, RNG, history rows, best
-model) is written atomically to ``--state DIR``, a folder outside the declared outputs (Snakemake
-deletes those before a job starts). ``--resume`` continues after the last finished epoch and rewrites
-``history.tsv`` and ``model.pt`` from the state, so a run killed at any point and resumed ends with the
-same files as an uninterrupted one. A state written with other settings or inputs is not resumed.
+model) is written atomically to ``--state DIR``, a folder outside the declared outputs (Snakemake deletes
+those before a job starts). ``--resume`` continues after the last finished epoch. The state is keyed by a
+fingerprint of the settings, the inputs and the code version (package version and a hash of its sources),
+so a state written with other settings, inputs or code is never resumed. The outputs (model.pt,
+history.tsv, selection_predictions.tsv) are written only when the run ends: a killed run leaves nothing at
+--out that looks finished, and a resumed run ends with the same files as an uninterrupted one.
 
-Speed without changing the method: channels_last_3d, bf16 autocast for the training steps (CUDA; CPU
-where it measured faster; validation always runs in fp32), pinned memory and non-blocking copies on
-CUDA, augmentation batched on the device, HDF5 read a batch at a time with one handle per worker.
-Several processes: DistributedDataParallel under torchrun (gloo on CPU, nccl on CUDA); each process
-trains on every world_size-th sample; only rank 0 writes.
+Speed without changing the method: channels_last_3d, bf16 autocast for the training steps (CUDA; CPU only
+with native bf16), pinned memory and non-blocking copies on CUDA, augmentation batched on the device, HDF5
+read a batch at a time. Several processes: DistributedDataParallel under torchrun (gloo on CPU, nccl on
+CUDA); each process trains on every world_size-th sample and evaluates a share of the selection set; only
+rank 0 writes.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,25 +54,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from luna.data import (
-    AugmentConfig,
-    CropDataset,
-    DataError,
-    EpochSampler,
-    ShardSampler,
-    augment_batch,
-    make_loader,
-    read_splits,
-    val_indices,
-)
-from luna.device import resolve_device, use_bf16
-from luna.metrics import HISTORY_COLUMNS, format_row, metric_row
+from luna.data import AugmentConfig, CropDataset, DataError, EpochSampler, augment_batch, make_loader
+from luna.device import DeviceError, resolve_device, use_bf16
+from luna.inference import predict
+from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
+from luna.metrics import HISTORY_COLUMNS, MetricsError, choose_threshold, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, atomic_torch_save, save_checkpoint, unwrap_model
-from luna.store import CropStore
+from luna.progress import format_duration, with_progress
+from luna.provenance import code_version
+from luna.splits import SplitsError, read_fold_roles, scans_with_role
+from luna.store import CropStore, StoreError
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "luna-train-state-v1"
+STATE_FORMAT = "luna-train-state-v2"
 SLEEP_ENV = "LUNA_TRAIN_BATCH_SLEEP_S"  # test hook: seconds to sleep after each training batch
 CPU_AMP_AUTO = True
 """``--amp auto`` on CPU: bf16 autocast measured ~1.5x faster than fp32 on this repo's 2-core (AVX512-BF16)
@@ -74,16 +79,24 @@ TB_TAGS = {
     "correct_all": "correct/all", "correct_neg": "correct/neg", "correct_pos": "correct/pos",
     "precision": "pr/precision", "recall": "pr/recall", "f1": "pr/f1_score", "auc": "roc/auc",
 }
-# settings that change what is trained; a state written under others is not resumed
+# settings that change what is trained or kept; a state written under others is not resumed
 _FINGERPRINT_ARGS = (
+    "test_fold", "selection_fraction", "keep", "threshold", "selection_interval",
     "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch",
-    "val_samples", "seed", "lr_warmup_steps", "clip_grad_norm", "ema_decay",
+    "seed", "lr_warmup_steps", "clip_grad_norm", "ema_decay",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
+KEEP_CHOICES = ("f1", "auc", "last")
+SELECTION_PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "is_nodule",
+                                "diameter_mm", "probability", "loss"]
 
 
 class TrainingError(ValueError):
     """Training settings or state that cannot be used; the message names the option, file or value."""
+
+
+ERRORS = (TrainingError, DataError, SplitsError, StoreError, OutputError, MetricsError, DeviceError)
+"""What a bad input or an unwritable output raises: reported as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,6 +141,14 @@ def _epoch_ratio(text: str) -> tuple[int, int]:
     return epoch, ratio
 
 
+def _threshold_policy(text: str) -> str:
+    try:
+        parse_threshold_policy(text)
+    except MetricsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
 def _unit_interval(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -145,13 +166,14 @@ def _nonnegative_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="luna-train",
-        description="Train the book's LunaModel (nodule vs. not) on HDF5 crop stores; writes OUT/model.pt "
-        "(best epoch by val F1) and OUT/history.tsv (train and val metrics per epoch).",
+        description="Train the book's LunaModel (nodule vs. not) for one test fold on HDF5 crop stores; writes "
+        "OUT/model.pt (the kept epoch, chosen on the selection set only), OUT/history.tsv (train and selection "
+        "metrics per epoch) and OUT/selection_predictions.tsv. The test fold's scans are never trained or chosen on.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--crops", nargs="+", required=True, metavar="H5", help="crop stores (results/crops/*.h5)")
-    io.add_argument("--splits", required=True, metavar="TSV", help="splits.tsv: series_uid, split (train|val)")
+    io.add_argument("--splits", required=True, metavar="TSV", help="splits.tsv: series_uid, subset, fold (luna-split)")
     io.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pt and history.tsv")
     io.add_argument("--state", default=None, metavar="DIR",
                     help="resumable state folder (optimizer, sampler, RNG, best model); must lie outside the "
@@ -164,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--config", default=None, metavar="FILE",
                     help="YAML/JSON pipeline config, recorded in model.pt's provenance only")
     io.add_argument("--comment", default="", help="suffix of the TensorBoard run names")
+
+    fo = p.add_argument_group("fold, selection and what is kept")
+    fo.add_argument("--test-fold", type=_nonnegative_int, required=True, metavar="N",
+                    help="the held-out fold: its scans are never trained on and never choose anything")
+    fo.add_argument("--selection-fraction", type=_unit_interval, default=0.2, metavar="F",
+                    help="share of the other folds' scans (stable hash of UID and test fold) that form the "
+                         "selection set, which alone chooses the kept epoch and the threshold; 0 = none (then "
+                         "--keep last and a fixed --threshold)")
+    fo.add_argument("--keep", choices=KEEP_CHOICES, default="f1",
+                    help="the epoch kept in model.pt: best selection F1 at the operating threshold (the book keeps "
+                         "the best F1), best selection AUC, or the last epoch (nothing chosen)")
+    fo.add_argument("--threshold", type=_threshold_policy, default="0.5", metavar="POLICY",
+                    help="operating threshold recorded in model.pt (a positive is p > threshold): a number (0.5 = the "
+                         "book), max_f1 (best F1 on the selection set) or recall:R (highest threshold with selection "
+                         "recall >= R)")
+    fo.add_argument("--selection-interval", type=_positive_int, default=1, metavar="EPOCHS",
+                    help="evaluate the selection set every EPOCHS epochs and after the last; only evaluated epochs "
+                         "can be kept")
 
     tr = p.add_argument_group("training")
     tr.add_argument("--epochs", type=_positive_int, default=8, help="number of epochs")
@@ -187,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--balanced-schedule", type=_epoch_ratio, nargs="*", default=[], metavar="EPOCH:RATIO",
                     help="from EPOCH on, RATIO negatives per positive instead of --balanced (e.g. 7:8: learn on "
                     "many positives first, end nearer the data's prior); none = --balanced throughout (the book)")
-    tr.add_argument("--val-samples", type=_nonnegative_int, default=0,
-                    help="cap on val crops per epoch (a fixed random subset); 0 = all val crops")
     tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
 
     au = p.add_argument_group("augmentation (training only; the book's Chapter 12)")
@@ -263,10 +301,12 @@ def _file_identity(path: str) -> list[Any]:
 
 
 def run_fingerprint(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> str:
-    """Hash of everything that changes what is trained: settings, inputs (path, size, mtime), device kind,
-    AMP, process count. Not the number of epochs (a resumed run may go further) nor speed-only settings."""
+    """Hash of everything that changes what is trained: settings, inputs (path, size, mtime), the code version
+    (luna's version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count.
+    Not the number of epochs (a resumed run may go further) nor speed-only settings."""
     splits_digest = hashlib.sha256(Path(args.splits).read_bytes()).hexdigest()
     payload = {
+        "code": code_version(),
         "args": {k: getattr(args, k) for k in _FINGERPRINT_ARGS},
         "augment": bool(args.augment),
         "crops": [_file_identity(p) for p in args.crops],
@@ -342,64 +382,33 @@ def _seed_int(*keys: int) -> int:
                & 0x7FFFFFFFFFFFFFFF)
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def with_progress(iterable: Iterable[Any], total: int, desc: str, every_s: float = 30.0) -> Iterator[Any]:
-    """Yield from ``iterable`` and log progress with rate and ETA: after batches 1, 4, 16, 64 ... (as the
-    book's enumerateWithEstimate) and at least every ``every_s`` seconds, plus once at the end."""
-    start = last = time.perf_counter()
-    next_mark = 1
-    n = 0
-    for n, item in enumerate(iterable, 1):
-        yield item
-        now = time.perf_counter()
-        if n == next_mark or now - last >= every_s:
-            if n == next_mark:
-                next_mark *= 4
-            last = now
-            rate = n / max(now - start, 1e-9)
-            eta = (total - n) / rate if rate > 0 else float("nan")
-            done_at = datetime.datetime.now() + datetime.timedelta(seconds=eta if math.isfinite(eta) else 0)
-            logger.info("%s %d/%d batches, %.2f batches/s, ETA %s (done at %s)", desc, n, total, rate,
-                        _format_duration(eta), done_at.strftime("%H:%M:%S"))
-    logger.info("%s %d/%d batches done in %s", desc, n, total, _format_duration(time.perf_counter() - start))
-
-
 def write_history(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """history.tsv from all kept rows, atomically (temp + rename); NaN as ``NaN``."""
-    frame = pd.DataFrame(list(rows), columns=HISTORY_COLUMNS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        frame.to_csv(tmp, sep="\t", index=False, na_rep="NaN", float_format="%.8g")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """history.tsv from all kept rows, atomically; NaN as ``NaN``."""
+    write_tsv(pd.DataFrame(list(rows), columns=HISTORY_COLUMNS), path)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _f1_key(row: dict[str, Any]) -> float:
-    f1 = float(row["f1"])
-    return -1.0 if math.isnan(f1) else f1
+def selection_key(keep: str, epoch: int, row: dict[str, Any]) -> float:
+    """What ``--keep`` maximises over the evaluated epochs: F1 at the operating threshold, AUC, or the epoch
+    (last). An undefined value (NaN) ranks below every defined one."""
+    value = float(epoch) if keep == "last" else float(row[keep])
+    return -1.0 if math.isnan(value) else value
 
 
 # ----------------------------------------------------------------------------------------------------
 # the app
 # ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class SelectionPass:
+    """One evaluation of the selection set: per-sample values, the chosen threshold and the metric rows."""
+
+    labels: np.ndarray
+    probability: np.ndarray
+    loss: np.ndarray
+    threshold: float
+    row: dict[str, Any]            # history row, threshold 0.5
+    operating_row: dict[str, Any]  # the same at the chosen threshold
+
 
 class LunaTrainingApp:
     """``LunaTrainingApp(argv).main()``: parse ``argv`` (``sys.argv[1:]`` when None) and train."""
@@ -417,25 +426,37 @@ class LunaTrainingApp:
             self.tb_dir = None
         else:
             self.tb_dir = Path(self.args.tb_dir)
-        self._check_paths()
+        self._check_args()
         self.dist = dist_info_from_env()
         self.device = resolve_device(self.args.device, self.dist.local_rank)
         self.trn_writer = None
         self.val_writer = None
 
-    def _check_paths(self) -> None:
+    def _check_args(self) -> None:
+        args = self.args
         out = self.out_dir.resolve()
         state = self.state_dir.resolve()
         if state == out or out in state.parents:
             raise TrainingError(f"--state {self.state_dir} lies inside --out {self.out_dir}; it must live "
                                 "outside the declared outputs")
-        for path in [*self.args.crops, self.args.splits]:
+        for path in [*args.crops, args.splits]:
             if not Path(path).is_file():
                 raise TrainingError(f"{path}: no such file")
+        if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
+            raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "
+                                f"--threshold (got --keep {args.keep} --threshold {args.threshold})")
 
     # -- setup ------------------------------------------------------------------------------------
 
     def main(self) -> int:
+        """Train; on bad input (or an output that cannot be written) print one line to stderr and return 2."""
+        try:
+            return self._run_dist()
+        except ERRORS as exc:
+            print(f"luna-train: error: {exc}", file=sys.stderr)
+            return 2
+
+    def _run_dist(self) -> int:
         args = self.args
         if not self.dist.is_main:  # one log for the whole run: other processes report problems only
             logger.setLevel(logging.WARNING)
@@ -458,50 +479,58 @@ class LunaTrainingApp:
         self.setup()
         return self.run()
 
+    def _check_writable(self) -> None:
+        """Every folder this run writes, checked before the first epoch (not after an hour of training)."""
+        check_writable_dir(self.out_dir, "--out folder")
+        check_writable_dir(self.state_dir, "--state folder")
+        if self.tb_dir is not None:
+            check_writable_dir(self.tb_dir, "--tb-dir folder")
+
     def setup(self) -> None:
-        """Data, sampler, loaders, model, optimizer; restores the state under --resume."""
+        """Roles, data, sampler, loader, model, optimizer; restores the state under --resume."""
         args = self.args
         if args.threads:
             torch.set_num_threads(args.threads)
+        if self.dist.is_main:
+            self._check_writable()
         self.use_amp = resolve_amp(args.amp, self.device)
         self.augment = augment_config(args)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        logger.info("device %s, amp %s, channels_last %s, %d process(es), %d torch threads", self.device,
-                    "bf16" if self.use_amp else "off", args.channels_last, self.dist.world_size,
-                    torch.get_num_threads())
+        logger.info("device %s, amp %s, channels_last %s, %d process(es), %d torch threads, CPU capability %s",
+                    self.device, "bf16" if self.use_amp else "off", args.channels_last, self.dist.world_size,
+                    torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
 
-        splits = read_splits(args.splits)
+        self.roles = read_fold_roles(args.splits, args.test_fold, args.selection_fraction)
         stores = [CropStore(p) for p in args.crops]
         # int16 through the loader (half the bytes), float32 on the device
-        self.train_ds = CropDataset(stores, splits, "train", int16=True)
-        self.val_ds = CropDataset(stores, splits, "val", int16=True)
-        for name, ds in (("train", self.train_ds), ("val", self.val_ds)):
-            if len(ds) == 0:
-                raise TrainingError(f"{args.splits}: no {name} crops in {', '.join(args.crops)}")
-        logger.info("train: %d crops (%d positive), val: %d crops (%d positive)", len(self.train_ds),
-                    self.train_ds.n_pos, len(self.val_ds), self.val_ds.n_pos)
+        self.train_ds = CropDataset(stores, self.roles, "train", int16=True)
+        self.sel_ds = CropDataset(stores, self.roles, "selection", int16=True)
+        test_ds = CropDataset(stores, self.roles, "test", int16=True)
+        self._check_roles(test_ds)
+        logger.info("test fold %d: %d scans, %d crops (%d positive), held out; train: %d scans, %d crops (%d "
+                    "positive); selection: %d scans, %d crops (%d positive)", args.test_fold,
+                    len(scans_with_role(self.roles, "test")), len(test_ds), test_ds.n_pos,
+                    len(scans_with_role(self.roles, "train")), len(self.train_ds), self.train_ds.n_pos,
+                    len(scans_with_role(self.roles, "selection")), len(self.sel_ds), self.sel_ds.n_pos)
+        self.crop_shape = self.train_ds.crop_shape
 
         self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced, schedule=args.balanced_schedule,
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
-        self.val_sampler = ShardSampler(val_indices(len(self.val_ds), args.val_samples, args.seed),
-                                        self.dist.rank, self.dist.world_size)
         pin = self.device.type == "cuda"
         workers = resolve_workers(args.num_workers, self.device)
         self.train_dl = make_loader(self.train_ds, self.sampler, batch_size=args.batch_size,
                                     num_workers=workers, pin_memory=pin)
-        self.val_dl = make_loader(self.val_ds, self.val_sampler, batch_size=args.batch_size * 2,
-                                  num_workers=workers, pin_memory=pin)
 
         torch.manual_seed(args.seed)
-        self.model = LunaModel()
-        self.model_config = {"in_channels": 1, "conv_channels": 8}
+        self.model = LunaModel(crop_shape=self.crop_shape)
+        self.model_config = {"in_channels": 1, "conv_channels": 8, "crop_shape": list(self.crop_shape)}
         self.model.to(self.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
         self.optimizer = make_optimizer(args, self.model)
-        # the averaged weights are what is validated and kept when --ema-decay is on
+        # the averaged weights are what is evaluated and kept when --ema-decay is on
         self.ema: torch.nn.Module | None = copy.deepcopy(self.model) if args.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
@@ -511,6 +540,7 @@ class LunaTrainingApp:
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
         self.best_key = -math.inf
+        self.best_threshold = math.nan
         self.samples_seen = 0
         self.start_epoch = self._restore() + 1
 
@@ -521,29 +551,52 @@ class LunaTrainingApp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
 
+    def _check_roles(self, test_ds: CropDataset) -> None:
+        """Clear errors, before any training, for a split that cannot give honest numbers."""
+        args, fold = self.args, self.args.test_fold
+        if len(self.train_ds) == 0 or self.train_ds.n_pos == 0:
+            raise TrainingError(f"{args.splits}: test fold {fold} leaves {len(self.train_ds)} training crops with "
+                                f"{self.train_ds.n_pos} nodules in {', '.join(args.crops)}; nothing to learn from")
+        if len(test_ds) and test_ds.n_pos == 0:
+            raise TrainingError(f"{args.splits}: test fold {fold} has {len(test_ds)} candidates and no nodule among "
+                                "them: its metrics would be undefined (use fewer folds or more scans)")
+        if args.selection_fraction > 0 and (self.sel_ds.n_pos == 0 or self.sel_ds.n_neg == 0):
+            raise TrainingError(f"{args.splits}: the selection set of test fold {fold} (--selection-fraction "
+                                f"{args.selection_fraction}) has {self.sel_ds.n_pos} nodule and {self.sel_ds.n_neg} "
+                                "other candidates; choosing an epoch or threshold needs both (raise the fraction, "
+                                "or use --keep last with a fixed --threshold and --selection-fraction 0)")
+
     def run(self) -> int:
-        """The epochs from the first unfinished one; returns 0."""
+        """The epochs from the first unfinished one, then the outputs; returns 0."""
         args = self.args
         epoch_times: list[float] = []
         for epoch in range(self.start_epoch, args.epochs + 1):
             started = time.perf_counter()
             ratio = self.sampler.ratio_at(epoch)
-            logger.info("Epoch %d of %d, %d/%d training batches/samples per process (%s), %d val batches", epoch,
-                        args.epochs, len(self.train_dl), len(self.sampler),
-                        f"balanced 1:{ratio}" if ratio else "plain order", len(self.val_dl))
+            evaluate = self._selects_at(epoch)
+            logger.info("Epoch %d of %d, %d/%d training batches/samples per process (%s)%s", epoch, args.epochs,
+                        len(self.train_dl), len(self.sampler), f"balanced 1:{ratio}" if ratio else "plain order",
+                        f", then {len(self.sel_ds)} selection crops" if evaluate else "")
             trn = self._train_epoch(epoch)
             self.samples_seen += self.sampler.total
-            val = self._validate(epoch)
-            self._finish_epoch(epoch, trn, val)
+            selection = self._select(epoch) if evaluate else None
+            self._finish_epoch(epoch, trn, selection)
             epoch_times.append(time.perf_counter() - started)
             remaining = (args.epochs - epoch) * float(np.mean(epoch_times))
-            logger.info("Epoch %d took %s; ETA %s for %d more epoch(s)", epoch,
-                        _format_duration(epoch_times[-1]), _format_duration(remaining), args.epochs - epoch)
+            logger.info("Epoch %d took %s; ETA %s for %d more epoch(s)", epoch, format_duration(epoch_times[-1]),
+                        format_duration(remaining), args.epochs - epoch)
         if self.dist.is_main:
             self._write_outputs()
-            best = next((r for r in self.history if r["epoch"] == self.best_epoch and r["split"] == "val"), None)
-            logger.info("Best epoch %d by val F1: %s", self.best_epoch, format_row(best) if best else "-")
+            best = next((r for r in self.history if r["epoch"] == self.best_epoch and r["split"] == "selection"),
+                        None)
+            logger.info("Kept epoch %d (--keep %s), threshold %.4g: %s", self.best_epoch, args.keep,
+                        self.best_threshold, format_row(best) if best else "-")
         return 0
+
+    def _selects_at(self, epoch: int) -> bool:
+        if self.args.selection_fraction == 0:
+            return False
+        return epoch % self.args.selection_interval == 0 or epoch == self.args.epochs
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -553,14 +606,19 @@ class LunaTrainingApp:
 
     @property
     def _best_path(self) -> Path:
-        """The best model so far, named by its epoch: a kill between writing it and writing the state
-        leaves the state pointing at the previous (still present) best file, never at a newer one."""
+        """The kept model so far, named by its epoch: a kill between writing it and writing the state leaves
+        the state pointing at the previous (still present) file, never at a newer one."""
         return self.state_dir / f"best_model.e{self.best_epoch}.pt"
 
+    @property
+    def _best_selection_path(self) -> Path:
+        return self.state_dir / f"best_selection.e{self.best_epoch}.tsv"
+
     def _remove_stale_best(self) -> None:
-        for path in self.state_dir.glob("best_model.e*.pt"):
-            if path != self._best_path:
-                path.unlink(missing_ok=True)
+        for pattern, keep in (("best_model.e*.pt", self._best_path), ("best_selection.e*.tsv", self._best_selection_path)):
+            for path in self.state_dir.glob(pattern):
+                if path != keep:
+                    path.unlink(missing_ok=True)
 
     def _restore(self) -> int:
         """Load the state when resuming; returns the last finished epoch (0 for a fresh start)."""
@@ -576,10 +634,10 @@ class LunaTrainingApp:
             logger.warning("--resume: cannot read %s (%s); starting at epoch 1", path, exc)
             return 0
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            logger.warning("--resume: %s is not a luna training state; starting at epoch 1", path)
+            logger.warning("--resume: %s is not a luna training state of this version; starting at epoch 1", path)
             return 0
         if state.get("fingerprint") != self.fingerprint:
-            logger.warning("--resume: state in %s was written with other settings or inputs; starting at "
+            logger.warning("--resume: state in %s was written with other settings, inputs or code; starting at "
                            "epoch 1", self.state_dir)
             return 0
         if int(state["epoch"]) > self.args.epochs:
@@ -598,11 +656,10 @@ class LunaTrainingApp:
         self.history = [dict(r) for r in state["history"]]
         self.best_epoch = int(state["best_epoch"])
         self.best_key = float(state["best_key"])
+        self.best_threshold = float(state["best_threshold"])
         self.samples_seen = int(state["samples_seen"])
         epoch = int(state["epoch"])
-        logger.info("Resuming after epoch %d from %s (best epoch so far %d)", epoch, path, self.best_epoch)
-        if self.dist.is_main:
-            self._write_outputs()
+        logger.info("Resuming after epoch %d from %s (kept epoch so far %d)", epoch, path, self.best_epoch)
         return epoch
 
     def _save_state(self, epoch: int) -> None:
@@ -619,29 +676,35 @@ class LunaTrainingApp:
             "history": self.history,
             "best_epoch": self.best_epoch,
             "best_key": self.best_key,
+            "best_threshold": self.best_threshold,
             "samples_seen": self.samples_seen,
         }
         atomic_torch_save(state, self._state_path)
 
     def _write_outputs(self) -> None:
-        """history.tsv from the kept rows and model.pt from the best model (both atomic)."""
+        """history.tsv, selection_predictions.tsv and model.pt (each atomic), once the run is complete."""
+        if self.best_epoch == 0 or not self._best_path.is_file():
+            raise TrainingError(f"{self.state_dir}: no kept model after {self.args.epochs} epochs")
         write_history(self.out_dir / "history.tsv", self.history)
-        model_path = self.out_dir / "model.pt"
-        if self._best_path.is_file():
-            _copy_atomic(self._best_path, model_path)
+        if self._best_selection_path.is_file():
+            copy_file(self._best_selection_path, self.out_dir / "selection_predictions.tsv")
+        else:
+            (self.out_dir / "selection_predictions.tsv").unlink(missing_ok=True)
+        copy_file(self._best_path, self.out_dir / "model.pt")  # last: its presence marks a finished run
+        logger.info("wrote %s: model.pt (epoch %d), history.tsv, selection_predictions.tsv", self.out_dir,
+                    self.best_epoch)
 
     # -- loops ------------------------------------------------------------------------------------
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """The weights that are validated and kept in model.pt: the EMA when on, else the trained ones."""
+        """The weights that are evaluated and kept in model.pt: the EMA when on, else the trained ones."""
         return self.ema if self.ema is not None else self.model
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.to(self.device, non_blocking=self.device.type == "cuda")
 
-    def _forward(self, model: torch.nn.Module, crops: torch.Tensor,
-                 amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, model: torch.nn.Module, crops: torch.Tensor, amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.args.channels_last:
             crops = crops.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -658,7 +721,8 @@ class LunaTrainingApp:
         labels, probs, losses = [], [], []
         first_step = (epoch - 1) * len(self.train_dl)
         for step, (crops, label, _) in enumerate(
-                with_progress(self.train_dl, len(self.train_dl), f"E{epoch} Training"), start=first_step):
+                with_progress(self.train_dl, len(self.train_dl), f"E{epoch} Training", log=logger),
+                start=first_step):
             crops = augment_batch(self._to_device(crops).float(), self.augment, generator)
             label = self._to_device(label)
             self.optimizer.zero_grad(set_to_none=True)
@@ -679,23 +743,35 @@ class LunaTrainingApp:
                 time.sleep(sleep_s)
         return self._gather(labels, probs, losses)
 
-    @torch.no_grad()
-    def _validate(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _select(self, epoch: int) -> SelectionPass:
+        """Every selection crop through luna.inference.predict (float32, the path luna-predict takes); under
+        DDP each process takes every world_size-th row with rank 0's weights and the results are gathered."""
         model = self.eval_model
-        if self.dist.enabled:  # every process validates with rank 0's batch-norm statistics (the saved ones)
+        if self.dist.enabled:  # every process evaluates with rank 0's batch-norm statistics (the saved ones)
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        model.eval()
-        labels, probs, losses = [], [], []
-        for crops, label, _ in with_progress(self.val_dl, len(self.val_dl), f"E{epoch} Validation"):
-            crops, label = self._to_device(crops).float(), self._to_device(label)
-            # fp32 even with --amp: the reported metrics and the model choice do not depend on bf16
-            # rounding, and equal what the validate stage computes from model.pt
-            logits, probability = self._forward(model, crops)
-            labels.append(label)
-            probs.append(probability[:, 1])
-            losses.append(F.cross_entropy(logits, label, reduction="none"))
-        return self._gather(labels, probs, losses)
+        rows = self.sel_ds.rows
+        share = np.arange(self.dist.rank, len(rows), self.dist.world_size)
+        logger.info("E%d Selection: %d crops of %d scans", epoch, len(rows), rows["series_uid"].nunique())
+        prediction = predict(model, self.sel_ds.stores, rows.iloc[share], self.sel_ds.labels[share],
+                             batch_size=self.args.batch_size * 2, device=self.device,
+                             channels_last=self.args.channels_last, what="selection crops")
+        probability = np.empty(len(rows), dtype=np.float32)
+        loss = np.empty(len(rows), dtype=np.float32)
+        if self.dist.enabled:
+            parts: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(parts, (share, prediction.probability, prediction.loss))
+        else:
+            parts = [(share, prediction.probability, prediction.loss)]
+        for where, p, l in parts:
+            probability[where], loss[where] = p, l
+        labels = self.sel_ds.labels
+        # metrics from the values as selection_predictions.tsv holds them (float32 -> shortest decimal)
+        p64, l64 = probability.astype(np.float64), loss.astype(np.float64)
+        threshold = choose_threshold(labels, p64, self.args.threshold)
+        row = metric_row(labels, p64, l64, epoch=epoch, split="selection")
+        operating = metric_row(labels, p64, l64, epoch=epoch, split="selection", threshold=threshold)
+        return SelectionPass(labels, probability, loss, threshold, row, operating)
 
     def _gather(self, labels: list[torch.Tensor], probs: list[torch.Tensor],
                 losses: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -710,29 +786,61 @@ class LunaTrainingApp:
         dist.all_gather_object(gathered, local)
         return tuple(np.concatenate([g[k] for g in gathered]) for k in range(3))  # type: ignore[return-value]
 
-    def _finish_epoch(self, epoch: int, trn: tuple, val: tuple) -> None:
+    def _finish_epoch(self, epoch: int, trn: tuple, selection: SelectionPass | None) -> None:
         trn_row = metric_row(*trn, epoch=epoch, split="train")
-        val_row = metric_row(*val, epoch=epoch, split="val")
         logger.info(format_row(trn_row))
-        logger.info(format_row(val_row))
+        if selection is not None:
+            logger.info(format_row(selection.row))
+            logger.info("E%d selection at threshold %.4g (--threshold %s): precision %.4f, recall %.4f, F1 %.4f",
+                        epoch, selection.threshold, self.args.threshold, selection.operating_row["precision"],
+                        selection.operating_row["recall"], selection.operating_row["f1"])
         if self.dist.is_main:
-            self.history = [r for r in self.history if r["epoch"] != epoch] + [trn_row, val_row]
-            self._log_tensorboard(trn, trn_row, val, val_row)
-            key = _f1_key(val_row)
-            if self.best_epoch == 0 or key > self.best_key:
-                self.best_epoch, self.best_key = epoch, key
-                save_checkpoint(self._best_path, self.eval_model, epoch=epoch, val_metrics=val_row,
-                                args=_plain_args(self.args), model_config=self.model_config,
-                                device=self.device, config=self.config,
-                                extra={"train_metrics": trn_row, "samples_seen": self.samples_seen})
-                logger.info("Epoch %d is the best so far (val F1 %s)", epoch, val_row["f1"])
+            rows = [trn_row] + ([selection.row] if selection is not None else [])
+            self.history = [r for r in self.history if r["epoch"] != epoch] + rows
+            self._log_tensorboard(trn, trn_row, selection)
+            keep_now = selection is None and self.args.selection_fraction == 0 and epoch == self.args.epochs
+            if selection is not None:
+                key = selection_key(self.args.keep, epoch, selection.operating_row)
+                keep_now = self.best_epoch == 0 or key > self.best_key
+            if keep_now:
+                self.best_key = selection_key(self.args.keep, epoch, selection.operating_row) if selection else epoch
+                self.best_epoch = epoch
+                self._save_best(epoch, trn_row, selection)
             self._save_state(epoch)
             self._remove_stale_best()
-            self._write_outputs()
         if self.dist.enabled:
             dist.barrier()
 
-    def _log_tensorboard(self, trn: tuple, trn_row: dict, val: tuple, val_row: dict) -> None:
+    def _save_best(self, epoch: int, trn_row: dict[str, Any], selection: SelectionPass | None) -> None:
+        """The kept model (and its selection predictions) in the state folder, named by epoch."""
+        policy = self.args.threshold
+        self.best_threshold = selection.threshold if selection is not None else parse_threshold_policy(policy)[1]
+        extra = {
+            "train_metrics": trn_row,
+            "samples_seen": self.samples_seen,
+            "test_fold": int(self.args.test_fold),
+            "train_series_uids": scans_with_role(self.roles, "train"),
+            "selection_series_uids": scans_with_role(self.roles, "selection"),
+            "threshold": float(self.best_threshold),
+            "threshold_policy": str(policy),
+            "keep": self.args.keep,
+            "selection_metrics": selection.operating_row if selection is not None else {},
+        }
+        save_checkpoint(self._best_path, self.eval_model, epoch=epoch,
+                        val_metrics=selection.row if selection is not None else {},
+                        args=_plain_args(self.args), model_config=self.model_config, device=self.device,
+                        config=self.config, extra=extra)
+        if selection is not None:
+            frame = self.sel_ds.rows[SELECTION_PREDICTION_COLUMNS[:7]].copy()
+            frame["is_nodule"] = selection.labels
+            frame["probability"] = selection.probability
+            frame["loss"] = selection.loss
+            frame["fold"] = int(self.args.test_fold)
+            write_tsv(frame, self._best_selection_path)
+        logger.info("Epoch %d is kept so far (--keep %s; selection F1 %s at threshold %.4g)", epoch, self.args.keep,
+                    selection.operating_row["f1"] if selection is not None else "-", self.best_threshold)
+
+    def _log_tensorboard(self, trn: tuple, trn_row: dict, selection: SelectionPass | None) -> None:
         if self.tb_dir is None:
             return
         if self.trn_writer is None:
@@ -743,7 +851,10 @@ class LunaTrainingApp:
             self.val_writer = SummaryWriter(log_dir=str(self.tb_dir / f"{self.time_str}-val_cls{suffix}"))
         step = self.samples_seen
         bins = [x / 50.0 for x in range(51)]
-        for writer, (labels, probs, _), row in ((self.trn_writer, trn, trn_row), (self.val_writer, val, val_row)):
+        runs = [(self.trn_writer, trn[0], trn[1], trn_row)]
+        if selection is not None:
+            runs.append((self.val_writer, selection.labels, selection.probability.astype(np.float64), selection.row))
+        for writer, labels, probs, row in runs:
             for key, tag in TB_TAGS.items():
                 writer.add_scalar(tag, float(row[key]), step)
             writer.add_pr_curve("pr", labels, probs, step)
@@ -763,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     try:
         code = LunaTrainingApp(argv).main()
-    except (TrainingError, DataError, ValueError) as exc:
+    except ERRORS as exc:  # raised while checking the arguments, before main()
         print(f"luna-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)

@@ -32,7 +32,6 @@ rule split:
     params:
         root=DATA_ROOT,
         subsets=SUBSETS,
-        val_stride=config["split"]["val_stride"],
-        val_subsets=config["split"]["val_subsets"],
+        folds=config["split"]["folds"],
     script:
         "../../scripts/split.py"

@@ -1,7 +1,8 @@
-"""Config validation and helpers shared by the rules: data locations, subsets, state folders."""
+"""Config validation and helpers shared by the rules: data locations, subsets, folds, state folders."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -48,7 +49,7 @@ DATA_ROOT = DATASET["root"]
 SYNTHETIC = DATASET["source"] == "synthetic"
 RESULTS = "results"
 CROPS_DIR = f"{RESULTS}/crops"
-MODEL_DIR = f"{RESULTS}/model"
+FOLDS_DIR = f"{RESULTS}/folds"
 VALIDATION_DIR = f"{RESULTS}/validation"
 
 
@@ -93,6 +94,40 @@ check_dataset()
 SUBSETS = selected_subsets()
 
 
+def all_folds():
+    """Every fold of the split: the subsets' numbers (split.folds: subsets) or 0 .. k-1."""
+    folds = config["split"]["folds"]
+    if folds == "subsets":
+        numbers = []
+        for subset in SUBSETS:
+            digits = re.search(r"(\d+)$", subset)
+            if digits is None:
+                raise WorkflowError(
+                    f"split.folds: subsets needs subset folders ending in a number, got {subset!r}"
+                )
+            numbers.append(int(digits.group(1)))
+        return sorted(set(numbers))
+    return list(range(int(folds)))
+
+
+def run_folds():
+    """The test folds to run (split.run_folds: all, or a list checked against the folds there are)."""
+    chosen = config["split"]["run_folds"]
+    folds = all_folds()
+    if chosen == "all":
+        return folds
+    unknown = [f for f in chosen if f not in folds]
+    if unknown:
+        raise WorkflowError(
+            f"split.run_folds: fold(s) {', '.join(map(str, unknown))} do not exist; the split has folds "
+            f"{', '.join(map(str, folds))} (split.folds: {config['split']['folds']})"
+        )
+    return sorted(set(chosen))
+
+
+RUN_FOLDS = run_folds()
+
+
 def dataset_inputs():
     """What the table rules read: the synthesize rule's folder, or the user's CSVs."""
     if SYNTHETIC:
@@ -110,14 +145,22 @@ def subset_inputs(wildcards):
     return {"subset_dir": str(Path(DATA_ROOT) / wildcards.subset)}
 
 
-# train keys that change only the speed, never the result: left out of the rule's params and state key, so
-# changing them reruns nothing (the train script reads them from the config)
-TRAIN_SPEED_KEYS = ("num_workers",)
+# keys that change only the speed, never the result: left out of the rules' params and state key, so changing
+# them reruns nothing (the rule scripts read them from the config)
+SPEED_KEYS = {"train": ("num_workers",), "validate": ("batch_size",)}
 
 
-def train_settings():
-    """config["train"] without the speed-only keys: what shapes the model."""
-    return {k: v for k, v in config["train"].items() if k not in TRAIN_SPEED_KEYS}
+def settings(section):
+    """config[section] without its speed-only keys: what shapes the stage's result."""
+    return {
+        k: v for k, v in config[section].items() if k not in SPEED_KEYS.get(section, ())
+    }
+
+
+def fold_settings():
+    """What shapes one fold's model besides train.*: the split without run_folds (adding a fold to run_folds
+    must not retrain a finished fold)."""
+    return {k: v for k, v in config["split"].items() if k != "run_folds"}
 
 
 def state_dir(stage, **shaping):
@@ -132,6 +175,11 @@ VALIDATION_OUTPUTS = [
     f"{VALIDATION_DIR}/metrics.tsv",
     f"{VALIDATION_DIR}/submission.csv",
 ] + ([f"{VALIDATION_DIR}/froc.tsv"] if DATASET["annotations"] else [])
+
+
+def fold_files(name):
+    """One file of every fold run, e.g. fold_files("model.pt")."""
+    return expand(f"{FOLDS_DIR}/{{fold}}/{name}", fold=RUN_FOLDS)
 
 
 def print_summary():

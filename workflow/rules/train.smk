@@ -3,12 +3,15 @@ rule train:
         crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
         splits=f"{RESULTS}/splits.tsv",
     output:
-        model=protected(f"{MODEL_DIR}/model.pt"),
-        history=f"{MODEL_DIR}/history.tsv",
+        model=protected(f"{FOLDS_DIR}/{{fold}}/model.pt"),
+        history=f"{FOLDS_DIR}/{{fold}}/history.tsv",
+        selection=f"{FOLDS_DIR}/{{fold}}/selection_predictions.tsv",
     log:
-        "logs/train.log",
+        "logs/train/{fold}.log",
     benchmark:
-        "benchmarks/runs/train.tsv"
+        "benchmarks/runs/train/{fold}.tsv"
+    wildcard_constraints:
+        fold=r"\d+",
     conda:
         "../../envs/luna.yaml"
     threads: 2
@@ -16,18 +19,21 @@ rule train:
         gpu=1,
         mem_mb=8000,
     params:
-        # what shapes the model: a change reruns train and validate (not train.num_workers, speed only)
-        train=train_settings(),
+        # what shapes the model: a change reruns train and predict (not train.num_workers, speed only; not
+        # split.run_folds: adding a fold never retrains a finished one)
+        train=settings("train"),
+        selection_fraction=config["split"]["selection_fraction"],
         # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
-        # deletes before a job starts; keyed by the config so a changed hyper-parameter starts afresh
-        state=state_dir(
-            "train",
+        # deletes before a job starts; keyed by the config and the fold, so a changed hyper-parameter
+        # starts afresh
+        state=lambda wc: state_dir(
+            f"train-fold{wc.fold}",
             dataset=config["dataset"],
             synthetic=config["synthetic"],
             crops=config["crops"],
-            split=config["split"],
-            train=train_settings(),
+            split=fold_settings(),
+            train=settings("train"),
         ),
-        tb_dir=f"{MODEL_DIR}/tensorboard",
+        tb_dir=lambda wc: f"{FOLDS_DIR}/{wc.fold}/tensorboard",
     script:
         "../../scripts/train.py"

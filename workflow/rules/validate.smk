@@ -1,9 +1,32 @@
+rule predict:
+    input:
+        model=f"{FOLDS_DIR}/{{fold}}/model.pt",
+        crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
+        splits=f"{RESULTS}/splits.tsv",
+    output:
+        f"{FOLDS_DIR}/{{fold}}/predictions.tsv",
+    log:
+        "logs/predict/{fold}.log",
+    benchmark:
+        "benchmarks/runs/predict/{fold}.tsv"
+    wildcard_constraints:
+        fold=r"\d+",
+    conda:
+        "../../envs/luna.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    script:
+        "../../scripts/predict.py"
+
+
 FROC_OUTPUTS = (
     {
         "froc": report(
             f"{VALIDATION_DIR}/froc.tsv",
             caption="../report/froc_table.rst",
-            category="Validation",
+            category="Test folds",
             labels={"table": "FROC curve"},
         ),
         "froc_plot": report(
@@ -16,33 +39,46 @@ FROC_OUTPUTS = (
     if DATASET["annotations"]
     else {}
 )
+CI_OUTPUTS = (
+    {
+        "ci": report(
+            f"{VALIDATION_DIR}/metrics_ci.tsv",
+            caption="../report/metrics_ci.rst",
+            category="Test folds",
+            labels={"table": "CPM confidence intervals"},
+        )
+    }
+    if DATASET["annotations"] and config["validate"]["bootstrap"] > 0
+    else {}
+)
 
 
-rule validate:
+rule evaluate:
     input:
         unpack(lambda wc: validation_tables()),
-        model=f"{MODEL_DIR}/model.pt",
-        history=f"{MODEL_DIR}/history.tsv",
-        crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
+        models=fold_files("model.pt"),
+        histories=fold_files("history.tsv"),
+        predictions=fold_files("predictions.tsv"),
         splits=f"{RESULTS}/splits.tsv",
     output:
         **FROC_OUTPUTS,
+        **CI_OUTPUTS,
         predictions=report(
             f"{VALIDATION_DIR}/predictions.tsv",
             caption="../report/predictions.rst",
-            category="Validation",
+            category="Test folds",
             labels={"table": "predictions"},
         ),
         metrics=report(
             f"{VALIDATION_DIR}/metrics.tsv",
             caption="../report/metrics.rst",
-            category="Validation",
+            category="Test folds",
             labels={"table": "metrics"},
         ),
         submission=report(
             f"{VALIDATION_DIR}/submission.csv",
             caption="../report/submission.rst",
-            category="Validation",
+            category="Test folds",
             labels={"table": "LUNA16 submission"},
         ),
         roc=report(
@@ -57,7 +93,6 @@ rule validate:
             category="Plots",
             labels={"plot": "precision-recall"},
         ),
-        # froc.tsv and froc.png need annotations (FROC/CPM); without them they are not made
         curves=report(
             f"{VALIDATION_DIR}/training_curves.png",
             caption="../report/training_curves.rst",
@@ -65,19 +100,16 @@ rule validate:
             labels={"plot": "training curves"},
         ),
     log:
-        "logs/validate.log",
+        "logs/evaluate.log",
     benchmark:
-        "benchmarks/runs/validate.tsv"
+        "benchmarks/runs/evaluate.tsv"
     conda:
         "../../envs/luna.yaml"
-    threads: 2
-    resources:
-        gpu=1,
-        mem_mb=8000,
     params:
-        validate=config["validate"],
+        evaluate=settings("validate"),
+        folds=lambda wildcards, input: [str(Path(m).parent) for m in input.models],
         out_dir=lambda wildcards, output: str(Path(output.predictions).parent),
         annotations=table_path(DATASET["annotations"]),
         annotations_excluded=table_path(DATASET["annotations_excluded"]),
     script:
-        "../../scripts/validate.py"
+        "../../scripts/evaluate.py"

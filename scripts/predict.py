@@ -1,0 +1,16 @@
+"""Rule predict: a fold's model.pt -> results/folds/{fold}/predictions.tsv (thin: maps to luna.validation.PredictApp)."""
+
+from luna.runner import run_rule
+from luna.validation import PredictApp
+
+sm = snakemake  # noqa: F821 - injected by Snakemake
+argv = [
+    "--model", sm.input.model,
+    "--crops", *sm.input.crops,
+    "--splits", sm.input.splits,
+    "--scans", "test",
+    "--out", sm.output[0],
+    "--batch-size", sm.config["validate"]["batch_size"],  # speed only: read here, so a change reruns nothing
+    "--threads", sm.threads,
+]
+run_rule(PredictApp, argv, sm.log[0])

@@ -1,0 +1,399 @@
+"""The evaluation stage: the test-fold predictions of every fold run, pooled into one report.
+
+``luna-evaluate --folds results/folds/0 results/folds/1 ... --splits results/splits.tsv --annotations
+annotations.csv --out results/validation`` reads each fold folder's ``model.pt`` (its test fold, kept epoch
+and operating threshold), ``predictions.tsv`` and ``history.tsv``, and writes into ``--out`` (each file
+atomically; docs/design.md has the contracts):
+
+* ``predictions.tsv`` — every fold's predictions, folds in the order given: the predict columns plus ``fold``;
+* ``metrics.tsv`` — one row per fold (``fold`` = N: its epoch, its threshold, FROC/CPM over its test scans)
+  and one pooled row (``fold`` = ``all``: every prediction at its own fold's threshold, FROC/CPM over every
+  test scan run; ``epoch`` and ``threshold`` NaN there when the folds differ);
+* ``metrics_ci.tsv`` — bootstrap confidence intervals (scans resampled, as LUNA16's script) of CPM and the
+  seven sensitivities, per fold and pooled;
+* ``froc.tsv`` — the pooled FROC curve, every test scan in the FP-per-scan divisor;
+* ``submission.csv`` — LUNA16's ``seriesuid,coordX,coordY,coordZ,probability`` over all scans run;
+* ``roc.png``, ``pr.png``, ``froc.png`` (pooled) and ``training_curves.png`` (one row of panels per fold).
+
+Three modes follow from the inputs: labelled candidates give the classification metrics, ROC and PR;
+annotations give FROC/CPM; with neither only the pooled predictions and the submission are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from luna.candidates import TableError, read_annotations_csv
+from luna.io import OutputError, write_tsv
+from luna.metrics import (
+    HISTORY_COLUMNS,
+    METRICS_COLUMNS,
+    SENSITIVITY_COLUMNS,
+    FrocResult,
+    MetricsError,
+    combine_metrics,
+    froc,
+    froc_bootstrap,
+    metric_row,
+)
+from luna.splits import SplitsError, read_splits_tsv
+from luna.tables import numeric_column, read_tsv
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm",
+                      "probability", "loss", "fold"]
+"""predictions.tsv, per fold and pooled: one row per cropped candidate of the scans predicted."""
+SUBMISSION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
+FROC_COLUMNS = ["threshold", "fp_per_scan", "sensitivity"]
+CI_COLUMNS = ["fold", "metric", "value", "ci_low", "ci_high", "confidence", "n_bootstrap", "seed"]
+HISTORY_REQUIRED = ["epoch", "split", "loss_all", "precision", "recall", "f1"]
+OUTPUT_NAMES = ("predictions.tsv", "metrics.tsv", "froc.tsv", "submission.csv", "metrics_ci.tsv",
+                "roc.png", "pr.png", "froc.png", "training_curves.png")
+"""Every file evaluation may write; one that a run does not write is removed, so no stale result survives."""
+CONFIDENCE = 0.95
+
+
+class EvaluationError(ValueError):
+    """Input the evaluation cannot use; the one-line message names the file, row or value."""
+
+
+@dataclass
+class FoldPredictions:
+    """One fold's share of the report: its predictions, its test scans (the FROC divisor), its model's
+    operating threshold and kept epoch, and its training history (optional)."""
+
+    fold: int
+    predictions: pd.DataFrame
+    scans: list[str]
+    threshold: float
+    epoch: int
+    history: pd.DataFrame | None = None
+    source: str = ""
+
+
+@dataclass
+class EvaluationResult:
+    """What a run wrote and computed (for tests, benchmarks and notebooks)."""
+
+    out_dir: Path
+    written: list[Path]
+    predictions: pd.DataFrame
+    metrics: pd.DataFrame | None = None
+    froc: dict[str, FrocResult] = field(default_factory=dict)
+    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------
+
+def read_predictions_tsv(path: str | os.PathLike) -> pd.DataFrame:
+    """A predictions.tsv, checked: its columns, numbers where numbers belong (is_nodule and loss may be empty
+    together, for a candidate list without classes)."""
+    frame = read_tsv(path, what="predictions file", error=EvaluationError, required=PREDICTION_COLUMNS,
+                     dtype={"series_uid": str})
+    for column in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "probability", "fold"):
+        frame[column] = numeric_column(frame, column, path, EvaluationError)
+    for column in ("is_nodule", "loss"):
+        frame[column] = numeric_column(frame, column, path, EvaluationError, allow_missing=True)
+    frame["candidate_id"] = frame["candidate_id"].astype(np.int64)
+    frame["fold"] = frame["fold"].astype(np.int64)
+    return frame[PREDICTION_COLUMNS]
+
+
+def read_history(path: str | os.PathLike) -> pd.DataFrame:
+    """history.tsv for the training-curves plot (columns checked)."""
+    history = read_tsv(path, what="history file", error=EvaluationError, required=HISTORY_REQUIRED)
+    for column in HISTORY_REQUIRED:
+        if column != "split":
+            history[column] = numeric_column(history, column, path, EvaluationError, allow_missing=True)
+    return history
+
+
+def read_annotations(path: str | os.PathLike | None, excluded: bool = False) -> pd.DataFrame | None:
+    """A LUNA16 annotations(_excluded).csv, checked (TableError names file and line); None without a path."""
+    if path is None:
+        return None
+    return read_annotations_csv(path, allow_negative=excluded)
+
+
+def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: str | os.PathLike) -> FoldPredictions:
+    """One fold folder (model.pt, predictions.tsv, history.tsv if present), checked against splits.tsv."""
+    from luna.model import load_checkpoint
+
+    folder = Path(folder)
+    checkpoint = load_checkpoint(folder / "model.pt")
+    if "test_fold" not in checkpoint:
+        raise EvaluationError(f"{folder / 'model.pt'}: no test fold recorded (a model from luna-train with --test-fold "
+                              "is needed)")
+    fold = int(checkpoint["test_fold"])
+    predictions = read_predictions_tsv(folder / "predictions.tsv")
+    other = predictions["fold"] != fold
+    if other.any():
+        raise EvaluationError(f"{folder / 'predictions.tsv'}:{int(np.flatnonzero(other.to_numpy())[0]) + 2}: fold "
+                              f"{int(predictions['fold'][other].iloc[0])}, but model.pt was trained for test fold {fold}")
+    scans = splits.loc[splits["fold"] == fold, "series_uid"].tolist()
+    if not scans:
+        raise EvaluationError(f"{splits_path}: test fold {fold} of {folder} has no scans")
+    outside = ~predictions["series_uid"].isin(set(scans))
+    if outside.any():
+        raise EvaluationError(f"{folder / 'predictions.tsv'}:{int(np.flatnonzero(outside.to_numpy())[0]) + 2}: scan "
+                              f"{predictions['series_uid'][outside].iloc[0]} is not in test fold {fold} of {splits_path}")
+    history_path = folder / "history.tsv"
+    history = read_history(history_path) if history_path.is_file() else None
+    return FoldPredictions(fold, predictions, scans, float(checkpoint.get("threshold", 0.5)), int(checkpoint["epoch"]),
+                           history, str(folder))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the computation
+# ----------------------------------------------------------------------------------------------------
+
+def _labelled(predictions: pd.DataFrame, what: str) -> bool:
+    """True when every row has a class, False when none has; a mix is an error naming the first unlabelled row."""
+    missing = predictions["is_nodule"].isna().to_numpy()
+    if missing.all() and len(predictions):
+        return False
+    if missing.any():
+        raise EvaluationError(f"{what}: candidate_id {int(predictions['candidate_id'][missing].iloc[0])} has no class "
+                              "while other candidates have one; use one candidate list")
+    return True
+
+
+def _shared(values: Sequence[float]) -> float:
+    """The one value all folds share, NaN when they differ."""
+    distinct = set(float(v) for v in values)
+    return distinct.pop() if len(distinct) == 1 else math.nan
+
+
+def _unlabelled_row(n: int, epoch: float) -> dict[str, object]:
+    row: dict[str, object] = {column: math.nan for column in HISTORY_COLUMNS}
+    row.update({"epoch": epoch, "split": "test", "n": int(n)})
+    return row
+
+
+def evaluate_rows(folds: Sequence[FoldPredictions], annotations: pd.DataFrame | None,
+                  excluded: pd.DataFrame | None, *, max_per_scan: int | None, bootstrap: int = 0,
+                  seed: int = 0) -> tuple[pd.DataFrame, dict[str, FrocResult], dict[str, dict[str, tuple[float, float]]]]:
+    """metrics.tsv rows (one per fold, then the pooled ``all``), the FROC results and the bootstrap intervals,
+    keyed by the fold as written (``"0"``, ..., ``"all"``)."""
+    pooled = pd.concat([f.predictions for f in folds], ignore_index=True)
+    labelled = _labelled(pooled, "predictions")
+    groups: list[tuple[str, pd.DataFrame, list[str], np.ndarray, float, float]] = []
+    for f in folds:
+        groups.append((str(f.fold), f.predictions, f.scans, np.full(len(f.predictions), f.threshold), f.threshold,
+                       float(f.epoch)))
+    thresholds = np.concatenate([np.full(len(f.predictions), f.threshold) for f in folds])
+    groups.append(("all", pooled, [uid for f in folds for uid in f.scans], thresholds,
+                   _shared([f.threshold for f in folds]), _shared([f.epoch for f in folds])))
+    rows, frocs, intervals = [], {}, {}
+    for name, frame, scans, per_row_threshold, threshold, epoch in groups:
+        if labelled:
+            row = metric_row(frame["is_nodule"].to_numpy(), frame["probability"].to_numpy(), frame["loss"].to_numpy(),
+                             epoch=epoch, split="test", threshold=per_row_threshold)
+        else:
+            row = _unlabelled_row(len(frame), epoch)
+        result = None
+        if annotations is not None:
+            cut = max_per_scan if max_per_scan and max_per_scan > 0 else None
+            result = froc(frame, annotations, scans, excluded, max_per_scan=cut)
+            frocs[name] = result
+            if bootstrap > 0:
+                intervals[name] = froc_bootstrap(frame, annotations, scans, excluded, cut, n_bootstrap=bootstrap,
+                                                 seed=seed, confidence=CONFIDENCE)
+        rows.append(combine_metrics(row, result, fold=name, threshold=threshold))
+    metrics = pd.DataFrame(rows)[METRICS_COLUMNS]
+    metrics["epoch"] = metrics["epoch"].astype("Int64")  # whole numbers; NaN in a pooled row of differing folds
+    return metrics, frocs, intervals
+
+
+def submission_frame(predictions: pd.DataFrame) -> pd.DataFrame:
+    """LUNA16's submission table (seriesuid, coordX, coordY, coordZ, probability) from predictions."""
+    return pd.DataFrame({
+        "seriesuid": predictions["series_uid"].to_numpy(),
+        "coordX": predictions["coord_x"].to_numpy(),
+        "coordY": predictions["coord_y"].to_numpy(),
+        "coordZ": predictions["coord_z"].to_numpy(),
+        "probability": predictions["probability"].to_numpy(),
+    })[SUBMISSION_COLUMNS]
+
+
+def ci_frame(metrics: pd.DataFrame, intervals: dict[str, dict[str, tuple[float, float]]], n_bootstrap: int,
+             seed: int) -> pd.DataFrame:
+    """metrics_ci.tsv: per fold and pooled, one row per FROC metric (cpm, sens_at_*) with its bootstrap interval."""
+    records = []
+    for _, row in metrics.iterrows():
+        fold = str(row["fold"])
+        for name in ["cpm", *SENSITIVITY_COLUMNS]:
+            low, high = intervals[fold][name]
+            records.append({"fold": fold, "metric": name, "value": float(row[name]), "ci_low": low, "ci_high": high,
+                            "confidence": CONFIDENCE, "n_bootstrap": int(n_bootstrap), "seed": int(seed)})
+    return pd.DataFrame(records, columns=CI_COLUMNS)
+
+
+def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, annotations: pd.DataFrame | None,
+                 excluded: pd.DataFrame | None, *, max_per_scan: int | None = 100, bootstrap: int = 0,
+                 seed: int = 0) -> EvaluationResult:
+    """Pool the folds and write every report file into ``out_dir`` (see the module docstring)."""
+    from luna import plots
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    seen: dict[int, str] = {}
+    for f in folds:
+        if f.fold in seen:
+            raise EvaluationError(f"{f.source}: test fold {f.fold} given twice (also {seen[f.fold]})")
+        seen[f.fold] = f.source
+    pooled = pd.concat([f.predictions for f in folds], ignore_index=True)[PREDICTION_COLUMNS]
+    result = EvaluationResult(out_dir, [], pooled)
+    written = result.written
+    written.append(write_tsv(pooled, out_dir / "predictions.tsv"))
+    written.append(write_tsv(submission_frame(pooled), out_dir / "submission.csv", sep=","))
+    labelled = _labelled(pooled, "predictions")
+    if not labelled and annotations is None:
+        logger.warning("predict-only: the candidates have no class and no annotations were given, so no "
+                       "metrics.tsv, froc.tsv or plots; wrote predictions and submission")
+    else:
+        if annotations is None:
+            logger.warning("no annotations: no FROC, CPM NaN in metrics.tsv")
+        if not labelled:
+            logger.warning("the candidates have no class: metrics.tsv holds FROC/CPM only, the classification "
+                           "columns are NaN; no ROC or precision-recall plot")
+        metrics, frocs, intervals = evaluate_rows(folds, annotations, excluded, max_per_scan=max_per_scan,
+                                                  bootstrap=bootstrap, seed=seed)
+        result.metrics, result.froc, result.intervals = metrics, frocs, intervals
+        written.append(write_tsv(metrics, out_dir / "metrics.tsv"))
+        if intervals:
+            written.append(write_tsv(ci_frame(metrics, intervals, bootstrap, seed), out_dir / "metrics_ci.tsv"))
+        pooled_row = metrics.iloc[-1].to_dict()
+        if "all" in frocs:
+            written.append(write_tsv(frocs["all"].curve[FROC_COLUMNS], out_dir / "froc.tsv"))
+            written.append(plots.plot_froc(frocs["all"], out_dir / "froc.png"))
+        if labelled:
+            labels = pooled["is_nodule"].to_numpy()
+            probabilities = pooled["probability"].to_numpy()
+            written.append(plots.plot_roc(labels, probabilities, pooled_row, out_dir / "roc.png"))
+            written.append(plots.plot_pr(labels, probabilities, pooled_row, out_dir / "pr.png"))
+        curves = [(f.fold, f.history, f.epoch) for f in folds if f.history is not None]
+        if curves:
+            written.append(plots.plot_training_curves(curves, out_dir / "training_curves.png"))
+    _remove_stale(out_dir, written)
+    result.seconds = time.perf_counter() - t0
+    _log_summary(result, folds)
+    return result
+
+
+def _remove_stale(out_dir: Path, written: list[Path]) -> None:
+    keep = {path.name for path in written}
+    for name in OUTPUT_NAMES:
+        path = out_dir / name
+        if name not in keep and path.exists():
+            logger.info("removing %s of an earlier run (not produced by this one)", path)
+            path.unlink()
+
+
+def _log_summary(result: EvaluationResult, folds: Sequence[FoldPredictions]) -> None:
+    if result.metrics is not None:
+        for _, m in result.metrics.iterrows():
+            name = "pooled" if m["fold"] == "all" else f"fold {m['fold']}"
+            parts = [f"{name}: {int(m['n'])} candidates"]
+            if not math.isnan(float(m["n_pos"])):
+                parts.append(f"{int(m['n_pos'])} positive, AUC {m['auc']:.4f}, at threshold {m['threshold']:.4g} "
+                             f"recall {m['recall']:.4f} precision {m['precision']:.4f}")
+            fr = result.froc.get(str(m["fold"]))
+            if fr is not None:
+                ci = result.intervals.get(str(m["fold"]), {}).get("cpm")
+                parts.append(f"CPM {fr.cpm:.4f}" + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+                             + f", {fr.n_hit} of {fr.n_nodules} nodules hit, {fr.n_fp} false positives on "
+                             f"{fr.n_scans} scans")
+            logger.info("; ".join(parts))
+    logger.info("wrote %s in %.1f s (%d fold(s)): %s", result.out_dir, result.seconds, len(folds),
+                ", ".join(path.name for path in result.written))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the app
+# ----------------------------------------------------------------------------------------------------
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """The options evaluation shares with luna-validate: annotations, bootstrap, FROC cut."""
+    parser.add_argument("--annotations", default=None,
+                        help="LUNA16 annotations.csv for FROC/CPM (filtered to the test scans); default: no FROC")
+    parser.add_argument("--annotations-excluded", default=None,
+                        help="LUNA16 annotations_excluded.csv: candidates on these findings count as neither hit nor "
+                             "false positive")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap samples (test scans resampled) for the CPM intervals in metrics_ci.tsv; 0 = off")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--max-per-scan", type=int, default=100,
+                        help="FROC: candidates kept per scan (LUNA16: 100); 0 = all")
+
+
+def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Check the shared options and read the annotation tables (before any long work)."""
+    if args.bootstrap < 0:
+        raise EvaluationError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.max_per_scan < 0:
+        raise EvaluationError(f"--max-per-scan must be >= 0, got {args.max_per_scan}")
+    annotations = read_annotations(args.annotations)
+    excluded = read_annotations(args.annotations_excluded, excluded=True)
+    if excluded is not None and annotations is None:
+        raise EvaluationError("--annotations-excluded needs --annotations (the nodules FROC is measured on)")
+    if args.bootstrap and annotations is None:
+        logger.warning("--bootstrap %d ignored: the bootstrap is of CPM, which needs --annotations", args.bootstrap)
+    return annotations, excluded
+
+
+class EvaluateApp:
+    """Pool the test-fold predictions of the folds run into one report: per-fold and pooled metrics.tsv (with
+    each operating threshold), pooled FROC/CPM with bootstrap intervals, predictions, LUNA16 submission, plots."""
+
+    def __init__(self, argv: Sequence[str] | None = None) -> None:
+        parser = argparse.ArgumentParser(prog="luna-evaluate", description=self.__doc__,
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser.add_argument("--folds", required=True, nargs="+", metavar="DIR",
+                            help="fold folders, each with model.pt, predictions.tsv and history.tsv (results/folds/N)")
+        parser.add_argument("--splits", required=True, help="splits.tsv: each fold's test scans (the FROC divisor)")
+        parser.add_argument("--out", required=True, help="output folder")
+        add_report_options(parser)
+        self.args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+
+    def main(self) -> int:
+        """Run; on bad input print one line to stderr and return 2."""
+        from luna.model import CheckpointError
+        from luna.runner import setup_logging
+
+        setup_logging()
+        try:
+            self.run()
+        except (EvaluationError, CheckpointError, TableError, MetricsError, SplitsError, OutputError) as exc:
+            print(f"luna-evaluate: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    def run(self) -> EvaluationResult:
+        a = self.args
+        logger.info("Starting %s, %s", type(self).__name__, vars(a))
+        annotations, excluded = check_report_options(a)
+        splits = read_splits_tsv(a.splits)
+        folds = [read_fold_dir(folder, splits, a.splits) for folder in a.folds]
+        return write_report(folds, a.out, annotations, excluded, max_per_scan=a.max_per_scan, bootstrap=a.bootstrap,
+                            seed=a.seed)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``luna-evaluate``."""
+    sys.exit(EvaluateApp(argv).main())

@@ -1,0 +1,141 @@
+"""Running a trained model over crop-store rows: the one evaluation path of the pipeline.
+
+The per-epoch selection pass of ``luna-train`` and ``luna-predict`` both call :func:`predict`, so the same
+model on the same scans gives the same probabilities in both (docs/design.md, "Precision policy"):
+
+* float32 always, no autocast, on every device: bf16 moved probabilities by up to 0.12 (benchmarks/results/
+  validate.md) and bought only 1.10x for inference on the CPU and 1.10x for training on an H100
+  (benchmarks/results/gpu_check_h100.txt), so evaluation never trades exactness for it;
+* the memory format the model was trained with (channels_last_3d by default; fp32 channels_last and
+  contiguous differ by up to ~1e-5);
+* model.eval(), ``torch.inference_mode``, crops converted as in training (int16 HU -> float32 HU, no rescaling);
+* probabilities ``softmax(logits)[:, 1]`` and per-sample cross-entropy computed from float32 logits.
+
+HDF5 batches are read by one background thread while the model runs on the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from luna.progress import format_eta
+from luna.store import CropStore
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 10.0
+
+
+def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
+    """int16 crops (n, I, R, C) -> float32 (n, 1, I, R, C) in HU, what the model is fed in training and
+    evaluation alike: no rescaling, the model's tail BatchNorm normalises."""
+    return torch.from_numpy(np.asarray(crops).astype(np.float32)).unsqueeze(1)
+
+
+@dataclass
+class Prediction:
+    """Per-row model output: probability of class 1 and, with labels, the cross-entropy loss (float32)."""
+
+    probability: np.ndarray
+    loss: np.ndarray | None
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return len(self.probability) / self.seconds if self.seconds > 0 else math.nan
+
+
+def read_batch(stores: Sequence[CropStore], store_of: np.ndarray, row_of: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """One batch's crops as a float32 tensor, one HDF5 read per store."""
+    crop_shape = stores[0].crop_shape
+    out = np.empty((len(store_of), *crop_shape), dtype=np.int16)
+    for position in np.unique(store_of):
+        where = np.flatnonzero(store_of == position)
+        out[where] = stores[int(position)].crops(row_of[where])
+    tensor = crops_to_tensor(out)
+    return tensor.pin_memory() if pin else tensor
+
+
+def predict(
+    model: torch.nn.Module,
+    stores: Sequence[CropStore],
+    rows: pd.DataFrame,
+    labels: np.ndarray | None = None,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    channels_last: bool = True,
+    what: str = "candidates",
+) -> Prediction:
+    """Probabilities (and losses, with ``labels``) of ``rows`` (columns store, row), in order, in float32.
+
+    The model is put in eval mode and in the given memory format on ``device``. Progress with rate and ETA
+    is logged every :data:`PROGRESS_INTERVAL_S` seconds and at the end.
+    """
+    device = torch.device(device)
+    model.eval()
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    n = len(rows)
+    store_of = rows["store"].to_numpy(dtype=np.int64)
+    row_of = rows["row"].to_numpy(dtype=np.int64)
+    probability = np.empty(n, dtype=np.float32)
+    loss = np.empty(n, dtype=np.float32) if labels is not None else None
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    starts = list(range(0, n, batch_size))
+    pin = device.type == "cuda"
+    t0 = last_log = time.perf_counter()
+
+    def submit(pool: ThreadPoolExecutor, k: int) -> Future:
+        lo, hi = starts[k], min(starts[k] + batch_size, n)
+        return pool.submit(read_batch, stores, store_of[lo:hi], row_of[lo:hi], pin)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-read") as pool, torch.inference_mode():
+        pending = submit(pool, 0) if starts else None
+        for k, lo in enumerate(starts):
+            hi = min(lo + batch_size, n)
+            batch = pending.result()  # type: ignore[union-attr]
+            pending = submit(pool, k + 1) if k + 1 < len(starts) else None
+            batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            logits = model(batch)[0].float()
+            probability[lo:hi] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+            if labels_t is not None and loss is not None:
+                target = labels_t[lo:hi].to(device, non_blocking=True)
+                loss[lo:hi] = F.cross_entropy(logits, target, reduction="none").cpu().numpy()
+            now = time.perf_counter()
+            if now - last_log >= PROGRESS_INTERVAL_S or hi == n:
+                rate = hi / max(now - t0, 1e-9)
+                logger.info("predicted %d/%d %s (%.1f%%), %.1f/s, ETA %s", hi, n, what, 100.0 * hi / n, rate,
+                            format_eta((n - hi) / max(rate, 1e-9)))
+                last_log = now
+    return Prediction(probability, loss, time.perf_counter() - t0)
+
+
+def rows_of_scans(stores: Sequence[CropStore], series_uids: Sequence[str] | None) -> pd.DataFrame:
+    """The store rows of the given scans (all rows when None): stores in the order given, rows in store order.
+
+    Columns: store, row, then the store table's (candidate_id, series_uid, coord_x/y/z, is_nodule,
+    diameter_mm)."""
+    wanted = None if series_uids is None else set(series_uids)
+    parts = []
+    for position, store in enumerate(stores):
+        table = store.table
+        keep = np.ones(len(table), dtype=bool) if wanted is None else table["series_uid"].isin(wanted).to_numpy()
+        part = table.loc[keep].copy()
+        part.insert(0, "row", np.flatnonzero(keep).astype(np.int64))
+        part.insert(0, "store", position)
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame(columns=["store", "row", "candidate_id", "series_uid", "coord_x", "coord_y", "coord_z",
+                                     "is_nodule", "diameter_mm"])
+    return pd.concat(parts, ignore_index=True)

@@ -1,0 +1,110 @@
+"""Writing files so that nothing half-written is ever left at a declared path: the one I/O layer of the stages.
+
+* :func:`atomic_path` — write to a temp name in the same folder (``.<name>.<pid>.tmp``), fsync, then
+  ``os.replace`` onto the final name; on any failure the temp file is removed and the final path untouched.
+* :func:`write_tsv` — every TSV of the pipeline in one format: tab-separated, ``\\n`` line ends, floats in
+  their shortest round-trip form (``repr``), undefined values (NaN) as ``NaN``.
+* :func:`write_bytes`, :func:`copy_file` — small files through :func:`atomic_path`.
+
+Only the standard library and pandas are imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+NA_REP = "NaN"
+
+
+class OutputError(OSError):
+    """An output that cannot be written (no space, read-only, not a folder); the one-line message names the path.
+
+    Raised with the message alone, so ``str(exc)`` is that line (no ``[Errno N]`` prefix)."""
+
+
+def tmp_path_for(path: str | os.PathLike) -> Path:
+    """The temp name an atomic write of ``path`` uses: a hidden file beside it, unique per process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``no space left on device`` / ``permission denied`` ...: the reason of an OSError, lower case, one line."""
+    if exc.errno == errno.ENOSPC:
+        return "no space left on device"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied or read-only file system"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return "a file is in the way: not a folder"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path to write; on a clean exit it is fsynced and renamed onto ``path``, else removed.
+
+    The parent folder is created. An OSError while writing becomes :class:`OutputError` naming ``path``.
+    """
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({describe_os_error(exc)})") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_tsv(frame: pd.DataFrame, path: str | os.PathLike, sep: str = "\t") -> Path:
+    """Write a table atomically: floats shortest round-trip, NaN as ``NaN``, no index."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, sep=sep, index=False, na_rep=NA_REP, lineterminator="\n")
+    return path
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a (small) file atomically."""
+    return write_bytes(Path(src).read_bytes(), dst)
+
+
+def check_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before hours of work.
+
+    Raises :class:`OutputError` naming the folder: ``<folder>: cannot write to the <what> (<reason>)``."""
+    folder = Path(folder)
+    probe = folder / f".write-test.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"0")
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write to the {what} ({describe_os_error(exc)})") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return folder

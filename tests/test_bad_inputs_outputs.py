@@ -1,0 +1,214 @@
+"""Outputs that cannot be written: a full disk, a read-only folder, a folder path under a file.
+
+Each is one line naming the path, exit 2, and nothing at a declared output path (no store, no skipped table,
+no temp file). Full and read-only file systems are real: small tmpfs mounts (root only; skipped elsewhere with
+the reason). "Another job fills the disk after the start checks" is made real with the test hook
+LUNA_STORE_NO_RESERVE=1, which skips reserving the store and checking free space.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from luna.candidates import CandidatesApp
+from luna.crops import CropApp
+from luna.ct import write_scan
+from luna.geometry import Geometry, irc_to_xyz
+from luna.store import NO_RESERVE_ENV, read_arrays
+
+SUBSET = "subset0"
+N_SCANS, PER_SCAN = 3, 8  # 32x48x48 int16 crops: 147 KiB each, 1.2 MiB per scan in the store and in the cache
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """Mount small tmpfs file systems: ``tmpfs(name, size, read_only)``; unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str = "1m", read_only: bool = False) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a real full or read-only file system needs a tmpfs mount, which needs root")
+        folder = tmp_path / name
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                  capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            pytest.skip("no mount command here")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
+
+
+def _remount(folder: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture()
+def data(tmp_path) -> tuple[Path, Path]:
+    """N_SCANS small scans with PER_SCAN candidates inside each; returns (root, candidates.tsv)."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(N_SCANS):
+        geometry = Geometry([float(k), 0.0, 0.0], [0.7, 0.7, 2.5])
+        write_scan(root / SUBSET / f"1.{k}.mhd", rng.integers(-1000, 1000, size=(20, 30, 40), dtype=np.int16),
+                   geometry)
+        for irc in rng.uniform(0, 19, size=(PER_SCAN, 3)):
+            x, y, z = irc_to_xyz(irc, geometry)
+            rows.append(dict(candidate_id=len(rows), series_uid=f"1.{k}", subset=SUBSET, coord_x=x, coord_y=y,
+                             coord_z=z, is_nodule=0, diameter_mm=0.0))
+    tsv = tmp_path / "candidates.tsv"
+    pd.DataFrame(rows).to_csv(tsv, sep="\t", index=False)
+    return root, tsv
+
+
+def _argv(data: tuple[Path, Path], out: Path, cache: Path | None = None) -> list[str]:
+    root, tsv = data
+    return ["--candidates", str(tsv), "--root", str(root), "--subset", SUBSET, "--out", str(out),
+            *(["--cache-dir", str(cache)] if cache else [])]
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("luna-crops: error: ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    return lines[0][len("luna-crops: error: "):]
+
+
+def _nothing_declared(folder: Path) -> None:
+    """No store, skipped table or temp file (of ours or of check_writable_dir) in the output folder."""
+    if folder.exists():
+        left = sorted(p.name for p in folder.iterdir() if p.is_file())
+        assert left == [], left
+
+
+# ---------------------------------------------------------------------------------------------------- full disk
+
+
+def test_store_that_cannot_fit_fails_before_any_scan_is_read(tmp_path, tmpfs, data, capsys, caplog) -> None:
+    caplog.set_level("INFO", logger="luna.crops")
+    full = tmpfs("full", "1m")
+    out = full / f"{SUBSET}.h5"
+    assert CropApp(_argv(data, out, tmp_path / "cache")).main() == 2
+    reason = _error_line(capsys.readouterr().err)
+    match = re.fullmatch(rf"{re.escape(str(out))}: not enough space for the crop store \(no space left on device: "
+                         r"it needs up to ([\d.]+) MiB, ([\d.]+) MiB are free\)", reason)
+    assert match, reason
+    assert float(match.group(1)) > 3.4 and float(match.group(2)) <= 1.0
+    assert "done (read)" not in caplog.text  # stopped before hours of work
+    _nothing_declared(full)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_that_cannot_fit_fails_before_any_scan_is_read(tmp_path, tmpfs, data, capsys, caplog) -> None:
+    caplog.set_level("INFO", logger="luna.crops")
+    small = tmpfs("small", "1m")
+    out = tmp_path / "out" / f"{SUBSET}.h5"
+    assert CropApp(_argv(data, out, small / "cache")).main() == 2
+    reason = _error_line(capsys.readouterr().err)
+    assert re.fullmatch(rf"{re.escape(str(small / 'cache'))}: not enough space for the resume cache \(it needs "
+                        r"3\.[\d]+ MiB, 0\.\d+ MiB are free\)", reason), reason
+    assert "done (read)" not in caplog.text
+    _nothing_declared(out.parent)
+    assert not (small / "cache").exists()  # created empty by this run: removed
+
+
+def test_disk_filling_under_hdf5_is_one_line_not_a_segfault(tmp_path, tmpfs, data) -> None:
+    """The store's file system fills while HDF5 writes (here: no reservation): exit 2, no crash, no temp file."""
+    full = tmpfs("full", "1m")
+    out = full / f"{SUBSET}.h5"
+    env = {**os.environ, NO_RESERVE_ENV: "1"}
+    done = subprocess.run([sys.executable, "-m", "luna.crops", *_argv(data, out, tmp_path / "cache")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert _error_line(done.stderr) == f"{out}: cannot write the crop store (no space left on device)"
+    _nothing_declared(full)
+
+
+def test_rerun_after_disk_full_resumes_and_equals_an_uninterrupted_run(tmp_path, tmpfs, data) -> None:
+    full = tmpfs("full", "3m")
+    out = full / "crops" / f"{SUBSET}.h5"
+    cache = out.parent / f".{out.name}.cache"  # the default: beside the store, on the same full disk
+    env = {**os.environ, NO_RESERVE_ENV: "1"}
+    first = subprocess.run([sys.executable, "-m", "luna.crops", *_argv(data, out)], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert first.returncode == 2, first.stderr[-3000:]
+    reason = _error_line(first.stderr)
+    assert reason.startswith(str(full)) and reason.endswith("(no space left on device)"), reason
+    _nothing_declared(out.parent)
+    kept = re.search(r"kept the resume cache (\S+) \((\d+) scans\)", first.stderr)
+    assert kept and kept.group(1) == str(cache) and int(kept.group(2)) >= 1, first.stderr[-3000:]
+
+    _remount(full, "64m")  # space freed
+    app = CropApp(_argv(data, out))
+    result = app.run()
+    assert result.n_scans_from_cache == int(kept.group(2))
+    assert not cache.exists()
+    reference = tmp_path / "ref" / f"{SUBSET}.h5"
+    CropApp(_argv(data, reference)).run()
+    got, want = read_arrays(out), read_arrays(reference)
+    assert len(want["crops"]) == N_SCANS * PER_SCAN
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert sorted(p.name for p in out.parent.iterdir()) == [f"{SUBSET}.h5", f"{SUBSET}.skipped.tsv"]
+
+
+def test_candidates_on_a_full_disk_is_one_line(tmp_path, tmpfs, capsys) -> None:
+    full = tmpfs("full", "64k")
+    (full / "filler").write_bytes(b"\0" * (64 * 1024))
+    root = tmp_path / "data"
+    write_scan(root / SUBSET / "1.1.mhd", np.zeros((2, 2, 2), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.1,0,0,0,1\n")
+    out = full / "candidates.tsv"
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"luna-candidates: error: {full}: cannot write to the output folder (no space left on device)"
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]
+
+
+# ---------------------------------------------------------------------------------------------------- not writable
+
+
+def test_read_only_output_folder(tmp_path, tmpfs, data, capsys) -> None:
+    read_only = tmpfs("ro", "1m", read_only=True)
+    out = read_only / "crops" / f"{SUBSET}.h5"
+    assert CropApp(_argv(data, out, tmp_path / "cache")).main() == 2
+    assert _error_line(capsys.readouterr().err) == (
+        f"{out.parent}: cannot write to the output folder (permission denied or read-only file system)")
+    assert not (tmp_path / "cache").exists()
+    root, _ = data
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.1,0,0,0,1\n")
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(read_only / "c.tsv")]).main() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"luna-candidates: error: {read_only}: cannot write to the output folder (permission denied or "
+        "read-only file system)")
+
+
+def test_output_folder_under_a_regular_file(tmp_path, data, capsys) -> None:
+    """Runs everywhere (no mount): the output folder's path goes through a file."""
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where a folder should be\n")
+    out = blocker / "crops" / f"{SUBSET}.h5"
+    assert CropApp(_argv(data, out, tmp_path / "cache")).main() == 2
+    assert _error_line(capsys.readouterr().err) == f"{out.parent}: cannot write to the output folder (a file is in the way: not a folder)"
+    root, _ = data
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.1,0,0,0,1\n")
+    out = blocker / "tables" / "c.tsv"
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 2
+    assert capsys.readouterr().err.strip() == f"luna-candidates: error: {out.parent}: cannot write to the output folder (a file is in the way: not a folder)"
+    assert blocker.read_text() == "a file where a folder should be\n"

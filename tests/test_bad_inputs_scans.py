@@ -1,0 +1,167 @@
+"""Corrupt or inconsistent scan files: each is one ScanError line naming the culprit file, never a volume.
+
+Small generated scans (8 x 16 x 16 int16), edited byte by byte the way the cases happen on disk.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from luna.ct import ScanError, read_geometry, read_scan, write_scan
+from luna.geometry import Geometry
+
+SHAPE = (8, 16, 16)  # I, R, C
+
+
+def _scan(tmp_path: Path, name: str = "1.2.3", compress: bool = False, shape=SHAPE) -> Path:
+    volume = np.random.default_rng(0).integers(-1000, 1000, size=shape).astype(np.int16)
+    path = tmp_path / f"{name}.mhd"
+    write_scan(path, volume, Geometry([0, 0, 0], [0.7, 0.7, 2.5]), compress=compress)
+    return path
+
+
+def _edit_header(path: Path, **values: str | None) -> None:
+    """Set (or, with None, remove) header keys, keeping their order; new keys go before ElementDataFile."""
+    lines, todo = [], dict(values)
+    for line in path.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key == "ElementDataFile":
+            lines.extend(f"{k} = {v}" for k, v in todo.items() if k != key and v is not None)
+        if key in values:
+            todo.pop(key, None)
+            if values[key] is not None:
+                lines.append(f"{key} = {values[key]}")
+        else:
+            lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _one_line_error(call, path: Path) -> str:
+    with pytest.raises(ScanError) as info:
+        call(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------------- compressed data
+
+
+def test_zraw_with_200_bytes_overwritten_is_an_error(tmp_path) -> None:
+    path = _scan(tmp_path, compress=True)
+    zraw = path.with_suffix(".zraw")
+    data = bytearray(zraw.read_bytes())
+    start = len(data) // 3
+    data[start:start + 200] = np.random.default_rng(7).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    zraw.write_bytes(bytes(data))
+    read_geometry(path)  # sizes are right: only the stream itself tells
+    message = _one_line_error(read_scan, path)
+    assert message.startswith(f"{zraw}: ")
+    assert re.search(r"corrupt compressed voxel data|compressed voxel data ends early", message), message
+
+
+def test_truncated_zraw_without_compressed_size_is_an_error(tmp_path) -> None:
+    path = _scan(tmp_path, compress=True)
+    _edit_header(path, CompressedDataSize=None)
+    zraw = path.with_suffix(".zraw")
+    zraw.write_bytes(zraw.read_bytes()[: zraw.stat().st_size // 2])
+    message = _one_line_error(read_scan, path)
+    assert message.startswith(f"{zraw}: compressed voxel data ends early (truncated or corrupt .zraw), ")
+    assert message.endswith(f"of {np.prod(SHAPE) * 2} bytes inflated")
+
+
+def test_bytes_after_the_compressed_stream_are_an_error(tmp_path) -> None:
+    path = _scan(tmp_path, compress=True)
+    _edit_header(path, CompressedDataSize=None)
+    zraw = path.with_suffix(".zraw")
+    zraw.write_bytes(zraw.read_bytes() + b"trailing")
+    assert _one_line_error(read_scan, path) == (
+        f"{zraw}: 8 bytes after the end of the compressed voxel data (corrupt .zraw)")
+
+
+def test_zraw_longer_than_compressed_data_size_is_an_error(tmp_path) -> None:
+    path = _scan(tmp_path, compress=True)
+    zraw = path.with_suffix(".zraw")
+    size = zraw.stat().st_size
+    zraw.write_bytes(zraw.read_bytes() + b"\0" * 5)
+    message = _one_line_error(read_geometry, path)  # found by the header pass, before any voxel is read
+    assert message.startswith(f"{zraw}: {size + 5} bytes of compressed voxel data where the header of "
+                              f"{path.name} says {size} (CompressedDataSize = {size})")
+
+
+# ------------------------------------------------------------------------------------------ element type, size
+
+
+def test_uchar_header_over_int16_raw_is_an_error(tmp_path) -> None:
+    path = _scan(tmp_path)
+    _edit_header(path, ElementType="MET_UCHAR")
+    raw = path.with_suffix(".raw")
+    n = int(np.prod(SHAPE))
+    assert _one_line_error(read_geometry, path) == (
+        f"{raw}: {2 * n} bytes of voxel data where the header of {path.name} says {n} "
+        "(DimSize 16 16 8 x 1 bytes of ElementType): wrong ElementType, DimSize or data file")
+    with pytest.raises(ScanError, match="wrong ElementType"):
+        read_scan(path)
+
+
+def test_uchar_header_over_int16_zraw_is_an_error(tmp_path) -> None:
+    path = _scan(tmp_path, compress=True)
+    _edit_header(path, ElementType="MET_UCHAR")  # CompressedDataSize still right: only inflating tells
+    n = int(np.prod(SHAPE))
+    assert _one_line_error(read_scan, path) == (
+        f"{path.with_suffix('.zraw')}: compressed voxel data inflates to {2 * n} bytes where the header describes "
+        f"{n}: wrong ElementType, DimSize or data file")
+
+
+def test_data_file_of_another_larger_scan_is_an_error(tmp_path) -> None:
+    path = _scan(tmp_path)
+    bigger = _scan(tmp_path, "9.9.9", shape=(9, 16, 16))
+    _edit_header(path, ElementDataFile=bigger.with_suffix(".raw").name)
+    message = _one_line_error(read_scan, path)
+    assert message.startswith(f"{bigger.with_suffix('.raw')}: {9 * 16 * 16 * 2} bytes of voxel data where the header "
+                              f"of {path.name} says {8 * 16 * 16 * 2}")
+
+
+# ---------------------------------------------------------------------------------------------------- direction
+
+
+@pytest.mark.parametrize("matrix, error", [("-1 0 0 0 -2 0 0 0 1", "3"), ("0 0 0 0 1 0 0 0 1", "1"),
+                                           ("1 0 0 1 0 0 0 0 1", "1")], ids=["scaled", "singular", "sheared"])
+def test_direction_not_orthonormal_is_an_error(tmp_path, matrix, error) -> None:
+    path = _scan(tmp_path)
+    _edit_header(path, TransformMatrix=matrix)
+    for call in (read_geometry, read_scan):
+        assert _one_line_error(call, path) == (
+            f"{path}: direction matrix is not orthonormal (TransformMatrix = {matrix}; max |D^T D - I| = {error}, "
+            "tolerance 0.0001)")
+
+
+def test_direction_written_with_six_decimals_is_accepted(tmp_path) -> None:
+    path = _scan(tmp_path)
+    c, s = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
+    rotation = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    _edit_header(path, TransformMatrix=" ".join(f"{v:.6f}" for v in rotation.T.reshape(9)))  # MetaIO: columns
+    geometry, shape = read_geometry(path)
+    assert shape == SHAPE
+    np.testing.assert_allclose(geometry.direction, rotation, atol=1e-6)
+    assert read_scan(path)[1] == geometry
+
+
+# ---------------------------------------------------------------------------------------------------- not handled
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("ElementNumberOfChannels", "3", "expected a single-channel scan, header says ElementNumberOfChannels = 3"),
+    ("BinaryData", "False", "ASCII voxel data (BinaryData = False) is not supported"),
+    ("ElementDataFile", "LIST", "ElementDataFile = 'LIST': voxel data split over several files is not supported"),
+    ("ElementType", "MET_STRING", "unsupported ElementType MET_STRING"),
+    ("DimSize", "16 16", "unreadable header, DimSize = '16 16'"),
+])
+def test_layouts_not_handled_are_one_line(tmp_path, key, value, reason) -> None:
+    path = _scan(tmp_path)
+    _edit_header(path, **{key: value})
+    assert _one_line_error(read_geometry, path) == f"{path}: {reason}"

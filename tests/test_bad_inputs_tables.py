@@ -1,0 +1,145 @@
+"""Tables that would silently give a wrong or empty result: header only, duplicate rows, a malformed row, a
+subset that is not in candidates.tsv. Each is one line naming the file (and line); duplicates are dropped with
+one warning."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from luna.candidates import (CandidatesApp, TableError, build_candidates_table, read_annotations_csv,
+                             read_candidates_csv, read_candidates_tsv)
+from luna.crops import CropApp, CropError, read_subset_candidates
+from luna.ct import ScanFile, write_scan
+from luna.geometry import Geometry
+
+HEADER = "seriesuid,coordX,coordY,coordZ,class\n"
+
+
+def _write(tmp_path, text: str, name: str = "candidates.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _data_root(tmp_path, candidates: str):
+    write_scan(tmp_path / "subset0" / "1.1.mhd", np.zeros((2, 2, 2), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    _write(tmp_path, candidates)
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------------- header only
+
+
+def test_header_only_candidates_and_annotations_are_errors(tmp_path) -> None:
+    cand = _write(tmp_path, HEADER)
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(cand)
+    assert str(info.value) == f"{cand}: no rows, only the header line"
+    ann = _write(tmp_path, "seriesuid,coordX,coordY,coordZ,diameter_mm\r\n", "annotations.csv")
+    with pytest.raises(TableError, match=r"annotations\.csv: no rows, only the header line$"):
+        read_annotations_csv(ann)
+    # annotations_excluded.csv may list nothing: an empty table, with its columns
+    excluded = read_annotations_csv(ann, allow_negative=True)
+    assert len(excluded) == 0 and list(excluded.columns) == ["seriesuid", "coordX", "coordY", "coordZ",
+                                                             "diameter_mm", "line"]
+
+
+def test_candidates_app_header_only_exits_2_and_writes_nothing(tmp_path, capsys) -> None:
+    root = _data_root(tmp_path, HEADER)
+    out = tmp_path / "results" / "candidates.tsv"
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 2
+    assert capsys.readouterr().err == (f"luna-candidates: error: {root / 'candidates.csv'}: no rows, only the header "
+                                       "line\n")
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- malformed rows
+
+
+def test_row_with_too_many_fields_names_file_and_line(tmp_path, capsys) -> None:
+    path = _write(tmp_path, HEADER + "1.1,1,2,3,0\n1.1,1,2,3,0,9\n")
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(path)
+    assert str(info.value) == f"{path}:3: 6 fields where the header has 5"
+    root = _data_root(tmp_path, HEADER + "1.1,1,2,3,0\r\n1.1,4,5,6,1\r\n1.1,1,2,3,0,9\r\n")
+    out = tmp_path / "c.tsv"
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 2
+    assert capsys.readouterr().err == (f"luna-candidates: error: {root / 'candidates.csv'}:4: 6 fields where the "
+                                       "header has 5\n")
+    assert not out.exists()
+
+
+def test_row_with_too_few_fields_names_the_empty_column(tmp_path) -> None:
+    path = _write(tmp_path, HEADER + "1.1,1,2,3,0\n1.1,1,2\n")
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(path)
+    assert str(info.value) == f"{path}:3: column coordZ is empty (a missing field?)"
+
+
+def test_unreadable_csv_is_one_line(tmp_path) -> None:
+    path = tmp_path / "candidates.csv"
+    path.write_bytes(HEADER.encode() + b'"1.1,1,2,3,0\n')  # quote never closed
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(path)
+    assert str(info.value).startswith(f"{path}: not a readable CSV (") and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------- duplicates
+
+
+def test_duplicate_candidates_dropped_with_one_warning(tmp_path, caplog) -> None:
+    text = HEADER + "1.1,1,2,3,0\n1.1,4,5,6,1\n1.1,1.0,2.00,3,0\n1.1,7,8,9,0\n1.1,4,5,6,1\n1.1,1,2,3,0\n"
+    root = _data_root(tmp_path, text)
+    scans = {"1.1": ScanFile("1.1", "subset0", root / "subset0" / "1.1.mhd")}
+    table, report = build_candidates_table(root / "candidates.csv", None, scans)
+    assert table["candidate_id"].tolist() == [0, 1, 3]  # row numbers in the CSV: the first of each kept
+    assert table[["coord_x", "coord_y", "coord_z"]].to_numpy().tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert report.n_rows == 6 and report.n_kept == 3
+    warning = (f"{root / 'candidates.csv'}: 3 duplicate candidate rows dropped (same seriesuid, coordinates and "
+               "class as an earlier row; first: line 4 repeats line 2)")
+    assert report.lines()[1:] == [warning]
+
+    caplog.set_level(logging.INFO, logger="luna.candidates")
+    out = tmp_path / "candidates.tsv"
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [warning]
+    assert read_candidates_tsv(out)["candidate_id"].tolist() == [0, 1, 3]
+
+
+def test_same_point_with_two_classes_names_both_lines(tmp_path) -> None:
+    path = _write(tmp_path, HEADER + "1.1,1,2,3,0\n1.1,4,5,6,1\n1.1,4,5,6,0\n1.1,1,2,3,1\n")
+    with pytest.raises(TableError) as info:
+        build_candidates_table(path, None, {})
+    assert str(info.value) == f"{path}:5: same seriesuid and coordinates as line 2 but class 1 where that line has 0"
+
+
+def test_same_point_in_two_scans_is_not_a_duplicate(tmp_path) -> None:
+    path = _write(tmp_path, HEADER + "1.1,1,2,3,0\n1.2,1,2,3,0\n")
+    scans = {u: ScanFile(u, "subset0", tmp_path / f"{u}.mhd") for u in ("1.1", "1.2")}
+    table, report = build_candidates_table(path, None, scans)
+    assert table["series_uid"].tolist() == ["1.1", "1.2"] and len(report.lines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- crop subset
+
+
+def test_crops_subset_not_in_the_table_exits_2_and_writes_nothing(tmp_path, capsys) -> None:
+    tsv = tmp_path / "candidates.tsv"
+    rows = [dict(candidate_id=i, series_uid="1.1", subset=s, coord_x=0.0, coord_y=0.0, coord_z=0.0, is_nodule=0,
+                 diameter_mm=0.0) for i, s in enumerate(["subset1", "subset0", "subset1"])]
+    pd.DataFrame(rows).to_csv(tsv, sep="\t", index=False)
+    out = tmp_path / "crops" / "subset9.h5"
+    argv = ["--candidates", str(tsv), "--root", str(tmp_path), "--subset", "subset9", "--out", str(out)]
+    assert CropApp(argv).main() == 2
+    assert capsys.readouterr().err == (f"luna-crops: error: {tsv}: no candidates of subset 'subset9' (its subsets "
+                                       "are subset0, subset1)\n")
+    assert not out.parent.exists()  # nothing written, not even the folder
+    header_only = tmp_path / "empty.tsv"
+    header_only.write_text("\t".join(rows[0]) + "\n")
+    with pytest.raises(CropError) as info:
+        read_subset_candidates(header_only, "subset0")
+    assert str(info.value) == f"{header_only}: no candidates of subset 'subset0' (it has no rows)"
