@@ -451,12 +451,35 @@ def test_evaluate_pools_folds_each_at_its_own_threshold(inputs, tmp_path):
     assert not (tmp_path / "twice" / "metrics.tsv").exists()
 
 
+def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_path, monkeypatch, capsys):
+    """A full disk at the FROC plot: one line naming the file, exit 2, and no report file at all in --out (an
+    earlier run's metrics.tsv included), so nothing there mixes two runs."""
+    from luna import plots
+    from luna.io import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.tsv").write_text("an earlier run\n")
+
+    def full_disk(figure, path):
+        raise OutputError(f"{path}: cannot write (no space left on device)")
+
+    monkeypatch.setattr(plots, "save_figure", full_disk)
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
+            "--fold", "0", "--bootstrap", "0"]
+    assert ValidationApp(argv).main() == 2
+    assert capsys.readouterr().err.strip() == (f"luna-validate: error: {out / 'froc.png'}: cannot write (no space "
+                                               "left on device)")
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
-                                  "no_fold"])
+                                  "no_fold", "fold_not_in_stores"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
             "--out": str(tmp_path / "out"), "--device": "cpu", "--fold": "0"}
@@ -469,6 +492,9 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     elif case == "no_fold":
         del argv["--fold"]
         expected = "model.pt: no test fold recorded; give --fold N"
+    elif case == "fold_not_in_stores":
+        argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}))
+        expected = "subset0.h5: none of the 1 test scans (fold 0) is in these crop stores"
     elif case == "mixed_labels":
         unlabelled = write_store(tmp_path / "u.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
         argv["--crops"].append(str(unlabelled))

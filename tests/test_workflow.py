@@ -51,6 +51,7 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"crops": {"on_bad_scan": "ignore"}}, "config key crops.on_bad_scan: 'ignore' is not one of ['fail', 'skip']"),
         ({"dataset": {"source": "luna16", "root": "no/such/folder"}}, "dataset.root: data folder no/such/folder not found"),
         ({"split": {"run_folds": [0, 4]}}, "split.run_folds: fold(s) 4 do not exist; the split has folds 0, 1, 2"),
+        ({"crops": {"hu_window": [1000, -1000]}}, "crops.hu_window: [1000, -1000] must be [low, high] with low < high"),
         ({"split": {"folds": 3, "run_folds": [3]}}, "split.run_folds: fold(s) 3 do not exist; the split has folds 0, 1, 2"),
     ],
 )
@@ -167,8 +168,7 @@ def test_kill_during_crops_then_recovery_equals_uninterrupted_run(tiny_run: Path
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and its running jobs, as a crashed node would
     proc.wait()
     assert not (tmp_path / "results" / "crops" / "subset0.h5").exists()
-    # the documented recovery: unlock the working directory, then the same command again
-    subprocess.run([*cmd, "--unlock"], cwd=tmp_path, env=env(), check=True, capture_output=True)
+    # the documented recovery: the same command again (profiles/default: no lock left behind to clear)
     subprocess.run(cmd, cwd=tmp_path, env=env(), check=True, capture_output=True)
     assert "from cache" in log.read_text()
     for subset in SUBSETS:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from luna.candidates import TableError, read_annotations_csv
-from luna.io import OutputError, write_tsv
+from luna.io import OutputError, check_writable_dir, write_tsv
 from luna.metrics import (
     HISTORY_COLUMNS,
     METRICS_COLUMNS,
@@ -247,9 +247,9 @@ def ci_frame(metrics: pd.DataFrame, intervals: dict[str, dict[str, tuple[float, 
 def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, annotations: pd.DataFrame | None,
                  excluded: pd.DataFrame | None, *, max_per_scan: int | None = 100, bootstrap: int = 0,
                  seed: int = 0) -> EvaluationResult:
-    """Pool the folds and write every report file into ``out_dir`` (see the module docstring)."""
-    from luna import plots
-
+    """Pool the folds and write every report file into ``out_dir`` (see the module docstring). Each file is written
+    atomically; on a failure (a full disk, say) no report file is left in ``out_dir``, of this run or an earlier
+    one, so nothing there mixes two runs."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     seen: dict[int, str] = {}
@@ -259,7 +259,24 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
         seen[f.fold] = f.source
     pooled = pd.concat([f.predictions for f in folds], ignore_index=True)[PREDICTION_COLUMNS]
     result = EvaluationResult(out_dir, [], pooled)
-    written = result.written
+    check_writable_dir(out_dir, "output folder")
+    try:
+        _write_files(result, folds, annotations, excluded, max_per_scan=max_per_scan, bootstrap=bootstrap, seed=seed)
+    except BaseException:
+        for name in OUTPUT_NAMES:  # no half report (nor an earlier run's files beside this run's): none at all
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+    _remove_stale(out_dir, result.written)
+    result.seconds = time.perf_counter() - t0
+    _log_summary(result, folds)
+    return result
+
+
+def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], annotations: pd.DataFrame | None,
+                 excluded: pd.DataFrame | None, *, max_per_scan: int | None, bootstrap: int, seed: int) -> None:
+    from luna import plots
+
+    out_dir, pooled, written = result.out_dir, result.predictions, result.written
     written.append(write_tsv(pooled, out_dir / "predictions.tsv"))
     written.append(write_tsv(submission_frame(pooled), out_dir / "submission.csv", sep=","))
     labelled = _labelled(pooled, "predictions")
@@ -290,10 +307,6 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
         curves = [(f.fold, f.history, f.epoch) for f in folds if f.history is not None]
         if curves:
             written.append(plots.plot_training_curves(curves, out_dir / "training_curves.png"))
-    _remove_stale(out_dir, written)
-    result.seconds = time.perf_counter() - t0
-    _log_summary(result, folds)
-    return result
 
 
 def _remove_stale(out_dir: Path, written: list[Path]) -> None:

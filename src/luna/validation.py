@@ -39,7 +39,7 @@ from luna.evaluation import (
     write_report,
 )
 from luna.inference import Prediction, predict, rows_of_scans
-from luna.io import OutputError, write_tsv
+from luna.io import OutputError, check_writable_dir, write_tsv
 from luna.metrics import MetricsError
 from luna.model import CheckpointError, checkpoint_crop_shape, load_model
 from luna.splits import SplitsError, read_splits_tsv
@@ -191,8 +191,9 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
 
 
-def run_predict(args: argparse.Namespace) -> PredictResult:
-    """Read and check every input, then predict; raises a ValueError subclass with a one-line message."""
+def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> PredictResult:
+    """Read and check every input and that ``out_dir`` can be written, then predict; raises a ValueError
+    subclass (or OutputError) with a one-line message."""
     t0 = time.perf_counter()
     if args.batch_size < 1:
         raise ValidationError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -218,10 +219,14 @@ def run_predict(args: argparse.Namespace) -> PredictResult:
     labels = labels_of(rows, stores)
     in_stores = {uid for store in stores for uid in store.geometries} | set(rows["series_uid"])
     n_absent = sum(uid not in in_stores for uid in scans)
+    if n_absent == len(scans) and scans:
+        raise ValidationError(f"{', '.join(str(s.path) for s in stores)}: none of the {len(scans)} {args.scans} scans "
+                              f"(fold {fold}) is in these crop stores; give the stores of their subsets")
     if n_absent:
         logger.warning("%d of the %d scans to predict are in none of the given crop stores (no candidates cropped); "
                        "they count in the FROC divisor as scans without candidates", n_absent, len(scans))
     channels_last = use_channels_last(args.channels_last, checkpoint)
+    check_writable_dir(out_dir, "output folder")  # the inputs are good: before the long part, the output
     logger.info("predicting %d candidates of %d %s scans (fold %d, %s) with %s (epoch %d) on %s, float32, %s",
                 len(rows), len(scans), args.scans, fold,
                 "unlabelled" if labels is None else f"{int(labels.sum())} positive", args.model,
@@ -257,7 +262,7 @@ class PredictApp:
 
     def run(self) -> PredictResult:
         logger.info("Starting %s, %s", type(self).__name__, vars(self.args))
-        result = run_predict(self.args)
+        result = run_predict(self.args, Path(self.args.out).parent)
         write_tsv(result.predictions, self.args.out)
         logger.info("wrote %s: %d candidates of %d scans in %.1f s", self.args.out, len(result.predictions),
                     len(result.scans), result.seconds)
@@ -294,7 +299,7 @@ class ValidationApp:
         logger.info("Starting %s, %s", type(self).__name__, vars(a))
         annotations, excluded = check_report_options(a)
         history = read_history(a.history) if a.history else None
-        predicted = run_predict(a)
+        predicted = run_predict(a, a.out)
         threshold = float(predicted.checkpoint.get("threshold", 0.5))
         fold = FoldPredictions(predicted.fold, predicted.predictions, predicted.scans, threshold,
                                int(predicted.checkpoint["epoch"]), history, a.model)

@@ -90,7 +90,17 @@ def check_dataset():
             )
 
 
+def check_values():
+    """Checks the schema cannot express, at the dry run, naming the key and the value."""
+    low, high = config["crops"]["hu_window"]
+    if not low < high:
+        raise WorkflowError(
+            f"crops.hu_window: [{low}, {high}] must be [low, high] with low < high"
+        )
+
+
 check_dataset()
+check_values()
 SUBSETS = selected_subsets()
 
 
