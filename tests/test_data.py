@@ -220,6 +220,24 @@ def test_loader_workers_read_the_same_batches(two_stores) -> None:
     np.testing.assert_array_equal(torch.cat([b[2] for b in in_process]).numpy(), sampler.epoch_indices())
 
 
+def test_resident_batches_equal_the_loaders(two_stores) -> None:
+    from luna.data import ResidentBatches
+
+    paths, uids = two_stores
+    ds = CropDataset(paths, roles_of(uids), "train", int16=True)
+    sampler = EpochSampler(ds.labels, ratio=2, samples_per_epoch=21, seed=4)
+    resident = ResidentBatches(ds, sampler, batch_size=8, device="cpu")
+    assert ResidentBatches.n_bytes(ds) == len(ds) * 32 * 48 * 48 * 2
+    streamed = list(make_loader(ds, sampler, batch_size=8))
+    gathered = list(resident)
+    assert len(resident) == len(gathered) == len(streamed) == 3  # 8 + 8 + 5
+    for (c0, l0, i0), (c1, l1, i1) in zip(streamed, gathered):
+        assert c1.dtype == torch.int16 and c1.shape == c0.shape
+        torch.testing.assert_close(c0, c1, rtol=0, atol=0)
+        torch.testing.assert_close(l0, l1, rtol=0, atol=0)
+        torch.testing.assert_close(i0, i1, rtol=0, atol=0)
+
+
 # -- augmentation -----------------------------------------------------------------------------------------
 
 def _batch(n: int = 4, seed: int = 0) -> torch.Tensor:

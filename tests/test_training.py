@@ -96,6 +96,16 @@ def test_warmup_schedule_is_a_pure_function_of_the_step() -> None:
     assert warmup_lr(0.001, 0, 0) == 0.001  # 0 = off: the book's constant rate from the first step
 
 
+def test_cosine_schedule_decays_to_zero_after_the_warmup() -> None:
+    from luna.training import scheduled_lr
+
+    rates = [scheduled_lr(0.002, step, 4, "cosine", 20) for step in range(21)]
+    assert rates[:4] == pytest.approx([0.0005, 0.001, 0.0015, 0.002])  # the warm-up
+    assert rates[12] == pytest.approx(0.001) and rates[20] == pytest.approx(0.0)  # half-way, the end
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert scheduled_lr(0.002, 15, 4, "constant", 20) == 0.002
+
+
 def test_warmup_sets_the_rate_and_clipping_bounds_the_step(data: dict[str, Path], tmp_path: Path) -> None:
     app = LunaTrainingApp(argv(data, tmp_path / "w"))
     app.setup()
@@ -277,6 +287,37 @@ def test_tensorboard_uses_the_books_tags(reference: Path) -> None:
         assert [e.step for e in acc.Scalars("loss/all")] == [SAMPLES, 2 * SAMPLES]  # samples seen
         assert "is_neg" in tags["histograms"] or "is_pos" in tags["histograms"]
         assert any("pr" in t for t in tags.get("tensors", []))
+
+
+def test_resident_and_streamed_data_give_identical_history(data: dict[str, Path], tmp_path: Path, caplog) -> None:
+    import logging
+
+    runs = {}
+    for mode in ("always", "never"):
+        out = tmp_path / mode
+        with caplog.at_level(logging.INFO, logger="luna.training"):
+            assert LunaTrainingApp(argv(data, out, "--data-on-device", mode)).main() == 0
+        runs[mode] = out
+    assert "training data: resident on cpu (data_on_device always" in caplog.text
+    assert "training data: streaming from the crop stores (data_on_device never" in caplog.text
+    assert (runs["always"] / "history.tsv").read_bytes() == (runs["never"] / "history.tsv").read_bytes()
+    assert ((runs["always"] / "selection_predictions.tsv").read_bytes()
+            == (runs["never"] / "selection_predictions.tsv").read_bytes())
+    a = torch.load(runs["always"] / "model.pt", weights_only=True)["model_state"]
+    b = torch.load(runs["never"] / "model.pt", weights_only=True)["model_state"]
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_auto_data_path_follows_the_memory_share() -> None:
+    from luna.device import resident_decision
+
+    cpu = torch.device("cpu")
+    resident, why = resident_decision("auto", 2**20, cpu, 0.5)
+    assert resident and why.startswith("resident on cpu: the training crops take 0.00 GiB, within 0.5 of the")
+    resident, why = resident_decision("auto", 2**50, cpu, 0.5)
+    assert not resident and why.startswith("streaming from the crop stores: the training crops take 1048576.00 GiB")
+    assert resident_decision("never", 1, cpu, 0.5)[0] is False and resident_decision("always", 2**50, cpu, 0.5)[0]
 
 
 def test_same_seed_twice_gives_identical_history(reference: Path, data: dict[str, Path], tmp_path: Path) -> None:

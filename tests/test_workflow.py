@@ -181,6 +181,29 @@ def test_kill_during_crops_then_recovery_equals_uninterrupted_run(tiny_run: Path
     assert not (tmp_path / "results" / ".cache" / "crops" / "subset0").exists()
 
 
+@pytest.mark.slow
+def test_train_gpus_2_runs_two_processes_under_torchrun(tiny_run: Path, tmp_path: Path) -> None:
+    """train.gpus: 2 on a machine without CUDA: two gloo processes; a model and a history come out."""
+    import shutil
+
+    work = tmp_path / "gpus2"
+    shutil.copytree(tiny_run, work, ignore=shutil.ignore_patterns("folds", "validation", ".state", "logs",
+                                                                     "benchmarks", "report.html", "*.yaml"))
+    config = copy.deepcopy(TINY_CONFIG)
+    config["train"]["gpus"] = 2
+    target = "results/folds/0/history.tsv"
+    dry = snakemake(work, "-n", targets=(target,), configfile=write_config(work, config))
+    assert job_stats(dry.stdout + dry.stderr) == {"train": 1}
+    snakemake(work, targets=(target,), resources_gpu=2, configfile=work / "config.yaml")
+    log = (work / "logs" / "train" / "0.log").read_text()
+    assert "torchrun, 2 processes" in log and "2 process(es)" in log
+    history = pd.read_csv(work / target, sep="\t")
+    assert history[["epoch", "split"]].values.tolist() == [[1, "train"], [1, "selection"], [2, "train"],
+                                                           [2, "selection"]]
+    raw = torch.load(work / "results" / "folds" / "0" / "model.pt", weights_only=True)
+    assert raw["args"]["test_fold"] == 0 and raw["samples_seen"] == raw["epoch"] * 64
+
+
 def test_default_config_holds_out_a_fold_of_at_least_40_nodules() -> None:
     """The repo's own config, from the synthetic plan (no rendering): five subsets = five folds, test fold 0
     with >= 40 nodules, the other folds for training and selection."""

@@ -42,10 +42,10 @@ def write_config(workdir: Path, config: dict) -> Path:
 
 
 def snakemake(workdir: Path, *args: str, targets: tuple[str, ...] = (), configfile: Path | None = None,
-              check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+              check: bool = True, timeout: float = 900, resources_gpu: int = 1) -> subprocess.CompletedProcess:
     """Run the repo's workflow in workdir; targets go before --configfile (it takes several values)."""
     cmd = [str(BIN / "snakemake"), *targets, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--resources", "gpu=1", *args]
+           "--cores", "2", "--resources", f"gpu={resources_gpu}", *args]
     if configfile is not None:
         cmd += ["--configfile", str(configfile)]
     proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=timeout)

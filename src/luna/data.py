@@ -251,6 +251,45 @@ class EpochSampler(Sampler[int]):
         self.seed = int(state["seed"])
 
 
+class ResidentBatches:
+    """The crops of a dataset loaded once into one int16 tensor on the training device; the batches of
+    ``sampler``'s order are gathered there (no loader process, HDF5 read or host-to-device copy per batch).
+
+    Iterating gives what a DataLoader over the same sampler gives, ``(crops int16 (B, 1, I, R, C), labels,
+    indices)``, batch for batch, so the two paths train on identical batches (tests/test_data.py)."""
+
+    def __init__(self, dataset: CropDataset, sampler: Sampler[int], batch_size: int, device: torch.device | str,
+                 chunk: int = 1024) -> None:
+        self.sampler, self.batch_size, self.device = sampler, int(batch_size), torch.device(device)
+        self.crops = self.load(dataset, self.device, chunk)
+        self.labels = torch.from_numpy(dataset.labels).to(self.device)
+
+    @staticmethod
+    def load(dataset: CropDataset, device: torch.device | str, chunk: int = 1024) -> torch.Tensor:
+        """Every crop of ``dataset`` as one int16 (n, 1, I, R, C) tensor on ``device``, read ``chunk`` at a time."""
+        n = len(dataset)
+        crops = torch.empty((n, 1, *dataset.crop_shape), dtype=torch.int16, device=device)
+        for lo in range(0, n, chunk):  # bounded host memory while loading
+            hi = min(lo + chunk, n)
+            crops[lo:hi, 0] = torch.from_numpy(dataset.crops_int16(np.arange(lo, hi))).to(device)
+        return crops
+
+    @staticmethod
+    def n_bytes(dataset: CropDataset) -> int:
+        """Bytes the resident crops take (int16)."""
+        return len(dataset) * int(np.prod(dataset.crop_shape)) * 2
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        for lo in range(0, len(order), self.batch_size):
+            index = order[lo:lo + self.batch_size]
+            on_device = index.to(self.device)
+            yield self.crops.index_select(0, on_device), self.labels.index_select(0, on_device), index
+
+
 def make_loader(
     dataset: Dataset,
     sampler: Sampler[int],

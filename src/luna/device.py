@@ -43,3 +43,41 @@ def use_bf16(choice: str, device: torch.device, *, cpu_auto: bool) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return cpu_auto and cpu_has_native_bf16()
+
+
+def available_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory a resident data set may take on ``device`` and what it is: free GPU memory on CUDA, the
+    kernel's MemAvailable (else total RAM) on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM"
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "RAM"
+
+
+def resident_decision(mode: str, n_bytes: int, device: torch.device, fraction: float,
+                      processes_per_device: int = 1) -> tuple[bool, str]:
+    """Whether the training crops (``n_bytes`` of int16) live on the device, and why (a log line).
+
+    ``never``/``always`` as said; ``auto``: when they take at most ``fraction`` of the device's available memory
+    (on the CPU shared by ``processes_per_device`` processes, each holding its own copy)."""
+    size = f"{n_bytes / 2**30:.2f} GiB"
+    if mode == "never":
+        return False, f"streaming from the crop stores (data_on_device never; the crops take {size})"
+    if mode == "always":
+        return True, f"resident on {device} (data_on_device always; {size})"
+    available, what = available_memory_bytes(device)
+    share = available * fraction / max(1, processes_per_device if device.type == "cpu" else 1)
+    if n_bytes <= share:
+        return True, (f"resident on {device}: the training crops take {size}, within {fraction:g} of the "
+                      f"{available / 2**30:.1f} GiB {what}")
+    return False, (f"streaming from the crop stores: the training crops take {size}, more than {fraction:g} of the "
+                   f"{available / 2**30:.1f} GiB {what}")

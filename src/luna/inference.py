@@ -76,11 +76,14 @@ def predict(
     device: torch.device | str = "cpu",
     channels_last: bool = True,
     what: str = "candidates",
+    resident: torch.Tensor | None = None,
 ) -> Prediction:
     """Probabilities (and losses, with ``labels``) of ``rows`` (columns store, row), in order, in float32.
 
-    The model is put in eval mode and in the given memory format on ``device``. Progress with rate and ETA
-    is logged every :data:`PROGRESS_INTERVAL_S` seconds and at the end.
+    The model is put in eval mode and in the given memory format on ``device``. ``resident``: the rows' crops
+    already on the device (int16 (n, 1, I, R, C), in ``rows`` order; the training stage keeps its selection
+    crops so), else they are read from the stores. Progress with rate and ETA is logged every
+    :data:`PROGRESS_INTERVAL_S` seconds and at the end.
     """
     device = torch.device(device)
     model.eval()
@@ -101,11 +104,14 @@ def predict(
         return pool.submit(read_batch, stores, store_of[lo:hi], row_of[lo:hi], pin)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-read") as pool, torch.inference_mode():
-        pending = submit(pool, 0) if starts else None
+        pending = submit(pool, 0) if starts and resident is None else None
         for k, lo in enumerate(starts):
             hi = min(lo + batch_size, n)
-            batch = pending.result()  # type: ignore[union-attr]
-            pending = submit(pool, k + 1) if k + 1 < len(starts) else None
+            if resident is not None:
+                batch = resident[lo:hi].float()
+            else:
+                batch = pending.result()  # type: ignore[union-attr]
+                pending = submit(pool, k + 1) if k + 1 < len(starts) else None
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             logits = model(batch)[0].float()
             probability[lo:hi] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()

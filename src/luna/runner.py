@@ -68,3 +68,23 @@ def run_rule(app_factory: Callable[[list[str]], object], argv: Sequence[str], lo
         with open(log_path) as fh:
             last = [line for line in fh.read().splitlines() if line.strip()][-1:]
         sys.exit(f"{app_factory.__name__} failed (exit {code}): {last[0] if last else ''}")
+
+
+def run_rule_torchrun(module: str, argv: Sequence[str], log_path: str | os.PathLike, nproc: int) -> None:
+    """Run ``python -m <module> argv`` as ``nproc`` processes under torchrun (one per GPU; gloo processes on a
+    machine without CUDA), all output appended to ``log_path``; a failure fails the job with the last log line.
+
+    ``--standalone`` picks a free rendezvous port, so several such jobs can run on one machine at once."""
+    import subprocess
+
+    argv = [str(a) for a in argv]
+    setup_logging(log_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc)),
+           "-m", module, *argv]
+    logging.getLogger(__name__).info("torchrun, %d processes: %s", nproc, " ".join(cmd))
+    with open(log_path, "a", buffering=1) as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        with open(log_path) as fh:
+            errors = [line for line in fh.read().splitlines() if "error:" in line]
+        sys.exit(f"{module} under torchrun failed (exit {code}): {errors[-1] if errors else 'see ' + str(log_path)}")

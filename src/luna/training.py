@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from luna.data import AugmentConfig, CropDataset, DataError, EpochSampler, augment_batch, make_loader
-from luna.device import DeviceError, resolve_device, use_bf16
+from luna.data import AugmentConfig, CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
+from luna.device import DeviceError, resident_decision, resolve_device, use_bf16
 from luna.inference import predict
 from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, choose_threshold, format_row, metric_row, parse_threshold_policy
@@ -83,7 +83,7 @@ TB_TAGS = {
 _FINGERPRINT_ARGS = (
     "test_fold", "selection_fraction", "keep", "threshold", "selection_interval",
     "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch",
-    "seed", "lr_warmup_steps", "clip_grad_norm", "ema_decay",
+    "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
 KEEP_CHOICES = ("f1", "auc", "last")
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr-warmup-steps", type=_nonnegative_int, default=0, metavar="STEPS",
                     help="raise the learning rate linearly from lr/STEPS to lr over the first STEPS optimizer "
                          "steps; 0 = off (the book)")
+    tr.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="after the warm-up: constant (the book) or cosine (down to 0 at the last step of --epochs)")
     tr.add_argument("--clip-grad-norm", type=_nonnegative_float, default=0.0, metavar="MAX",
                     help="clip the gradient's global L2 norm to MAX before each step; 0 = off (the book)")
     tr.add_argument("--ema-decay", type=_unit_interval, default=0.0, metavar="DECAY",
@@ -256,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "samples/s, more than 4 workers deliver: benchmarks/results/gpu_check_h100.txt)")
     rt.add_argument("--threads", type=_nonnegative_int, default=0,
                     help="torch CPU threads; 0 = torch's default")
+    rt.add_argument("--data-on-device", choices=("auto", "always", "never"), default="auto",
+                    help="hold the training (and selection) crops in one int16 tensor on the training device and "
+                         "gather batches there, or stream them from the stores through the loader; auto: resident "
+                         "when they fit in --device-memory-fraction of the device's free memory (RAM on the CPU). "
+                         "Both give the same batches")
+    rt.add_argument("--device-memory-fraction", type=_unit_interval, default=0.5, metavar="F",
+                    help="share of the device's free memory (RAM on the CPU, split between the processes) the "
+                         "resident crops may take under --data-on-device auto")
     return p
 
 
@@ -303,11 +313,14 @@ def _file_identity(path: str) -> list[Any]:
 def run_fingerprint(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> str:
     """Hash of everything that changes what is trained: settings, inputs (path, size, mtime), the code version
     (luna's version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count.
-    Not the number of epochs (a resumed run may go further) nor speed-only settings."""
+    Not the number of epochs (a resumed run may go further) unless the learning-rate schedule depends on it, nor
+    speed-only settings."""
     splits_digest = hashlib.sha256(Path(args.splits).read_bytes()).hexdigest()
     payload = {
         "code": code_version(),
         "args": {k: getattr(args, k) for k in _FINGERPRINT_ARGS},
+        # a cosine schedule's rates depend on the run's length: a run with more epochs is another run
+        "epochs": args.epochs if args.lr_schedule != "constant" else None,
         "augment": bool(args.augment),
         "crops": [_file_identity(p) for p in args.crops],
         "splits": splits_digest,
@@ -325,6 +338,17 @@ def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0 or step >= warmup_steps:
         return lr
     return lr * (step + 1) / warmup_steps
+
+
+def scheduled_lr(lr: float, step: int, warmup_steps: int, schedule: str = "constant", total_steps: int = 0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): the linear warm-up, then ``constant`` (the book) or
+    ``cosine``: from ``lr`` down to 0 at ``total_steps`` along half a cosine. A pure function of the step (and,
+    for cosine, of the run's length), so a resumed run continues the schedule exactly."""
+    rate = warmup_lr(lr, step, warmup_steps)
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, max(0.0, (step - warmup_steps) / (total_steps - warmup_steps)))
+        rate *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
 
 
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -518,10 +542,7 @@ class LunaTrainingApp:
         self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced, schedule=args.balanced_schedule,
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size)
-        pin = self.device.type == "cuda"
-        workers = resolve_workers(args.num_workers, self.device)
-        self.train_dl = make_loader(self.train_ds, self.sampler, batch_size=args.batch_size,
-                                    num_workers=workers, pin_memory=pin)
+        self._make_batches()
 
         torch.manual_seed(args.seed)
         self.model = LunaModel(crop_shape=self.crop_shape)
@@ -551,6 +572,27 @@ class LunaTrainingApp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
 
+    def _make_batches(self) -> None:
+        """Training batches resident on the device or streamed by the loader (--data-on-device), and the
+        selection crops resident with them: the same batches either way."""
+        args = self.args
+        n_bytes = ResidentBatches.n_bytes(self.train_ds) + ResidentBatches.n_bytes(self.sel_ds)
+        resident, why = resident_decision(args.data_on_device, n_bytes, self.device, args.device_memory_fraction,
+                                          processes_per_device=self.dist.world_size)
+        logger.info("training data: %s", why)
+        self.sel_resident: torch.Tensor | None = None
+        if resident:
+            started = time.perf_counter()
+            self.train_batches: Any = ResidentBatches(self.train_ds, self.sampler, args.batch_size, self.device)
+            if len(self.sel_ds):
+                self.sel_resident = ResidentBatches.load(self.sel_ds, self.device)
+            logger.info("loaded %d training and %d selection crops onto %s in %.1f s", len(self.train_ds),
+                        len(self.sel_ds), self.device, time.perf_counter() - started)
+        else:
+            workers = resolve_workers(args.num_workers, self.device)
+            self.train_batches = make_loader(self.train_ds, self.sampler, batch_size=args.batch_size,
+                                             num_workers=workers, pin_memory=self.device.type == "cuda")
+
     def _check_roles(self, test_ds: CropDataset) -> None:
         """Clear errors, before any training, for a split that cannot give honest numbers."""
         args, fold = self.args, self.args.test_fold
@@ -575,7 +617,7 @@ class LunaTrainingApp:
             ratio = self.sampler.ratio_at(epoch)
             evaluate = self._selects_at(epoch)
             logger.info("Epoch %d of %d, %d/%d training batches/samples per process (%s)%s", epoch, args.epochs,
-                        len(self.train_dl), len(self.sampler), f"balanced 1:{ratio}" if ratio else "plain order",
+                        len(self.train_batches), len(self.sampler), f"balanced 1:{ratio}" if ratio else "plain order",
                         f", then {len(self.sel_ds)} selection crops" if evaluate else "")
             trn = self._train_epoch(epoch)
             self.samples_seen += self.sampler.total
@@ -719,9 +761,9 @@ class LunaTrainingApp:
         generator.manual_seed(_seed_int(self.args.seed, 3, epoch, self.dist.rank))
         sleep_s = float(os.environ.get(SLEEP_ENV, "0") or 0)
         labels, probs, losses = [], [], []
-        first_step = (epoch - 1) * len(self.train_dl)
+        first_step = (epoch - 1) * len(self.train_batches)
         for step, (crops, label, _) in enumerate(
-                with_progress(self.train_dl, len(self.train_dl), f"E{epoch} Training", log=logger),
+                with_progress(self.train_batches, len(self.train_batches), f"E{epoch} Training", log=logger),
                 start=first_step):
             crops = augment_batch(self._to_device(crops).float(), self.augment, generator)
             label = self._to_device(label)
@@ -732,7 +774,8 @@ class LunaTrainingApp:
             if self.args.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad_norm)
             for group in self.optimizer.param_groups:
-                group["lr"] = warmup_lr(self.args.lr, step, self.args.lr_warmup_steps)
+                group["lr"] = scheduled_lr(self.args.lr, step, self.args.lr_warmup_steps, self.args.lr_schedule,
+                                           self.args.epochs * len(self.train_batches))
             self.optimizer.step()
             if self.ema is not None:
                 ema_update(self.ema, self.model, ema_decay_at(self.args.ema_decay, step))
@@ -753,9 +796,12 @@ class LunaTrainingApp:
         rows = self.sel_ds.rows
         share = np.arange(self.dist.rank, len(rows), self.dist.world_size)
         logger.info("E%d Selection: %d crops of %d scans", epoch, len(rows), rows["series_uid"].nunique())
+        resident = None
+        if self.sel_resident is not None:
+            resident = self.sel_resident.index_select(0, torch.as_tensor(share, device=self.device))
         prediction = predict(model, self.sel_ds.stores, rows.iloc[share], self.sel_ds.labels[share],
                              batch_size=self.args.batch_size * 2, device=self.device,
-                             channels_last=self.args.channels_last, what="selection crops")
+                             channels_last=self.args.channels_last, what="selection crops", resident=resident)
         probability = np.empty(len(rows), dtype=np.float32)
         loss = np.empty(len(rows), dtype=np.float32)
         if self.dist.enabled:

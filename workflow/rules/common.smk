@@ -157,7 +157,10 @@ def subset_inputs(wildcards):
 
 # keys that change only the speed, never the result: left out of the rules' params and state key, so changing
 # them reruns nothing (the rule scripts read them from the config)
-SPEED_KEYS = {"train": ("num_workers",), "validate": ("batch_size",)}
+SPEED_KEYS = {
+    "train": ("num_workers", "data_on_device", "device_memory_fraction"),
+    "validate": ("batch_size",),
+}
 
 
 def settings(section):

@@ -16,12 +16,13 @@ rule train:
         "../../envs/luna.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=config["train"]["gpus"],  # torchrun starts one process per GPU when > 1
         mem_mb=8000,
     params:
         # what shapes the model: a change reruns train and predict (not train.num_workers, speed only; not
         # split.run_folds: adding a fold never retrains a finished one)
         train=settings("train"),
+        speed_keys=SPEED_KEYS["train"],
         selection_fraction=config["split"]["selection_fraction"],
         # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
         # deletes before a job starts; keyed by the config and the fold, so a changed hyper-parameter
