@@ -35,9 +35,11 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from luna.candidates import build_candidates_table
 from luna.crops import DEFAULT_COMPRESSION, CropApp, cut_scan_crops
-from luna.ct import read_scan, write_scan
+from luna.ct import find_scans, read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
+from luna.io import write_tsv
 from luna.store import COMPRESSIONS, CropStore
 
 SUBSET = "subset0"
@@ -105,8 +107,6 @@ def make_synth_subset(root: Path, **config) -> tuple[Path, int] | None:
     """A subset0 made by luna.synth (SynthConfig with these overrides) and its candidates.tsv; None when
     luna.synth is not importable."""
     try:
-        from luna.candidates import build_candidates_table, write_tsv
-        from luna.ct import find_scans
         from luna.synth import SynthConfig, synthesize
     except ImportError:
         return None

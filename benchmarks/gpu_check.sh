@@ -3,7 +3,8 @@
 # report samples/s and GPU utilisation (nvidia-smi, sampled every 0.5 s during each timed phase), and check
 # that the data loader keeps up (loader-only crops/s vs. training samples/s, per worker count).
 #
-#   bash benchmarks/gpu_check.sh [--crops H5 ... --splits TSV]   # default: a generated store of random crops
+#   bash benchmarks/gpu_check.sh [--crops H5 ... --splits TSV [--test-fold N] [--selection-fraction F]]
+#   (default: a generated store of random crops and a splits.tsv of its scans, test fold 0)
 #
 # Environment: PYTHON (interpreter; default .venv/bin/python, else python3), GPU_CHECK_SAMPLES (timed
 # training samples per variant, default 8192), GPU_CHECK_BATCH (default 32), GPU_CHECK_ALLOW_CPU=1 (run the
@@ -21,7 +22,7 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() el
     exit 0
   fi
   echo "gpu_check: no CUDA; GPU_CHECK_ALLOW_CPU=1, running the steps on the CPU with tiny sizes (script test only)"
-  export GPU_CHECK_SAMPLES="${GPU_CHECK_SAMPLES:-64}"
+  export GPU_CHECK_SAMPLES="${GPU_CHECK_SAMPLES:-16}" GPU_CHECK_BATCH="${GPU_CHECK_BATCH:-4}"  # emulated bf16 on a CPU without it: ~1 sample/s
 fi
 
 SMI_LOG=$(mktemp)

@@ -4,10 +4,12 @@ Builds a synthetic crop store (lung-like noise, a soft-tissue sphere in every 4t
 scan), a LunaModel whose head is fitted on 64 of the crops (so probabilities spread instead of saturating),
 then measures on the chosen device:
 
-- the prediction loop (luna.validation.predict: HDF5 read in a background thread + forward pass) for
+- the prediction loop (luna.inference.predict: HDF5 read in a background thread + forward pass) for
   fp32 / bf16 autocast x contiguous / channels_last_3d, each compared with fp32 contiguous: largest
-  probability difference, decisions at 0.5 that flip, AUC and CPM (must be equal for a default to change);
-- batch sizes for the default settings;
+  probability difference, decisions at 0.5 that flip, AUC and CPM (must be equal for a default to change).
+  Evaluation itself is always float32 (docs/design.md, "Precision policy"); the bf16 rows wrap the same
+  predict call in ``torch.autocast`` to measure what that policy gives up;
+- batch sizes for the evaluation settings (float32, the model's memory format);
 - the HDF5 read + float32 conversion alone (is the loop I/O-bound?);
 - the whole app (``ValidationApp``: predictions, metrics, FROC, plots, submission) with its defaults.
 
@@ -30,22 +32,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+import luna.validation
+from luna.device import cpu_has_native_bf16, resolve_device
 from luna.geometry import Geometry
+from luna.inference import crops_to_tensor, predict, read_batch, rows_of_scans
 from luna.metrics import auc_score, froc
-from luna.model import LunaModel, save_checkpoint
+from luna.model import LunaModel, load_checkpoint, load_model, save_checkpoint
+from luna.splits import make_splits, write_splits_tsv
 from luna.store import CropStore, StoreWriter
-from luna.validation import (
-    CPU_AMP_AUTO,
-    CPU_CHANNELS_LAST,
-    ValidationApp,
-    _read_batch,
-    crops_to_tensor,
-    predict,
-    resolve_amp,
-    resolve_device,
-    select_candidates,
-    use_channels_last,
-)
+from luna.validation import ValidationApp, use_channels_last
 
 CROP_SHAPE = (32, 48, 48)
 PER_SCAN = 16
@@ -79,14 +74,14 @@ def make_inputs(root: Path, n: int, seed: int = 0) -> dict[str, Path]:
             "crop_start_irc": np.rint(centers[:, ::-1]).astype(np.int64) - np.array(CROP_SHAPE) // 2,
             "is_nodule": labels, "diameter_mm": np.where(labels > 0, 6.0, 0.0).astype(np.float32)})
         writer.commit()
-    splits = root / "splits.tsv"
-    pd.DataFrame({"series_uid": list(dict.fromkeys(uids)), "split": "val"}).to_csv(splits, sep="\t", index=False)
+    # splits.tsv: every scan in subset0, so in fold 0, the model's test fold
+    splits = write_splits_tsv(make_splits({uid: "subset0" for uid in uids}, "subsets"), root / "splits.tsv")
     annotations = root / "annotations.csv"
     positive = labels > 0
     pd.DataFrame({"seriesuid": uids[positive], "coordX": centers[positive, 0], "coordY": centers[positive, 1],
                   "coordZ": centers[positive, 2], "diameter_mm": 6.0}).to_csv(annotations, index=False)
     model = fit_head(crops[:64], labels[:64])
-    checkpoint = save_checkpoint(root / "model.pt", model, epoch=1)
+    checkpoint = save_checkpoint(root / "model.pt", model, epoch=1, extra={"test_fold": 0, "threshold": 0.5})
     return {"store": store, "splits": splits, "annotations": annotations, "model": checkpoint}
 
 
@@ -119,13 +114,14 @@ def cpm_of(rows: pd.DataFrame, probability: np.ndarray, annotations: Path) -> fl
 
 def time_predict(model_path: Path, store: CropStore, rows: pd.DataFrame, labels: np.ndarray, device: torch.device,
                  *, amp: bool, channels_last: bool, batch_size: int, repeats: int):
-    from luna.model import load_model
-
+    """Best rate of ``repeats`` runs of luna.inference.predict (float32), with ``amp`` under bf16 autocast: the
+    forward pass autocast as training's is, probabilities and losses still from float32 logits."""
     best, probability = 0.0, None
     for _ in range(repeats):
         model, _ = load_model(model_path, map_location=device)
-        prediction = predict(model, [store], rows, labels, batch_size=batch_size, device=device,
-                             amp_dtype=torch.bfloat16 if amp else None, channels_last=channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            prediction = predict(model, [store], rows, labels, batch_size=batch_size, device=device,
+                                 channels_last=channels_last)
         best = max(best, prediction.rate)
         probability = prediction.probability
     return best, probability
@@ -136,7 +132,7 @@ def time_read(store: CropStore, rows: pd.DataFrame, batch_size: int) -> float:
     row_of = rows["row"].to_numpy()
     t0 = time.perf_counter()
     for lo in range(0, len(rows), batch_size):
-        _read_batch([store], store_of[lo:lo + batch_size], row_of[lo:lo + batch_size], pin=False)
+        read_batch([store], store_of[lo:lo + batch_size], row_of[lo:lo + batch_size], pin=False)
     return len(rows) / (time.perf_counter() - t0)
 
 
@@ -164,7 +160,7 @@ def main() -> None:
         paths = make_inputs(root, args.n)
         print(f"inputs: {args.n} crops in {time.perf_counter() - t0:.1f} s", flush=True)
         store = CropStore(paths["store"])
-        rows = select_candidates([store], None)
+        rows = rows_of_scans([store], None)
         labels = (rows["is_nodule"].to_numpy() > 0).astype(np.int64)
 
         # warm-up (page cache, oneDNN kernels)
@@ -191,8 +187,8 @@ def main() -> None:
                 })
                 print(variants[-1], flush=True)
 
-        default_amp = resolve_amp("auto", device) is not None
-        default_cl = use_channels_last(device)
+        default_amp = False  # evaluation is float32 on every device (docs/design.md, "Precision policy")
+        default_cl = use_channels_last("auto", load_checkpoint(paths["model"]))  # the model's training format
         batches = []
         for batch_size in args.batch_sizes:
             rate, _ = time_predict(paths["model"], store, rows, labels, device, amp=default_amp,
@@ -205,11 +201,23 @@ def main() -> None:
 
         out_dir = root / "validation"
         app_argv = ["--model", str(paths["model"]), "--crops", str(paths["store"]), "--splits", str(paths["splits"]),
-                    "--annotations", str(paths["annotations"]), "--out", str(out_dir), "--device", str(device)]
-        t0 = time.perf_counter()
-        result = ValidationApp(app_argv).run()
-        app_seconds = time.perf_counter() - t0
-        print(f"app: {app_seconds:.1f} s, predict {result.candidates_per_s:.1f} candidates/s", flush=True)
+                    "--annotations", str(paths["annotations"]), "--out", str(out_dir), "--device", device.type]
+        app_rates = []  # the app's own prediction-loop rate: record what its predict call returns
+
+        def recording_predict(*a, **k):
+            prediction = predict(*a, **k)
+            app_rates.append(prediction.rate)
+            return prediction
+
+        luna.validation.predict = recording_predict
+        try:
+            t0 = time.perf_counter()
+            ValidationApp(app_argv).run()
+            app_seconds = time.perf_counter() - t0
+        finally:
+            luna.validation.predict = predict
+        app_rate = app_rates[-1] if app_rates else float("nan")  # NaN: the app no longer calls luna.validation.predict
+        print(f"app: {app_seconds:.1f} s, predict {app_rate:.1f} candidates/s", flush=True)
     load_end = os.getloadavg()
 
     cpu = platform.processor() or platform.machine()
@@ -222,7 +230,9 @@ def main() -> None:
         "",
         f"`benchmarks/validate.py` ({dt.date.today().isoformat()}): {args.n} synthetic 32x48x48 crops "
         f"({PER_SCAN} per scan, a nodule in every 4th), LunaModel with a head fitted on 64 of them; "
-        f"device **{device}** ({cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads), "
+        f"device **{device}** ({cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+        f"{'yes' if cpu_has_native_bf16() else 'no'}), "
         f"torch {torch.__version__}, Python {platform.python_version()}. Best of {args.repeats} runs. "
         f"Load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end "
         "(the machine is shared: absolute numbers move with the load, compare within one run).",
@@ -239,7 +249,7 @@ def main() -> None:
                      f"{v['flips at 0.5']} | {v['AUC']:.6f} | {v['CPM']:.6f} |")
     lines += [
         "",
-        f"## Batch size (defaults on {device}: {'bf16 autocast' if default_amp else 'fp32'}, "
+        f"## Batch size (evaluation settings on {device}: {'bf16 autocast' if default_amp else 'fp32'}, "
         f"{'channels_last_3d' if default_cl else 'contiguous'})",
         "",
         "| batch size | candidates/s |",
@@ -253,7 +263,7 @@ def main() -> None:
         f"- HDF5 read + float32 conversion alone: **{read_rate:.0f} candidates/s** (batch {args.batch_size}); "
         "the reader thread overlaps it with the forward pass.",
         f"- `ValidationApp` with its defaults ({args.n} candidates: predictions, metrics, FROC, plots, submission): "
-        f"**{app_seconds:.1f} s** in all, prediction loop **{result.candidates_per_s:.1f} candidates/s**.",
+        f"**{app_seconds:.1f} s** in all, prediction loop **{app_rate:.1f} candidates/s**.",
         "",
         "## Defaults chosen",
         "",
@@ -264,14 +274,16 @@ def main() -> None:
     bf16_equal = (bf16_cl["flips at 0.5"] == 0 and bf16_cl["AUC"] == fp32_c["AUC"] and bf16_cl["CPM"] == fp32_c["CPM"])
     lines += [
         f"- channels_last_3d (fp32) runs at {fp32_cl['candidates/s'] / fp32_c['candidates/s']:.2f}x contiguous, "
-        f"probabilities equal to {fp32_cl['max abs dp']:.0e}: on the CPU it is "
-        f"{'on' if CPU_CHANNELS_LAST else 'off'} (`CPU_CHANNELS_LAST`).",
+        f"probabilities equal to {fp32_cl['max abs dp']:.0e}: evaluation uses the memory format the model was "
+        "trained with (`luna-train --channels-last`, on by default; luna-predict's `--channels-last auto`).",
         f"- bf16 autocast (channels_last_3d) runs at {bf16_cl['candidates/s'] / fp32_cl['candidates/s']:.2f}x fp32 "
         f"channels_last_3d; it moves probabilities by up to {bf16_cl['max abs dp']:.1e}, flips "
         f"{bf16_cl['flips at 0.5']} decisions at 0.5, AUC {bf16_cl['AUC']:.6f} vs {fp32_c['AUC']:.6f}, "
         f"CPM {bf16_cl['CPM']:.6f} vs {fp32_c['CPM']:.6f} ({'equal' if bf16_equal else 'not equal'}). "
-        f"`--amp auto` on the CPU: {'on' if CPU_AMP_AUTO else 'off'} (`CPU_AMP_AUTO`); `--amp on` turns it on.",
-        "- CUDA: channels_last_3d and bf16 autocast, as training.",
+        "Evaluation is always float32, on every device and with no option to change it: the selection "
+        "pass of luna-train and luna-predict both run luna.inference.predict, which never autocasts; bf16 autocast "
+        "is for training steps only (docs/design.md, \"Precision policy\").",
+        "- CUDA: float32 as well, in the model's memory format (channels_last_3d by default).",
         "",
     ]
     text = "\n".join(lines)
