@@ -1,0 +1,81 @@
+"""The ``luna-synth`` command line: :func:`build_parser` (``--out``, ``--jobs`` and one option per
+:class:`SynthConfig` field), :class:`SynthApp` (``SynthApp(argv).main()``, as every luna stage, used by the
+workflow's rule script) and :func:`main`, the console-script entry point (``luna.synth:main``). Kept apart so
+that the library modules carry no argparse or exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from luna.synth.config import SynthConfig
+from luna.synth.dataset import synthesize
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------------
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse with ``--out``, ``--jobs`` and one option per :class:`SynthConfig` field."""
+    parser = argparse.ArgumentParser(prog="luna-synth", description=SynthApp.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, metavar="ROOT",
+                        help="data folder to write: subset*/<uid>.mhd+.raw and the LUNA16 CSVs")
+    parser.add_argument("--jobs", type=int, default=1, help="scans generated in parallel (processes)")
+    defaults = SynthConfig()
+    for f in fields(SynthConfig):
+        default = getattr(defaults, f.name)
+        help_text = f.metadata["help"].replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(_option(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(_option(f.name), type=float, nargs="+", default=list(default), help=help_text)
+        else:
+            parser.add_argument(_option(f.name), type=type(default), default=default, help=help_text)
+    return parser
+
+
+class SynthApp:
+    """Write a synthetic LUNA16-format data set (chest-CT-like scans, candidates.csv, annotations.csv)."""
+
+    def __init__(self, argv: list[str] | None = None) -> None:
+        self.args = build_parser().parse_args(argv)
+        self.summary: dict[str, Any] | None = None
+
+    def config(self) -> SynthConfig:
+        values = {f.name: getattr(self.args, f.name) for f in fields(SynthConfig)}
+        return SynthConfig.from_dict(values)
+
+    def main(self) -> int:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logger.info("Starting %s, %s", type(self).__name__, vars(self.args))
+        try:
+            self.summary = synthesize(Path(self.args.out), self.config(), jobs=self.args.jobs)
+        except (ValueError, OSError) as exc:  # SynthError, ScanError: one line naming key or file
+            print(f"luna-synth: error: {exc}", file=sys.stderr)
+            return 2
+        logger.info("summary: %s", json.dumps(self.summary))
+        return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``luna-synth``."""
+    sys.exit(SynthApp(argv).main())
+
+
+if __name__ == "__main__":
+    main()

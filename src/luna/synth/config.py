@@ -1,0 +1,285 @@
+"""luna.synth's configuration and pure helpers: :class:`SynthConfig` (every knob of the data set, validated on
+construction, with :class:`SynthError` naming the bad key), the table headers and size limits, LUNA16's number
+formats, the nodule-diameter sampler and the plan of a data set (:func:`plan_dataset`: UIDs, subsets, nodule
+counts and flip/FOV/contrast flags from the master seed alone). Nothing here touches voxels or files, so every
+other module of the package builds on it and it stays cheap to import and to test.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+CANDIDATES_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "class")
+ANNOTATIONS_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
+FULL_SIZE_XY = 512
+FULL_EXTENT_Z_MM = (300.0, 380.0)
+MIN_FOV_MM = 60.0  # smallest in-plane field of view (size x spacing) that holds two lungs
+NODULE_KINDS = ("solid", "part_solid", "ground_glass", "calcified")
+NEGATIVE_KINDS = ("vessel", "large_vessel", "branching", "wall", "parenchyma")
+
+
+class SynthError(ValueError):
+    """Bad synthetic-data configuration or output folder; the message names the key or path."""
+
+
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Every knob of the synthetic data set, with defaults sized for a quick default pipeline."""
+
+    n_subsets: int = _knob(3, "number of subset folders, subset0 .. subset{n-1}")
+    scans_per_subset: int = _knob(20, "scans in each subset")
+    seed: int = _knob(16, "master seed; the same config gives byte-identical files")
+    nodules_per_scan: float = _knob(
+        1.4, "mean nodules per scan (LUNA16: 1.34); round(mean x scans) nodules are spread over the scans "
+        "at random (multinomial), so some scans have none")
+    negatives_per_positive: float = _knob(
+        50.0, "negative candidates per positive candidate (LUNA16 has ~400)")
+    two_candidate_fraction: float = _knob(
+        0.3, "fraction of nodules with two positive candidates instead of one")
+    excluded_per_scan: float = _knob(
+        2.0, "mean non-nodule findings per scan written to annotations_excluded.csv (Poisson)")
+    full_size: bool = _knob(
+        False, f"LUNA16-size scans: {FULL_SIZE_XY}x{FULL_SIZE_XY} in-plane, "
+        f"{FULL_EXTENT_Z_MM[0]:g}-{FULL_EXTENT_Z_MM[1]:g} mm in z (overrides the size knobs)")
+    size_xy_min: int = _knob(192, "smallest in-plane size in voxels (square slices)")
+    size_xy_max: int = _knob(256, "largest in-plane size in voxels")
+    extent_z_mm_min: float = _knob(100.0, "shortest scan length in z, mm (a slab of the chest)")
+    extent_z_mm_max: float = _knob(200.0, "longest scan length in z, mm")
+    spacing_xy_min_mm: float = _knob(0.46, "smallest in-plane voxel spacing, mm")
+    spacing_xy_max_mm: float = _knob(0.98, "largest in-plane voxel spacing, mm")
+    slice_thicknesses_mm: tuple[float, ...] = _knob(
+        (1.0, 1.25, 2.0, 2.5), "slice thicknesses (= z spacing) drawn uniformly, mm")
+    flip_fraction: float = _knob(
+        0.25, "fraction of scans stored x/y-flipped, direction diag(-1,-1,1) (at least one when > 0)")
+    fov_fraction: float = _knob(
+        0.3, "fraction of scans with a circular field of view and -2048 HU outside it")
+    contrast_fraction: float = _knob(
+        0.3, "fraction of contrast-enhanced scans (vessels and heart ~+200 HU instead of ~+40)")
+    noise_hu: float = _knob(20.0, "standard deviation of the Gaussian image noise, HU (clipped at 3 sigma)")
+    lung_hu: float = _knob(-870.0, "mean lung parenchyma density, HU")
+    diameter_log_mu: float = _knob(1.99, "nodule diameter: mean of ln(diameter_mm) (LUNA16: 1.99)")
+    diameter_log_sigma: float = _knob(0.47, "nodule diameter: standard deviation of ln(diameter_mm)")
+    diameter_min_mm: float = _knob(3.0, "smallest nodule diameter, mm (the log-normal is truncated)")
+    diameter_max_mm: float = _knob(32.0, "largest nodule diameter, mm")
+    part_solid_fraction: float = _knob(0.12, "fraction of part-solid nodules (ground-glass halo, solid core)")
+    ground_glass_fraction: float = _knob(0.10, "fraction of pure ground-glass nodules (-700..-300 HU)")
+    calcified_fraction: float = _knob(0.08, "fraction of calcified nodules (> +200 HU); the rest are solid")
+    juxtapleural_fraction: float = _knob(0.2, "fraction of nodules touching the chest wall")
+    juxtavascular_fraction: float = _knob(0.2, "fraction of nodules touching a vessel")
+    negative_mix: tuple[float, ...] = _knob(
+        (0.30, 0.15, 0.15, 0.20, 0.20), "relative weights of negative candidates on: vessels, nodule-sized "
+        "vessel cross-sections (radius >= 1.5 mm), vessel branchings, the chest wall, random parenchyma")
+    uid_prefix: str = _knob(
+        "1.3.6.1.4.1.14519.5.2.1.6279.6001.", "series UID root; a 30-digit random number follows (as LUNA16)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slice_thicknesses_mm", tuple(float(v) for v in self.slice_thicknesses_mm))
+        object.__setattr__(self, "negative_mix", tuple(float(v) for v in self.negative_mix))
+
+        def bad(key: str, value: Any, why: str) -> SynthError:
+            return SynthError(f"synthetic.{key} = {value!r}: {why}")
+
+        for f in fields(self):  # YAML/JSON give 50 for 50.0: store floats as floats, reject strings
+            value = getattr(self, f.name)
+            if isinstance(f.default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                    raise bad(f.name, value, "must be a number")
+                object.__setattr__(self, f.name, float(value))
+            elif isinstance(f.default, bool) and not isinstance(value, (bool, np.bool_)):
+                raise bad(f.name, value, "must be true or false")
+            elif isinstance(f.default, str) and not isinstance(value, str):
+                raise bad(f.name, value, "must be a string")
+
+        for key in ("n_subsets", "scans_per_subset", "size_xy_min", "size_xy_max", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise bad(key, value, "must be an integer")
+        if self.n_subsets < 1 or self.scans_per_subset < 1:
+            raise bad("n_subsets" if self.n_subsets < 1 else "scans_per_subset",
+                      min(self.n_subsets, self.scans_per_subset), "must be >= 1")
+        if self.seed < 0:
+            raise bad("seed", self.seed, "must be >= 0")
+        if not 32 <= self.size_xy_min <= self.size_xy_max <= 2048:
+            raise bad("size_xy_min", (self.size_xy_min, self.size_xy_max),
+                      "need 32 <= size_xy_min <= size_xy_max <= 2048")
+        if not 10 <= self.extent_z_mm_min <= self.extent_z_mm_max <= 1000:
+            raise bad("extent_z_mm_min", (self.extent_z_mm_min, self.extent_z_mm_max),
+                      "need 10 <= extent_z_mm_min <= extent_z_mm_max <= 1000")
+        if not 0.1 <= self.spacing_xy_min_mm <= self.spacing_xy_max_mm <= 5:
+            raise bad("spacing_xy_min_mm", (self.spacing_xy_min_mm, self.spacing_xy_max_mm),
+                      "need 0.1 <= spacing_xy_min_mm <= spacing_xy_max_mm <= 5")
+        if not self.full_size and self.size_xy_min * self.spacing_xy_min_mm < MIN_FOV_MM:
+            raise bad("size_xy_min", self.size_xy_min,
+                      f"with spacing_xy_min_mm = {self.spacing_xy_min_mm:g} the field of view can be "
+                      f"{self.size_xy_min * self.spacing_xy_min_mm:.0f} mm, too small for a chest "
+                      f"(need >= {MIN_FOV_MM:g} mm)")
+        if not self.slice_thicknesses_mm or not all(0.1 <= t <= 10 for t in self.slice_thicknesses_mm):
+            raise bad("slice_thicknesses_mm", self.slice_thicknesses_mm, "need one or more values in [0.1, 10]")
+        for key in ("two_candidate_fraction", "flip_fraction", "fov_fraction", "contrast_fraction",
+                    "part_solid_fraction", "ground_glass_fraction", "calcified_fraction",
+                    "juxtapleural_fraction", "juxtavascular_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise bad(key, value, "must be a fraction in [0, 1]")
+        if self.part_solid_fraction + self.ground_glass_fraction + self.calcified_fraction > 1.0 + 1e-9:
+            raise bad("part_solid_fraction", self.part_solid_fraction, "nodule kind fractions add up to more than 1")
+        if self.juxtapleural_fraction + self.juxtavascular_fraction > 1.0 + 1e-9:
+            raise bad("juxtapleural_fraction", self.juxtapleural_fraction,
+                      "juxtapleural + juxtavascular fractions add up to more than 1")
+        for key in ("nodules_per_scan", "negatives_per_positive", "excluded_per_scan", "noise_hu"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise bad(key, value, "must be a finite number >= 0")
+        if self.nodules_per_scan > 20:
+            raise bad("nodules_per_scan", self.nodules_per_scan, "must be <= 20")
+        if not -1000 <= self.lung_hu <= -500:
+            raise bad("lung_hu", self.lung_hu, "must lie in [-1000, -500]")
+        if not 0 < self.diameter_min_mm < self.diameter_max_mm <= 60:
+            raise bad("diameter_min_mm", (self.diameter_min_mm, self.diameter_max_mm),
+                      "need 0 < diameter_min_mm < diameter_max_mm <= 60")
+        if not self.diameter_log_sigma > 0:
+            raise bad("diameter_log_sigma", self.diameter_log_sigma, "must be > 0")
+        if len(self.negative_mix) != len(NEGATIVE_KINDS) or min(self.negative_mix) < 0 or sum(self.negative_mix) <= 0:
+            raise bad("negative_mix", self.negative_mix,
+                      f"need {len(NEGATIVE_KINDS)} weights >= 0 ({', '.join(NEGATIVE_KINDS)}) with a positive sum")
+        if not re.fullmatch(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.", self.uid_prefix) or len(self.uid_prefix) > 34:
+            raise bad("uid_prefix", self.uid_prefix,
+                      "must be a DICOM UID root ending in '.', at most 34 characters (UIDs are <= 64)")
+
+    @property
+    def n_scans(self) -> int:
+        return self.n_subsets * self.scans_per_subset
+
+    def size_ranges(self) -> tuple[int, int, float, float]:
+        """(size_xy_min, size_xy_max, extent_z_mm_min, extent_z_mm_max) in effect (``full_size`` applied)."""
+        if self.full_size:
+            return FULL_SIZE_XY, FULL_SIZE_XY, FULL_EXTENT_Z_MM[0], FULL_EXTENT_Z_MM[1]
+        return self.size_xy_min, self.size_xy_max, self.extent_z_mm_min, self.extent_z_mm_max
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def to_argv(self) -> list[str]:
+        """Command-line options that give this config to :class:`SynthApp` (for rule scripts)."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            option = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(option if value else "--no-" + f.name.replace("_", "-"))
+            elif isinstance(value, tuple):
+                argv += [option, *(repr(v) for v in value)]
+            else:
+                argv += [option, repr(value) if isinstance(value, float) else str(value)]
+        return argv
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SynthConfig":
+        """From a config mapping (e.g. the workflow's ``synthetic:`` section); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SynthError(f"synthetic.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure helpers: number formats, samplers, the plan
+# ----------------------------------------------------------------------------------------------------------
+
+def format_annotation_mm(value: float) -> str:
+    """A number as the official annotation tables write it: 10 significant digits, no trailing zeros.
+
+    Reproduces every number of LUNA16's annotations.csv and annotations_excluded.csv.
+    """
+    text = np.format_float_positional(float(value), precision=10, unique=False, fractional=False, trim="-")
+    return "0" if text == "-0" else text
+
+
+def format_candidate_mm(value: float) -> str:
+    """A coordinate as LUNA16's candidates.csv writes it: two decimals, no trailing zeros."""
+    text = f"{float(value):.2f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def sample_diameters_mm(rng: np.random.Generator, n: int, mu: float = 1.99, sigma: float = 0.47,
+                        min_mm: float = 3.0, max_mm: float = 32.0) -> np.ndarray:
+    """``n`` nodule diameters: log-normal (mu, sigma on ln mm) truncated to [min_mm, max_mm] by redrawing.
+
+    LUNA16's 1,186 annotated nodules have ln(diameter) mean 1.99, sd 0.47, range 3.25-32.3 mm.
+    """
+    out = np.empty(0)
+    lo, hi = math.log(min_mm), math.log(max_mm)
+    while out.size < n:
+        z = rng.normal(mu, sigma, size=max(16, 2 * (n - out.size)))
+        out = np.concatenate([out, z[(z >= lo) & (z <= hi)]])
+    return np.exp(out[:n])
+
+
+def truncated_lognormal_cdf(d_mm: np.ndarray, mu: float, sigma: float, min_mm: float, max_mm: float) -> np.ndarray:
+    """CDF of :func:`sample_diameters_mm`'s distribution (for checks; no scipy needed)."""
+    def phi(x: np.ndarray) -> np.ndarray:
+        return 0.5 * (1.0 + np.vectorize(math.erf)((np.asarray(x, dtype=float) - mu) / (sigma * math.sqrt(2.0))))
+    lo, hi = phi(math.log(min_mm)), phi(math.log(max_mm))
+    d = np.clip(np.asarray(d_mm, dtype=float), min_mm, max_mm)
+    return (phi(np.log(d)) - lo) / (hi - lo)
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """What the master seed decides for one scan; everything else comes from the scan's own RNG."""
+
+    index: int
+    series_uid: str
+    subset: str
+    n_nodules: int
+    flipped: bool
+    circular_fov: bool
+    contrast: bool
+
+
+def _exact_flags(rng: np.random.Generator, n: int, fraction: float, at_least_one: bool = False) -> np.ndarray:
+    count = int(round(fraction * n))
+    if at_least_one and fraction > 0:
+        count = max(count, 1)
+    flags = np.zeros(n, dtype=bool)
+    flags[rng.permutation(n)[:count]] = True
+    return flags
+
+
+def plan_dataset(config: SynthConfig) -> list[ScanPlan]:
+    """The scans of a data set: UIDs, subsets, nodule counts and flags, from the master seed alone.
+
+    Nodule, flip, FOV and contrast counts are exact (round(fraction x scans)), so a small data set still
+    has what it needs (e.g. at least one flipped scan when flip_fraction > 0).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0,)))
+    n = config.n_scans
+    uids: list[str] = []
+    seen: set[str] = set()
+    while len(uids) < n:
+        digits = str(int(rng.integers(1, 10))) + "".join(str(d) for d in rng.integers(0, 10, size=29))
+        uid = config.uid_prefix + digits
+        if uid not in seen:
+            seen.add(uid)
+            uids.append(uid)
+    total = int(round(config.nodules_per_scan * n))
+    counts = rng.multinomial(total, np.full(n, 1.0 / n))
+    flipped = _exact_flags(rng, n, config.flip_fraction, at_least_one=True)
+    fov = _exact_flags(rng, n, config.fov_fraction)
+    contrast = _exact_flags(rng, n, config.contrast_fraction)
+    return [
+        ScanPlan(i, uids[i], f"subset{i // config.scans_per_subset}", int(counts[i]),
+                 bool(flipped[i]), bool(fov[i]), bool(contrast[i]))
+        for i in range(n)
+    ]
