@@ -36,7 +36,8 @@ import luna.validation
 from luna.device import cpu_has_native_bf16, resolve_device
 from luna.geometry import Geometry
 from luna.inference import crops_to_tensor, predict, read_batch, rows_of_scans
-from luna.metrics import auc_score, froc
+from luna.froc import froc
+from luna.metrics import auc_score
 from luna.model import LunaModel, load_checkpoint, load_model, save_checkpoint
 from luna.splits import make_splits, write_splits_tsv
 from luna.store import CropStore, StoreWriter

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from luna.candidates import (CandidatesApp, TableError, build_candidates_table, read_annotations_csv,
-                             read_candidates_csv, read_candidates_tsv)
+from luna.candidates import CandidatesApp, build_candidates_table, read_candidates_tsv
+from luna.luna16 import TableError, read_annotations_csv, read_candidates_csv
 from luna.crops import CropApp, CropError, read_subset_candidates
 from luna.ct import ScanFile, write_scan
 from luna.geometry import Geometry

@@ -7,10 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import LUNA16_ANNOTATIONS
-from luna.candidates import (
-    CandidatesApp, TableError, build_candidates_table, match_diameters,
-    read_annotations_csv, read_candidates_csv, read_candidates_tsv,
-)
+from luna.candidates import CandidatesApp, build_candidates_table, read_candidates_tsv
+from luna.luna16 import TableError, match_diameters, read_annotations_csv, read_candidates_csv
 from luna.ct import ScanFile, write_scan
 from luna.geometry import Geometry
 
@@ -135,10 +133,10 @@ def test_candidates_app_bad_csv_exits_2(tmp_path, capsys) -> None:
     assert not (tmp_path / "c.tsv").exists()
 
 
-def test_candidates_predict_only_has_empty_is_nodule(tmp_path) -> None:
+def test_candidates_predict_only_has_nan_is_nodule(tmp_path) -> None:
     root = _data_root(tmp_path)
     write(root, "seriesuid,coordX,coordY,coordZ\n1.1,1,1,1\n", "list.csv")
     out = tmp_path / "c.tsv"
     assert CandidatesApp(["--root", str(root), "--candidates", "list.csv", "--annotations", "", "--out", str(out)]).main() == 0
-    assert out.read_text().splitlines()[1].split("\t")[6] == ""
+    assert out.read_text().splitlines()[1].split("\t")[6] == "NaN"  # undefined, as every TSV of the pipeline
     assert read_candidates_tsv(out)["is_nodule"].isna().all()

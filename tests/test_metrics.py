@@ -1,4 +1,4 @@
-"""Tests of luna.metrics: the metric row, AUC, curves, FROC/CPM by LUNA16's rules, bootstrap."""
+"""luna.metrics (per-sample rows, curves, thresholds) and luna.froc (LUNA16 FROC and CPM): hand and edge cases."""
 
 from __future__ import annotations
 
@@ -9,17 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from luna.evaluation import METRICS_COLUMNS, combine_metrics
+from luna.froc import FROC_RATES, SENSITIVITY_COLUMNS, froc, froc_bootstrap
 from luna.metrics import (
-    FROC_RATES,
     HISTORY_COLUMNS,
-    METRICS_COLUMNS,
-    SENSITIVITY_COLUMNS,
     MetricsError,
     auc_score,
-    combine_metrics,
     format_row,
-    froc,
-    froc_bootstrap,
     metric_row,
     pr_curve,
     roc_curve,

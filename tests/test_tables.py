@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from luna.candidates import CANDIDATES_TSV_COLUMNS, TableError, read_candidates_tsv
+from luna.candidates import CANDIDATES_TSV_COLUMNS, read_candidates_tsv
+from luna.luna16 import TableError
 from luna.crops import CropError, read_subset_candidates
 from luna.evaluation import HISTORY_REQUIRED, EvaluationError, read_history
 from luna.splits import SPLITS_TSV_COLUMNS, SplitsError, read_splits_tsv

@@ -15,18 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from luna.candidates import read_annotations_csv
+from luna.luna16 import read_annotations_csv
 from luna.geometry import Geometry, irc_to_xyz, xyz_to_irc
-from luna.metrics import (
-    FROC_RATES,
-    HISTORY_COLUMNS,
-    METRICS_COLUMNS,
-    SENSITIVITY_COLUMNS,
-    froc,
-    froc_bootstrap,
-    metric_row,
-)
-from luna.evaluation import PREDICTION_COLUMNS, EvaluateApp
+from luna.evaluation import METRICS_COLUMNS, PREDICTION_COLUMNS, EvaluateApp
+from luna.froc import FROC_RATES, SENSITIVITY_COLUMNS, froc, froc_bootstrap
+from luna.metrics import HISTORY_COLUMNS, metric_row
 from luna.inference import crops_to_tensor
 from luna.model import LunaModel, load_model, save_checkpoint
 from luna.store import CropStore, StoreWriter

@@ -16,7 +16,7 @@ import pytest
 
 import torch
 
-from luna.metrics import METRICS_COLUMNS
+from luna.evaluation import METRICS_COLUMNS
 from luna.store import read_arrays
 from workflow_util import BIN, REPO, TINY_CONFIG, env, snakemake, write_config
 
@@ -230,8 +230,9 @@ def test_default_config_holds_out_a_fold_of_at_least_40_nodules() -> None:
 @pytest.mark.slow
 def test_adding_a_fold_trains_only_that_fold_and_the_pooled_report_is_exact(tiny_run: Path) -> None:
     """Runs last on tiny_run (it adds fold 2). Then every scan is in exactly one test fold, predicted once."""
-    from luna.candidates import read_annotations_csv
-    from luna.metrics import froc, metric_row
+    from luna.luna16 import read_annotations_csv
+    from luna.froc import froc
+    from luna.metrics import metric_row
 
     config = copy.deepcopy(TINY_CONFIG)
     config["split"]["run_folds"] = "all"

@@ -1,200 +1,31 @@
-"""LUNA16 tables: read and check the CSVs, match diameters, write candidates.tsv (the split: luna.splits).
+"""The candidates stage: the LUNA16 CSVs (read and checked by luna.luna16) -> candidates.tsv, ``luna-candidates``.
 
-Every bad row is reported as one line naming the file and its line number (a row with too many fields too);
-a table with a header and no rows is an error, not an empty table. Candidate rows whose scan is not on disk are
-counted and reported, never dropped in silence.
-
-Duplicate candidates (same seriesuid, coordinates and class as an earlier row) are dropped with one warning
-that counts them and names the first pair of lines: a repeated row adds nothing but a second, identical crop
-(and weight in training and FROC), and the official 750,000-row candidates_V2.csv must stay usable as
-downloaded, which an error would prevent. The same point with a different class contradicts itself: an error
-naming both lines.
+Every CSV row whose scan is on disk, in the CSV's order, with its matched diameter; candidate rows whose scan is
+not on disk are counted and reported, never dropped in silence; repeated rows are dropped with one warning
+(luna.luna16). The contract of candidates.tsv is in docs/design.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from luna.ct import ScanFile, find_scans
-from luna.io import atomic_path, check_writable_dir
-from luna.tables import first_line, read_tsv
+from luna.app import StageApp
+from luna.ct import ScanError, ScanFile, find_scans
+from luna.io import OutputError, check_writable_dir, write_tsv
+from luna.luna16 import TableError, drop_duplicate_candidates, match_diameters, read_annotations_csv, read_candidates_csv
+from luna.tables import read_tsv
 
 logger = logging.getLogger(__name__)
 
-CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
-ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
-CANDIDATES_TSV_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm"]
-
-
-class TableError(ValueError):
-    """A LUNA16 table with a bad header or row; the message names the file and line."""
-
-
-def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (),
-                  allow_empty: bool = False) -> pd.DataFrame:
-    """Read a LUNA16 CSV, checking the header, the field count of every row and that numbers are numeric.
-
-    Returns a DataFrame with ``seriesuid`` as str and every other named column as float64, plus a ``line``
-    column (1-based line number in the file) for error messages downstream. A header without rows is an
-    error unless ``allow_empty``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TableError(f"{path}: file not found")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
-    if not header:
-        raise TableError(f"{path}:1: empty file, expected header {','.join(required)}")
-    header = [h.strip() for h in header]
-    seen: set[str] = set()
-    for name in header:
-        if name in seen:
-            raise TableError(f"{path}:1: duplicate column {name!r} in header")
-        seen.add(name)
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise TableError(f"{path}:1: missing column {missing[0]!r} (header is {','.join(header)})")
-    wanted = [c for c in (*required, *optional) if c in header]
-    try:
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig",
-            skipinitialspace=True, on_bad_lines="error", engine="c",
-        )
-    except pd.errors.ParserError as exc:  # "Expected 5 fields in line 7, saw 6": the line is the file's line
-        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
-        if match:
-            expected, line_no, saw = match.groups()
-            raise TableError(f"{path}:{line_no}: {saw} fields where the header has {expected}") from exc
-        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError, EmptyDataError
-        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
-    if df.empty and not allow_empty:
-        raise TableError(f"{path}: no rows, only the header line")
-    df.columns = [c.strip() for c in df.columns]
-    df = df[wanted]
-    line = np.arange(len(df)) + 2
-    # a header line repeated inside the file (concatenated CSVs)
-    is_header = np.ones(len(df), dtype=bool)
-    for c in wanted:
-        is_header &= df[c].str.strip().to_numpy() == c
-    if is_header.any():
-        raise TableError(f"{path}:{line[np.argmax(is_header)]}: duplicate header line")
-    uid = df["seriesuid"].str.strip()
-    blank = (uid == "").to_numpy()
-    if blank.any():
-        raise TableError(f"{path}:{line[np.argmax(blank)]}: empty seriesuid")
-    out = pd.DataFrame({"seriesuid": uid.to_numpy()})
-    for c in wanted[1:]:
-        values = pd.to_numeric(df[c].str.strip(), errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i = int(np.argmax(bad))
-            if not df[c].iloc[i].strip():
-                raise TableError(f"{path}:{line[i]}: column {c} is empty (a missing field?)")
-            raise TableError(f"{path}:{line[i]}: column {c} is not a finite number: {df[c].iloc[i]!r}")
-        out[c] = values
-    if "class" in out:
-        bad = ~np.isin(out["class"].to_numpy(), [0.0, 1.0])
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise TableError(f"{path}:{line[i]}: column class must be 0 or 1, got {df['class'].iloc[i]!r}")
-    if "diameter_mm" in out and "class" not in out:
-        pass  # negative diameters are legal in annotations_excluded.csv (-1 = unknown)
-    out["line"] = line
-    return out
-
-
-def read_candidates_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """``candidates.csv`` / ``candidates_V2.csv``; the class column is optional (predict-only lists)."""
-    return read_luna_csv(path, CANDIDATE_COLUMNS[:4], optional=["class"])
-
-
-def read_annotations_csv(path: str | os.PathLike, allow_negative: bool = False) -> pd.DataFrame:
-    """``annotations.csv`` (diameters must be > 0, at least one row) or, with allow_negative,
-    ``annotations_excluded.csv`` (which may list nothing)."""
-    df = read_luna_csv(path, ANNOTATION_COLUMNS, allow_empty=allow_negative)
-    if not allow_negative:
-        bad = df["diameter_mm"].to_numpy() <= 0
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise TableError(f"{path}:{df['line'].iloc[i]}: diameter_mm must be > 0, got {df['diameter_mm'].iloc[i]}")
-    return df
-
-
-@dataclass
-class Duplicates:
-    """Candidate rows dropped as repeats of an earlier row: how many, and the first pair of lines."""
-
-    n_dropped: int = 0
-    first_line: int = 0  # of the kept row
-    repeat_line: int = 0  # of its first repeat
-
-    def line(self, path: str | os.PathLike) -> str:
-        return (f"{path}: {self.n_dropped} duplicate candidate rows dropped (same seriesuid, coordinates and class "
-                f"as an earlier row; first: line {self.repeat_line} repeats line {self.first_line})")
-
-
-def drop_duplicate_candidates(cand: pd.DataFrame, path: str | os.PathLike) -> tuple[pd.DataFrame, Duplicates]:
-    """Candidate rows without repeats (the first of each kept, file order), and what was dropped.
-
-    The same seriesuid and coordinates with a different class is a TableError naming both lines.
-    """
-    point = ["seriesuid", "coordX", "coordY", "coordZ"]
-    same_point = cand.duplicated(subset=point, keep=False).to_numpy()
-    if not same_point.any():
-        return cand, Duplicates()
-    if "class" in cand:
-        classes = cand[same_point].groupby(point, sort=False)["class"].nunique()
-        if (classes > 1).any():
-            conflict = cand[same_point].merge(classes[classes > 1].reset_index()[point], on=point)  # file order
-            first = conflict.iloc[0]
-            group = conflict[np.all([(conflict[c] == first[c]).to_numpy() for c in point], axis=0)]
-            other = group[group["class"] != first["class"]].iloc[0]
-            raise TableError(f"{path}:{int(other['line'])}: same seriesuid and coordinates as line "
-                             f"{int(first['line'])} but class {int(other['class'])} where that line has "
-                             f"{int(first['class'])}")
-    repeat = cand.duplicated(subset=point, keep="first").to_numpy()
-    i = int(np.argmax(repeat))
-    row = cand.iloc[i]
-    earlier = cand.iloc[:i]
-    j = int(np.flatnonzero(np.all([(earlier[c] == row[c]).to_numpy() for c in point], axis=0))[0])
-    info = Duplicates(int(repeat.sum()), int(cand["line"].iloc[j]), int(row["line"]))
-    return cand[~repeat].reset_index(drop=True), info
-
-
-def match_diameters(candidates: pd.DataFrame, annotations: pd.DataFrame) -> np.ndarray:
-    """The book's rule: a candidate takes the diameter of the first annotation of its scan (in file order)
-    whose centre is within diameter/4 on every axis; 0 when none."""
-    diameter = np.zeros(len(candidates), dtype=np.float64)
-    cand_xyz = candidates[["coordX", "coordY", "coordZ"]].to_numpy()
-    cand_pos = {uid: idx for uid, idx in candidates.groupby("seriesuid", sort=False).indices.items()}
-    for uid, ann_idx in annotations.groupby("seriesuid", sort=False).indices.items():
-        rows = cand_pos.get(uid)
-        if rows is None:
-            continue
-        ann = annotations.iloc[np.sort(ann_idx)]
-        ann_xyz = ann[["coordX", "coordY", "coordZ"]].to_numpy()
-        ann_d = ann["diameter_mm"].to_numpy()
-        # (n_cand, n_ann): within d/4 on every axis
-        within = np.all(np.abs(cand_xyz[rows, None, :] - ann_xyz[None, :, :]) <= ann_d[None, :, None] / 4, axis=2)
-        has = within.any(axis=1)
-        first = np.argmax(within, axis=1)
-        diameter[rows[has]] = ann_d[first[has]]
-    return diameter
+CANDIDATES_TSV_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule",
+                          "diameter_mm"]
 
 
 @dataclass
@@ -262,13 +93,9 @@ def build_candidates_table(
     return table, report
 
 
-def write_tsv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a TSV atomically (luna.io.atomic_path: an OutputError naming it when it cannot be written);
-    missing values written empty, floats as ``%.10g``."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, sep="\t", index=False, na_rep="", float_format="%.10g")
-    return path
+def write_candidates_tsv(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """candidates.tsv in the pipeline's one TSV format (luna.io.write_tsv: a missing class is ``NaN``)."""
+    return write_tsv(table[CANDIDATES_TSV_COLUMNS], path)
 
 
 def read_candidates_tsv(path: str | os.PathLike) -> pd.DataFrame:
@@ -285,45 +112,34 @@ def resolve(root: str | os.PathLike, name: str | os.PathLike | None) -> Path | N
     return p if p.is_absolute() else Path(root) / p
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-class CandidatesApp:
+class CandidatesApp(StageApp):
     """Build results/candidates.tsv from a LUNA16 folder: check the CSVs, match diameters, keep on-disk scans."""
 
-    def __init__(self, argv: list[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-candidates", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog = "luna-candidates"
+    errors = (TableError, ScanError, OutputError, FileNotFoundError, ValueError)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--root", required=True, help="data folder holding subset*/ and the CSVs")
-        parser.add_argument("--candidates", default="candidates.csv", help="candidate CSV, relative to --root unless absolute")
+        parser.add_argument("--candidates", default="candidates.csv",
+                            help="candidate CSV, relative to --root unless absolute")
         parser.add_argument("--annotations", default="annotations.csv",
                             help="annotation CSV for diameter matching, relative to --root; '' for none")
         parser.add_argument("--subsets", nargs="*", default=[], help="subset folders to use; none = every subset*")
         parser.add_argument("--out", required=True, help="output candidates.tsv")
-        self.args = parser.parse_args(argv)
 
-    def main(self) -> int:
-        _setup_logging()
+    def run(self) -> pd.DataFrame:
         a = self.args
-        logger.info("Starting %s, %s", type(self).__name__, vars(a))
-        try:
-            check_writable_dir(Path(a.out).parent, "output folder")
-            scans = find_scans(a.root, a.subsets or None)
-            table, report = build_candidates_table(
-                resolve(a.root, a.candidates), resolve(a.root, a.annotations) if a.annotations else None, scans)
-            lines = report.lines()
-            logger.info(lines[0])
-            for line in lines[1:]:
-                logger.warning(line)
-            write_tsv(table, a.out)
-        except (TableError, OSError, ValueError) as exc:  # OSError: luna.io.OutputError, FileNotFoundError
-            print(f"luna-candidates: error: {exc}", file=sys.stderr)
-            return 2
+        check_writable_dir(Path(a.out).parent, "output folder")
+        scans = find_scans(a.root, a.subsets or None)
+        table, report = build_candidates_table(
+            resolve(a.root, a.candidates), resolve(a.root, a.annotations) if a.annotations else None, scans)
+        lines = report.lines()
+        logger.info(lines[0])
+        for line in lines[1:]:
+            logger.warning(line)
+        write_candidates_tsv(table, a.out)
         logger.info("wrote %s (%d rows)", a.out, len(table))
-        return 0
+        return table
 
 
-def main_candidates() -> None:
-    sys.exit(CandidatesApp().main())
+main_candidates = CandidatesApp.console

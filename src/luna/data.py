@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from luna.cpu_speed import resample_affine
 from luna.inference import crops_to_tensor
 from luna.splits import ROLES
 from luna.store import CropStore
@@ -374,8 +375,9 @@ def augment_batch(batch: torch.Tensor, config: AugmentConfig, generator: torch.G
     batch = batch.float()
     if config.geometric:
         theta = random_affine(batch.shape[0], config, generator, batch.device)
-        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
-        batch = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # affine_grid + trilinear grid_sample (border padding, as the book); on the CPU as 2-D resampling of the
+        # slices plus interpolation in depth, equal to fp32 rounding and ~4x faster (luna.cpu_speed)
+        batch = resample_affine(batch, theta)
     if config.noise_hu:
         noise = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         batch = batch + noise * config.noise_hu

@@ -29,29 +29,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from luna.candidates import TableError, read_annotations_csv
+from luna.luna16 import TableError, read_annotations_csv
 from luna.io import OutputError, check_writable_dir, write_tsv
-from luna.metrics import (
-    HISTORY_COLUMNS,
-    METRICS_COLUMNS,
-    SENSITIVITY_COLUMNS,
-    FrocResult,
-    MetricsError,
-    combine_metrics,
-    froc,
-    froc_bootstrap,
-    metric_row,
-)
+from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
+from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
 from luna.splits import SplitsError, read_splits_tsv
 from luna.tables import numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
 
+METRICS_COLUMNS: list[str] = ["fold"] + HISTORY_COLUMNS + ["threshold", "cpm"] + SENSITIVITY_COLUMNS
+"""metrics.tsv: one row per test fold (``fold`` = N) and one pooled row (``fold`` = ``all``); ``threshold`` is
+the operating point its threshold metrics use (NaN in the pooled row when the folds' thresholds differ)."""
 PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm",
                       "probability", "loss", "fold"]
 """predictions.tsv, per fold and pooled: one row per cropped candidate of the scans predicted."""
@@ -218,6 +212,19 @@ def evaluate_rows(folds: Sequence[FoldPredictions], annotations: pd.DataFrame | 
     metrics = pd.DataFrame(rows)[METRICS_COLUMNS]
     metrics["epoch"] = metrics["epoch"].astype("Int64")  # whole numbers; NaN in a pooled row of differing folds
     return metrics, frocs, intervals
+
+
+def combine_metrics(row: Mapping[str, object], froc_result: FrocResult | None, *, fold: int | str = "all",
+                    threshold: float = 0.5) -> dict[str, object]:
+    """One metrics.tsv row (keys in :data:`METRICS_COLUMNS` order): the fold, the metric row, its threshold,
+    then CPM and the seven sensitivities (NaN when ``froc_result`` is None, e.g. without annotations)."""
+    combined: dict[str, object] = {"fold": fold}
+    combined.update({column: row[column] for column in HISTORY_COLUMNS})
+    combined["threshold"] = float(threshold)
+    combined["cpm"] = froc_result.cpm if froc_result is not None else math.nan
+    for column in SENSITIVITY_COLUMNS:
+        combined[column] = froc_result.sensitivities[column] if froc_result is not None else math.nan
+    return combined
 
 
 def submission_frame(predictions: pd.DataFrame) -> pd.DataFrame:

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from luna.io import atomic_path
-from luna.metrics import FROC_RATES, SENSITIVITY_COLUMNS, FrocResult, pr_curve, roc_curve
+from luna.froc import FROC_RATES, SENSITIVITY_COLUMNS, FrocResult
+from luna.metrics import pr_curve, roc_curve
 
 
 def _figure(width_in: float = 6.0, height_in: float = 5.0):

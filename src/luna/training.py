@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import AugmentConfig, CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
 from luna.device import DeviceError, resident_decision, resolve_device, use_bf16
 from luna.inference import predict
@@ -517,13 +518,14 @@ class LunaTrainingApp:
             torch.set_num_threads(args.threads)
         if self.dist.is_main:
             self._check_writable()
+        if self.device.type == "cpu":
+            logger.info(tune_allocator())  # before the data and the model: large blocks stay on the heap
         self.use_amp = resolve_amp(args.amp, self.device)
         self.augment = augment_config(args)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        logger.info("device %s, amp %s, channels_last %s, %d process(es), %d torch threads, CPU capability %s",
-                    self.device, "bf16" if self.use_amp else "off", args.channels_last, self.dist.world_size,
-                    torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+        logger.info("device %s, amp %s, channels_last %s, %d process(es); %s", self.device,
+                    "bf16" if self.use_amp else "off", args.channels_last, self.dist.world_size, cpu_report())
 
         self.roles = read_fold_roles(args.splits, args.test_fold, args.selection_fraction)
         stores = [CropStore(p) for p in args.crops]
@@ -550,6 +552,8 @@ class LunaTrainingApp:
         self.model.to(self.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
+        if self.device.type == "cpu":  # exact rewrites of the fp32 CPU backward (luna.cpu_speed); same module
+            logger.info(speed_up_training(self.model))
         self.optimizer = make_optimizer(args, self.model)
         # the averaged weights are what is evaluated and kept when --ema-decay is on
         self.ema: torch.nn.Module | None = copy.deepcopy(self.model) if args.ema_decay > 0 else None

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from luna.candidates import TableError
+from luna.luna16 import TableError
+from luna.cpu_speed import tune_allocator
 from luna.device import DeviceError, resolve_device
 from luna.evaluation import (
     PREDICTION_COLUMNS,
@@ -202,6 +203,8 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        logger.info(tune_allocator())
     stores = open_stores(args.crops)
     splits = read_splits_tsv(args.splits) if args.splits else None
     model, checkpoint = load_model(args.model, map_location=device)

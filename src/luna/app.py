@@ -1,0 +1,58 @@
+"""The skeleton every stage's command-line app shares: ``App(argv).main()``, usable from a shell (console
+scripts), a rule script (luna.runner) or a notebook, as the book's apps are.
+
+* ``App(argv)`` builds the argparse parser (``prog``, the class docstring as description, defaults shown) and
+  parses ``argv`` (``sys.argv[1:]`` when None); ``--help`` exits there;
+* ``main()`` sets up logging once, logs "Starting <App>, <arguments>", calls ``run()`` and turns the app's
+  bad-input and bad-output errors (``errors``) into one line on stderr, ``<prog>: error: <message>``, and exit
+  status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, ClassVar, Sequence
+
+from luna.io import OutputError
+from luna.runner import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+class StageApp:
+    """Base of the stage apps: subclasses set ``prog`` and ``errors``, and define ``add_arguments`` and ``run``."""
+
+    prog: ClassVar[str] = ""
+    errors: ClassVar[tuple[type[BaseException], ...]] = (OutputError,)
+    """Exceptions whose one-line message is the whole story (bad input, an output that cannot be written)."""
+
+    def __init__(self, argv: Sequence[Any] | None = None) -> None:
+        self.parser = argparse.ArgumentParser(prog=self.prog, description=self.__doc__,
+                                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.add_arguments(self.parser)
+        self.args = self.parser.parse_args(None if argv is None else [str(a) for a in argv])
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        raise NotImplementedError
+
+    def run(self) -> Any:
+        """The stage's work; raises one of ``errors`` with a one-line message on bad input."""
+        raise NotImplementedError
+
+    def main(self) -> int:
+        """Run; on one of ``errors`` print one line to stderr and return 2, else return 0."""
+        setup_logging()
+        logger.info("Starting %s, %s", type(self).__name__, vars(self.args))
+        try:
+            self.run()
+        except self.errors as exc:
+            print(f"{self.prog}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    @classmethod
+    def console(cls) -> None:
+        """Entry point of the console script: exit with ``main()``'s status."""
+        sys.exit(cls().main())
