@@ -53,6 +53,6 @@ class StageApp:
         return 0
 
     @classmethod
-    def console(cls) -> None:
-        """Entry point of the console script: exit with ``main()``'s status."""
-        sys.exit(cls().main())
+    def console(cls, argv: Sequence[Any] | None = None) -> None:
+        """Entry point of the console script (``argv``: ``sys.argv[1:]`` when None): exit with ``main()``'s status."""
+        sys.exit(cls(argv).main())

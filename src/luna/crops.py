@@ -43,9 +43,11 @@ import diskcache
 import numpy as np
 import pandas as pd
 
+from luna.app import StageApp
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import OutputError, check_writable_dir, describe_os_error, write_tsv
+from luna.progress import format_eta
 from luna.store import COMPRESSIONS, NO_RESERVE_ENV, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import numeric_column, read_tsv
 
@@ -313,17 +315,9 @@ def _cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
     return OutputError(f"{cache_dir}: cannot use the resume cache ({reason})")
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-class CropApp:
+class CropApp(StageApp):
     """Crop stage: cut every candidate of one subset of candidates.tsv out of its scan into crops/{subset}.h5.
 
     Candidates whose centre lies outside their scan (and, with --on-bad-scan skip, those of unreadable scans)
@@ -332,9 +326,10 @@ class CropApp:
     folders and the free space for the store and the cache are checked before any scan is read.
     """
 
-    def __init__(self, argv: list[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-crops", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog = "luna-crops"
+    errors = (CropError, ScanError, OutputError)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--candidates", required=True, help="candidates.tsv written by luna-candidates")
         parser.add_argument("--root", required=True, help="data folder holding <subset>/<series_uid>.mhd")
         parser.add_argument("--subset", required=True, help="subset to crop (rows of candidates.tsv with this subset)")
@@ -356,7 +351,6 @@ class CropApp:
         parser.add_argument("--allow-empty-subset", action="store_true",
                             help="a subset without candidate rows gives an empty store (with a warning) instead of an "
                                  "error; the workflow sets it, since it crops every subset folder it was given")
-        self.args = parser.parse_args(argv)
 
     # ---- entry points
 
@@ -365,18 +359,13 @@ class CropApp:
 
         When a store write failed inside HDF5 (see luna.store) the process ends here with ``os._exit(2)``:
         HDF5 would crash (segfault) closing the abandoned file at exit."""
-        _setup_logging()
-        try:
-            self.run()
-        except (CropError, ScanError, OutputError) as exc:
-            print(f"luna-crops: error: {exc}", file=sys.stderr)
-            if hdf5_left_broken():
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(2)
-            return 2
-        return 0
+        code = super().main()
+        if code and hdf5_left_broken():
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     def run(self) -> CropResult:
         """Run the stage; raises CropError/ScanError on bad input, leaving no store (nor temp) behind."""
@@ -395,7 +384,6 @@ class CropApp:
         self.cache_dir = Path(a.cache_dir) if a.cache_dir else self.out.parent / f".{self.out.name}.cache"
         self.root = Path(a.root)
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
-        logger.info("Starting %s, %s", type(self).__name__, vars(a))
         t0 = time.perf_counter()
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
@@ -633,7 +621,7 @@ class CropApp:
                     logger.info("scan %d/%d done (%s) %s: %d crops; %d crops in %.1f s (%.1f crops/s), ETA %s",
                                 n_done, n_total, status, job.series_uid,
                                 0 if job.error else len(job.out_rows), n_crops, elapsed,
-                                n_crops / max(elapsed, 1e-9), _format_eta(eta))
+                                n_crops / max(elapsed, 1e-9), format_eta(eta))
                     submit_next()
             if late_bad:  # a scan failed only when its voxels were read: rows change, rebuild from the cache
                 writer.abort()
@@ -690,9 +678,7 @@ class CropApp:
         return skipped.reset_index(drop=True)[SKIPPED_COLUMNS]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console script ``luna-crops``."""
-    sys.exit(CropApp(argv).main())
+main = CropApp.console
 
 
 if __name__ == "__main__":

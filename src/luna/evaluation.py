@@ -25,7 +25,6 @@ import argparse
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,10 @@ import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
 from luna.io import OutputError, check_writable_dir, write_tsv
+from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
+from luna.model import CheckpointError, load_checkpoint
 from luna.splits import SplitsError, read_splits_tsv
 from luna.tables import numeric_column, read_tsv
 
@@ -126,8 +127,6 @@ def read_annotations(path: str | os.PathLike | None, excluded: bool = False) -> 
 
 def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: str | os.PathLike) -> FoldPredictions:
     """One fold folder (model.pt, predictions.tsv, history.tsv if present), checked against splits.tsv."""
-    from luna.model import load_checkpoint
-
     folder = Path(folder)
     checkpoint = load_checkpoint(folder / "model.pt")
     if "test_fold" not in checkpoint:
@@ -377,36 +376,22 @@ def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None,
     return annotations, excluded
 
 
-class EvaluateApp:
+class EvaluateApp(StageApp):
     """Pool the test-fold predictions of the folds run into one report: per-fold and pooled metrics.tsv (with
     each operating threshold), pooled FROC/CPM with bootstrap intervals, predictions, LUNA16 submission, plots."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-evaluate", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog = "luna-evaluate"
+    errors = (EvaluationError, CheckpointError, TableError, MetricsError, SplitsError, OutputError)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--folds", required=True, nargs="+", metavar="DIR",
                             help="fold folders, each with model.pt, predictions.tsv and history.tsv (results/folds/N)")
         parser.add_argument("--splits", required=True, help="splits.tsv: each fold's test scans (the FROC divisor)")
         parser.add_argument("--out", required=True, help="output folder")
         add_report_options(parser)
-        self.args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-
-    def main(self) -> int:
-        """Run; on bad input print one line to stderr and return 2."""
-        from luna.model import CheckpointError
-        from luna.runner import setup_logging
-
-        setup_logging()
-        try:
-            self.run()
-        except (EvaluationError, CheckpointError, TableError, MetricsError, SplitsError, OutputError) as exc:
-            print(f"luna-evaluate: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
 
     def run(self) -> EvaluationResult:
         a = self.args
-        logger.info("Starting %s, %s", type(self).__name__, vars(a))
         annotations, excluded = check_report_options(a)
         splits = read_splits_tsv(a.splits)
         folds = [read_fold_dir(folder, splits, a.splits) for folder in a.folds]
@@ -414,6 +399,4 @@ class EvaluateApp:
                             seed=a.seed)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``luna-evaluate``."""
-    sys.exit(EvaluateApp(argv).main())
+main = EvaluateApp.console

@@ -9,7 +9,8 @@ Every scan found under the selected subsets gets a fold (docs/design.md, "splits
 For one test fold, :func:`fold_roles` gives every scan one role: ``test`` (the fold itself: never trained on,
 never chosen on), ``selection`` (a stable-hash share of the other folds' scans: what chooses the kept epoch
 and the threshold) or ``train`` (the rest). The split is by scan, never by candidate (the book's leak).
-Only pandas and numpy are imported, so every stage reads splits without SimpleITK or torch.
+Only pandas and numpy are imported (SimpleITK only inside ``luna-split``), so every stage reads splits without
+SimpleITK or torch.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import hashlib
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from luna.app import StageApp
+from luna.io import OutputError, write_tsv
 from luna.tables import read_tsv
 
 logger = logging.getLogger(__name__)
@@ -145,8 +147,6 @@ def read_splits_tsv(path: str | os.PathLike) -> pd.DataFrame:
 
 def write_splits_tsv(splits: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write splits.tsv atomically (temp file + rename)."""
-    from luna.io import write_tsv
-
     return write_tsv(splits[SPLITS_TSV_COLUMNS], path)
 
 
@@ -166,44 +166,35 @@ def _folds_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-class SplitApp:
+class SplitApp(StageApp):
     """Write splits.tsv (series_uid, subset, fold): every scan under the selected subsets gets a fold, by its
     subset's number (LUNA16's protocol) or by a stable hash of its UID."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-split", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog = "luna-split"
+    errors = (SplitsError, FileNotFoundError, OutputError, ValueError)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--root", required=True, help="data folder holding subset*/<series_uid>.mhd")
         parser.add_argument("--subsets", nargs="*", default=[], help="subset folders to use; none = every subset*")
         parser.add_argument("--folds", type=_folds_arg, default=FOLDS_BY_SUBSET,
                             help="'subsets': fold = the subset's number (LUNA16's 10-fold protocol); K: K folds by "
                                  "sha256(series_uid) %% K (adding or removing scans moves no other scan)")
         parser.add_argument("--out", required=True, help="output splits.tsv")
-        self.args = parser.parse_args(None if argv is None else [str(a) for a in argv])
 
-    def main(self) -> int:
+    def run(self) -> pd.DataFrame:
         from luna.ct import find_scans
-        from luna.runner import setup_logging
 
-        setup_logging()
         a = self.args
-        logger.info("Starting %s, %s", type(self).__name__, vars(a))
-        try:
-            scans = find_scans(a.root, a.subsets or None)
-            if not scans:
-                raise SplitsError(f"{a.root}: no scans (<series_uid>.mhd) under "
-                                  f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
-            splits = make_splits({uid: scan.subset for uid, scan in scans.items()}, a.folds)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"luna-split: error: {exc}", file=sys.stderr)
-            return 2
+        scans = find_scans(a.root, a.subsets or None)
+        if not scans:
+            raise SplitsError(f"{a.root}: no scans (<series_uid>.mhd) under "
+                              f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
+        splits = make_splits({uid: scan.subset for uid, scan in scans.items()}, a.folds)
         write_splits_tsv(splits, a.out)
         counts = splits["fold"].value_counts().sort_index()
         logger.info("wrote %s: %d scans in %d folds (%s)", a.out, len(splits), len(counts),
                     ", ".join(f"fold {fold}: {n}" for fold, n in counts.items()))
-        return 0
+        return splits
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``luna-split``."""
-    sys.exit(SplitApp(argv).main())
+main = SplitApp.console

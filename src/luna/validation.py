@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from luna.luna16 import TableError
+from luna.app import StageApp
 from luna.cpu_speed import tune_allocator
 from luna.device import DeviceError, resolve_device
 from luna.evaluation import (
@@ -41,6 +40,7 @@ from luna.evaluation import (
 )
 from luna.inference import Prediction, predict, rows_of_scans
 from luna.io import OutputError, check_writable_dir, write_tsv
+from luna.luna16 import TableError
 from luna.metrics import MetricsError
 from luna.model import CheckpointError, checkpoint_crop_shape, load_model
 from luna.splits import SplitsError, read_splits_tsv
@@ -240,31 +240,18 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
     return PredictResult(frame, list(scans), fold, checkpoint, time.perf_counter() - t0)
 
 
-class PredictApp:
+class PredictApp(StageApp):
     """Predict every cropped candidate of a model's test fold (or its selection scans, or all scans) and write
     predictions.tsv (float32 inference, the training stage's evaluation path)."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-predict", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog = "luna-predict"
+    errors = ERRORS
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_predict_options(parser)
         parser.add_argument("--out", required=True, help="output predictions.tsv")
-        self.args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-
-    def main(self) -> int:
-        """Run; on bad input print one line to stderr and return 2."""
-        from luna.runner import setup_logging
-
-        setup_logging()
-        try:
-            self.run()
-        except ERRORS as exc:
-            print(f"luna-predict: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
 
     def run(self) -> PredictResult:
-        logger.info("Starting %s, %s", type(self).__name__, vars(self.args))
         result = run_predict(self.args, Path(self.args.out).parent)
         write_tsv(result.predictions, self.args.out)
         logger.info("wrote %s: %d candidates of %d scans in %.1f s", self.args.out, len(result.predictions),
@@ -272,34 +259,21 @@ class PredictApp:
         return result
 
 
-class ValidationApp:
+class ValidationApp(StageApp):
     """Validate one model: predict its test fold (or --scans selection / all), then write the evaluation report
     (predictions.tsv, metrics.tsv with CPM, froc.tsv, metrics_ci.tsv, submission.csv, plots) into --out."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
-        parser = argparse.ArgumentParser(prog="luna-validate", description=self.__doc__,
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prog = "luna-validate"
+    errors = ERRORS
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_predict_options(parser)
         add_report_options(parser)
         parser.add_argument("--history", default=None, help="history.tsv of the training run, for training_curves.png")
         parser.add_argument("--out", required=True, help="output folder")
-        self.args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-
-    def main(self) -> int:
-        """Run; on bad input print one line to stderr and return 2."""
-        from luna.runner import setup_logging
-
-        setup_logging()
-        try:
-            self.run()
-        except ERRORS as exc:
-            print(f"luna-validate: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
 
     def run(self) -> EvaluationResult:
         a = self.args
-        logger.info("Starting %s, %s", type(self).__name__, vars(a))
         annotations, excluded = check_report_options(a)
         history = read_history(a.history) if a.history else None
         predicted = run_predict(a, a.out)
@@ -310,11 +284,5 @@ class ValidationApp:
                             seed=a.seed)
 
 
-def main_predict(argv: Sequence[str] | None = None) -> None:
-    """Console script ``luna-predict``."""
-    sys.exit(PredictApp(argv).main())
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``luna-validate``."""
-    sys.exit(ValidationApp(argv).main())
+main_predict = PredictApp.console
+main = ValidationApp.console

@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from luna.app import StageApp
 from luna.synth.config import SynthConfig
 from luna.synth.dataset import synthesize
 
@@ -29,9 +30,15 @@ def _option(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse with ``--out``, ``--jobs`` and one option per :class:`SynthConfig` field."""
+    """luna-synth's argparse parser (what :class:`SynthApp` parses with)."""
     parser = argparse.ArgumentParser(prog="luna-synth", description=SynthApp.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--jobs`` and one option per :class:`SynthConfig` field."""
     parser.add_argument("--out", required=True, metavar="ROOT",
                         help="data folder to write: subset*/<uid>.mhd+.raw and the LUNA16 CSVs")
     parser.add_argument("--jobs", type=int, default=1, help="scans generated in parallel (processes)")
@@ -45,31 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_option(f.name), type=float, nargs="+", default=list(default), help=help_text)
         else:
             parser.add_argument(_option(f.name), type=type(default), default=default, help=help_text)
-    return parser
 
 
-class SynthApp:
+class SynthApp(StageApp):
     """Write a synthetic LUNA16-format data set (chest-CT-like scans, candidates.csv, annotations.csv)."""
 
+    prog = "luna-synth"
+    errors = (ValueError, OSError)  # SynthError, ScanError, OutputError: one line naming the key or the file
+
     def __init__(self, argv: list[str] | None = None) -> None:
-        self.args = build_parser().parse_args(argv)
+        super().__init__(argv)
         self.summary: dict[str, Any] | None = None
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser)
 
     def config(self) -> SynthConfig:
         values = {f.name: getattr(self.args, f.name) for f in fields(SynthConfig)}
         return SynthConfig.from_dict(values)
 
-    def main(self) -> int:
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logger.info("Starting %s, %s", type(self).__name__, vars(self.args))
-        try:
-            self.summary = synthesize(Path(self.args.out), self.config(), jobs=self.args.jobs)
-        except (ValueError, OSError) as exc:  # SynthError, ScanError: one line naming key or file
-            print(f"luna-synth: error: {exc}", file=sys.stderr)
-            return 2
+    def run(self) -> dict[str, Any]:
+        self.summary = synthesize(Path(self.args.out), self.config(), jobs=self.args.jobs)
         logger.info("summary: %s", json.dumps(self.summary))
-        return 0
+        return self.summary
 
 
 def main(argv: list[str] | None = None) -> None:
