@@ -1,49 +1,109 @@
-"""Training speed: this project's loop vs. a book-style loop on the same model and data, plus loader and
-augmentation throughput. Writes a markdown table to benchmarks/results/train.md.
+"""Training speed on the CPU: this project's loop vs. the book's loop on the same model and data, by ISA, with
+a row per speed lever of luna.cpu_speed (this loop with all levers, and with each one left out), plus
+augmentation and loader throughput. Writes a markdown table to benchmarks/results/train.md.
 
-    .venv/bin/python benchmarks/train.py                       # a generated store of random crops
-    .venv/bin/python benchmarks/train.py --crops results/crops/*.h5 --splits results/splits.tsv
+    .venv/bin/python benchmarks/train.py                        # a generated store of random crops
+    .venv/bin/python benchmarks/train.py --crops results/crops/*.h5 [--splits results/splits.tsv --test-fold 0]
 
-Rows:
-* training samples/s, book-style: the book's Chapter 12 loop — per-sample augmentation in the Dataset
-  (``getCtAugmentedCandidate``), one HDF5 read per sample, eager fp32, contiguous tensors, one-hot labels,
-  CrossEntropy(reduction none) then mean — vs. this loop (``LunaTrainingApp._train_epoch`` itself, with the
-  defaults) and its ablations (AMP off, channels_last off). Same model, same sampler order, same crops.
-* augmentation alone: the book's per-sample version vs. ``augment_batch`` on a collated batch.
-* loader only: crops/s through the DataLoader with 0, 1 and 2 workers (batched HDF5 reads, int16 items as
-  the trainer loads them).
+Loops (built here from luna.model / luna.data, not through luna-train's command line):
+* book-style: the book's Chapter 12 loop — per-sample augmentation in the Dataset (``getCtAugmentedCandidate``),
+  one HDF5 read per sample, eager fp32, contiguous tensors, one-hot labels, CrossEntropy(reduction none) then
+  mean, SGD(lr 0.001, momentum 0.99), glibc's default allocator.
+* this loop: what ``LunaTrainingApp._train_epoch`` does — int16 batches gathered from the crops resident in
+  memory (``ResidentBatches``, luna-train's default when they fit; ``--loader``: through the DataLoader),
+  batched augmentation (``augment_batch``), channels_last_3d, ``zero_grad(set_to_none=True)``, the same loss
+  and optimizer — with the luna.cpu_speed levers: ``allocator`` (:func:`~luna.cpu_speed.tune_allocator`),
+  ``conv`` (:func:`~luna.cpu_speed.speed_up_training`), ``augment`` (:func:`~luna.cpu_speed.resample_affine`
+  in place of augment_batch's affine_grid + grid_sample).
+Every loop trains on the same crops in the same (balanced, seeded) order; the variants are timed in
+interleaved rounds in one process, so a burst of outside load slows all of them alike.
+
+ISA column: the ISA ATen (``torch.backends.cpu.get_cpu_capability()``) and oneDNN (its verbose header) run.
+On an AVX-512 CPU the AVX2 rows come from a child process run with ``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2`` and bf16 off (its own ISA line proves the cap); on an AVX2 CPU the AVX-512 rows say
+they are not available. bf16 rows need native bf16 (AVX512-BF16 / AMX).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import logging
 import os
-import platform
 import sys
+
+# OpenMP threads that spin between parallel regions instead of sleeping (libgomp reads this when torch
+# loads, so it is set before the torch import): a sleeping thread on a shared 2-core box can wait
+# milliseconds for its core back, hundreds of times a step (measured: 1.4 vs 45 samples/s next to a niced
+# CPU-bound process; ~+3% on a quiet box). It applies to every loop of the run alike.
+# --omp-wait-policy default keeps libgomp's own policy.
+_ARGS = " ".join(sys.argv[1:]).replace("=", " ").split()
+if not ("--omp-wait-policy" in _ARGS and _ARGS[_ARGS.index("--omp-wait-policy") + 1:][:1] == ["default"]):
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+import argparse
+import json
+import logging
+import platform
+import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from luna.data import AugmentConfig, CropDataset, EpochSampler, augment_batch, augment_one_book_style, make_loader
+from luna import cpu_speed
+from luna import data as luna_data
+from luna.data import AugmentConfig, CropDataset, EpochSampler, augment_batch, make_loader, random_affine
 from luna.geometry import Geometry
 from luna.model import LunaModel
-from luna.store import StoreWriter
-from luna.device import cpu_has_native_bf16
-from luna.training import LunaTrainingApp
+from luna.store import CropStore, StoreWriter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.md"
+LEVERS = ("allocator", "conv", "augment")
+LEVER_TEXT = {
+    "allocator": "allocator (cpu_speed.tune_allocator)",
+    "conv": "conv backward (cpu_speed.speed_up_training)",
+    "augment": "augmentation resampling (cpu_speed.resample_affine)",
+}
+CL = torch.channels_last_3d
+LOAD_AT_START = os.getloadavg()[0]  # before this process did any work: other processes only
+USE_LOADER = False  # --loader: this loop streams batches through make_loader (0 workers) instead
 
 
-def make_random_store(root: Path, n: int = 600, n_pos: int = 60, n_scans: int = 30) -> tuple[list[str], str]:
-    """A store of random chest-like crops (positives with a central blob) and a splits.tsv (1 in 5 val)."""
+def augment_one_book_style(crop: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
+    """The book's per-sample augmentation (getCtAugmentedCandidate), written here for the book-style loop: one
+    (C, I, R, C) crop, Python ``random`` for the parameters, the global torch RNG for the noise."""
+
+    transform = torch.eye(4)
+    for i in range(3):
+        if config.flip and random.random() > 0.5:
+            transform[i, i] *= -1
+        if config.offset:
+            transform[i, 3] = config.offset * (random.random() * 2 - 1)
+        if config.scale:
+            transform[i, i] *= 1.0 + config.scale * (random.random() * 2 - 1)
+    if config.rotate:
+        angle = random.random() * math.pi * 2
+        s, c = math.sin(angle), math.cos(angle)
+        rotation = torch.tensor([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float32)
+        transform @= rotation
+    chunk = crop.unsqueeze(0).float()
+    grid = F.affine_grid(transform[:3].unsqueeze(0), list(chunk.shape), align_corners=False)
+    out = F.grid_sample(chunk, grid, padding_mode="border", align_corners=False)
+    if config.noise_hu:
+        out = out + torch.randn_like(out) * config.noise_hu
+    return out[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------
+
+def make_random_store(root: Path, n: int = 600, n_pos: int = 60, n_scans: int = 30) -> list[str]:
+    """A store of random chest-like crops (positives with a central blob)."""
     rng = np.random.default_rng(0)
     uids = [f"9.9.{k}" for k in range(n_scans)]
     labels = np.zeros(n, dtype=np.int8)
@@ -63,11 +123,26 @@ def make_random_store(root: Path, n: int = 600, n_pos: int = 60, n_scans: int = 
                       "diameter_mm": np.zeros(len(rows), np.float32)}
             writer.write_rows(rows, np.clip(crops, -1000, 1000).astype(np.int16), fields)
         writer.commit()
-    splits = root / "splits.tsv"
-    splits.write_text("series_uid\tsplit\n" + "".join(f"{u}\t{'val' if k % 5 == 0 else 'train'}\n"
-                                                        for k, u in enumerate(uids)))
-    return [str(path)], str(splits)
+    return [str(path)]
 
+
+def train_roles(crops: list[str], splits: str | None, test_fold: int, selection_fraction: float) -> dict[str, str]:
+    """{series_uid: role}: the training role of luna-split's splits.tsv for ``test_fold``, or every scan of the
+    stores as training data when no splits.tsv is given (speed does not depend on which scans train)."""
+    if splits:
+        from luna.splits import read_fold_roles
+
+        return dict(read_fold_roles(splits, test_fold, selection_fraction))
+    roles: dict[str, str] = {}
+    for path in crops:
+        for uid in CropStore(path).table["series_uid"].unique():
+            roles[str(uid)] = "train"
+    return roles
+
+
+# ----------------------------------------------------------------------------------------------------
+# loops
+# ----------------------------------------------------------------------------------------------------
 
 class BookStyleDataset(Dataset):
     """The book's per-sample path: read one crop, augment it alone, one-hot label."""
@@ -88,21 +163,21 @@ class BookStyleDataset(Dataset):
 class BookStyleLoop:
     """The book's doTraining/computeBatchLoss on the CPU: eager fp32, contiguous, per-sample data path."""
 
-    def __init__(self, base: CropDataset, batch_size: int) -> None:
+    def __init__(self, base: CropDataset, batch_size: int, allocator: bool = False) -> None:
+        random.seed(0)
         torch.manual_seed(0)
-        self.model = LunaModel()
+        self.model = LunaModel(crop_shape=base.crop_shape)
         self.model.train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.99)
         self.dataset = BookStyleDataset(base, AugmentConfig())
         self.labels = base.labels
         self.batch_size = batch_size
-        self.epoch = 0
+        self.allocator = allocator
 
-    def train(self, samples: int) -> float:
-        """Train on ``samples`` samples; returns the seconds taken."""
-        self.epoch += 1
+    def train(self, samples: int, epoch: int) -> float:
+        """Train on ``samples`` samples of the sampler's epoch ``epoch``; returns the seconds taken."""
         sampler = EpochSampler(self.labels, ratio=1, samples_per_epoch=samples, seed=0)
-        sampler.set_epoch(self.epoch)
+        sampler.set_epoch(epoch)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
         metrics = torch.zeros(3, samples)
         start = time.perf_counter()
@@ -119,74 +194,175 @@ class BookStyleLoop:
         return time.perf_counter() - start
 
 
-class AppLoop:
-    """``LunaTrainingApp._train_epoch`` itself, one short epoch per call."""
+def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator, fast: bool) -> torch.Tensor:
+    """augment_batch, or (``fast``) the same steps with cpu_speed.resample_affine for the resampling (same
+    random numbers drawn in the same order)."""
+    if not fast:
+        return augment_batch(batch, config, generator)
+    batch = batch.float()
+    if config.geometric:
+        batch = cpu_speed.resample_affine(batch, random_affine(batch.shape[0], config, generator, batch.device))
+    if config.noise_hu:
+        noise = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        batch = batch + noise * config.noise_hu
+    return batch
 
-    def __init__(self, crops: list[str], splits: str, out: Path, batch_size: int, extra: list[str]) -> None:
-        argv = ["--crops", *crops, "--splits", splits, "--out", str(out), "--tb-dir", "none", "--device", "cpu",
-                "--batch-size", str(batch_size), *extra]
-        self.app = LunaTrainingApp(argv)
-        with contextlib.redirect_stderr(io.StringIO()):
-            self.app.setup()
-        self.epoch = 0
 
-    def train(self, samples: int) -> float:
-        self.epoch += 1
-        self.app.sampler.samples_per_epoch = samples
+class ThisLoop:
+    """LunaTrainingApp._train_epoch's steps (defaults: SGD, balanced 1:1, augmentation on, channels_last_3d,
+    no warm-up, clipping or EMA) with a chosen set of cpu_speed levers, on the CPU."""
+
+    def __init__(self, base16: CropDataset, batch_size: int, levers: set[str], amp: bool = False,
+                 compile_model: bool = False, loader: bool | None = None) -> None:
+        self.levers, self.amp = set(levers), amp
+        self.allocator = "allocator" in self.levers
+        torch.manual_seed(0)
+        self.model = LunaModel(crop_shape=base16.crop_shape).to(memory_format=CL)
+        if "conv" in self.levers:
+            cpu_speed.speed_up_training(self.model)
+        self.model.train()
+        self.forward: Callable = torch.compile(self.model) if compile_model else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.001, momentum=0.99)
+        self.base16, self.batch_size = base16, batch_size
+        self.config = AugmentConfig()
+        # luna-train's default data path on the CPU (--data-on-device auto, when the crops fit in memory):
+        # the int16 crops resident in memory, batches gathered there; else the loader
+        self.sampler = EpochSampler(base16.labels, ratio=1, samples_per_epoch=batch_size, seed=0)
+        resident = None if (USE_LOADER if loader is None else loader) else getattr(luna_data, "ResidentBatches", None)
+        self.batches = resident(base16, self.sampler, batch_size, "cpu") if resident is not None else None
+
+    def train(self, samples: int, epoch: int) -> float:
+        self.sampler.samples_per_epoch = samples
+        self.sampler.set_epoch(epoch)
+        loader = self.batches if self.batches is not None else make_loader(
+            self.base16, self.sampler, batch_size=self.batch_size, num_workers=0)
+        generator = torch.Generator().manual_seed(epoch)
+        labels, probs, losses = [], [], []
         start = time.perf_counter()
-        self.app._train_epoch(self.epoch)
+        for crops, label, _ in loader:
+            crops = augment(crops.float(), self.config, generator, "augment" in self.levers)
+            self.optimizer.zero_grad(set_to_none=True)
+            crops = crops.contiguous(memory_format=CL)
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=self.amp):
+                logits, _ = self.forward(crops)
+            logits = logits.float()
+            probability = torch.softmax(logits, dim=1)
+            loss = F.cross_entropy(logits, label, reduction="none")
+            loss.mean().backward()
+            self.optimizer.step()
+            labels.append(label.detach())
+            probs.append(probability[:, 1].detach())
+            losses.append(loss.detach())
+        torch.cat(labels), torch.cat(probs), torch.cat(losses)
         return time.perf_counter() - start
 
 
-def interleaved_rates(loops: list, samples: int, rounds: int, warmup_samples: int) -> list[tuple[float, float]]:
-    """(best, median) samples/s of each loop, timed in ``rounds`` interleaved rounds: on a shared machine a
-    burst of outside load then slows every variant alike instead of whichever ran at that moment."""
-    for loop in loops:
-        loop.train(warmup_samples)  # oneDNN primitive creation, allocator, worker start-up
+class OutsideLoad:
+    """CPU time other processes used while this one ran (from /proc/stat and /proc/self/stat), in cores:
+    the load average counts this benchmark's own threads too."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [float(v) for v in fh.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # minus idle, iowait
+            with open("/proc/self/stat") as fh:
+                own = fh.read().rsplit(")", 1)[1].split()
+            return busy, float(own[11]) + float(own[12]), time.monotonic()  # utime + stime of this process
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, other / ticks / max(end[2] - self.start[2], 1e-9))
+
+
+def set_allocator(tuned: bool) -> bool:
+    """Switch the allocator lever; True when that changed anything (the heap then needs a settling step)."""
+    if tuned == cpu_speed.allocator_tuned():
+        return False
+    (cpu_speed.tune_allocator if tuned else cpu_speed.untune_allocator)()
+    return True
+
+
+def interleaved_rates(loops: list, samples: int, rounds: int, batch_size: int) -> list[list[float]]:
+    """samples/s of each loop in each of ``rounds`` interleaved rounds (``samples`` samples per loop per round,
+    the same samples for every loop of a round). The loops run with the allocator lever off first, then on,
+    so it switches twice a round; a switch is followed by one untimed batch (the heap grows, or is trimmed,
+    once)."""
+    order = sorted(range(len(loops)), key=lambda k: loops[k].allocator)
+    for k in order:  # oneDNN primitive creation, first allocations
+        set_allocator(loops[k].allocator)
+        loops[k].train(batch_size, epoch=0)
     rates: list[list[float]] = [[] for _ in loops]
-    for _ in range(rounds):
-        for k, loop in enumerate(loops):
-            rates[k].append(samples / loop.train(samples))
-    return [(max(r), float(np.median(r))) for r in rates]
+    for r in range(1, rounds + 1):
+        for k in order:
+            if set_allocator(loops[k].allocator):
+                loops[k].train(batch_size, epoch=0)
+            rates[k].append(samples / loops[k].train(samples, epoch=r))
+    return rates
 
 
-def amp_gradient_error(base: CropDataset, batch_size: int) -> tuple[float, float]:
-    """Relative L2 difference of all parameter gradients, bf16 autocast vs. fp32 on the same weights and
-    batch, next to the difference between two fp32 batches (the SGD noise bf16 has to stay below)."""
+def row(isa: str, loop: str, batch: int, rates: list[float], book: list[float] | None) -> dict[str, Any]:
+    """A table row; ``x_book``: the median over rounds of this loop's rate over the book-style loop's rate in
+    the same round (a paired ratio: a slow spell of the machine slows both)."""
+    x_book = float(np.median(np.array(rates) / np.array(book))) if book is not None else None
+    return {"isa": isa, "loop": loop, "batch": batch, "best": max(rates), "median": float(np.median(rates)),
+            "x_book": x_book, "rounds": [round(v, 2) for v in rates]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# side measurements
+# ----------------------------------------------------------------------------------------------------
+
+def lever_gradient_difference(base: CropDataset, batch_size: int) -> tuple[float, float, bool]:
+    """Relative L2 difference of all parameter gradients with vs. without the conv levers (same weights,
+    same batch), next to the difference between two batches; and whether the logits are bit-identical."""
     sampler = EpochSampler(base.labels, ratio=1, samples_per_epoch=2 * batch_size, seed=0)
     order = sampler.epoch_indices()
 
-    def grads(indices: np.ndarray, amp: bool) -> torch.Tensor:
+    def grads(indices: np.ndarray, levers: bool) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
-        model = LunaModel().to(memory_format=torch.channels_last_3d)
-        x = torch.from_numpy(base.crops_int16(indices).astype(np.float32)).unsqueeze(1)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        y = torch.from_numpy(base.labels[indices])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits, _ = model(x)
-        F.cross_entropy(logits.float(), y).backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        model = LunaModel(crop_shape=base.crop_shape).to(memory_format=CL)
+        if levers:
+            cpu_speed.speed_up_training(model)
+        x = torch.from_numpy(base.crops_int16(indices).astype(np.float32)).unsqueeze(1).contiguous(memory_format=CL)
+        logits, _ = model(x)
+        F.cross_entropy(logits, torch.from_numpy(base.labels[indices])).backward()
+        return logits.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
     first, second = order[:batch_size], order[batch_size:]
-    g32 = grads(first, False)
-    amp_error = ((grads(first, True) - g32).norm() / g32.norm()).item()
-    batch_noise = ((grads(second, False) - g32).norm() / g32.norm()).item()
-    return amp_error, batch_noise
+    logits, g_plain = grads(first, False)
+    logits_levers, g_levers = grads(first, True)
+    lever_error = ((g_levers - g_plain).norm() / g_plain.norm()).item()
+    batch_noise = ((grads(second, False)[1] - g_plain).norm() / g_plain.norm()).item()
+    return lever_error, batch_noise, bool(torch.equal(logits, logits_levers))
 
 
-def augmentation_crops_per_s(base: CropDataset, batch_size: int, batches: int) -> tuple[float, float]:
+def augmentation_crops_per_s(base: CropDataset, batch_size: int, batches: int) -> dict[str, float]:
     config = AugmentConfig()
     batch = torch.stack([base[i][0] for i in range(batch_size)])
+    out: dict[str, float] = {}
     start = time.perf_counter()
     for _ in range(batches):
         torch.stack([augment_one_book_style(c, config) for c in batch])
-    per_sample = batches * batch_size / (time.perf_counter() - start)
-    generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(batches):
-        augment_batch(batch, config, generator)
-    batched = batches * batch_size / (time.perf_counter() - start)
-    return per_sample, batched
+    out["book per-sample"] = batches * batch_size / (time.perf_counter() - start)
+    for name, fast in (("augment_batch", False), ("augment_batch with resample_affine", True)):
+        generator = torch.Generator().manual_seed(0)
+        augment(batch, config, generator, fast)
+        start = time.perf_counter()
+        for _ in range(batches):
+            augment(batch, config, generator, fast)
+        out[name] = batches * batch_size / (time.perf_counter() - start)
+    return out
 
 
 def loader_crops_per_s(base: CropDataset, workers: int, samples: int, batch_size: int) -> float:
@@ -202,89 +378,238 @@ def loader_crops_per_s(base: CropDataset, workers: int, samples: int, batch_size
     return rate
 
 
-def main(argv: list[str] | None = None) -> None:
+# ----------------------------------------------------------------------------------------------------
+# one ISA group
+# ----------------------------------------------------------------------------------------------------
+
+def isa_label(bf16: bool = False) -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    family = "AVX-512" if "512" in capability else capability
+    return f"{family} {'bf16' if bf16 else 'fp32'}"
+
+
+def run_group(base: CropDataset, base16: CropDataset, args: argparse.Namespace, native_bf16: bool) -> dict[str, Any]:
+    """The training rows at this process's ISA: book-style, this loop with all levers, each lever left out,
+    no levers; book-style with the allocator lever; batch 64 for information; bf16 where native."""
+    cpu_line = cpu_speed.cpu_report()
+    print(cpu_line, flush=True)
+    bs = args.batch_size
+    per_round = bs * args.batches_per_turn
+    isa = isa_label()
+    book = "book-style loop (per-sample aug, eager fp32, contiguous)"
+    specs: list[tuple[str, Callable[[], Any] | None]] = [
+        (book, lambda: BookStyleLoop(base, bs)),
+        ("this loop, all levers", lambda: ThisLoop(base16, bs, set(LEVERS))),
+        *[(f"this loop, all levers but {LEVER_TEXT[lever]}",
+           lambda lever=lever: ThisLoop(base16, bs, set(LEVERS) - {lever})) for lever in LEVERS],
+        ("this loop, no levers (luna-train's fp32 CPU path before cpu_speed)", lambda: ThisLoop(base16, bs, set())),
+        ("book-style loop + allocator lever (for reference)", lambda: BookStyleLoop(base, bs, allocator=True)),
+    ]
+    if args.compile:
+        specs.append(("this loop, all levers + torch.compile (inductor)", None))
+    loops: list[Any] = []
+    compile_s = None
+    for name, make in specs:
+        if make is None:  # compiled from scratch: a fresh inductor cache, as a first luna-train run meets it
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="luna-bench-inductor-")
+            set_allocator(True)
+            loop = ThisLoop(base16, bs, set(LEVERS), compile_model=True)
+            start = time.perf_counter()
+            loop.train(bs, epoch=0)
+            compile_s = time.perf_counter() - start
+            print(f"torch.compile: first batch (compilation, empty cache) {compile_s:.0f} s", flush=True)
+            loops.append(loop)
+        else:
+            loops.append(make())
+    outside = OutsideLoad()
+    rates = interleaved_rates(loops, per_round, args.rounds, bs)
+    outside_cores = outside.cores()
+    rows = []
+    for (name, _), r in zip(specs, rates):
+        rows.append(row(isa, name, bs, r, None if name == book else rates[0]))
+        print(f"{isa:10s} {name:<90s} {max(r):7.1f} (median {np.median(r):.1f})", flush=True)
+    del loops
+    if args.batch_64:
+        big = 64
+        loops64 = [BookStyleLoop(base, big), ThisLoop(base16, big, set(LEVERS))]
+        rates64 = interleaved_rates(loops64, big, max(3, args.rounds // 2), big)
+        for name, r in zip([book, "this loop, all levers"], rates64):
+            rows.append(row(isa, name, big, r, None if name == book else rates64[0]))
+            print(f"{isa:10s} {name + ' (batch 64)':<90s} {max(r):7.1f} (median {np.median(r):.1f})", flush=True)
+        del loops64
+    if native_bf16:
+        loops_bf = [BookStyleLoop(base, bs), ThisLoop(base16, bs, {"allocator", "augment"}, amp=True)]
+        rates_bf = interleaved_rates(loops_bf, per_round, args.rounds, bs)
+        rows.append(row(isa, book, bs, rates_bf[0], None))
+        rows.append(row(isa_label(bf16=True), "this loop, bf16 autocast, allocator + augmentation levers", bs,
+                        rates_bf[1], rates_bf[0]))
+        for r in rows[-2:]:
+            print(f"{r['isa']:10s} {r['loop']:<90s} {r['best']:7.1f} (median {r['median']:.1f})", flush=True)
+    set_allocator(True)
+    return {"cpu": cpu_line, "isa": isa, "rows": rows, "outside_cores": outside_cores, "compile_s": compile_s,
+            "per_round": per_round, "load_at_start": LOAD_AT_START}
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crops", nargs="+", help="crop stores (default: a generated store of random crops)")
-    p.add_argument("--splits", help="splits.tsv for --crops")
-    p.add_argument("--samples", type=int, default=384, help="training samples timed per variant (all rounds)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--splits", help="splits.tsv for --crops (default: every crop of the stores trains)")
+    p.add_argument("--test-fold", type=int, default=0, help="with --splits: the test fold (its train role is used)")
+    p.add_argument("--selection-fraction", type=float, default=0.2, help="with --splits: as luna-train's")
+    p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds")
+    p.add_argument("--batches-per-turn", type=int, default=1, help="batches each loop trains per round")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-64", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time book-style vs. all levers at batch 64 (for information)")
+    p.add_argument("--compile", action="store_true",
+                   help="add a row with torch.compile on top of all levers (compilation takes ~1 min on 2 cores)")
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help="run the AVX2 rows in a child process with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 "
+                   "even on an AVX2 CPU (checks the emulation path)")
+    p.add_argument("--omp-wait-policy", choices=("active", "default"), default="active",
+                   help="active: OMP_WAIT_POLICY=ACTIVE unless set (spinning OpenMP threads, robust to outside load); "
+                   "default: libgomp's own policy")
+    p.add_argument("--loader", action="store_true",
+                   help="this loop reads its batches through the DataLoader (HDF5, 0 workers; luna-train "
+                   "--data-on-device never) instead of gathering them from crops resident in memory")
     p.add_argument("--loader-samples", type=int, default=1024, help="crops read per loader measurement")
     p.add_argument("--out", default=str(RESULTS), help="markdown table to write")
-    args = p.parse_args(argv)
+    p.add_argument("--child-json", help=argparse.SUPPRESS)  # internal: run the rows of this process's ISA only
+    return p.parse_args(argv)
+
+
+def child_argv(args: argparse.Namespace, crops: list[str], json_path: Path) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--crops", *crops,
+            "--batches-per-turn", str(args.batches_per_turn), "--rounds", str(args.rounds),
+            "--batch-size", str(args.batch_size), "--child-json", str(json_path),
+            "--test-fold", str(args.test_fold), "--selection-fraction", str(args.selection_fraction)]
+    if args.splits:
+        argv += ["--splits", args.splits]
+    if not args.batch_64:
+        argv.append("--no-batch-64")
+    if args.compile:
+        argv.append("--compile")
+    argv += ["--omp-wait-policy", args.omp_wait_policy]
+    if args.loader:
+        argv.append("--loader")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    global USE_LOADER
+    args = parse_args(argv)
+    USE_LOADER = args.loader
     logging.basicConfig(level=logging.WARNING)
-    warmup = 2
-    load_before = os.getloadavg()[0]
+    allocator_line = cpu_speed.tune_allocator()  # the levers' default; loops switch it per their setting
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         if args.crops:
-            crops, splits, data_name = args.crops, args.splits, ", ".join(Path(c).name for c in args.crops)
+            crops, data_name = args.crops, ", ".join(Path(c).name for c in args.crops)
         else:
-            crops, splits = make_random_store(tmp_path)
+            crops = make_random_store(tmp_path)
             data_name = "generated store, 600 random crops (60 positive)"
-        base = CropDataset(crops, splits, "train")
-        results: list[tuple[str, float, float]] = []
+        roles = train_roles(crops, args.splits, args.test_fold, args.selection_fraction)
+        base = CropDataset(crops, roles, "train")
+        base16 = CropDataset(crops, roles, "train", int16=True)
 
-        def record(name: str, best: float, median: float | None = None) -> None:
-            results.append((name, best, best if median is None else median))
-            print(f"{name:<72s} {best:8.1f} {'' if median is None else f'(median {median:.1f})'}", flush=True)
+        if args.child_json:  # a capped-ISA child: the rows of its ISA, as JSON
+            group = run_group(base, base16, args, native_bf16=False)
+            Path(args.child_json).write_text(json.dumps(group))
+            return
 
-        variants = [
-            ("train, this loop, defaults (channels_last, bf16 autocast auto, batched aug)", []),
-            ("train, this loop, --amp off (channels_last fp32)", ["--amp", "off"]),
-            ("train, this loop, --amp off --no-channels-last (batched aug only)", ["--amp", "off", "--no-channels-last"]),
-            ("train, this loop, --amp on --no-channels-last", ["--amp", "on", "--no-channels-last"]),
-            ("train, this loop, defaults + --num-workers 1", ["--num-workers", "1"]),
-        ]
-        loops = [BookStyleLoop(base, args.batch_size)]
-        loops += [AppLoop(crops, splits, tmp_path / f"run{k}", args.batch_size, extra)
-                  for k, (_, extra) in enumerate(variants)]
-        names = ["train, book-style loop (per-sample aug, eager fp32, contiguous)"] + [v[0] for v in variants]
-        per_round = args.samples // args.rounds // args.batch_size * args.batch_size
-        for name, (best, median) in zip(names, interleaved_rates(loops, per_round, args.rounds,
-                                                                 warmup * args.batch_size)):
-            record(name, best, median)
-        del loops
-        per_sample, batched = augmentation_crops_per_s(base, args.batch_size, 6)
-        record("augmentation only, book per-sample (crops/s)", per_sample)
-        record("augmentation only, batched augment_batch (crops/s)", batched)
-        base16 = CropDataset(crops, splits, "train", int16=True)  # what the trainer's loader carries
-        for workers in (0, 1, 2):
-            record(f"loader only, {workers} workers (crops/s)", loader_crops_per_s(base16, workers,
-                                                                                 args.loader_samples, args.batch_size))
+        capability = torch.backends.cpu.get_cpu_capability()
+        native_avx512 = "512" in capability
+        native_bf16 = cpu_speed.cpu_has_native_bf16()
+        groups: list[dict[str, Any]] = []
+        if native_avx512 or args.emulate_avx2:
+            json_path = tmp_path / "avx2.json"
+            env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+            print("AVX2 rows: child process with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2", flush=True)
+            subprocess.run(child_argv(args, crops, json_path), env=env, check=True)
+            groups.append(json.loads(json_path.read_text()))
+        if not args.emulate_avx2 or native_avx512:
+            groups.append(run_group(base, base16, args, native_bf16=native_bf16))
+        lever_error, batch_noise, logits_equal = lever_gradient_difference(base, args.batch_size)
+        print(f"gradient difference with vs. without the conv levers: {lever_error:.1e}; between two batches: "
+              f"{batch_noise:.2f}; logits bit-identical: {logits_equal}")
+        aug = augmentation_crops_per_s(base, args.batch_size, 6)
+        loader = {w: loader_crops_per_s(base16, w, args.loader_samples, args.batch_size) for w in (0, 2)}
+        lever_line = cpu_speed.speed_up_training(LunaModel())
 
-        amp_error, batch_noise = amp_gradient_error(base, args.batch_size)
-        print(f"gradient difference bf16 vs fp32: {amp_error:.4f}; between two fp32 batches: {batch_noise:.4f}")
+    write_table(args, groups, data_name, native_avx512, native_bf16, allocator_line, lever_line,
+                (lever_error, batch_noise, logits_equal), aug, loader)
 
-    speedup = results[1][1] / results[0][1]
-    speedup_median = results[1][2] / results[0][2]
-    print(f"speed-up of this loop (defaults) over the book-style loop: {speedup:.2f}x best, "
-          f"{speedup_median:.2f}x median")
+
+def write_table(args: argparse.Namespace, groups: list[dict], data_name: str, native_avx512: bool, native_bf16: bool,
+                allocator_line: str, lever_line: str, numerics: tuple[float, float, bool], aug: dict[str, float],
+                loader: dict[int, float]) -> None:
+    rows = [r for g in groups for r in g["rows"]]
+    table = ["| ISA | loop | batch | samples/s (best round) | median round | x book-style (median of rounds) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for g in groups:
+        for r in g["rows"]:
+            times = "1.00x" if r["x_book"] is None and r["loop"].startswith("book-style loop (") else (
+                f"{r['x_book']:.2f}x" if r["x_book"] is not None else "")
+            table.append(f"| {r['isa']} | {r['loop']} | {r['batch']} | {r['best']:.1f} | {r['median']:.1f} | {times} |")
+    if not native_avx512:
+        table.append("| AVX-512 fp32 | (all rows) | | not available on this CPU | | |")
+    if not native_bf16:
+        table.append("| AVX-512 bf16 | (all rows) | | not available on this CPU (no native bf16) | | |")
+    summary = []
+    for g in groups:
+        for r in g["rows"]:
+            if r["loop"] == "this loop, all levers" and r["x_book"] is not None:
+                summary.append(f"{r['isa']}, batch {r['batch']}: this loop with all levers runs **{r['x_book']:.2f}x** "
+                               f"the book-style loop (median of the per-round ratios).")
+    lever_error, batch_noise, logits_equal = numerics
+    cpu_lines = "; ".join(f"`{g['cpu']}`" for g in groups)
+    loads = "; ".join(
+        f"load average at start {g['load_at_start']:.2f}, other processes used "
+        + (f"{g['outside_cores']:.2f} of the {os.cpu_count()} cores" if g.get("outside_cores") is not None
+           else "an unknown share of the cores") + " during the timed rounds" for g in groups)
+    compile_note = [f"torch.compile: the first batch (compilation with an empty inductor cache) took "
+                    f"{g['compile_s']:.0f} s." for g in groups
+                    if g.get("compile_s")]
     lines = [
-        "# Training throughput (benchmarks/train.py)",
+        "# Training throughput on the CPU (benchmarks/train.py)",
         "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"load average before the run {load_before:.2f} (a shared box: compare rows of one run only), "
-        f"native CPU bf16: {cpu_has_native_bf16()}. Data: {data_name}. Batch size {args.batch_size}, "
-        f"{args.samples} timed training samples per variant after a warm-up, in {args.rounds} interleaved rounds "
-        "(best and median round shown); all in one run.",
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}. ISA: {cpu_lines}. Data: {data_name}; this loop's batches "
+        f"{'through the DataLoader (--loader)' if args.loader else 'gathered from crops resident in memory'}. "
+        f"{groups[0]['per_round']} training samples per loop per round after a warm-up batch, {args.rounds} "
+        f"interleaved rounds in one process (best and median round shown; batch 64: half the rounds); {loads} "
+        "(a shared box: compare rows of one run only).",
         "",
-        "| measurement | samples/s (best round) | median round |",
-        "|---|---:|---:|",
-        *[f"| {name} | {best:.1f} | {median:.1f} |" for name, best, median in results],
+        *table,
         "",
-        f"Speed-up of this loop (defaults) over the book-style loop: **{speedup:.2f}x** (best rounds), "
-        f"{speedup_median:.2f}x (median rounds).",
+        *summary,
         "",
-        "Numerics of bf16 autocast (same weights, same batch of real crops, all parameter gradients): relative "
-        f"L2 difference bf16 vs. fp32 = {amp_error:.4f}; between two different fp32 batches = {batch_noise:.4f} "
-        "(the SGD noise any step already carries).",
+        *compile_note,
+        f"Levers (luna.cpu_speed): `{allocator_line}`; `{lever_line}`; augmentation: "
+        "`resample_affine` for augment_batch's affine_grid + grid_sample.",
+        "",
+        "Numerics of the conv levers (same weights, same batch): forward logits bit-identical: "
+        f"{logits_equal}; relative L2 difference of all parameter gradients {lever_error:.1e}, against "
+        f"{batch_noise:.2f} between two batches.",
+        "",
+        "| augmentation only | crops/s |",
+        "|---|---:|",
+        *[f"| {name} | {rate:.0f} |" for name, rate in aug.items()],
+        "",
+        "| loader only (int16 crops, batched reads) | crops/s |",
+        "|---|---:|",
+        *[f"| {w} workers | {rate:.0f} |" for w, rate in loader.items()],
         "",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
+    print("\n".join(lines))
     print(f"wrote {out}")
 
 

@@ -1,39 +1,56 @@
 """Speed levers for fp32 training on a plain x86 CPU (AVX2, no native bf16), each measured on this repo's
-2-core AMD EPYC (Zen 3, AVX2) box with LunaModel, batch 32, channels_last_3d (benchmarks/results/train.md).
+2-core AMD EPYC (Zen 3, AVX2, KVM) box with LunaModel, batch 32, channels_last_3d, 2 torch threads
+(benchmarks/train.py, benchmarks/results/train.md; the box is shared and noisy: +-15% between runs, so
+every number below comes from interleaved rounds in one process or alternating processes).
 
 None of them changes the model, its init, the loss or what a forward pass computes: forward outputs are
-bit-identical, gradients differ from the plain eager ones only by fp32 reduction order (relative L2
-difference ~5e-6, against ~0.3 between two batches; tests/test_cpu_speed.py checks both).
+bit-identical, gradients differ from plain eager ones by fp32 reduction order only (relative L2 difference
+~1e-6, against ~0.16 between two batches); tests/test_cpu_speed.py checks both.
 
-* :func:`tune_allocator` — glibc's malloc returns every freed block of 32 MiB or more to the kernel
+* :func:`tune_allocator` — glibc's malloc hands every freed block of 32 MiB or more back to the kernel
   (mmap/munmap), and block1's activations and gradients are 37.7 MB each (32 x 8 x 32 x 48 x 48 fp32): every
-  step the kernel hands ~7 of them back as fresh zero pages, ~120,000 page faults (~0.35 s of system time,
-  ~1/4 of the step). Keeping big blocks on the heap ends the faults: ~1.3x on the whole step. This is also
-  why ``aten::threshold_backward`` and ``aten::fill_`` look slow in torch.profiler (they are the first to
-  touch fresh pages); the profiler's own allocations bring the faults back even with the allocator tuned,
-  so time those ops without it.
-* :func:`speed_up_training` — two exact rewrites of the backward pass of the convolutions:
-  - oneDNN's JIT AVX2 kernel for convolution weight gradients refuses depth padding (``f_pad == 0`` is one
-    of its conditions), so every 3-D conv with ``padding=1`` falls back to the im2col + GEMM path
-    (``x64:gemm:jit`` in ``ONEDNN_VERBOSE``), which copies a 27x input per image. Padding the input in depth
-    by hand (``F.pad``) and convolving with ``padding=(0, 1, 1)`` gives the same sums through the JIT kernel:
-    weight gradients ~1.3-2.5x faster (block1.conv2: ~260 -> ~150 ms CPU time per step).
-  - block1.conv1 reads the tail BatchNorm's output, whose own input (the batch) needs no gradient; the
-    plain backward computes the 1-channel gradient of that output (~120 ms, a full-resolution conv) only
-    for the BatchNorm's two parameters. Here conv1's weight gradient is taken against the normalised
-    input ``xhat`` instead, and the BatchNorm's gradients follow from it in closed form
-    (``grad_gamma = sum(w * G_xhat)``, ``grad_beta = sum(w * G_1)``, ``grad_w = gamma G_xhat + beta G_1``
-    with ``G_1`` box sums of the output gradient).
-  Together ~1.3x on the step (CPU time of one thread); with the allocator, ~1.6-1.7x.
-* :func:`affine_grid_3d` — ``F.affine_grid`` for 5-D sizes by broadcasting instead of a (N, D*H*W, 4) x
-  (N, 4, 3) bmm: ~40 ms less per batch of 32 (augment_batch's grid; values equal to ~2e-7).
-* :func:`cpu_report` — one log line: ATen's CPU capability, the ISA oneDNN runs, native bf16, threads, and
-  the emulation variables (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``) if set.
+  step then touches ~7 such blocks as fresh zero pages, 120,000-150,000 page faults (0.3-0.45 s of system
+  time a step when faults are dear on this VM). Keeping big blocks on the heap ends the faults: 1.1-1.35x on
+  the training step (the cost of a fault varies with the VM's state), 1.3x on validation's forward pass
+  (batch 64: 455 -> 346 ms); ~+0.1-0.25 GB resident. This is also why ``aten::threshold_backward`` (ReLU
+  backward, ~80 ms a call) and ``aten::fill_`` (~70 ms) look slow in torch.profiler: they are the first to
+  touch the fresh pages (without faults: ~7 ms and ~4 ms). The profiler's own allocations bring the faults
+  back even with the allocator tuned, so time those ops without it.
+* :func:`speed_up_training` — exact rewrites of the backward pass of the convolutions, ~1.4x on the step
+  (all other levers on, the step without them runs at 0.71x):
+  - oneDNN's JIT AVX2 kernel for convolution weight gradients refuses depth padding (``f_pad == 0`` is one of
+    its conditions), so every 3-D conv with ``padding=1`` falls back to im2col + GEMM (``x64:gemm:jit`` in
+    ``ONEDNN_VERBOSE``), which copies a 27x input per image. Padding the input in depth by hand (``F.pad``)
+    and convolving with ``padding=(0, 1, 1)`` gives the same sums through the JIT kernel: weight gradients
+    1.1-2.5x faster (block1.conv2: ~200 -> ~80 ms at batch 32 on 2 cores).
+  - block1.conv1 reads the tail BatchNorm's output, whose own input (the batch) needs no gradient; the plain
+    backward computes the full-resolution gradient of that output (~60 ms) only for the BatchNorm's two
+    parameters. Here conv1's weight gradient is taken against the normalised input ``xhat`` and the
+    BatchNorm's gradients follow in closed form (``grad_gamma = sum(w * G_xhat)``,
+    ``grad_beta = sum(w * G_1)``, ``grad_w = gamma G_xhat + beta G_1``, ``G_1`` box sums of the output
+    gradient); that weight gradient itself runs as a 3-channel (3, 3, 1) conv over width shifts of ``xhat``,
+    a JIT path ~4x faster than the 1-channel GEMM one (:func:`one_channel_weight_grad`).
+* :func:`resample_affine` — augment_batch's ``affine_grid`` + 3-D ``grid_sample`` as a 2-D resampling of the
+  slices plus a linear interpolation in depth (exact for AugmentConfig's affines, which never mix depth into
+  the plane): ~60 -> ~15 ms per batch of 32 on 2 cores, 1.05-1.15x on the step; values equal to fp32
+  rounding.
+  :func:`affine_grid_3d` is ``F.affine_grid`` for 5-D sizes by broadcasting (~6x faster than its bmm).
+* :func:`cpu_report` — one log line: ATen's CPU capability, the ISA oneDNN runs (its verbose header), native
+  bf16, threads, and ``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` / ``OMP_*`` when set (the AVX2
+  emulation on AVX-512 CPUs: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``, bf16 off).
 
-Measured and not used: torch.compile (inductor, CPU): ~1.0x on the eager step and ~1.04x on top of these
-levers, for 30-75 s of compilation on 2 cores; jemalloc (LD_PRELOAD): no fewer page faults than glibc's
-default; tcmalloc: no faults but slower; 1 thread instead of 2; the int16 -> float conversion (<1 ms) and the
-optimizer step (<1 ms) are not worth touching.
+Not a function here because it must be set before torch is imported: ``OMP_WAIT_POLICY=ACTIVE`` (libgomp's
+threads spin between parallel regions instead of sleeping). Quiet box: ~+3%; next to another CPU-bound
+process, even a niced one: 45 vs 1.4 samples/s (a sleeping thread waits milliseconds for its core, hundreds
+of times a step); ``PASSIVE``: 0.7x. One torch thread instead of 2: ~0.55x.
+
+Measured and not used: torch.compile (inductor, CPU) on top of these levers: 0.9-1.04x, for 26-75 s of
+compilation on 2 cores (gradients ~7e-5 from eager); jemalloc (LD_PRELOAD): more page faults than glibc
+(170,000-210,000 a step), 0.6-0.85x; tcmalloc (LD_PRELOAD): no faults either and 0.95-1.25x of the tuned
+glibc in paired runs — a launcher option, not something the app can do; transparent huge pages
+(``THP_MEM_ALLOC_ENABLE=1``): slower; ReLU not in place: same speed; the int16 -> float conversion (0.3 ms),
+``zero_grad(set_to_none=True)`` (0.03 ms) and the SGD step (0.35 ms) are not worth touching; oneDNN off
+(``torch.backends.mkldnn``): weight gradients 2-30x slower.
 """
 
 from __future__ import annotations
@@ -92,11 +109,12 @@ def tune_allocator() -> str:
 
     ``mallopt(M_MMAP_MAX, 0)`` (no mmap-backed blocks) and ``mallopt(M_TRIM_THRESHOLD, 1 GiB)`` (shrink the
     heap only past 1 GiB of free memory at its top). A training step then reuses the same pages for
-    block1's 37.7 MB tensors instead of ~120,000 page faults per step: ~1.3x on the step on the 2-core AVX2
-    box (benchmarks/results/train.md). Costs: freed memory stays with the process (up to 1 GiB above its
-    peak). Call once, early (before the model and loaders are built; loader workers forked later inherit
-    it). Process-wide and harmless on GPUs too. Nothing is done when the C library is not glibc or another
-    allocator is preloaded (the line says so)."""
+    block1's 37.7 MB tensors instead of 120,000-150,000 page faults: 1.1-1.35x on the training step and
+    1.3x on validation's forward pass on the 2-core AVX2 box (benchmarks/results/train.md). Costs: freed
+    memory stays with the process (up to 1 GiB above its peak; measured +0.1-0.25 GB). Call once, early
+    (before the model and loaders are built; loader workers forked later inherit it). Process-wide and
+    harmless on GPUs too. Nothing is done when the C library is not glibc or another allocator is preloaded
+    (the line says so)."""
     other = _preloaded_allocator()
     if other:
         return f"allocator: {other} preloaded (LD_PRELOAD); glibc malloc left as is"
@@ -138,6 +156,7 @@ def allocator_tuned() -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 _conv_backward = torch.ops.aten.convolution_backward
+CL_3D = torch.channels_last_3d
 
 
 def _autocast_on() -> bool:
@@ -211,6 +230,24 @@ def box_sums(grad_out: torch.Tensor) -> torch.Tensor:
     return s.permute(3, 0, 1, 2).contiguous()
 
 
+def one_channel_weight_grad(grad_out: torch.Tensor, x: torch.Tensor,
+                            with_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (O, 1, 3, 3, 3) and bias gradients of ``conv3d(x, w, b, padding=1)`` for a 1-channel ``x``
+    (N, 1, D, H, W), computed as the weight gradient of a (3, 3, 1)-kernel conv over the three width shifts
+    of ``x`` stacked as 3 channels (depth padded by hand): oneDNN's JIT AVX2 kernel has a path for exactly 3
+    input channels, ~4x faster than the im2col + GEMM path the 1-channel conv takes (~100 -> ~25 ms for
+    block1.conv1 at batch 32 on 2 cores)."""
+    n, _, d, h, w = x.shape
+    o = grad_out.shape[1]
+    padded = F.pad(x, (1, 1, 0, 0, 1, 1))  # width by 1 for the shifts, depth by 1 for the JIT kernel
+    shifts = torch.cat([padded[..., k:k + w] for k in range(3)], dim=1).contiguous(memory_format=CL_3D)
+    weight = torch.empty((o, 3, 3, 3, 1), dtype=x.dtype).contiguous(memory_format=CL_3D)  # only its shape is used
+    _, grad_w, grad_b = _conv_backward(grad_out, shifts, weight, [o] if with_bias else None, [1, 1, 1], [0, 1, 0],
+                                       [1, 1, 1], False, [0, 0, 0], 1, [False, True, with_bias])
+    # (O, kw, kd, kh, 1) -> (O, 1, kd, kh, kw)
+    return grad_w.reshape(o, 3, 3, 3).permute(0, 2, 3, 1).unsqueeze(1), grad_b
+
+
 class _InputNormConv(torch.autograd.Function):
     """conv3d(bn_out, w, b, padding 1) where ``bn_out = gamma * xhat + beta`` is a 1-channel BatchNorm of an
     input that needs no gradient: the backward takes conv's weight gradient against ``xhat`` and derives
@@ -227,9 +264,7 @@ class _InputNormConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         xhat, gamma, beta, weight = ctx.saved_tensors
-        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-        _, g_xhat, grad_b = _conv_backward(grad_out, xhat, weight, bias_sizes, [1, 1, 1], [1, 1, 1], [1, 1, 1],
-                                           False, [0, 0, 0], 1, [False, True, ctx.has_bias])
+        g_xhat, grad_b = one_channel_weight_grad(grad_out, xhat, ctx.has_bias)
         g_one = box_sums(grad_out).unsqueeze(1).to(g_xhat.dtype)  # (O, 1, 3, 3, 3)
         grad_w = g_xhat * gamma.reshape(()) + g_one * beta.reshape(())
         grad_gamma = (weight * g_xhat).sum().reshape(1)
@@ -289,9 +324,9 @@ class _FastLunaModel(LunaModel):
 def speed_up_training(model: nn.Module) -> str:
     """Switch a LunaModel (in place: same object, parameters, state dict keys and optimizer) to the faster
     fp32 CPU backward: every ``nn.Conv3d`` with depth padding and more than one input channel becomes a
-    :class:`DepthPaddedConv3d`, and the
-    model routes tail BatchNorm + block1.conv1 through :func:`input_norm_conv`. Eval, no_grad, autocast and
-    CUDA run the plain code. Returns a log line. ~1.3x on the training step (2-core AVX2 box, CPU time).
+    :class:`DepthPaddedConv3d`, and the model routes tail BatchNorm + block1.conv1 through
+    :func:`input_norm_conv`. Eval, no_grad, autocast and CUDA run the plain code. Returns a log line.
+    ~1.4x on the training step (2-core AVX2 box, other levers on).
 
     Apply to the model itself, before wrapping it (DistributedDataParallel); a deep copy (EMA) keeps the
     classes, which behave as the plain ones in eval. :func:`restore_training` undoes it."""
@@ -340,6 +375,46 @@ def affine_grid_3d(theta: torch.Tensor, size: list[int] | torch.Size) -> torch.T
              + t[:, None, None, 3])                                           # (N, H, W, 3)
     depth = t[:, None, 2] * zs[None, :, None]                                 # (N, D, 3)
     return plane[:, None] + depth[:, :, None, None]                           # (N, D, H, W, 3)
+
+
+def _is_separable(theta: torch.Tensor) -> bool:
+    """Whether (N, 3, 4) affines keep depth apart from the plane: z' depends on z alone and x', y' not on z."""
+    return bool((theta[:, 2, :2] == 0).all() and (theta[:, :2, 2] == 0).all())
+
+
+def resample_affine(batch: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``F.grid_sample(batch, F.affine_grid(theta, batch.shape, align_corners=False), mode="bilinear",
+    padding_mode="border", align_corners=False)`` for a float (N, C, D, H, W) batch — augment_batch's
+    resampling — faster on the CPU when every affine keeps depth apart from the plane (flips, offsets,
+    scales and rotations about the slice axis, i.e. all of AugmentConfig's): trilinear interpolation is then
+    a 2-D bilinear resampling of every slice (one 2-D grid per sample, the slices as channels: PyTorch's
+    vectorised 2-D kernel) followed by linear interpolation between the two nearest resampled slices.
+    Same sampling positions and border clamping; values equal to fp32 rounding (~5e-3 HU on crops of
+    +-1000 HU). ~60 -> ~15 ms per batch of 32 crops on 2 AVX2 cores (the 3-D kernel is not vectorised).
+    Other affines, and other devices, take the 3-D path unchanged."""
+    if batch.device.type != "cpu" or batch.dim() != 5 or not _is_separable(theta):
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    n, c, d, h, w = batch.shape
+
+    def base(steps: int) -> torch.Tensor:  # normalised pixel centres (align_corners=False)
+        return (torch.arange(steps, dtype=theta.dtype, device=theta.device) * 2 + 1) / steps - 1
+
+    xs, ys, zs = base(w), base(h), base(d)
+    t = theta.transpose(1, 2)  # (N, 4, 3)
+    grid = (t[:, None, None, 0, :2] * xs[None, None, :, None] + t[:, None, None, 1, :2] * ys[None, :, None, None]
+            + t[:, None, None, 3, :2])                                          # (N, H, W, 2): x', y'
+    planes = F.grid_sample(batch.reshape(n, c * d, h, w), grid.to(batch.dtype), mode="bilinear",
+                           padding_mode="border", align_corners=False).reshape(n, c, d, h, w)
+    z = t[:, 2, 2:3] * zs[None] + t[:, 3, 2:3]                                 # (N, D): z' per output slice
+    iz = (((z + 1) * d - 1) / 2).clamp(0, d - 1)                               # unnormalise, border clamp
+    z0 = iz.floor()
+    frac = (iz - z0).to(batch.dtype)[:, None, :, None, None]
+    z0 = z0.long()
+    z1 = (z0 + 1).clamp(max=d - 1)
+    lower = torch.gather(planes, 2, z0[:, None, :, None, None].expand(n, c, d, h, w))
+    upper = torch.gather(planes, 2, z1[:, None, :, None, None].expand(n, c, d, h, w))
+    return lower * (1 - frac) + upper * frac
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,8 +477,8 @@ def cpu_report() -> str:
     """One log line on what this CPU runs: ATen's kernel ISA (``torch.backends.cpu.get_cpu_capability()``),
     oneDNN's, native bf16, torch threads, and the emulation variables when set."""
     capability = torch.backends.cpu.get_cpu_capability()
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")
-                   if os.environ.get(k))
+    names = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+    env = " ".join(f"{k}={os.environ[k]}" for k in names if os.environ.get(k))
     return (f"cpu: ATen capability {capability}, oneDNN ISA {onednn_isa()}, native bf16 "
             f"{'yes' if cpu_has_native_bf16() else 'no'}, {torch.get_num_threads()} torch threads"
             + (f" ({env})" if env else ""))

@@ -382,29 +382,3 @@ def augment_batch(batch: torch.Tensor, config: AugmentConfig, generator: torch.G
         noise = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
         batch = batch + noise * config.noise_hu
     return batch
-
-
-def augment_one_book_style(crop: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
-    """The book's per-sample version (getCtAugmentedCandidate), for the benchmark only: one (C, I, R, C)
-    crop, Python ``random`` for the parameters, the global torch RNG for the noise."""
-    import random
-
-    transform = torch.eye(4)
-    for i in range(3):
-        if config.flip and random.random() > 0.5:
-            transform[i, i] *= -1
-        if config.offset:
-            transform[i, 3] = config.offset * (random.random() * 2 - 1)
-        if config.scale:
-            transform[i, i] *= 1.0 + config.scale * (random.random() * 2 - 1)
-    if config.rotate:
-        angle = random.random() * math.pi * 2
-        s, c = math.sin(angle), math.cos(angle)
-        rotation = torch.tensor([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float32)
-        transform @= rotation
-    chunk = crop.unsqueeze(0).float()
-    grid = F.affine_grid(transform[:3].unsqueeze(0), list(chunk.shape), align_corners=False)
-    out = F.grid_sample(chunk, grid, padding_mode="border", align_corners=False)
-    if config.noise_hu:
-        out = out + torch.randn_like(out) * config.noise_hu
-    return out[0]

@@ -552,7 +552,7 @@ class LunaTrainingApp:
         self.model.to(self.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
-        if self.device.type == "cpu":  # exact rewrites of the fp32 CPU backward (luna.cpu_speed); same module
+        if self.device.type == "cpu" and not self.use_amp:  # exact rewrites of the fp32 CPU backward, same module
             logger.info(speed_up_training(self.model))
         self.optimizer = make_optimizer(args, self.model)
         # the averaged weights are what is evaluated and kept when --ema-decay is on
