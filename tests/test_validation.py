@@ -630,3 +630,17 @@ def test_lidc_end_to_end(lidc_case, tmp_path):
     assert curve.iloc[1]["threshold"] == pytest.approx(nodule_p) and curve.iloc[1]["sensitivity"] == 1.0
     for name in ("roc.png", "pr.png", "froc.png"):
         assert_valid_png(out / name)
+
+
+def test_tta_averages_the_mirror_views():
+    from luna.inference import TTA_FLIPS, tta_probabilities
+
+    model = ct_model(3)
+    batch = torch.from_numpy(np.stack([synthetic_crop(np.random.default_rng(k), k % 2 == 0) for k in range(3)])
+                             .astype(np.float32))[:, None]
+    with torch.no_grad():
+        views = [torch.softmax(model(torch.flip(batch, d) if d else batch)[0], 1) for d in TTA_FLIPS["flip4"]]
+        expected = torch.stack(views).mean(0)
+        torch.testing.assert_close(tta_probabilities(model, batch, "flip4"), expected)
+        torch.testing.assert_close(tta_probabilities(model, batch, "none"), views[0])
+    assert len(TTA_FLIPS["flip8"]) == 8 and len(set(TTA_FLIPS["flip8"])) == 8

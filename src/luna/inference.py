@@ -9,7 +9,10 @@ model on the same scans gives the same probabilities in both (docs/design.md, "P
 * the memory format the model was trained with (channels_last_3d by default; fp32 channels_last and
   contiguous differ by up to ~1e-5);
 * model.eval(), ``torch.inference_mode``, crops converted as in training (int16 HU -> float32 HU, no rescaling);
-* probabilities ``softmax(logits)[:, 1]`` and per-sample cross-entropy computed from float32 logits.
+* probabilities ``softmax(logits)[:, 1]`` and per-sample cross-entropy computed from float32 logits;
+* optional test-time augmentation (``tta``): the probabilities of the crop and its mirror images averaged,
+  the loss ``-log`` of the averaged probability of the true class; recorded in model.pt, so the selection
+  pass and luna-predict average the same views.
 
 HDF5 batches are read by one background thread while the model runs on the previous one.
 """
@@ -34,6 +37,23 @@ from luna.store import CropStore
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 10.0
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "flip4": ((), (3,), (4,), (3, 4)),                                        # mirror rows and/or columns
+    "flip8": ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)),       # and slices
+}
+"""Test-time augmentation: the tensor dims mirrored for each view of a (N, 1, I, R, C) batch."""
+
+
+def tta_probabilities(model: torch.nn.Module, batch: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """(N, 2) class probabilities, float32: ``softmax(model(batch))`` averaged over the views of ``tta``."""
+    views = TTA_FLIPS[tta]
+    total = None
+    for dims in views:
+        logits = model(torch.flip(batch, dims) if dims else batch)[0].float()
+        p = torch.softmax(logits, dim=1)
+        total = p if total is None else total + p
+    return total / len(views)
 
 
 def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
@@ -77,13 +97,14 @@ def predict(
     channels_last: bool = True,
     what: str = "candidates",
     resident: torch.Tensor | None = None,
+    tta: str = "none",
 ) -> Prediction:
     """Probabilities (and losses, with ``labels``) of ``rows`` (columns store, row), in order, in float32.
 
     The model is put in eval mode and in the given memory format on ``device``. ``resident``: the rows' crops
     already on the device (int16 (n, 1, I, R, C), in ``rows`` order; the training stage keeps its selection
-    crops so), else they are read from the stores. Progress with rate and ETA is logged every
-    :data:`PROGRESS_INTERVAL_S` seconds and at the end.
+    crops so), else they are read from the stores. ``tta``: a key of :data:`TTA_FLIPS`. Progress with rate and
+    ETA is logged every :data:`PROGRESS_INTERVAL_S` seconds and at the end.
     """
     device = torch.device(device)
     model.eval()
@@ -113,11 +134,18 @@ def predict(
                 batch = pending.result()  # type: ignore[union-attr]
                 pending = submit(pool, k + 1) if k + 1 < len(starts) else None
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            logits = model(batch)[0].float()
-            probability[lo:hi] = torch.softmax(logits, dim=1)[:, 1].cpu().numpy()
+            if tta == "none":
+                logits = model(batch)[0].float()
+                p = torch.softmax(logits, dim=1)
+                per_sample_loss = lambda target: F.cross_entropy(logits, target, reduction="none")  # noqa: E731
+            else:
+                p = tta_probabilities(model, batch, tta)
+                per_sample_loss = lambda target: -torch.log(  # noqa: E731
+                    p.gather(1, target[:, None])[:, 0].clamp_min(torch.finfo(p.dtype).tiny))
+            probability[lo:hi] = p[:, 1].cpu().numpy()
             if labels_t is not None and loss is not None:
                 target = labels_t[lo:hi].to(device, non_blocking=True)
-                loss[lo:hi] = F.cross_entropy(logits, target, reduction="none").cpu().numpy()
+                loss[lo:hi] = per_sample_loss(target).cpu().numpy()
             now = time.perf_counter()
             if now - last_log >= PROGRESS_INTERVAL_S or hi == n:
                 rate = hi / max(now - t0, 1e-9)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import AugmentConfig, CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
 from luna.device import DeviceError, resident_decision, resolve_device, use_bf16
-from luna.inference import predict
+from luna.inference import TTA_FLIPS, predict
 from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, choose_threshold, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, atomic_torch_save, save_checkpoint, unwrap_model
@@ -82,7 +82,7 @@ TB_TAGS = {
 }
 # settings that change what is trained or kept; a state written under others is not resumed
 _FINGERPRINT_ARGS = (
-    "test_fold", "selection_fraction", "keep", "threshold", "selection_interval",
+    "test_fold", "selection_fraction", "keep", "threshold", "selection_interval", "tta",
     "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch",
     "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="operating threshold recorded in model.pt (a positive is p > threshold): a number (0.5 = the "
                          "book), max_f1 (best F1 on the selection set) or recall:R (highest threshold with selection "
                          "recall >= R)")
+    fo.add_argument("--tta", choices=tuple(TTA_FLIPS), default="none",
+                    help="test-time augmentation of every evaluation (the selection pass here, luna-predict later: "
+                         "recorded in model.pt): average the probabilities of the crop and its mirror images, in-plane "
+                         "(flip4) or also in depth (flip8); none = the book")
     fo.add_argument("--selection-interval", type=_positive_int, default=1, metavar="EPOCHS",
                     help="evaluate the selection set every EPOCHS epochs and after the last; only evaluated epochs "
                          "can be kept")
@@ -805,7 +809,8 @@ class LunaTrainingApp:
             resident = self.sel_resident.index_select(0, torch.as_tensor(share, device=self.device))
         prediction = predict(model, self.sel_ds.stores, rows.iloc[share], self.sel_ds.labels[share],
                              batch_size=self.args.batch_size * 2, device=self.device,
-                             channels_last=self.args.channels_last, what="selection crops", resident=resident)
+                             channels_last=self.args.channels_last, what="selection crops", resident=resident,
+                             tta=self.args.tta)
         probability = np.empty(len(rows), dtype=np.float32)
         loss = np.empty(len(rows), dtype=np.float32)
         if self.dist.enabled:

@@ -38,7 +38,7 @@ from luna.evaluation import (
     read_history,
     write_report,
 )
-from luna.inference import Prediction, predict, rows_of_scans
+from luna.inference import TTA_FLIPS, Prediction, predict, rows_of_scans
 from luna.io import OutputError, check_writable_dir, write_tsv
 from luna.luna16 import TableError
 from luna.metrics import MetricsError
@@ -190,6 +190,8 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                         help="channels_last_3d memory format; auto: as the model was trained (model.pt's args)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--tta", choices=("auto", *TTA_FLIPS), default="auto",
+                        help="test-time augmentation; auto: as the model's selection pass (model.pt's args)")
 
 
 def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> PredictResult:
@@ -234,8 +236,12 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
                 len(rows), len(scans), args.scans, fold,
                 "unlabelled" if labels is None else f"{int(labels.sum())} positive", args.model,
                 int(checkpoint["epoch"]), device, "channels_last_3d" if channels_last else "contiguous")
+    if args.tta != "auto" and args.tta != str(checkpoint.get("args", {}).get("tta", "none")):
+        logger.warning("--tta %s differs from the model's selection pass (%s): these probabilities are not the ones "
+                       "its threshold was chosen on", args.tta, checkpoint.get("args", {}).get("tta", "none"))
+    tta = args.tta if args.tta != "auto" else str(checkpoint.get("args", {}).get("tta", "none"))
     prediction = predict(model, stores, rows, labels, batch_size=args.batch_size, device=device,
-                         channels_last=channels_last)
+                         channels_last=channels_last, tta=tta)
     frame = predictions_frame(rows, prediction, labels, fold)
     return PredictResult(frame, list(scans), fold, checkpoint, time.perf_counter() - t0)
 
