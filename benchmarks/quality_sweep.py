@@ -54,8 +54,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
             raise SystemExit(f"unknown variant {text!r}; known: {', '.join(VARIANTS)} (or name:key=value,...)")
         return text, VARIANTS[text]
     name, spec = text.split(":", 1)
+    parts, depth, current = [], 0, ""
+    for char in spec:  # split on the commas outside brackets and braces
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
     overrides = {}
-    for part in spec.split(";") if ";" in spec else spec.split(","):
+    for part in parts:
         key, value = part.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(value)
     return name, overrides
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="scratch folder (data, runs)")
     p.add_argument("--variants", nargs="+", default=["config"],
                    help="variant names (see VARIANTS) or name:key=value,... overriding config/config.yaml's train "
-                        "keys (';' separates when a value holds commas)")
+                        "keys (YAML values; commas inside [] or {} belong to the value)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds, each variant runs once per seed")
     p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
     p.add_argument("--test-fold", type=int, default=0, help="the development data's test fold")

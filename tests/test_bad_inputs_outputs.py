@@ -3,7 +3,8 @@
 Each is one line naming the path, exit 2, and nothing at a declared output path (no store, no skipped table,
 no temp file). Full and read-only file systems are real: small tmpfs mounts (root only; skipped elsewhere with
 the reason). "Another job fills the disk after the start checks" is made real with the test hook
-LUNA_STORE_NO_RESERVE=1, which skips reserving the store and checking free space.
+LUNA_TEST_NO_RESERVE=1 (a test-only hook, tests/sitehooks/sitecustomize.py), which skips reserving the store and
+checking free space.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from luna.candidates import CandidatesApp
 from luna.crops import CropApp
 from luna.ct import write_scan
 from luna.geometry import Geometry, irc_to_xyz
-from luna.store import NO_RESERVE_ENV, read_arrays
+from hooks import hook_env
+from store_util import read_arrays
 
 SUBSET = "subset0"
 N_SCANS, PER_SCAN = 3, 8  # 32x48x48 int16 crops: 147 KiB each, 1.2 MiB per scan in the store and in the cache
@@ -132,7 +134,7 @@ def test_disk_filling_under_hdf5_is_one_line_not_a_segfault(tmp_path, tmpfs, dat
     """The store's file system fills while HDF5 writes (here: no reservation): exit 2, no crash, no temp file."""
     full = tmpfs("full", "1m")
     out = full / f"{SUBSET}.h5"
-    env = {**os.environ, NO_RESERVE_ENV: "1"}
+    env = hook_env(LUNA_TEST_NO_RESERVE="1")
     done = subprocess.run([sys.executable, "-m", "luna.crops", *_argv(data, out, tmp_path / "cache")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
@@ -144,7 +146,7 @@ def test_rerun_after_disk_full_resumes_and_equals_an_uninterrupted_run(tmp_path,
     full = tmpfs("full", "3m")
     out = full / "crops" / f"{SUBSET}.h5"
     cache = out.parent / f".{out.name}.cache"  # the default: beside the store, on the same full disk
-    env = {**os.environ, NO_RESERVE_ENV: "1"}
+    env = hook_env(LUNA_TEST_NO_RESERVE="1")
     first = subprocess.run([sys.executable, "-m", "luna.crops", *_argv(data, out)], capture_output=True, text=True,
                            env=env, timeout=120)
     assert first.returncode == 2, first.stderr[-3000:]

@@ -15,11 +15,13 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
+from hooks import hook_env
 from luna.crops import (CropApp, _BufferReader, cache_get, cache_key, cache_put, crop_start, cut_crop,
                         cut_scan_crops, main, open_cache)
 from luna.ct import read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
-from luna.store import CropStore, read_arrays
+from luna.store import CropStore
+from store_util import read_arrays
 
 LIDC_DIR = Path(__file__).parent / "fixtures" / "lidc"
 LIDC_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
@@ -547,7 +549,7 @@ def test_killed_job_resumes_from_cache(tmp_path):
             "--out", str(out), "--cache-dir", str(cache_dir), "--threads", "1", "--shape", "8", "12", "16"]
 
     log1 = tmp_path / "run1.log"
-    env = {**os.environ, "LUNA_CROPS_SLOW_S": "0.8"}
+    env = hook_env(LUNA_TEST_SLOW_SCAN_S="0.8")
     with open(log1, "w") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120

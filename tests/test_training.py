@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from hooks import hook_env
 from luna.metrics import HISTORY_COLUMNS
 from luna.model import load_model
 from luna.training import (LunaTrainingApp, build_parser, default_state_dir, ema_decay_at, ema_update, main,
@@ -331,7 +332,7 @@ def test_kill_9_mid_epoch_then_resume_continues(reference: Path, data: dict[str,
                                                 env_with_bin: dict[str, str]) -> None:
     out, state = tmp_path / "results" / "model", tmp_path / "results" / ".state" / "train"
     cmd = [str(BIN / "luna-train"), *argv(data, out, "--state", str(state), "--resume")]
-    env = dict(env_with_bin, LUNA_TRAIN_BATCH_SLEEP_S="0.3")
+    env = hook_env(env_with_bin, LUNA_TEST_SLOW_BATCH_S="0.3")
     log = tmp_path / "first.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from luna.evaluation import METRICS_COLUMNS
-from luna.store import read_arrays
+from store_util import read_arrays
+from hooks import hook_env
 from workflow_util import BIN, REPO, TINY_CONFIG, env, snakemake, write_config
 
 SUBSETS = ("subset0", "subset1", "subset2")
@@ -156,7 +157,7 @@ def test_kill_during_crops_then_recovery_equals_uninterrupted_run(tiny_run: Path
     targets = [f"results/crops/{subset}.h5" for subset in SUBSETS] + ["results/splits.tsv"]
     cmd = [str(BIN / "snakemake"), *targets, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--cores", "2", "--resources", "gpu=1", "--configfile", str(config_path)]
-    slow_env = {**env(), "LUNA_CROPS_SLOW_S": "2"}
+    slow_env = hook_env(env(), LUNA_TEST_SLOW_SCAN_S="2")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=slow_env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "logs" / "crops" / "subset0.log"

@@ -19,7 +19,8 @@ import pandas as pd
 from luna.app import StageApp
 from luna.ct import ScanError, ScanFile, find_scans
 from luna.io import OutputError, check_writable_dir, write_tsv
-from luna.luna16 import TableError, drop_duplicate_candidates, match_diameters, read_annotations_csv, read_candidates_csv
+from luna.luna16 import (TableError, drop_duplicate_candidates, match_diameters, read_annotations_csv, read_candidates_csv,
+                         resolve_table)
 from luna.tables import read_tsv
 
 logger = logging.getLogger(__name__)
@@ -104,14 +105,6 @@ def read_candidates_tsv(path: str | os.PathLike) -> pd.DataFrame:
                     dtype={"series_uid": str, "subset": str, "is_nodule": "Int8"})
 
 
-def resolve(root: str | os.PathLike, name: str | os.PathLike | None) -> Path | None:
-    """A table path relative to the data root unless absolute."""
-    if name is None or str(name) == "":
-        return None
-    p = Path(name)
-    return p if p.is_absolute() else Path(root) / p
-
-
 class CandidatesApp(StageApp):
     """Build results/candidates.tsv from a LUNA16 folder: check the CSVs, match diameters, keep on-disk scans."""
 
@@ -132,7 +125,7 @@ class CandidatesApp(StageApp):
         check_writable_dir(Path(a.out).parent, "output folder")
         scans = find_scans(a.root, a.subsets or None)
         table, report = build_candidates_table(
-            resolve(a.root, a.candidates), resolve(a.root, a.annotations) if a.annotations else None, scans)
+            resolve_table(a.root, a.candidates), resolve_table(a.root, a.annotations), scans)
         lines = report.lines()
         logger.info(lines[0])
         for line in lines[1:]:

@@ -2,7 +2,7 @@
 
 The stage turns one subset of candidates.tsv into ``crops/{subset}.h5`` (see luna.store for the layout):
 every candidate whose centre lies inside its scan gets an int16 crop, HU clipped to the window, placed by the
-border rule of DESIGN.md; the others go to ``{subset}.skipped.tsv`` with the reason.
+border rule of docs/design.md; the others go to ``{subset}.skipped.tsv`` with the reason.
 
 Border rule, per axis, with ``c`` the centre's voxel index, ``w`` the crop width and ``n`` the scan size::
 
@@ -48,7 +48,7 @@ from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import OutputError, check_writable_dir, describe_os_error, write_tsv
 from luna.progress import format_eta
-from luna.store import COMPRESSIONS, NO_RESERVE_ENV, StoreWriter, free_bytes, hdf5_left_broken
+from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; neve
 CACHE_BYTES_PER_SCAN = 64 * 1024  # beside the crops: the entry's database row and per-row arrays (upper bound)
 SKIPPED_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "reason"]
 REQUIRED_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm"]
-SLOW_ENV = "LUNA_CROPS_SLOW_S"  # test hook only: seconds to sleep before reading each scan not in the cache
 
 _INT16 = np.iinfo(np.int16)
 
@@ -456,8 +455,6 @@ class CropApp(StageApp):
     def _check_cache_space(self, cache: diskcache.Cache, jobs: list[_ScanJob]) -> None:
         """The crops not cached yet fit in the cache's file system (after the store's reservation, when both
         share one), so a full disk stops the run now and not after hours."""
-        if os.environ.get(NO_RESERVE_ENV, "") == "1":
-            return
         crop_bytes = int(np.prod(self.crop_shape)) * 2
         need = 0
         try:
@@ -532,9 +529,6 @@ class CropApp(StageApp):
             if crops.shape == (int(job.inside.sum()), *self.crop_shape) and all(
                     np.array_equal(rows.get(k), v) for k, v in rows_expected.items()):
                 return crops, True, times
-        slow_s = float(os.environ.get(SLOW_ENV, "0") or 0)
-        if slow_s > 0:
-            time.sleep(slow_s)
         t0 = time.perf_counter()
         volume, geometry = read_scan(job.path)
         times["scan read"] = time.perf_counter() - t0

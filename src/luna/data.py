@@ -1,17 +1,19 @@
 """Training data: a Dataset over the HDF5 crop stores, the book's balanced sampling, batched augmentation.
 
 * :class:`CropDataset` — the crops of the scans of one role (train | selection | test, luna.splits.fold_roles)
-  over several stores; item ``i`` is ``(crop float32 (1, 32, 48, 48) in HU, label int64 (1 = nodule), i)``. Crops are read lazily
-  (each DataLoader worker opens its own HDF5 handle) and a batch is read in one call per store.
+  over several stores; item ``i`` is ``(crop float32 (1, 32, 48, 48) in HU, label int64 (1 = nodule), i)``.
+  Crops are read lazily (each DataLoader worker opens its own HDF5 handle), a batch in one call per store;
+  :class:`ResidentBatches` holds them all on the training device instead, when they fit.
 * :class:`EpochSampler` — a fixed number of samples per epoch. Balanced with ratio ``r`` (the book's
   Chapter 12): sample ``i`` is a positive when ``i % (r + 1) == 0``, else a negative; the positive and the
   negative lists are reshuffled at the start of every epoch and cycled. ``r = 0``: plain shuffling (the
   book's Chapter 11 situation). The order of an epoch depends only on ``(seed, epoch)``, so a resumed run
   draws exactly the samples an uninterrupted one would, whatever the number of loader workers.
 * :func:`augment_batch` — Chapter 12's augmentation (per-axis flip, offset, scale; in-plane rotation;
-  Gaussian noise), one random affine per sample, applied to a whole collated batch with
-  ``affine_grid``/``grid_sample`` on the training device (benchmarks/train.py measures it against the
-  book's per-sample version). Deterministic for a given ``torch.Generator`` seed on a given device.
+  Gaussian noise), one random affine per sample, applied to a whole collated batch on the training device
+  (trilinear, border padding; on the CPU through luna.cpu_speed.resample_affine); benchmarks/train.py
+  measures it against the book's per-sample version. Deterministic for a given ``torch.Generator`` seed on a
+  given device.
 """
 
 from __future__ import annotations

@@ -186,3 +186,12 @@ def match_diameters(candidates: pd.DataFrame, annotations: pd.DataFrame) -> np.n
         first = np.argmax(within, axis=1)
         diameter[rows[has]] = ann_d[first[has]]
     return diameter
+
+
+def resolve_table(root: str | os.PathLike, name: str | os.PathLike | None) -> Path | None:
+    """A table's path: ``name`` relative to the data root unless absolute; None or '' stays None (no table).
+    The workflow resolves dataset.candidates / annotations / annotations_excluded with this too."""
+    if name is None or str(name) == "":
+        return None
+    path = Path(name)
+    return path if path.is_absolute() else Path(root) / path

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from luna.io import atomic_path
 from luna.provenance import plain, provenance
 
 CHECKPOINT_FORMAT = "luna-model-v1"
@@ -190,18 +191,10 @@ def save_checkpoint(
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary name in the same folder, fsync, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through luna.io.atomic_path: a temp name in the same folder, fsync, then rename into place (an
+    OutputError naming ``path`` when it cannot be written)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _model_config_of(model: nn.Module) -> dict[str, int]:

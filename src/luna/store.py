@@ -58,7 +58,6 @@ COMPRESSIONS = ("none", "lzf", "gzip1", "gzip4")
 RESERVE_PER_ROW = 1024
 RESERVE_PER_SCAN = 8192
 RESERVE_BASE = 1 << 20
-NO_RESERVE_ENV = "LUNA_STORE_NO_RESERVE"  # test hook only: "1" skips reserving and checking space
 
 _ABANDONED: list[Any] = []  # HDF5 objects of stores whose writes failed: never closed, never finalized
 
@@ -141,7 +140,7 @@ class StoreWriter:
         crop_shape: Sequence[int],
         hu_window: Sequence[int],
         subset: str = "",
-        compression: str = "lzf",
+        compression: str = "none",
         n_scans: int = 0,
     ) -> None:
         self.path = Path(path)
@@ -159,22 +158,20 @@ class StoreWriter:
         # a compressed store needs less than the bound, by an amount known only once written: it is reserved when
         # the bound fits, else written unreserved (a disk filling later is then found later)
         required = self.reserve_bytes if compression == "none" else metadata_bytes
-        reserve = os.environ.get(NO_RESERVE_ENV, "") != "1"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if reserve and free_bytes(self.path.parent) < required:  # before HDF5 touches the disk
+            if free_bytes(self.path.parent) < required:  # before HDF5 touches the disk
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             with self._hdf5():
                 self._file = h5py.File(self.tmp_path, "w", track_order=False)
                 self._create_layout(self._file, hu_window, subset, compression_kwargs)
                 self._file.close()
                 self._file = None
-            if reserve:
-                try:
-                    _fallocate(self.tmp_path, self.reserve_bytes)
-                except OSError as exc:
-                    if compression == "none" or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                        raise
+            try:
+                _fallocate(self.tmp_path, self.reserve_bytes)
+            except OSError as exc:
+                if compression == "none" or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
             with self._hdf5():
                 self._file = h5py.File(self.tmp_path, "r+")  # HDF5 trims the reserved tail when it closes
                 self._datasets = {name: self._file[name] for name in ("crops", *ROW_FIELDS)}  # held open: errors
@@ -384,13 +381,3 @@ class CropStore:
             self.close()
         except Exception:  # noqa: BLE001
             pass
-
-
-def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every dataset of a store as numpy arrays (for tests and comparisons between runs)."""
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        for name in ("crops", *ROW_FIELDS):
-            ds = f[name]
-            out[name] = ds.asstr()[:] if name == "series_uid" else ds[:]
-    return out

@@ -69,7 +69,6 @@ from luna.store import CropStore, StoreError
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "luna-train-state-v2"
-SLEEP_ENV = "LUNA_TRAIN_BATCH_SLEEP_S"  # test hook: seconds to sleep after each training batch
 CPU_AMP_AUTO = True
 """``--amp auto`` on CPU: bf16 autocast measured ~1.5x faster than fp32 on this repo's 2-core (AVX512-BF16)
 box with the same validation metrics (benchmarks/results/train.md); on CPUs without native bf16 it is
@@ -767,7 +766,6 @@ class LunaTrainingApp:
         self.sampler.set_epoch(epoch)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_seed_int(self.args.seed, 3, epoch, self.dist.rank))
-        sleep_s = float(os.environ.get(SLEEP_ENV, "0") or 0)
         labels, probs, losses = [], [], []
         first_step = (epoch - 1) * len(self.train_batches)
         for step, (crops, label, _) in enumerate(
@@ -790,8 +788,6 @@ class LunaTrainingApp:
             labels.append(label.detach())
             probs.append(probability[:, 1].detach())
             losses.append(loss.detach())
-            if sleep_s:
-                time.sleep(sleep_s)
         return self._gather(labels, probs, losses)
 
     def _select(self, epoch: int) -> SelectionPass:

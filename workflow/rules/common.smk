@@ -8,6 +8,8 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from luna.luna16 import resolve_table
+
 
 def check_config(cfg, schema_path):
     """Validate the config against the schema, failing with one line per problem that names the key."""
@@ -54,11 +56,9 @@ VALIDATION_DIR = f"{RESULTS}/validation"
 
 
 def table_path(name):
-    """A dataset table path: relative to the data root unless absolute; None stays None."""
-    if name is None or name == "":
-        return None
-    p = Path(name)
-    return str(p if p.is_absolute() else Path(DATA_ROOT) / p)
+    """A dataset table path: relative to the data root unless absolute; None stays None (luna's own rule)."""
+    path = resolve_table(DATA_ROOT, name)
+    return None if path is None else str(path)
 
 
 def selected_subsets():

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,6 +21,7 @@ import numpy as np
 
 from luna import __version__
 from luna.ct import write_scan
+from luna.io import write_bytes
 from luna.synth.config import ANNOTATIONS_HEADER, CANDIDATES_HEADER, ScanPlan, SynthConfig, SynthError, plan_dataset
 from luna.synth.rendering import synthesize_scan
 
@@ -41,10 +41,7 @@ def _write_csv_atomic(path: Path, header: Iterable[str] | None, rows: Iterable[l
     if header is not None:
         writer.writerow(list(header))
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="ascii") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_bytes(buf.getvalue().encode("ascii"), path)
 
 
 def _make_scan_files(root: str, plan: ScanPlan, config: SynthConfig) -> dict[str, Any]:
@@ -75,9 +72,7 @@ def _prepare_root(root: Path, plans: list[ScanPlan], config: SynthConfig) -> Non
                          f"(no {MARKER_NAME}); refusing to write into it")
     (root / "candidates.csv").unlink(missing_ok=True)  # an interrupted run must not look complete
     meta = {"generator": "luna.synth", "version": __version__, "config": config.to_dict()}
-    tmp = marker.with_name(marker.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, marker)
+    write_bytes((json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(), marker)
     if not ours:
         return
     wanted = {(p.subset, p.series_uid) for p in plans}
