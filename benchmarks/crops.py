@@ -36,7 +36,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from luna.candidates import build_candidates_table
-from luna.crops import DEFAULT_COMPRESSION, CropApp, cut_scan_crops
+from luna.cropping import cut_scan_crops
+from luna.crops import DEFAULT_COMPRESSION, CropApp
 from luna.ct import find_scans, read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
 from luna.io import write_tsv

@@ -58,8 +58,7 @@ from typing import Any, Sequence
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent if (Path(sys.executable).parent / "luna-train").exists() else REPO / ".venv" / "bin"
 PYTHON = VENV_BIN / "python" if (VENV_BIN / "python").exists() else Path(sys.executable)
-SHARED_CSV = Path("/work/shared/data/luna16-csv")
-FIXTURE_CSV = REPO / "tests" / "fixtures" / "luna16-csv"
+LUNA16_CSV = REPO / "tests" / "fixtures" / "luna16-csv"  # the official annotations and 888 series UIDs
 GPU_CHECK = REPO / "benchmarks" / "results" / "gpu_check_h100.txt"
 
 LUNA16_SCANS = 888
@@ -854,12 +853,12 @@ def run_size(n: int, args: argparse.Namespace, work: Path, logs: Path) -> dict[s
 # ==============================================================================================================
 
 def official_tables(work: Path, seed: int) -> dict[str, Any]:
-    """The official annotations (and excluded findings, seriesuids where the shared data has them)."""
+    """The official annotations and series UIDs (tests/fixtures/luna16-csv; excluded findings where present)."""
     import pandas as pd
 
-    ann = SHARED_CSV / "annotations.csv" if (SHARED_CSV / "annotations.csv").is_file() else FIXTURE_CSV / "annotations.csv"
-    exc = SHARED_CSV / "annotations_excluded.csv"
-    uids_src = SHARED_CSV / "seriesuids.csv"
+    ann = LUNA16_CSV / "annotations.csv"
+    exc = LUNA16_CSV / "annotations_excluded.csv"  # not in the repository (3.4 MB): FROC then counts every FP
+    uids_src = LUNA16_CSV / "seriesuids.csv"
     uids_file = work / "v2" / "seriesuids.txt"
     uids_file.parent.mkdir(parents=True, exist_ok=True)
     if uids_src.is_file():

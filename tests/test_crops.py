@@ -16,8 +16,9 @@ import pytest
 import SimpleITK as sitk
 
 from hooks import hook_env
-from luna.crops import (CropApp, _BufferReader, cache_get, cache_key, cache_put, crop_start, cut_crop,
-                        cut_scan_crops, main, open_cache)
+from luna.crop_cache import _BufferReader, cache_get, cache_key, cache_put, open_cache
+from luna.cropping import crop_start, cut_crop, cut_scan_crops
+from luna.crops import CropApp, main
 from luna.ct import read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
 from luna.store import CropStore

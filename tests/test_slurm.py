@@ -386,6 +386,7 @@ def assert_same_attrs(a: dict, b: dict, where: str) -> None:
 def test_workflow_crops_through_slurm_equal_local_run(slurm_env, tmp_path):
     import numpy as np
 
+    snakefile = REPO / "Snakefile"
     local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
 
     def command(workdir: Path, *extra: str) -> list[str]:

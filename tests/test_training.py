@@ -19,8 +19,10 @@ import torch
 from hooks import hook_env
 from luna.metrics import HISTORY_COLUMNS
 from luna.model import load_model
-from luna.training import (LunaTrainingApp, build_parser, default_state_dir, ema_decay_at, ema_update, main,
-                           make_optimizer, resolve_workers, warmup_lr)
+from luna.recipe import ema_decay_at, ema_update, make_optimizer, warmup_lr
+from luna.train_state import default_state_dir
+from luna.training import LunaTrainingApp, main
+from luna.training_options import build_parser, resolve_workers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data import make_store, write_splits  # noqa: E402
@@ -98,7 +100,7 @@ def test_warmup_schedule_is_a_pure_function_of_the_step() -> None:
 
 
 def test_cosine_schedule_decays_to_zero_after_the_warmup() -> None:
-    from luna.training import scheduled_lr
+    from luna.recipe import scheduled_lr
 
     rates = [scheduled_lr(0.002, step, 4, "cosine", 20) for step in range(21)]
     assert rates[:4] == pytest.approx([0.0005, 0.001, 0.0015, 0.002])  # the warm-up

@@ -541,7 +541,7 @@ LIDC_OTHERS_IRC = [(7, 256, 256), (3, 200, 150), (12, 300, 380), (8, 150, 360), 
 @pytest.fixture(scope="module")
 def lidc_case(tmp_path_factory) -> dict:
     """Crops of the real LIDC slab: the official nodule + 10 candidates elsewhere, cut by luna.crops."""
-    from luna.crops import cut_scan_crops
+    from luna.cropping import cut_scan_crops
     from luna.ct import read_scan
 
     root = tmp_path_factory.mktemp("lidc")

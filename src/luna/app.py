@@ -25,11 +25,13 @@ class StageApp:
     """Base of the stage apps: subclasses set ``prog`` and ``errors``, and define ``add_arguments`` and ``run``."""
 
     prog: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    """--help's description; the class docstring when empty."""
     errors: ClassVar[tuple[type[BaseException], ...]] = (OutputError,)
     """Exceptions whose one-line message is the whole story (bad input, an output that cannot be written)."""
 
     def __init__(self, argv: Sequence[Any] | None = None) -> None:
-        self.parser = argparse.ArgumentParser(prog=self.prog, description=self.__doc__,
+        self.parser = argparse.ArgumentParser(prog=self.prog, description=self.description or self.__doc__,
                                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         self.add_arguments(self.parser)
         self.args = self.parser.parse_args(None if argv is None else [str(a) for a in argv])
@@ -56,3 +58,17 @@ class StageApp:
     def console(cls, argv: Sequence[Any] | None = None) -> None:
         """Entry point of the console script (``argv``: ``sys.argv[1:]`` when None): exit with ``main()``'s status."""
         sys.exit(cls(argv).main())
+
+
+SWITCH_CHOICES = ("auto", "on", "off")
+
+
+def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: str,
+               default: str = "auto") -> None:
+    """One convention for every on/off setting of the stage CLIs (memory format, precision): ``--X auto|on|off``,
+    a bare ``--X`` meaning on and ``--no-X`` meaning off (what luna.runner.config_argv writes for a YAML boolean,
+    and YAML 1.1 reads an unquoted on/off as one)."""
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, nargs="?", const="on", choices=SWITCH_CHOICES, default=default, help=help)
+    parser.add_argument(f"--no-{flag.lstrip('-')}", dest=dest, action="store_const", const="off",
+                        default=argparse.SUPPRESS, help=f"the same as {flag} off")

@@ -1,18 +1,8 @@
-"""Cut fixed-size candidate crops out of CT scans (pure numpy) and the crop-stage app.
+"""The crop stage, luna-crops: one subset of candidates.tsv -> ``crops/{subset}.h5`` (layout: luna.store).
 
-The stage turns one subset of candidates.tsv into ``crops/{subset}.h5`` (see luna.store for the layout):
-every candidate whose centre lies inside its scan gets an int16 crop, HU clipped to the window, placed by the
-border rule of docs/design.md; the others go to ``{subset}.skipped.tsv`` with the reason.
-
-Border rule, per axis, with ``c`` the centre's voxel index, ``w`` the crop width and ``n`` the scan size::
-
-    crop_start = clamp(c - w // 2, min(0, n - w), max(0, n - w))
-
-Where the scan is at least as large as the crop this shifts the crop inside the scan (the book's rule); where
-it is smaller, the whole scan lies inside the crop and the voxels outside the scan hold the window minimum.
-
-Each scan's result is memoized in a ``diskcache.Cache`` at ``--cache-dir`` (keyed by the scan file's identity,
-the crop parameters and the candidate centres), so a killed job reruns only the scans it had not finished.
+Every candidate whose centre lies inside its scan gets an int16 crop, HU clipped to the window, placed by the
+border rule (luna.cropping); the others go to ``{subset}.skipped.tsv`` with the reason. Each scan's result is
+memoized in the resume cache (luna.crop_cache), so a killed job reruns only the scans it had not finished.
 The cache is removed once the store is committed: LUNA16 V2 is ~110 GB of crops, no second copy is kept.
 A run that fails (killed, a bad scan, out of disk space) keeps what the cache holds, by design: the next run
 resumes from it and writes the same store as an uninterrupted run; the failing run logs where it is and how many
@@ -21,13 +11,12 @@ scans it holds (delete it to start afresh). A cache this run created and left em
 Outputs are checked before the work: the output, skipped-table and cache folders must be writable, the store's
 room is reserved (luna.store) and the cache's free space checked, so a full disk or a read-only folder is one
 line naming the path, exit 2, at the start. A write that still fails later (another job filled the disk) is the
-same one line; no store, skipped table or temp file is left at the declared paths.
+same one line; no store, skipped table or temp file is left at the declared paths. Contracts: docs/design.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -37,13 +26,15 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import diskcache
 import numpy as np
 import pandas as pd
 
 from luna.app import StageApp
+from luna.crop_cache import (CACHE_BYTES_PER_SCAN, _cache_error, _complete_entries, cache_get, cache_key, cache_put,
+                              open_cache)
+from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, _check_window, crop_start, cut_scan_crops
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import OutputError, check_writable_dir, describe_os_error, write_tsv
@@ -53,117 +44,13 @@ from luna.tables import numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1  # of a cached per-scan result; bump whenever cutting or the cached value changes
-DEFAULT_CROP_SHAPE = (32, 48, 48)
-DEFAULT_HU_WINDOW = (-1000, 1000)
 DEFAULT_COMPRESSION = "none"  # chosen by benchmarks/crops.py, see benchmarks/results/crops.md
-CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; never evict while a job runs
-CACHE_BYTES_PER_SCAN = 64 * 1024  # beside the crops: the entry's database row and per-row arrays (upper bound)
 SKIPPED_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "reason"]
 REQUIRED_COLUMNS = ["candidate_id", "series_uid", "subset", "coord_x", "coord_y", "coord_z", "is_nodule", "diameter_mm"]
-
-_INT16 = np.iinfo(np.int16)
 
 
 class CropError(ValueError):
     """Bad input to the crop stage; the one-line message names the file (and row or value)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# pure numpy cutting
-
-
-def crop_start(center_irc: np.ndarray, crop_shape: Sequence[int], scan_shape: Sequence[int]) -> np.ndarray:
-    """Where a crop starts in the scan, per the border rule; works on (3,) or (N, 3) centres, returns int64.
-
-    ``clamp(c - w//2, min(0, n - w), max(0, n - w))``: shifted inside the scan where it fits, the scan
-    centred-as-possible inside the crop where the scan is smaller (start may then be negative).
-    """
-    c = np.asarray(center_irc, dtype=np.int64)
-    w = np.asarray(crop_shape, dtype=np.int64)
-    n = np.asarray(scan_shape, dtype=np.int64)
-    return np.clip(c - w // 2, np.minimum(0, n - w), np.maximum(0, n - w))
-
-
-def _check_window(hu_window: Sequence[int]) -> tuple[int, int]:
-    lo, hi = (int(v) for v in hu_window)
-    if not (_INT16.min <= lo < hi <= _INT16.max):
-        raise ValueError(f"HU window must be two int16 values lo < hi, got {list(hu_window)}")
-    return lo, hi
-
-
-def cut_crop(
-    volume: np.ndarray,
-    start_irc: Sequence[int],
-    crop_shape: Sequence[int],
-    hu_window: Sequence[int] = DEFAULT_HU_WINDOW,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """One int16 crop of ``crop_shape`` starting at ``start_irc`` (may reach outside the scan).
-
-    HU are clipped to the window; voxels outside the scan get the window's minimum (air, -1000 by default).
-    ``out`` (int16, crop_shape) is filled in place when given, to avoid an allocation per crop.
-    """
-    lo_hu, hi_hu = _check_window(hu_window)
-    shape = tuple(int(v) for v in crop_shape)
-    if out is None:
-        out = np.empty(shape, dtype=np.int16)
-    elif out.shape != shape or out.dtype != np.int16:
-        raise ValueError(f"out must be int16 {shape}, got {out.dtype} {out.shape}")
-    start = np.asarray(start_irc, dtype=np.int64)
-    size = np.asarray(volume.shape, dtype=np.int64)
-    width = np.asarray(shape, dtype=np.int64)
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + width, size)
-    if np.all(src_lo == start) and np.all(src_hi == start + width):  # wholly inside: one clipped copy
-        np.clip(volume[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))], lo_hu, hi_hu, out=out)
-        return out
-    out.fill(lo_hu)
-    if np.all(src_hi > src_lo):
-        dst = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
-        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
-        np.clip(volume[src], lo_hu, hi_hu, out=out[dst])
-    return out
-
-
-def cut_scan_crops(
-    volume: np.ndarray,
-    geometry: Geometry,
-    centers_xyz: np.ndarray,
-    crop_shape: Sequence[int] = DEFAULT_CROP_SHAPE,
-    hu_window: Sequence[int] = DEFAULT_HU_WINDOW,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """All crops of one scan.
-
-    Returns ``(crops, center_irc, start_irc, inside)``: ``center_irc`` and ``start_irc`` are int64 (N, 3) for
-    every centre; ``inside`` (N,) bool is False where any index of the centre is < 0 or >= the scan size;
-    ``crops`` is int16 (inside.sum(), *crop_shape), one crop per inside centre, in the order given.
-    """
-    centers = np.asarray(centers_xyz, dtype=np.float64).reshape(-1, 3)
-    if not np.all(np.isfinite(centers)):
-        raise ValueError("candidate centres must be finite")
-    lo_hu, hi_hu = _check_window(hu_window)
-    shape = tuple(int(v) for v in crop_shape)
-    center_irc = xyz_to_irc(centers, geometry)
-    inside = is_inside(center_irc, volume.shape)
-    start_irc = crop_start(center_irc, shape, volume.shape)
-    rows = np.flatnonzero(inside)
-    crops = np.empty((len(rows), *shape), dtype=np.int16)
-    wholly_inside = np.all((start_irc >= 0) & (start_irc + shape <= np.asarray(volume.shape)), axis=1)
-    (w0, w1, w2) = shape
-    # plain copies first, then one clip over all crops: several times faster than clipping crop by crop
-    for k, row in enumerate(rows):
-        if wholly_inside[row]:
-            s0, s1, s2 = (int(v) for v in start_irc[row])
-            crops[k] = volume[s0:s0 + w0, s1:s1 + w1, s2:s2 + w2]
-        else:
-            cut_crop(volume, start_irc[row], shape, (lo_hu, hi_hu), out=crops[k])
-    np.clip(crops, lo_hu, hi_hu, out=crops)
-    return crops, center_irc, start_irc, inside
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the crop stage
 
 
 @dataclass
@@ -202,64 +89,6 @@ class CropResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # summed over threads: where the time went
 
 
-def cache_key(identity: tuple, crop_shape: Sequence[int], hu_window: Sequence[int], centers_xyz: np.ndarray) -> tuple:
-    """The diskcache key of one scan's result: scan file identity, crop parameters, the exact centres, version."""
-    centers = np.ascontiguousarray(centers_xyz, dtype=np.float64)
-    digest = hashlib.sha256(centers.tobytes()).hexdigest()
-    return ("luna.crops", CACHE_FORMAT_VERSION, tuple(identity), tuple(int(v) for v in crop_shape),
-            tuple(int(v) for v in hu_window), len(centers), digest)
-
-
-class _BufferReader:
-    """File-like view of an array's bytes: diskcache streams them to its file in 4 MiB slices, no copy."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self._view = memoryview(np.ascontiguousarray(array)).cast("B")
-        self._pos = 0
-
-    def read(self, size: int = -1) -> memoryview:
-        end = len(self._view) if size < 0 else min(self._pos + size, len(self._view))
-        chunk = self._view[self._pos:end]
-        self._pos = end
-        return chunk
-
-
-def cache_put(cache: diskcache.Cache, key: tuple, crops: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-    """Store one scan's result: the crops as a raw file, then the per-row arrays (written last: their presence
-    marks a complete entry, so a job killed mid-write leaves a miss, never half a result)."""
-    cache.set((*key, "crops"), _BufferReader(crops), read=True, retry=True)
-    cache.set((*key, "rows"), {"shape": crops.shape, **rows}, retry=True)
-
-
-def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    """One scan's cached (crops, per-row arrays), or None when not (completely) cached."""
-    rows = cache.get((*key, "rows"), default=None, retry=True)
-    if rows is None:
-        return None
-    handle = cache.get((*key, "crops"), default=None, read=True, retry=True)
-    if handle is None:
-        return None
-    crops = np.empty(rows.pop("shape"), dtype=np.int16)
-    buffer = memoryview(crops).cast("B")
-    with handle:
-        n_read = 0
-        while n_read < len(buffer):
-            n = handle.readinto(buffer[n_read:])
-            if not n:
-                return None  # shorter than recorded: treat as not cached
-            n_read += n
-    return crops, rows
-
-
-def open_cache(cache_dir: str | os.PathLike) -> diskcache.Cache:
-    """The resume cache of one subset: large entries, never evicted (it is removed whole after the commit)."""
-    try:
-        return diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none",
-                               cull_limit=0)
-    except (OSError, sqlite3.Error) as exc:
-        raise _cache_error(Path(cache_dir), exc) from exc
-
-
 def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bool = False) -> pd.DataFrame:
     """The rows of candidates.tsv whose subset is ``subset``, in file order, checked; is_nodule -1 when empty.
 
@@ -292,28 +121,6 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
         i = int(np.argmax(empty_uid.to_numpy()))
         raise CropError(f"{path}:{df['line'].iloc[i]}: empty series_uid")
     return df
-
-
-def _complete_entries(cache: diskcache.Cache) -> int | None:
-    """How many scans the cache holds completely (reads only: works on a full disk); None when it cannot tell."""
-    try:
-        return sum(1 for key in cache.iterkeys() if isinstance(key, tuple) and key[-1] == "rows")
-    except (OSError, sqlite3.Error):
-        return None
-
-
-def _cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
-    """A failed read or write of the resume cache (diskcache: OSError, sqlite3.Error) as one line naming it."""
-    if isinstance(exc, OSError):
-        reason = describe_os_error(exc)
-    else:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = ("no space left on device" if "disk is full" in message
-                  else "permission denied or read-only file system" if "readonly" in message
-                  else message)
-    return OutputError(f"{cache_dir}: cannot use the resume cache ({reason})")
-
-
 
 
 class CropApp(StageApp):

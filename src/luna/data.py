@@ -22,13 +22,11 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from luna.cpu_speed import resample_affine

@@ -3,6 +3,9 @@ luna.inference)."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 
 
@@ -58,8 +61,6 @@ def available_memory_bytes(device: torch.device) -> tuple[int, str]:
                     return int(line.split()[1]) * 1024, "available RAM"
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "RAM"
 
 
@@ -81,3 +82,26 @@ def resident_decision(mode: str, n_bytes: int, device: torch.device, fraction: f
                       f"{available / 2**30:.1f} GiB {what}")
     return False, (f"streaming from the crop stores: the training crops take {size}, more than {fraction:g} of the "
                    f"{available / 2**30:.1f} GiB {what}")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env() -> DistInfo:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (one process when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))

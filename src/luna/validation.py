@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from luna.app import StageApp
+from luna.app import StageApp, add_switch
 from luna.cpu_speed import tune_allocator
 from luna.device import DeviceError, resolve_device
 from luna.evaluation import (
@@ -187,8 +187,8 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="candidates per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available, else the CPU")
-    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                        help="channels_last_3d memory format; auto: as the model was trained (model.pt's args)")
+    add_switch(parser, "--channels-last", "channels_last_3d memory format; auto: as the model was trained and "
+               "selected (model.pt's args)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     parser.add_argument("--tta", choices=("auto", *TTA_FLIPS), default="auto",
                         help="test-time augmentation; auto: as the model's selection pass (model.pt's args)")

@@ -25,7 +25,7 @@ END = "<!-- end of the every-key table -->"
 
 def _type(spec: dict) -> str:
     if "enum" in spec:
-        return " \\| ".join(str(v) for v in spec["enum"])
+        return " \\| ".join(json.dumps(v) if isinstance(v, bool) else str(v) for v in spec["enum"])
     if "oneOf" in spec:
         return " \\| ".join(_type(option) for option in spec["oneOf"])
     kind = spec.get("type", "")

@@ -1,0 +1,65 @@
+"""The training recipe around the book's model, as pure functions of the settings and the step: the learning
+rate (warm-up, constant or cosine), the optimizer, the weight average (EMA) and the
+augmentation settings. Pure so a resumed run continues exactly where it stopped (docs/design.md)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from luna.data import AugmentConfig
+
+
+def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to ``lr`` over ``warmup_steps``.
+
+    A pure function of the global step, so a resumed run continues the schedule exactly."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return lr
+    return lr * (step + 1) / warmup_steps
+
+
+def scheduled_lr(lr: float, step: int, warmup_steps: int, schedule: str = "constant", total_steps: int = 0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): the linear warm-up, then ``constant`` (the book) or
+    ``cosine``: from ``lr`` down to 0 at ``total_steps`` along half a cosine. A pure function of the step (and,
+    for cosine, of the run's length), so a resumed run continues the schedule exactly."""
+    rate = warmup_lr(lr, step, warmup_steps)
+    if schedule == "cosine" and total_steps > warmup_steps:
+        progress = min(1.0, max(0.0, (step - warmup_steps) / (total_steps - warmup_steps)))
+        rate *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
+
+
+def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The book's SGD (lr, momentum) or Adam (lr, torch's default betas)."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay for optimizer step ``step`` (0-based): ``decay``, lowered early on as
+    ``(1 + step) / (10 + step)`` so the average forgets the random init within the first epoch."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` for every parameter and floating buffer (batch-norm
+    statistics); integer buffers (batch counts) are copied."""
+    pairs = list(zip(ema.parameters(), model.parameters())) + list(zip(ema.buffers(), model.buffers()))
+    floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - decay)
+    for e, m in pairs:
+        if not e.is_floating_point():
+            e.copy_(m)
+
+
+def augment_config(args: argparse.Namespace) -> AugmentConfig:
+    if not args.augment:
+        return AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+    return AugmentConfig(flip=args.augment_flip, offset=args.augment_offset, scale=args.augment_scale,
+                         rotate=args.augment_rotate, noise_hu=args.augment_noise)

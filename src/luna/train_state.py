@@ -1,0 +1,118 @@
+"""The training stage's resumable state: where it lives, the fingerprint that keys it (settings, inputs, code),
+and reading it back only when it belongs to this run. The state folder lies outside the declared outputs,
+which Snakemake deletes before a job starts (docs/design.md)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from luna.model import atomic_torch_save
+from luna.provenance import code_version
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "luna-train-state-v2"
+# settings that change what is trained or kept; a state written under others is not resumed
+FINGERPRINT_ARGS = (
+    "test_fold", "selection_fraction", "keep", "threshold", "selection_interval", "tta",
+    "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "samples_per_epoch",
+    "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay",
+    "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
+)
+
+
+def default_state_dir(out: Path) -> Path:
+    """``OUT/../.<OUT name>.train_state``: beside the outputs, never inside them."""
+    out = Path(out)
+    return out.parent / f".{out.name or 'model'}.train_state"
+
+
+def _file_identity(path: str) -> list[Any]:
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def run_fingerprint(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> str:
+    """Hash of everything that changes what is trained: settings, inputs (path, size, mtime), the code version
+    (luna's version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count.
+    Not the number of epochs (a resumed run may go further) unless the learning-rate schedule depends on it, nor
+    speed-only settings."""
+    splits_digest = hashlib.sha256(Path(args.splits).read_bytes()).hexdigest()
+    payload = {
+        "code": code_version(),
+        "args": {k: getattr(args, k) for k in FINGERPRINT_ARGS},
+        # a cosine schedule's rates depend on the run's length: a run with more epochs is another run
+        "epochs": args.epochs if args.lr_schedule != "constant" else None,
+        "augment": bool(args.augment),
+        "crops": [_file_identity(p) for p in args.crops],
+        "splits": splits_digest,
+        "amp": amp,
+        "device": device.type,
+        "world_size": world_size,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class StateFolder:
+    """``--state DIR``: ``last.pt`` (everything after the last finished epoch) and the kept model so far with
+    its selection predictions, named by epoch (a kill between writing one and writing the state leaves the
+    state pointing at the previous, still present, file)."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    def best_model(self, epoch: int) -> Path:
+        return self.folder / f"best_model.e{epoch}.pt"
+
+    def best_selection(self, epoch: int) -> Path:
+        return self.folder / f"best_selection.e{epoch}.tsv"
+
+    def remove_stale(self, epoch: int) -> None:
+        """Every kept-model file but the one of ``epoch``."""
+        for pattern, keep in (("best_model.e*.pt", self.best_model(epoch)),
+                              ("best_selection.e*.tsv", self.best_selection(epoch))):
+            for path in self.folder.glob(pattern):
+                if path != keep:
+                    path.unlink(missing_ok=True)
+
+    def load(self, max_epochs: int) -> dict[str, Any] | None:
+        """The state when it belongs to this run (same format and fingerprint, at most ``max_epochs`` finished),
+        else None with the reason logged: a fresh start."""
+        path = self.last
+        if not path.is_file():
+            logger.info("--resume: no state in %s, starting at epoch 1", self.folder)
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: start afresh, say why
+            logger.warning("--resume: cannot read %s (%s); starting at epoch 1", path, exc)
+            return None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            logger.warning("--resume: %s is not a luna training state of this version; starting at epoch 1", path)
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning("--resume: state in %s was written with other settings, inputs or code; starting at "
+                           "epoch 1", self.folder)
+            return None
+        if int(state["epoch"]) > max_epochs:
+            logger.warning("--resume: state in %s has %d finished epochs, more than --epochs %d; starting at "
+                           "epoch 1", self.folder, int(state["epoch"]), max_epochs)
+            return None
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """``last.pt``, atomically, stamped with the format and this run's fingerprint."""
+        atomic_torch_save({"format": STATE_FORMAT, "fingerprint": self.fingerprint, **state}, self.last)

@@ -1,0 +1,195 @@
+"""luna-train's command line: its options, their types and defaults (the book's method unless asked).
+
+Kept apart from luna.training (the loop) so the options read as one list; docs/design.md has the config keys
+that map onto them (luna.runner.config_argv: ``key: value`` -> ``--key value``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+
+from luna.app import add_switch
+from luna.inference import TTA_FLIPS
+from luna.metrics import MetricsError, parse_threshold_policy
+
+KEEP_CHOICES = ("f1", "auc", "last")
+DESCRIPTION = ("Train the book's LunaModel (nodule vs. not) for one test fold on HDF5 crop stores; writes "
+               "OUT/model.pt (the kept epoch, chosen on the selection set only), OUT/history.tsv (train and selection "
+               "metrics per epoch) and OUT/selection_predictions.tsv. The test fold's scans are never trained or "
+               "chosen on.")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _workers(text: str) -> int | str:
+    return "auto" if text == "auto" else _nonnegative_int(text)
+
+
+def resolve_workers(choice: int | str, device: torch.device) -> int:
+    """Loader worker processes for ``--num-workers`` (``auto``: by device, as measured)."""
+    if choice != "auto":
+        return int(choice)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+def _epoch_ratio(text: str) -> tuple[int, int]:
+    try:
+        epoch, ratio = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected EPOCH:RATIO (e.g. 7:8), got {text!r}") from None
+    if epoch < 1 or ratio < 0:
+        raise argparse.ArgumentTypeError(f"EPOCH must be >= 1 and RATIO >= 0, got {text!r}")
+    return epoch, ratio
+
+
+def _threshold_policy(text: str) -> str:
+    try:
+        parse_threshold_policy(text)
+    except MetricsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """luna-train's parser on its own (what LunaTrainingApp parses with)."""
+    parser = argparse.ArgumentParser(prog="luna-train", description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every luna-train option, in groups: inputs and outputs; fold and selection; training; augmentation;
+    runtime (speed only)."""
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--crops", nargs="+", required=True, metavar="H5", help="crop stores (results/crops/*.h5)")
+    io.add_argument("--splits", required=True, metavar="TSV", help="splits.tsv: series_uid, subset, fold (luna-split)")
+    io.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pt and history.tsv")
+    io.add_argument("--state", default=None, metavar="DIR",
+                    help="resumable state folder (optimizer, sampler, RNG, best model); must lie outside the "
+                    "declared outputs. Default: OUT/../.<OUT name>.train_state")
+    io.add_argument("--resume", action="store_true",
+                    help="continue after the last finished epoch in --state (if its settings and inputs match)")
+    io.add_argument("--tb-dir", default=None, metavar="DIR",
+                    help="TensorBoard folder (one run = <time>-trn_cls and <time>-val_cls); 'none' disables. "
+                    "Default: OUT/tensorboard")
+    io.add_argument("--config", default=None, metavar="FILE",
+                    help="YAML/JSON pipeline config, recorded in model.pt's provenance only")
+    io.add_argument("--comment", default="", help="suffix of the TensorBoard run names")
+
+    fo = p.add_argument_group("fold, selection and what is kept")
+    fo.add_argument("--test-fold", type=_nonnegative_int, required=True, metavar="N",
+                    help="the held-out fold: its scans are never trained on and never choose anything")
+    fo.add_argument("--selection-fraction", type=_unit_interval, default=0.2, metavar="F",
+                    help="share of the other folds' scans (stable hash of UID and test fold) that form the "
+                         "selection set, which alone chooses the kept epoch and the threshold; 0 = none (then "
+                         "--keep last and a fixed --threshold)")
+    fo.add_argument("--keep", choices=KEEP_CHOICES, default="f1",
+                    help="the epoch kept in model.pt: best selection F1 at the operating threshold (the book keeps "
+                         "the best F1), best selection AUC, or the last epoch (nothing chosen)")
+    fo.add_argument("--threshold", type=_threshold_policy, default="0.5", metavar="POLICY",
+                    help="operating threshold recorded in model.pt (a positive is p > threshold): a number (0.5 = the "
+                         "book), max_f1 (best F1 on the selection set) or recall:R (highest threshold with selection "
+                         "recall >= R)")
+    fo.add_argument("--tta", choices=tuple(TTA_FLIPS), default="none",
+                    help="test-time augmentation of every evaluation (the selection pass here, luna-predict later: "
+                         "recorded in model.pt): average the probabilities of the crop and its mirror images, in-plane "
+                         "(flip4) or also in depth (flip8); none = the book")
+    fo.add_argument("--selection-interval", type=_positive_int, default=1, metavar="EPOCHS",
+                    help="evaluate the selection set every EPOCHS epochs and after the last; only evaluated epochs "
+                         "can be kept")
+
+    tr = p.add_argument_group("training")
+    tr.add_argument("--epochs", type=_positive_int, default=8, help="number of epochs")
+    tr.add_argument("--samples-per-epoch", type=_nonnegative_int, default=4000,
+                    help="training samples per epoch (the book: 200000); 0 = one pass over the train crops")
+    tr.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (per process under torchrun)")
+    tr.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                    help="sgd = the book's SGD with --momentum; adam = Adam (betas 0.9, 0.999; --momentum unused)")
+    tr.add_argument("--lr", type=_nonnegative_float, default=0.001, help="learning rate")
+    tr.add_argument("--momentum", type=_nonnegative_float, default=0.99, help="SGD momentum")
+    tr.add_argument("--lr-warmup-steps", type=_nonnegative_int, default=0, metavar="STEPS",
+                    help="raise the learning rate linearly from lr/STEPS to lr over the first STEPS optimizer "
+                         "steps; 0 = off (the book)")
+    tr.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                    help="after the warm-up: constant (the book) or cosine (down to 0 at the last step of --epochs)")
+    tr.add_argument("--clip-grad-norm", type=_nonnegative_float, default=0.0, metavar="MAX",
+                    help="clip the gradient's global L2 norm to MAX before each step; 0 = off (the book)")
+    tr.add_argument("--ema-decay", type=_unit_interval, default=0.0, metavar="DECAY",
+                    help="validate and keep an exponential moving average of the weights, updated after every "
+                    "optimizer step with this decay (e.g. 0.99; torchvision's --model-ema); 0 = off (the book)")
+    tr.add_argument("--balanced", type=_nonnegative_int, default=1, metavar="RATIO",
+                    help="negatives per positive in the training order (the book: 1); 0 = plain shuffling")
+    tr.add_argument("--balanced-schedule", type=_epoch_ratio, nargs="*", default=[], metavar="EPOCH:RATIO",
+                    help="from EPOCH on, RATIO negatives per positive instead of --balanced (e.g. 7:8: learn on "
+                    "many positives first, end nearer the data's prior); none = --balanced throughout (the book)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
+
+    au = p.add_argument_group("augmentation (training only; the book's Chapter 12)")
+    au.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="master switch; --no-augment turns every augmentation off")
+    au.add_argument("--augment-flip", action=argparse.BooleanOptionalAction, default=True,
+                    help="random flip per axis (p 0.5)")
+    au.add_argument("--augment-offset", type=_nonnegative_float, default=0.1,
+                    help="random offset per axis up to +-this (normalised grid units); 0 = off")
+    au.add_argument("--augment-scale", type=_nonnegative_float, default=0.2,
+                    help="random scale per axis 1 +- this; 0 = off")
+    au.add_argument("--augment-rotate", action=argparse.BooleanOptionalAction, default=True,
+                    help="random in-plane rotation (0..2pi about the slice axis)")
+    au.add_argument("--augment-noise", type=_nonnegative_float, default=25.0,
+                    help="std of Gaussian noise added, HU; 0 = off")
+
+    rt = p.add_argument_group("runtime (speed only)")
+    rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto = cuda when available, else cpu")
+    add_switch(rt, "--amp", "bf16 autocast of the training steps; auto: on for CUDA, and on the CPU where it "
+               "supports bf16 natively (evaluation is always float32)")
+    add_switch(rt, "--channels-last", "channels_last_3d memory format of model and batches; auto: on (measured "
+               "faster on the CPU and on CUDA, same results)")
+    rt.add_argument("--num-workers", type=_workers, default="auto",
+                    help="DataLoader worker processes; 0 = load in the main process; auto = 0 on the CPU (workers "
+                    "only compete with the model for cores) and min(8, cores - 1) on CUDA (an H100 trains ~3,000 "
+                    "samples/s, more than 4 workers deliver: benchmarks/results/gpu_check_h100.txt)")
+    rt.add_argument("--threads", type=_nonnegative_int, default=0,
+                    help="torch CPU threads; 0 = torch's default")
+    rt.add_argument("--data-on-device", choices=("auto", "always", "never"), default="auto",
+                    help="hold the training (and selection) crops in one int16 tensor on the training device and "
+                         "gather batches there, or stream them from the stores through the loader; auto: resident "
+                         "when they fit in --device-memory-fraction of the device's free memory (RAM on the CPU). "
+                         "Both give the same batches")
+    rt.add_argument("--device-memory-fraction", type=_unit_interval, default=0.5, metavar="F",
+                    help="share of the device's free memory (RAM on the CPU, split between the processes) the "
+                         "resident crops may take under --data-on-device auto")
