@@ -7,6 +7,11 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+from luna.runner import check_yaml_file
+
+# a malformed config: one line naming file and line (Snakemake's own message names neither)
+check_yaml_file("config/config.yaml")
+
 
 configfile: "config/config.yaml"
 

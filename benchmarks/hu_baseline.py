@@ -3,7 +3,7 @@
 Reads the crop stores and splits.tsv of a finished run and prints (and writes as markdown) the ROC AUC of
 the centre voxel's Hounsfield value (and of the mean HU of the central 3x3x3 voxels) as a score on the test
 folds that run evaluated (results/validation/metrics.tsv), beside the CNN's pooled test AUC. A task this
-baseline solves would not test the CNN: the issue's caps are AUC 0.90 (centre voxel) and 0.95 (3x3x3 mean).
+baseline solves would not test the CNN: the synthetic default keeps them below AUC 0.90 (centre voxel) and 0.95 (3x3x3 mean).
 
     python benchmarks/hu_baseline.py [--results results] [--out benchmarks/results/hu_baseline.md]
 """

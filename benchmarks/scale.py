@@ -852,6 +852,14 @@ def run_size(n: int, args: argparse.Namespace, work: Path, logs: Path) -> dict[s
 # LUNA16-sized tables
 # ==============================================================================================================
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def official_tables(work: Path, seed: int) -> dict[str, Any]:
     """The official annotations and series UIDs (tests/fixtures/luna16-csv; excluded findings where present)."""
     import pandas as pd
@@ -863,7 +871,7 @@ def official_tables(work: Path, seed: int) -> dict[str, Any]:
     uids_file.parent.mkdir(parents=True, exist_ok=True)
     if uids_src.is_file():
         uids = [l.strip() for l in uids_src.read_text().splitlines() if l.strip()]
-        note = f"the 888 official series UIDs ({uids_src})"
+        note = f"the 888 official series UIDs ({_shown(uids_src)})"
     else:  # the 601 annotated scans' UIDs plus made-up ones
         import random
 
@@ -873,7 +881,7 @@ def official_tables(work: Path, seed: int) -> dict[str, Any]:
             uids.append("1.3.6.1.4.1.14519.5.2.1.6279.6001." + str(r.randrange(10**29, 10**30)))
         note = "the 601 annotated scans' UIDs and 287 made-up ones"
     uids_file.write_text("\n".join(sorted(uids)) + "\n")
-    return {"annotations": str(ann), "excluded": str(exc) if exc.is_file() else "", "uids_file": str(uids_file),
+    return {"annotations": str(ann), "annotations_shown": _shown(ann), "excluded": str(exc) if exc.is_file() else "", "uids_file": str(uids_file),
             "uids_note": note, "n_uids": len(uids)}
 
 
@@ -1048,9 +1056,9 @@ def holds(name: str, size: dict[str, Any], args: argparse.Namespace) -> tuple[st
             n = r.info.get("train_crops", 0) + r.info.get("sel_crops", 0)
             sel = r.info.get("sel_crops", 0)
             return (f"resident: every training and selection crop in one int16 tensor ({n:,} x 147,456 B), the "
-                    "per-row tables of every store given, the model. Not counted as deliberate: each selection pass "
-                    "also copies every selection crop (`training._select`: `sel_resident.index_select(0, share)`, "
-                    f"share = all rows in one process), {sel:,} x 147,456 B more while it runs", n * CROP_BYTES)
+                    "per-row tables of every store given, the model. Under torchrun each process's selection pass "
+                    "copies its share of the selection crops (`luna.selection.evaluate_selection`; one process "
+                    f"uses the resident tensor as it is; {sel:,} selection crops here)", n * CROP_BYTES)
         return ("streaming: the per-row tables of every store given, one loader batch (num_workers 0 on the CPU), "
                 "the model; per-sample outputs of one epoch", None)
     if name == "predict":
@@ -1220,6 +1228,10 @@ def write_report(path: Path, report: dict[str, Any], args: argparse.Namespace) -
           f"Written by `benchmarks/scale.py` ({' '.join(report['argv'])}) on {report['started']} in "
           f"{report['minutes']:.1f} min.{' **Smoke run (--quick): tiny training, few scans; not for conclusions.**' if args.quick else ''}",
           "",
+          *([f"**{args.scans} scans, not the ~89 of one LUNA16 subset:** every stage is measured per scan and per "
+             "candidate at full size and LUNA16's density, and the projection below uses those rates; a full "
+             "89-scan subset would take about 7x this run's time (the per-scan stages) on this machine.", ""]
+            if args.scans < 80 and not args.quick else []),
           f"Machine: {m.get('model_name', '?')} ({m.get('hypervisor_vendor', 'bare metal')} VM), {m.get('cores')} cores, "
           f"{m.get('ram_gb')} GiB RAM ({m.get('mem_available_gb_at_start')} GiB available at the start), "
           f"{m.get('platform')}; Python {m.get('python')}, torch {m.get('torch')} ({m.get('torch_threads')} threads, "
@@ -1275,7 +1287,7 @@ def write_report(path: Path, report: dict[str, Any], args: argparse.Namespace) -
         csv = v2.get("csv") or {}
         L += ["## LUNA16-sized tables (candidates_V2: 754,975 rows, 888 scans)", "",
               f"A {csv.get('rows', 0):,}-row candidates CSV in LUNA16's format over {v2['tables']['uids_note']}: "
-              f"{csv.get('positives', 0):,} positives jittered around the {v2['tables']['annotations']} nodules, "
+              f"{csv.get('positives', 0):,} positives jittered around the {v2['tables'].get('annotations_shown', v2['tables']['annotations'])} nodules, "
               f"{csv.get('on_excluded', 0):,} negatives on excluded findings, the rest spread over the scans "
               f"({csv.get('rows_per_scan_min_max', ['?', '?'])[0]}-{csv.get('rows_per_scan_min_max', ['?', '?'])[1]} "
               f"per scan), {csv.get('duplicates', 0)} exact repeated rows. The scans are 888 empty placeholder files "

@@ -605,6 +605,9 @@ def write_table(args: argparse.Namespace, groups: list[dict], data_name: str, na
         "|---|---:|",
         *[f"| {w} workers | {rate:.0f} |" for w, rate in loader.items()],
         "",
+        "How this was measured, the run-to-run spread, each lever and what was tried and not kept: "
+        "[train_notes.md](train_notes.md).",
+        "",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,21 @@ def test_schema_rejects(bad: dict) -> None:
                                   {"crops": {"shape": [16, 16, 16]}}])
 def test_schema_accepts(good: dict) -> None:
     jsonschema.validate(copy.deepcopy(good), yaml.safe_load(SCHEMA_PATH.read_text()))
+
+
+def test_malformed_config_yaml_names_file_and_line(tmp_path) -> None:
+    from luna.runner import check_yaml_file
+
+    good = tmp_path / "good.yaml"
+    good.write_text("split:\n  run_folds: [0]\n")
+    check_yaml_file(good)
+    check_yaml_file(tmp_path / "absent.yaml")  # Snakemake reports a missing file itself
+    bad = tmp_path / "config.yaml"
+    bad.write_text("split:\n  run_folds: [0\n  folds: 3\n")
+    with pytest.raises(ValueError) as info:
+        check_yaml_file(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}, line 3, column 8: not valid YAML")
+    assert "\n" not in message
+    # the Snakefile runs the check before its configfile: line
+    assert 'check_yaml_file("config/config.yaml")' in (REPO / "Snakefile").read_text()

@@ -88,3 +88,22 @@ def run_rule_torchrun(module: str, argv: Sequence[str], log_path: str | os.PathL
         with open(log_path) as fh:
             errors = [line for line in fh.read().splitlines() if "error:" in line]
         sys.exit(f"{module} under torchrun failed (exit {code}): {errors[-1] if errors else 'see ' + str(log_path)}")
+
+
+def check_yaml_file(path: str | os.PathLike) -> None:
+    """Raise ValueError("<path>, line L, column C: <problem>") when ``path`` exists and is not valid YAML.
+
+    The Snakefile calls it before its ``configfile:`` line: Snakemake's own message for a malformed config
+    names neither the file nor the line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from None

@@ -437,10 +437,9 @@ class LunaTrainingApp(StageApp):
         return self._gather(labels, probs, losses)
 
     def _select(self, epoch: int) -> SelectionPass:
-        resident = self.sel_resident if self.sel_resident is not None else None
         return evaluate_selection(self.eval_model, self.sel_ds, self.dist, epoch=epoch, device=self.device,
                                   batch_size=self.args.batch_size * 2, channels_last=self.args.channels_last,
-                                  tta=self.args.tta, threshold_policy=self.args.threshold, resident=resident)
+                                  tta=self.args.tta, threshold_policy=self.args.threshold, resident=self.sel_resident)
 
     def _gather(self, labels: list[torch.Tensor], probs: list[torch.Tensor],
                 losses: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
