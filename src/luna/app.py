@@ -56,8 +56,15 @@ class StageApp:
 
     @classmethod
     def console(cls, argv: Sequence[Any] | None = None) -> None:
-        """Entry point of the console script (``argv``: ``sys.argv[1:]`` when None): exit with ``main()``'s status."""
-        sys.exit(cls(argv).main())
+        """Entry point of the console script (``argv``: ``sys.argv[1:]`` when None): exit with ``main()``'s status;
+        one of ``errors`` raised while checking the arguments (in the constructor) is one line and status 2 too."""
+        try:
+            app = cls(argv)
+        except cls.errors as exc:
+            setup_logging()
+            print(f"{cls.prog}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(app.main())
 
 
 SWITCH_CHOICES = ("auto", "on", "off")

@@ -80,10 +80,10 @@ def open_cache(cache_dir: str | os.PathLike) -> diskcache.Cache:
         return diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none",
                                cull_limit=0)
     except (OSError, sqlite3.Error) as exc:
-        raise _cache_error(Path(cache_dir), exc) from exc
+        raise cache_error(Path(cache_dir), exc) from exc
 
 
-def _complete_entries(cache: diskcache.Cache) -> int | None:
+def complete_entries(cache: diskcache.Cache) -> int | None:
     """How many scans the cache holds completely (reads only: works on a full disk); None when it cannot tell."""
     try:
         return sum(1 for key in cache.iterkeys() if isinstance(key, tuple) and key[-1] == "rows")
@@ -91,7 +91,7 @@ def _complete_entries(cache: diskcache.Cache) -> int | None:
         return None
 
 
-def _cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
+def cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
     """A failed read or write of the resume cache (diskcache: OSError, sqlite3.Error) as one line naming it."""
     if isinstance(exc, OSError):
         reason = describe_os_error(exc)

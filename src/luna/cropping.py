@@ -35,7 +35,7 @@ def crop_start(center_irc: np.ndarray, crop_shape: Sequence[int], scan_shape: Se
     return np.clip(c - w // 2, np.minimum(0, n - w), np.maximum(0, n - w))
 
 
-def _check_window(hu_window: Sequence[int]) -> tuple[int, int]:
+def check_window(hu_window: Sequence[int]) -> tuple[int, int]:
     lo, hi = (int(v) for v in hu_window)
     if not (_INT16.min <= lo < hi <= _INT16.max):
         raise ValueError(f"HU window must be two int16 values lo < hi, got {list(hu_window)}")
@@ -54,7 +54,7 @@ def cut_crop(
     HU are clipped to the window; voxels outside the scan get the window's minimum (air, -1000 by default).
     ``out`` (int16, crop_shape) is filled in place when given, to avoid an allocation per crop.
     """
-    lo_hu, hi_hu = _check_window(hu_window)
+    lo_hu, hi_hu = check_window(hu_window)
     shape = tuple(int(v) for v in crop_shape)
     if out is None:
         out = np.empty(shape, dtype=np.int16)
@@ -92,7 +92,7 @@ def cut_scan_crops(
     centers = np.asarray(centers_xyz, dtype=np.float64).reshape(-1, 3)
     if not np.all(np.isfinite(centers)):
         raise ValueError("candidate centres must be finite")
-    lo_hu, hi_hu = _check_window(hu_window)
+    lo_hu, hi_hu = check_window(hu_window)
     shape = tuple(int(v) for v in crop_shape)
     center_irc = xyz_to_irc(centers, geometry)
     inside = is_inside(center_irc, volume.shape)

@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from luna.app import StageApp
-from luna.crop_cache import (CACHE_BYTES_PER_SCAN, _cache_error, _complete_entries, cache_get, cache_key, cache_put,
+from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, complete_entries, cache_get, cache_key, cache_put,
                               open_cache)
-from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, _check_window, crop_start, cut_scan_crops
+from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import OutputError, check_writable_dir, describe_os_error, write_tsv
@@ -180,7 +180,7 @@ class CropApp(StageApp):
         if min(self.crop_shape) < 1:
             raise CropError(f"--shape must be positive, got {list(a.shape)}")
         try:
-            self.hu_window = _check_window(a.hu_window)
+            self.hu_window = check_window(a.hu_window)
         except ValueError as exc:
             raise CropError(f"--hu-window: {exc}") from exc
         if a.threads < 1:
@@ -249,7 +249,7 @@ class CropApp(StageApp):
         created by this run before it failed, is removed."""
         n_scans = None  # not known: the cache was not opened by this run, or cannot be read
         if self._cache is not None:
-            n_scans = _complete_entries(self._cache)
+            n_scans = complete_entries(self._cache)
             self._cache.close()
         if not self.cache_dir.is_dir():
             return
@@ -272,7 +272,7 @@ class CropApp(StageApp):
                         need += int(job.inside.sum()) * crop_bytes + CACHE_BYTES_PER_SCAN
             free = free_bytes(self.cache_dir)
         except (OSError, sqlite3.Error) as exc:
-            raise _cache_error(self.cache_dir, exc) from exc
+            raise cache_error(self.cache_dir, exc) from exc
         if need > free:
             raise OutputError(f"{self.cache_dir}: not enough space for the resume cache (it needs "
                               f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free)")
@@ -329,7 +329,7 @@ class CropApp(StageApp):
         try:
             hit = cache_get(cache, key)
         except (OSError, sqlite3.Error) as exc:
-            raise _cache_error(self.cache_dir, exc) from exc
+            raise cache_error(self.cache_dir, exc) from exc
         times["cache read"] = time.perf_counter() - t0
         if hit is not None:
             crops, rows = hit
@@ -353,7 +353,7 @@ class CropApp(StageApp):
         try:
             cache_put(cache, key, crops, rows)
         except (OSError, sqlite3.Error) as exc:
-            raise _cache_error(self.cache_dir, exc) from exc
+            raise cache_error(self.cache_dir, exc) from exc
         times["cache write"] = time.perf_counter() - t0
         return crops, False, times
 

@@ -1,6 +1,6 @@
 """The training recipe around the book's model, as pure functions of the settings and the step: the learning
-rate (warm-up, constant or cosine), the optimizer, the weight average (EMA) and the
-augmentation settings. Pure so a resumed run continues exactly where it stopped (docs/design.md)."""
+rate (warm-up, constant or cosine), the optimizer, the weight average (EMA) and the augmentation settings. Pure
+so a resumed run continues exactly where it stopped (docs/design.md)."""
 
 from __future__ import annotations
 

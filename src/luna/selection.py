@@ -50,9 +50,8 @@ def evaluate_selection(model: torch.nn.Module, dataset: CropDataset, dist_info: 
             dist.broadcast(buffer, src=0)
     rows = dataset.rows
     share = np.arange(dist_info.rank, len(rows), dist_info.world_size)
-    logger.info("E%d Selection: %d crops of %d scans", epoch, len(rows),
-                rows["series_uid"].nunique())
-    if resident is not None and dist_info.enabled:  # one process predicts every row: no copy of the crops
+    logger.info("E%d Selection: %d crops of %d scans", epoch, len(rows), rows["series_uid"].nunique())
+    if resident is not None and dist_info.enabled:  # its share of the crops; one process uses them as they are
         resident = resident.index_select(0, torch.as_tensor(share, device=device))
     prediction = predict(model, dataset.stores, rows.iloc[share], dataset.labels[share], batch_size=batch_size,
                          device=device, channels_last=channels_last, what="selection crops", resident=resident,

@@ -17,7 +17,7 @@ import torch
 from luna.model import atomic_torch_save
 from luna.provenance import code_version
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("luna.training")  # one stage, one logger name in the log
 
 STATE_FORMAT = "luna-train-state-v2"
 # settings that change what is trained or kept; a state written under others is not resumed

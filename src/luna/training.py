@@ -59,6 +59,7 @@ from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, 
 from luna.model import LunaModel, save_checkpoint, unwrap_model
 from luna.progress import format_duration, with_progress
 from luna.recipe import augment_config, ema_decay_at, ema_update, make_optimizer, scheduled_lr
+from luna.runner import setup_logging
 from luna.selection import SelectionPass, evaluate_selection, selection_frame, selection_key
 from luna.splits import SplitsError, read_fold_roles, scans_with_role
 from luna.store import CropStore, StoreError
@@ -158,11 +159,13 @@ class LunaTrainingApp(StageApp):
     # -- setup ------------------------------------------------------------------------------------
 
     def main(self) -> int:
-        """Train; on bad input (or an output that cannot be written) print one line to stderr and return 2."""
+        """Train; on bad input (or an output that cannot be written) print one line to stderr and return 2
+        (StageApp.main's contract, with the "Starting" line logged by rank 0 only)."""
+        setup_logging()
         try:
             return self._run_dist()
-        except ERRORS as exc:
-            print(f"luna-train: error: {exc}", file=sys.stderr)
+        except self.errors as exc:
+            print(f"{self.prog}: error: {exc}", file=sys.stderr)
             return 2
 
     def _run_dist(self) -> int:
@@ -505,17 +508,7 @@ class LunaTrainingApp(StageApp):
                     selection.operating_row["f1"] if selection is not None else "-", self.best_threshold)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``luna-train``: bad input -> one line on stderr, exit status 2."""
-    from luna.runner import setup_logging
-
-    setup_logging()
-    try:
-        code = LunaTrainingApp(argv).main()
-    except ERRORS as exc:  # raised while checking the arguments, before main()
-        print(f"luna-train: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code)
+main = LunaTrainingApp.console
 
 
 if __name__ == "__main__":

@@ -236,10 +236,11 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
                 len(rows), len(scans), args.scans, fold,
                 "unlabelled" if labels is None else f"{int(labels.sum())} positive", args.model,
                 int(checkpoint["epoch"]), device, "channels_last_3d" if channels_last else "contiguous")
-    if args.tta != "auto" and args.tta != str(checkpoint.get("args", {}).get("tta", "none")):
+    trained_tta = str(checkpoint.get("args", {}).get("tta", "none"))
+    if args.tta not in ("auto", trained_tta):
         logger.warning("--tta %s differs from the model's selection pass (%s): these probabilities are not the ones "
-                       "its threshold was chosen on", args.tta, checkpoint.get("args", {}).get("tta", "none"))
-    tta = args.tta if args.tta != "auto" else str(checkpoint.get("args", {}).get("tta", "none"))
+                       "its threshold was chosen on", args.tta, trained_tta)
+    tta = trained_tta if args.tta == "auto" else args.tta
     prediction = predict(model, stores, rows, labels, batch_size=args.batch_size, device=device,
                          channels_last=channels_last, tta=tta)
     frame = predictions_frame(rows, prediction, labels, fold)
