@@ -41,6 +41,7 @@ if not ("--omp-wait-policy" in _ARGS and _ARGS[_ARGS.index("--omp-wait-policy") 
 import argparse
 import json
 import logging
+import math
 import platform
 import random
 import subprocess

@@ -111,6 +111,9 @@ def test_tiny_pipeline_outputs(tiny_run: Path) -> None:
     for log in ("synthesize", "candidates", "split", "train/0", "train/1", "predict/0", "predict/1", "evaluate"):
         assert (tiny_run / "logs" / f"{log}.log").stat().st_size > 0
         assert (tiny_run / "benchmarks" / "runs" / f"{log}.tsv").exists()
+    # the rule scripts set OMP_WAIT_POLICY=ACTIVE before torch loads (unless the user set it); the CPU line says so
+    expected = os.environ.get("OMP_WAIT_POLICY", "ACTIVE")
+    assert f"OMP_WAIT_POLICY={expected})" in (tiny_run / "logs" / "train" / "0.log").read_text()
 
 
 @pytest.mark.slow
