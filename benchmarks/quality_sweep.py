@@ -15,8 +15,8 @@ Every variant starts from config/config.yaml's `train` section (mapped to flags 
 overrides some keys. The table records the device, the CPU capability, the wall time of each training run
 and the data set, so rows of one table compare.
 
-One 30-scan test fold is noisy (a CPM interval about +-0.08 wide, and two training runs that differ only in
-their sampling order can differ by 0.05 on it). ``--devtest-seed`` adds a second score per run: the model on
+One 30-scan test fold is noisy (a CPM interval about +-0.1 wide; three training seeds of one recipe spread
+over 0.06 on the default run's fold). ``--devtest-seed`` adds a second score per run: the model on
 *every* scan of another synthetic data set of the same size (150 scans, ~210 nodules; no scan of it is trained
 on or chooses anything), without test-time augmentation so the rows compare across TTA settings.
 """
