@@ -148,18 +148,18 @@ def score_devtest(model: Path, data: tuple, out: Path) -> dict:
     from luna.froc import froc, froc_bootstrap
     from luna.luna16 import read_annotations_csv
     from luna.metrics import auc_score
+    from luna.splits import read_splits_tsv
     from luna.validation import PredictApp
 
-    crops, _, annotations, excluded = data
+    crops, splits, annotations, excluded = data
     assert PredictApp(["--model", str(model), "--crops", *crops, "--scans", "all", "--tta", "none",
                        "--out", str(out)]).main() == 0
     predictions = pd.read_csv(out, sep="\t")
-    scans = sorted(set(predictions["series_uid"]))
+    scans = read_splits_tsv(splits)["series_uid"].tolist()  # every scan divides the FP count
     nodules, ignored = read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True)
     result = froc(predictions, nodules, scans, ignored)
     low, high = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
-    return {"dt_cpm": result.cpm, "dt_low": low, "dt_high": high, "dt_scans": result.n_scans,
-            "dt_nodules": result.n_nodules,
+    return {"dt_cpm": result.cpm, "dt_low": low, "dt_high": high,
             "dt_auc": auc_score(predictions["is_nodule"].to_numpy(), predictions["probability"].to_numpy())}
 
 
@@ -199,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for synthesis and crops")
     p.add_argument("extra", nargs="*", help="after --: options appended to every luna-train call")
     args = p.parse_args(argv)
-    if CONFIG["synthetic"]["seed"] in (args.dev_seed, args.devtest_seed):
-        raise SystemExit(f"--dev-seed {args.dev_seed} is the default run's data: choose the recipe elsewhere")
+    for option, seed in (("--dev-seed", args.dev_seed), ("--devtest-seed", args.devtest_seed)):
+        if seed == CONFIG["synthetic"]["seed"]:
+            raise SystemExit(f"{option} {seed} is the default run's data: choose the recipe elsewhere")
+    if args.devtest_seed == args.dev_seed:
+        raise SystemExit(f"--devtest-seed {args.devtest_seed} is the development data itself (--dev-seed): its "
+                         "scans are trained on")
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -881,7 +881,7 @@ def official_tables(work: Path, seed: int) -> dict[str, Any]:
             uids.append("1.3.6.1.4.1.14519.5.2.1.6279.6001." + str(r.randrange(10**29, 10**30)))
         note = "the 601 annotated scans' UIDs and 287 made-up ones"
     uids_file.write_text("\n".join(sorted(uids)) + "\n")
-    return {"annotations": str(ann), "annotations_shown": _shown(ann), "excluded": str(exc) if exc.is_file() else "", "uids_file": str(uids_file),
+    return {"annotations": str(ann), "excluded": str(exc) if exc.is_file() else "", "uids_file": str(uids_file),
             "uids_note": note, "n_uids": len(uids)}
 
 
@@ -1287,7 +1287,7 @@ def write_report(path: Path, report: dict[str, Any], args: argparse.Namespace) -
         csv = v2.get("csv") or {}
         L += ["## LUNA16-sized tables (candidates_V2: 754,975 rows, 888 scans)", "",
               f"A {csv.get('rows', 0):,}-row candidates CSV in LUNA16's format over {v2['tables']['uids_note']}: "
-              f"{csv.get('positives', 0):,} positives jittered around the {v2['tables'].get('annotations_shown', v2['tables']['annotations'])} nodules, "
+              f"{csv.get('positives', 0):,} positives jittered around the {_shown(v2['tables']['annotations'])} nodules, "
               f"{csv.get('on_excluded', 0):,} negatives on excluded findings, the rest spread over the scans "
               f"({csv.get('rows_per_scan_min_max', ['?', '?'])[0]}-{csv.get('rows_per_scan_min_max', ['?', '?'])[1]} "
               f"per scan), {csv.get('duplicates', 0)} exact repeated rows. The scans are 888 empty placeholder files "

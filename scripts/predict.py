@@ -1,13 +1,8 @@
 """Rule predict: a fold's model.pt -> results/folds/{fold}/predictions.tsv (thin: maps to luna.validation.PredictApp)."""
 
-import os
+from luna.runner import run_rule, spin_openmp_threads
 
-# before torch loads: OpenMP threads spin between parallel regions instead of sleeping. On 2 cores a
-# sleeping thread waits milliseconds for its core whenever anything else runs (45 vs 1.4 samples/s next to
-# a busy process, ~+3% on a quiet box: benchmarks/results/train_notes.md). Set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
-
-from luna.runner import run_rule  # noqa: E402 - after the environment is set
+spin_openmp_threads()  # before luna.validation loads torch
 from luna.validation import PredictApp  # noqa: E402
 
 sm = snakemake  # noqa: F821 - injected by Snakemake

@@ -2,15 +2,11 @@
 train.gpus > 1 runs it as that many processes under torchrun)."""
 
 import json
-import os
 from pathlib import Path
 
-# before torch loads: OpenMP threads spin between parallel regions instead of sleeping. On 2 cores a
-# sleeping thread waits milliseconds for its core whenever anything else runs (45 vs 1.4 samples/s next to
-# a busy process, ~+3% on a quiet box: benchmarks/results/train_notes.md). Set it yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+from luna.runner import config_argv, run_rule, run_rule_torchrun, spin_openmp_threads
 
-from luna.runner import config_argv, run_rule, run_rule_torchrun  # noqa: E402 - after the environment is set
+spin_openmp_threads()  # before luna.training loads torch
 from luna.training import LunaTrainingApp  # noqa: E402
 
 sm = snakemake  # noqa: F821 - injected by Snakemake

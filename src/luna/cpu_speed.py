@@ -40,7 +40,8 @@ bit-identical, gradients differ from plain eager ones by fp32 reduction order on
   emulation on AVX-512 CPUs: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``, bf16 off).
 
 Not a function here because it must be set before torch is imported: ``OMP_WAIT_POLICY=ACTIVE`` (libgomp's
-threads spin between parallel regions instead of sleeping). Quiet box: ~+3%; next to another CPU-bound
+threads spin between parallel regions instead of sleeping; :func:`luna.runner.spin_openmp_threads`, which the
+train and predict rule scripts call first). Quiet box: ~+3%; next to another CPU-bound
 process, even a niced one: 45 vs 1.4 samples/s (a sleeping thread waits milliseconds for its core, hundreds
 of times a step); ``PASSIVE``: 0.7x. One torch thread instead of 2: ~0.55x.
 

@@ -13,6 +13,17 @@ from typing import Any, Callable, Mapping, Sequence
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def spin_openmp_threads() -> None:
+    """``OMP_WAIT_POLICY=ACTIVE`` unless already set: OpenMP threads spin between parallel regions instead of
+    sleeping. On 2 cores a sleeping thread waits milliseconds for its core whenever anything else runs (45 vs
+    1.4 samples/s next to a busy process, ~+3% on a quiet box: benchmarks/results/train_notes.md).
+
+    libgomp reads the variable once, when torch loads it: the train and predict rule scripts call this before
+    importing the modules that import torch (set later, it has no effect).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+
+
 def setup_logging(log_path: str | os.PathLike | None = None, level: int = logging.INFO) -> None:
     """Log to stderr, or to a file (a Snakemake ``log:``), once per process."""
     root = logging.getLogger()
