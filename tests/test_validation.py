@@ -643,4 +643,6 @@ def test_tta_averages_the_mirror_views():
         expected = torch.stack(views).mean(0)
         torch.testing.assert_close(tta_probabilities(model, batch, "flip4"), expected)
         torch.testing.assert_close(tta_probabilities(model, batch, "none"), views[0])
+        # flip2: the crop and its 180-degree in-plane rotation (rows and columns mirrored), the last flip4 view
+        torch.testing.assert_close(tta_probabilities(model, batch, "flip2"), (views[0] + views[3]) / 2)
     assert len(TTA_FLIPS["flip8"]) == 8 and len(set(TTA_FLIPS["flip8"])) == 8

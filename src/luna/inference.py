@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 10.0
 TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "none": ((),),
+    "flip2": ((), (3, 4)),                                                    # rotated 180 degrees in-plane
     "flip4": ((), (3,), (4,), (3, 4)),                                        # mirror rows and/or columns
     "flip8": ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)),       # and slices
 }
