@@ -143,21 +143,31 @@ def run_variant(name: str, overrides: dict, seed: int, test_fold: int, data: tup
             "overrides": overrides}
 
 
-def score_devtest(model: Path, data: tuple, out: Path) -> dict:
-    """The model on every scan of the dev-test data set, no TTA: CPM with a 200-resample scan bootstrap, AUC."""
-    from luna.froc import froc, froc_bootstrap
+def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = None) -> tuple:
+    """luna-predict (no TTA) on one fold's scans, or on every scan with ``test_fold`` None, then the FROC over
+    those scans (every one divides the FP count). Returns (FrocResult, predictions, scans, nodules, ignored)."""
+    from luna.froc import froc
     from luna.luna16 import read_annotations_csv
-    from luna.metrics import auc_score
     from luna.splits import read_splits_tsv
     from luna.validation import PredictApp
 
     crops, splits, annotations, excluded = data
-    assert PredictApp(["--model", str(model), "--crops", *crops, "--scans", "all", "--tta", "none",
+    which = ["--scans", "all"] if test_fold is None else ["--splits", splits, "--fold", str(test_fold)]
+    assert PredictApp(["--model", str(model), "--crops", *crops, *which, "--tta", "none",
                        "--out", str(out)]).main() == 0
     predictions = pd.read_csv(out, sep="\t")
-    scans = read_splits_tsv(splits)["series_uid"].tolist()  # every scan divides the FP count
+    table = read_splits_tsv(splits)
+    scans = table["series_uid"] if test_fold is None else table.loc[table["fold"] == test_fold, "series_uid"]
     nodules, ignored = read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True)
-    result = froc(predictions, nodules, scans, ignored)
+    return froc(predictions, nodules, scans.tolist(), ignored), predictions, scans.tolist(), nodules, ignored
+
+
+def score_devtest(model: Path, data: tuple, out: Path) -> dict:
+    """The model on every scan of the dev-test data set, no TTA: CPM with a 200-resample scan bootstrap, AUC."""
+    from luna.froc import froc_bootstrap
+    from luna.metrics import auc_score
+
+    result, predictions, scans, nodules, ignored = predict_froc(model, data, out)
     low, high = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
     return {"dt_cpm": result.cpm, "dt_low": low, "dt_high": high,
             "dt_auc": auc_score(predictions["is_nodule"].to_numpy(), predictions["probability"].to_numpy())}

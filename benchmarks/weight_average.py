@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 import luna.training as training_module
-from quality_sweep import CONFIG, build_data, run_variant, score_devtest
+from quality_sweep import CONFIG, build_data, predict_froc, run_variant, score_devtest
 
 AVERAGES = ("none", "ema-tf", "mean-0.99", "mean-0.995", "mean-0.998", "tail-2")
 
@@ -66,20 +66,9 @@ class Shadows:
 
 def score_fold(model: Path, data: tuple, test_fold: int, out: Path) -> dict:
     """CPM and AUC of ``model`` on the development test fold, no TTA."""
-    from luna.froc import froc
-    from luna.luna16 import read_annotations_csv
     from luna.metrics import auc_score
-    from luna.splits import read_splits_tsv
-    from luna.validation import PredictApp
 
-    crops, splits, annotations, excluded = data
-    assert PredictApp(["--model", str(model), "--crops", *crops, "--splits", splits, "--tta", "none",
-                       "--out", str(out)]).main() == 0
-    predictions = pd.read_csv(out, sep="\t")
-    table = read_splits_tsv(splits)
-    scans = table.loc[table["fold"].astype(str) == str(test_fold), "series_uid"].tolist()
-    nodules, ignored = read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True)
-    result = froc(predictions, nodules, scans, ignored)
+    result, predictions, *_ = predict_froc(model, data, out, test_fold)
     return {"cpm": result.cpm, "auc": auc_score(predictions["is_nodule"].to_numpy(),
                                                 predictions["probability"].to_numpy())}
 
@@ -101,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(work, args.dev_seed, os.cpu_count() or 1, CONFIG["synthetic"])
     devtest = build_data(work, args.devtest_seed, os.cpu_count() or 1, CONFIG["synthetic"])
     train = CONFIG["train"]
-    steps_per_epoch = train["samples_per_epoch"] // train["batch_size"]
+    steps_per_epoch = -(-train["samples_per_epoch"] // train["batch_size"])  # the last batch may be short
     extra = [a for a in args.averages if a != "ema-tf"]
     rows: list[dict] = []
     for seed in args.seeds:
@@ -116,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s, {shadows.step + 1} steps", flush=True)
         kept = torch.load(out / "0" / "model.pt", map_location="cpu", weights_only=False)
         for name in args.averages:
-            path = out / "0" / f"model-{name}.pt"
+            path = out / "0" / ("model.pt" if name == "ema-tf" else f"model-{name}.pt")
             if name != "ema-tf":
                 torch.save({**kept, "model_state": shadows.models[name].state_dict()}, path)
-            else:
-                path = out / "0" / "model.pt"
             row = {"seed": seed, "average": name, **score_fold(path, data, 0, out / f"fold0-{name}.tsv"),
                    **score_devtest(path, devtest, out / f"devtest-{name}.tsv")}
             rows.append(row)
