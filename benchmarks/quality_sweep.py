@@ -143,8 +143,8 @@ def run_variant(name: str, overrides: dict, seed: int, test_fold: int, data: tup
             "overrides": overrides}
 
 
-def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = None) -> tuple:
-    """luna-predict (no TTA) on one fold's scans, or on every scan with ``test_fold`` None, then the FROC over
+def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = None, tta: str = "none") -> tuple:
+    """luna-predict (``tta``, default none) on one fold's scans, or on every scan with ``test_fold`` None, then the FROC over
     those scans (every one divides the FP count). Returns (FrocResult, predictions, scans, nodules, ignored)."""
     from luna.froc import froc
     from luna.luna16 import read_annotations_csv
@@ -153,7 +153,7 @@ def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = No
 
     crops, splits, annotations, excluded = data
     which = ["--scans", "all"] if test_fold is None else ["--splits", splits, "--fold", str(test_fold)]
-    assert PredictApp(["--model", str(model), "--crops", *crops, *which, "--tta", "none",
+    assert PredictApp(["--model", str(model), "--crops", *crops, *which, "--tta", tta,
                        "--out", str(out)]).main() == 0
     predictions = pd.read_csv(out, sep="\t")
     table = read_splits_tsv(splits)
@@ -162,12 +162,13 @@ def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = No
     return froc(predictions, nodules, scans.tolist(), ignored), predictions, scans.tolist(), nodules, ignored
 
 
-def score_devtest(model: Path, data: tuple, out: Path) -> dict:
-    """The model on every scan of the dev-test data set, no TTA: CPM with a 200-resample scan bootstrap, AUC."""
+def score_devtest(model: Path, data: tuple, out: Path, tta: str = "none") -> dict:
+    """The model on every scan of the dev-test data set (no TTA unless asked): CPM with a 200-resample scan
+    bootstrap, AUC."""
     from luna.froc import froc_bootstrap
     from luna.metrics import auc_score
 
-    result, predictions, scans, nodules, ignored = predict_froc(model, data, out)
+    result, predictions, scans, nodules, ignored = predict_froc(model, data, out, tta=tta)
     low, high = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
     return {"dt_cpm": result.cpm, "dt_low": low, "dt_high": high,
             "dt_auc": auc_score(predictions["is_nodule"].to_numpy(), predictions["probability"].to_numpy())}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from luna.data import (
     EpochSampler,
     augment_batch,
     balanced_indices,
+    hard_negative_picks,
     make_loader,
     random_affine,
 )
@@ -185,6 +187,65 @@ def test_balanced_schedule_changes_the_ratio_from_its_epoch_on() -> None:
         EpochSampler(labels, schedule=[(0, 2)])
     with pytest.raises(DataError, match="must be >= 0"):
         EpochSampler(labels, schedule=[(2, -1)])
+
+
+def test_hard_negative_picks_follow_the_recorded_loss() -> None:
+    labels = imbalanced_labels(1000, 20)
+    negatives = np.flatnonzero(labels == 0)
+    loss = np.full(1000, np.nan)
+    rng = np.random.default_rng(0)
+    assert len(hard_negative_picks(loss, negatives, 100, rng)) == 0  # nothing recorded yet: nothing to mine
+    hard, easy = negatives[:10], negatives[10:500]
+    loss[hard], loss[easy] = 3.0, 0.01  # the other 480 negatives were never trained on
+    counts = np.zeros(1000)
+    for seed in range(200):
+        picks = hard_negative_picks(loss, negatives, 50, np.random.default_rng(seed))
+        assert len(picks) == 50 and len(np.unique(picks)) == 50 and (labels[picks] == 0).all()
+        counts[picks] += 1
+    # weights: hard 3.0, unseen the mean recorded loss (30 + 4.9) / 500 = 0.0698, easy 0.01
+    assert counts[hard].mean() > 150  # nearly always drawn
+    unseen = np.setdiff1d(negatives, np.concatenate([hard, easy]))
+    assert 5 < counts[unseen].mean() / counts[easy].mean() < 10  # ~7x the easy ones
+    assert counts[easy].sum() > 0  # easy negatives still come back now and then
+    assert len(hard_negative_picks(loss, negatives, 5000, rng)) == len(negatives)  # capped
+
+
+def test_hard_negatives_refill_a_share_of_the_negative_slots() -> None:
+    labels = imbalanced_labels(1000, 20)
+    plain = EpochSampler(labels, ratio=1, samples_per_epoch=400, seed=4)
+    mined = EpochSampler(labels, ratio=1, samples_per_epoch=400, seed=4, hard_negatives=0.5)
+    negatives = np.flatnonzero(labels == 0)
+    hard = negatives[:40]
+    loss = np.where(np.isin(np.arange(1000), hard), 2.0, 1e-4)
+    mined.record(np.arange(1000), loss)
+    # epoch 1 is the book's order (no loss recorded before it); from epoch 2, half the negative slots are mined
+    np.testing.assert_array_equal(mined.epoch_indices(1), plain.epoch_indices(1))
+    for epoch in (2, 3):
+        base, order = plain.epoch_indices(epoch), mined.epoch_indices(epoch)
+        assert len(order) == 400 and labels[order].mean() == 0.5
+        positive = labels[base] == 1
+        np.testing.assert_array_equal(order[positive], base[positive])  # positives untouched
+        assert (order != base).sum() <= 100  # 200 negative slots, 100 refilled (some by the same item)
+        assert np.isin(hard, order).all()  # the hard negatives are among the picks
+        assert np.isin(order, hard).sum() >= 40
+    np.testing.assert_array_equal(mined.epoch_indices(2), mined.epoch_indices(2))  # deterministic
+    # the recorded losses are sampler state: a restored sampler draws the same order
+    restored = EpochSampler(labels, ratio=1, samples_per_epoch=400, seed=4, hard_negatives=0.5)
+    restored.load_state_dict(torch.load(_roundtrip(mined.state_dict()), weights_only=True))
+    np.testing.assert_array_equal(restored.epoch_indices(3), mined.epoch_indices(3))
+    # an item trained twice keeps its last loss
+    mined.record(np.array([5, 7, 5]), np.array([1.0, 2.0, 3.0]))
+    assert mined.item_loss[[5, 7]].tolist() == [3.0, 2.0]
+    with pytest.raises(DataError, match="hard_negatives must be in"):
+        EpochSampler(labels, hard_negatives=1.5)
+
+
+def _roundtrip(state: dict) -> io.BytesIO:
+    """``state`` through torch.save and back into a readable buffer, as the training state file does."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def test_balanced_needs_both_classes() -> None:

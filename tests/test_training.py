@@ -150,6 +150,27 @@ def test_balanced_schedule_option_parses_epoch_ratio_pairs(data: dict[str, Path]
     assert train.n_pos.tolist() == [SAMPLES // 2, SAMPLES // 4]
 
 
+def test_hard_negatives_are_mined_from_epoch_2_and_resumed(data: dict[str, Path], tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    assert LunaTrainingApp(argv(data, whole, "--hard-negatives", "0.5")).main() == 0
+    state = torch.load(default_state_dir(whole) / "last.pt", weights_only=True)
+    item_loss = state["sampler_state"]["item_loss"].numpy()
+    assert np.isfinite(item_loss).sum() >= 8 and (item_loss[np.isfinite(item_loss)] >= 0).all()
+    # epoch 1 is the book's order; epoch 2 differs from the unmined run's
+    plain = pd.read_csv(tmp_path / "whole" / "history.tsv", sep="\t").query("split == 'train'")
+    assert LunaTrainingApp(argv(data, tmp_path / "plain")).main() == 0
+    other = pd.read_csv(tmp_path / "plain" / "history.tsv", sep="\t").query("split == 'train'")
+    assert plain.loss_all.iloc[0] == other.loss_all.iloc[0]
+    assert plain.loss_all.iloc[1] != other.loss_all.iloc[1]
+    # one epoch, then a resumed second (the losses come back with the state): the uninterrupted run's history
+    part = tmp_path / "part"
+    assert LunaTrainingApp(argv(data, part, "--hard-negatives", "0.5", "--epochs", "1")).main() == 0
+    assert LunaTrainingApp(argv(data, part, "--hard-negatives", "0.5", "--resume")).main() == 0
+    assert (part / "history.tsv").read_bytes() == (whole / "history.tsv").read_bytes()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*BASE, "--hard-negatives", "1"])
+
+
 def test_ema_update_averages_weights_and_statistics() -> None:
     ema, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     with torch.no_grad():

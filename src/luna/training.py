@@ -228,7 +228,8 @@ class LunaTrainingApp(StageApp):
 
         self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced, schedule=args.balanced_schedule,
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
-                                    rank=self.dist.rank, world_size=self.dist.world_size)
+                                    rank=self.dist.rank, world_size=self.dist.world_size,
+                                    hard_negatives=args.hard_negatives)
         self._make_batches()
 
         torch.manual_seed(args.seed)
@@ -310,6 +311,11 @@ class LunaTrainingApp(StageApp):
                         len(self.train_batches), len(self.sampler), f"balanced 1:{ratio}" if ratio else "plain order",
                         f", then {len(self.sel_ds)} selection crops" if evaluate else "")
             trn = self._train_epoch(epoch)
+            if self.sampler.last_mining:
+                logger.info("E%d hard negatives: %s", epoch, self.sampler.last_mining)
+                self.sampler.last_mining = ""
+            self.sampler.record(trn[3], trn[2])  # per-item losses for --hard-negatives (all processes alike)
+            trn = trn[:3]
             self.samples_seen += self.sampler.total
             selection = self._select(epoch) if evaluate else None
             self._finish_epoch(epoch, trn, selection)
@@ -410,14 +416,15 @@ class LunaTrainingApp(StageApp):
         logits = logits.float()
         return logits, torch.softmax(logits, dim=1)
 
-    def _train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _train_epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One epoch of training steps; per-sample labels, probabilities, losses and item indices (all ranks)."""
         self.train_model.train()
         self.sampler.set_epoch(epoch)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_seed_int(self.args.seed, 3, epoch, self.dist.rank))
-        labels, probs, losses = [], [], []
+        labels, probs, losses, items = [], [], [], []
         first_step = (epoch - 1) * len(self.train_batches)
-        for step, (crops, label, _) in enumerate(
+        for step, (crops, label, index) in enumerate(
                 with_progress(self.train_batches, len(self.train_batches), f"E{epoch} Training", log=logger),
                 start=first_step):
             crops = augment_batch(self._to_device(crops).float(), self.augment, generator)
@@ -437,25 +444,26 @@ class LunaTrainingApp(StageApp):
             labels.append(label.detach())
             probs.append(probability[:, 1].detach())
             losses.append(loss.detach())
-        return self._gather(labels, probs, losses)
+            items.append(torch.as_tensor(index).cpu())
+        return self._gather(labels, probs, losses, items)
 
     def _select(self, epoch: int) -> SelectionPass:
         return evaluate_selection(self.eval_model, self.sel_ds, self.dist, epoch=epoch, device=self.device,
                                   batch_size=self.args.batch_size * 2, channels_last=self.args.channels_last,
                                   tta=self.args.tta, threshold_policy=self.args.threshold, resident=self.sel_resident)
 
-    def _gather(self, labels: list[torch.Tensor], probs: list[torch.Tensor],
-                losses: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _gather(self, labels: list[torch.Tensor], probs: list[torch.Tensor], losses: list[torch.Tensor],
+                items: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-sample values as numpy, concatenated over every process (rank order)."""
         def cat(parts: list[torch.Tensor], dtype: Any) -> np.ndarray:
             return torch.cat(parts).cpu().numpy().astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
-        local = (cat(labels, np.int64), cat(probs, np.float64), cat(losses, np.float64))
+        local = (cat(labels, np.int64), cat(probs, np.float64), cat(losses, np.float64), cat(items, np.int64))
         if not self.dist.enabled:
             return local
         gathered: list[Any] = [None] * self.dist.world_size
         dist.all_gather_object(gathered, local)
-        return tuple(np.concatenate([g[k] for g in gathered]) for k in range(3))  # type: ignore[return-value]
+        return tuple(np.concatenate([g[k] for g in gathered]) for k in range(4))  # type: ignore[return-value]
 
     def _finish_epoch(self, epoch: int, trn: tuple, selection: SelectionPass | None) -> None:
         trn_row = metric_row(*trn, epoch=epoch, split="train")

@@ -157,6 +157,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--balanced-schedule", type=_epoch_ratio, nargs="*", default=[], metavar="EPOCH:RATIO",
                     help="from EPOCH on, RATIO negatives per positive instead of --balanced (e.g. 7:8: learn on "
                     "many positives first, end nearer the data's prior); none = --balanced throughout (the book)")
+    tr.add_argument("--hard-negatives", type=_unit_interval, default=0.0, metavar="SHARE",
+                    help="from epoch 2 on, fill this share of each epoch's negative slots with negatives drawn by "
+                    "the training loss they last had (hard-negative mining; balanced orders only); 0 = off (the book)")
     tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
 
     au = p.add_argument_group("augmentation (training only; the book's Chapter 12)")
