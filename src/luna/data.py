@@ -214,9 +214,10 @@ class EpochSampler(Sampler[int]):
     ``hard_negatives`` h (balanced orders only): from the second epoch on, a random share h of the epoch's
     negative slots is refilled with negatives drawn by their last training loss (:func:`hard_negative_picks`),
     the rest keeps the book's cycled order. The trainer reports each epoch's per-sample losses through
-    :meth:`record` (gathered over all processes, so every rank draws the same order). Why: at 1:1 a 15-minute
-    run shows each training negative about twice, and most negatives (parenchyma, the chest wall) are learnt
-    at once while nodule-sized vessel cross-sections are what the test fold's false positives are.
+    :meth:`record` (gathered over all processes, so every rank draws the same order). Why it was tried: at 1:1
+    a 15-minute run shows each training negative about twice, and most negatives (parenchyma, the chest wall)
+    are learnt at once while nodule-sized vessel cross-sections are the false positives; measured at 0.5 it
+    changed the development CPM by less than 0.01 (benchmarks/results/quality.md), so the default is off.
     """
 
     def __init__(
