@@ -144,8 +144,9 @@ def run_variant(name: str, overrides: dict, seed: int, test_fold: int, data: tup
 
 
 def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = None, tta: str = "none") -> tuple:
-    """luna-predict (``tta``, default none) on one fold's scans, or on every scan with ``test_fold`` None, then the FROC over
-    those scans (every one divides the FP count). Returns (FrocResult, predictions, scans, nodules, ignored)."""
+    """luna-predict (``tta``, default none) on one fold's scans, or on every scan with ``test_fold`` None, then
+    the FROC over those scans (every one divides the FP count). Returns (FrocResult, predictions, scans, nodules,
+    ignored)."""
     from luna.froc import froc
     from luna.luna16 import read_annotations_csv
     from luna.splits import read_splits_tsv
@@ -157,9 +158,10 @@ def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = No
                        "--out", str(out)]).main() == 0
     predictions = pd.read_csv(out, sep="\t")
     table = read_splits_tsv(splits)
-    scans = table["series_uid"] if test_fold is None else table.loc[table["fold"] == test_fold, "series_uid"]
+    scans = (table["series_uid"] if test_fold is None
+             else table.loc[table["fold"] == test_fold, "series_uid"]).tolist()
     nodules, ignored = read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True)
-    return froc(predictions, nodules, scans.tolist(), ignored), predictions, scans.tolist(), nodules, ignored
+    return froc(predictions, nodules, scans, ignored), predictions, scans, nodules, ignored
 
 
 def score_devtest(model: Path, data: tuple, out: Path, tta: str = "none") -> dict:

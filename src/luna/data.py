@@ -249,7 +249,6 @@ class EpochSampler(Sampler[int]):
         self.world_size = int(world_size)
         self.hard_negatives = float(hard_negatives)
         self.item_loss = np.full(len(self.labels), np.nan)  # each item's loss when last trained on (NaN: never)
-        self.last_mining = ""  # what the last mined order drew, for the log
         self.epoch = 1
 
     @property
@@ -273,11 +272,12 @@ class EpochSampler(Sampler[int]):
             return shuffled_indices(len(self.labels), self.total, rng)
         order = balanced_indices(self.labels, ratio, self.total, rng)
         if self.hard_negatives > 0 and epoch > 1:
-            order = self._with_hard_negatives(order, _rng(self.seed, 2, epoch))
+            order = self._with_hard_negatives(order, epoch, _rng(self.seed, 2, epoch))
         return order
 
-    def _with_hard_negatives(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``order`` with a random ``hard_negatives`` share of its negative slots refilled by recorded loss."""
+    def _with_hard_negatives(self, order: np.ndarray, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """``order`` with a random ``hard_negatives`` share of its negative slots refilled by recorded loss
+        (logged, so the training log shows that mining took effect)."""
         negative_slots = np.flatnonzero(self.labels[order] <= 0)
         n_hard = int(round(self.hard_negatives * len(negative_slots)))
         picks = hard_negative_picks(self.item_loss, np.flatnonzero(self.labels <= 0), n_hard, rng)
@@ -286,10 +286,10 @@ class EpochSampler(Sampler[int]):
         recorded = self.item_loss[self.labels <= 0]
         recorded = recorded[np.isfinite(recorded)]
         picked = self.item_loss[picks]
-        self.last_mining = (f"{len(picks)} of {len(negative_slots)} negative slots drawn by recorded loss (their mean "
-                            f"{np.nanmean(picked) if np.isfinite(picked).any() else math.nan:.3f}, "
-                            f"{int(np.isfinite(picked).sum())} recorded; all {len(recorded)} recorded negatives "
-                            f"{recorded.mean():.3f})")
+        logger.info("E%d hard negatives: %d of %d negative slots drawn by recorded loss (their mean %.3f, %d "
+                    "recorded; all %d recorded negatives %.3f)", epoch, len(picks), len(negative_slots),
+                    np.nanmean(picked) if np.isfinite(picked).any() else math.nan, int(np.isfinite(picked).sum()),
+                    len(recorded), recorded.mean())
         slots = np.sort(rng.choice(negative_slots, size=len(picks), replace=False))
         order = order.copy()
         order[slots] = picks[rng.permutation(len(picks))]

@@ -311,10 +311,8 @@ class LunaTrainingApp(StageApp):
                         len(self.train_batches), len(self.sampler), f"balanced 1:{ratio}" if ratio else "plain order",
                         f", then {len(self.sel_ds)} selection crops" if evaluate else "")
             trn = self._train_epoch(epoch)
-            if self.sampler.last_mining:
-                logger.info("E%d hard negatives: %s", epoch, self.sampler.last_mining)
-                self.sampler.last_mining = ""
-            self.sampler.record(trn[3], trn[2])  # per-item losses for --hard-negatives (all processes alike)
+            if self.sampler.hard_negatives:  # per-item losses for the next epochs' mining (all processes alike)
+                self.sampler.record(trn[3], trn[2])
             trn = trn[:3]
             self.samples_seen += self.sampler.total
             selection = self._select(epoch) if evaluate else None
