@@ -288,6 +288,18 @@ def test_keep_and_threshold_policies_choose_on_the_selection_set_only(data: dict
     chosen = pd.read_csv(out / "selection_predictions.tsv", sep="\t")
     assert raw["threshold"] == pytest.approx(choose_threshold(chosen.is_nodule, chosen.probability, "max_f1"))
     assert raw["selection_metrics"]["f1"] >= history.iloc[-1]["f1"] - 1e-12  # max F1 >= F1 at 0.5
+    # fp_per_scan counts the selection set's scans: at most 1 negative per scan above the recorded cut
+    fp = tmp_path / "fp"
+    assert LunaTrainingApp(argv(data, fp, "--keep", "last", "--threshold", "fp_per_scan:1", "--epochs", "1")).main() == 0
+    raw = torch.load(fp / "model.pt", weights_only=True)
+    chosen = pd.read_csv(fp / "selection_predictions.tsv", sep="\t")
+    n_scans = chosen.series_uid.nunique()
+    assert raw["threshold_policy"] == "fp_per_scan:1" and n_scans > 1
+    assert raw["threshold"] == pytest.approx(choose_threshold(chosen.is_nodule, chosen.probability, "fp_per_scan:1",
+                                                              n_scans=n_scans))
+    negatives = chosen.probability[chosen.is_nodule == 0]
+    below = negatives[negatives <= raw["threshold"]]  # the lowest cut: calling the next one would exceed 1 a scan
+    assert (negatives > raw["threshold"]).sum() <= n_scans < (negatives >= below.max()).sum()
     # nothing to choose on: only the last epoch and a fixed threshold make sense
     none = tmp_path / "none"
     assert LunaTrainingApp(argv(data, none, "--selection-fraction", "0", "--keep", "last")).main() == 0

@@ -236,43 +236,58 @@ def pr_curve(
 
 
 def parse_threshold_policy(policy: str | float) -> tuple[str, float]:
-    """``0.5`` -> ("fixed", 0.5); ``max_f1`` -> ("max_f1", nan); ``recall:0.9`` -> ("recall", 0.9)."""
+    """``0.5`` -> ("fixed", 0.5); ``max_f1`` -> ("max_f1", nan); ``recall:0.9`` -> ("recall", 0.9);
+    ``fp_per_scan:2`` -> ("fp_per_scan", 2.0)."""
     text = str(policy).strip()
     if text == "max_f1":
         return "max_f1", math.nan
-    if text.startswith("recall:"):
-        try:
-            target = float(text.split(":", 1)[1])
-        except ValueError:
-            target = math.nan
-        if not 0.0 < target <= 1.0:
-            raise MetricsError(f"threshold policy {text!r}: recall target must be in (0, 1]")
-        return "recall", target
+    for kind in ("recall", "fp_per_scan"):
+        if text.startswith(kind + ":"):
+            try:
+                target = float(text.split(":", 1)[1])
+            except ValueError:
+                target = math.nan
+            if kind == "recall" and not 0.0 < target <= 1.0:
+                raise MetricsError(f"threshold policy {text!r}: recall target must be in (0, 1]")
+            if kind == "fp_per_scan" and not (0.0 < target and math.isfinite(target)):
+                raise MetricsError(f"threshold policy {text!r}: false positives per scan must be a number > 0")
+            return kind, target
     try:
         value = float(text)
     except ValueError:
-        raise MetricsError(f"threshold policy {text!r}: expected a number in (0, 1), max_f1 or recall:R") from None
+        raise MetricsError(f"threshold policy {text!r}: expected a number in (0, 1), max_f1, recall:R or "
+                           "fp_per_scan:F") from None
     if not 0.0 < value < 1.0:
         raise MetricsError(f"threshold policy {text!r}: a fixed threshold must lie in (0, 1)")
     return "fixed", value
 
 
 def choose_threshold(labels: Sequence[float] | np.ndarray, probabilities: Sequence[float] | np.ndarray,
-                     policy: str | float) -> float:
+                     policy: str | float, n_scans: int | None = None) -> float:
     """The operating threshold (a positive is ``p > threshold``) that ``policy`` picks on these samples.
 
     ``fixed`` (a number): that number. ``max_f1``: the cut between two distinct probabilities with the highest
-    F1 (the highest such cut on ties). ``recall:R``: the highest cut whose recall is at least R. A cut lies
-    halfway between the lowest probability called positive and the next lower distinct one (half the lowest
-    probability when all are called positive). Needs at least one positive unless fixed.
+    F1 (the highest such cut on ties). ``recall:R``: the highest cut whose recall is at least R.
+    ``fp_per_scan:F``: the lowest cut that calls at most F negatives per scan (``n_scans`` scans): it rests on
+    the many negatives rather than on the few positives, so it moves less from one selection set to another.
+    A cut lies halfway between the lowest probability called positive and the next lower distinct one (half the
+    lowest probability when all are called positive; the highest probability when none can be). ``recall`` and
+    ``max_f1`` need at least one positive.
     """
     kind, value = parse_threshold_policy(policy)
     if kind == "fixed":
         return value
     thresholds, true_pos, false_pos, n_pos, _ = _threshold_counts(labels, probabilities)
-    if n_pos == 0:
+    if kind == "fp_per_scan":
+        if not n_scans or n_scans < 1:
+            raise MetricsError(f"threshold policy {policy!r}: needs the number of scans the samples come from")
+        within = np.flatnonzero(false_pos <= value * n_scans + 1e-9)
+        if within.size == 0:
+            return float(thresholds[0]) if thresholds.size else 0.5
+        k = int(within[-1])
+    elif n_pos == 0:
         raise MetricsError(f"threshold policy {policy!r}: the selection set has no positive sample")
-    if kind == "max_f1":
+    elif kind == "max_f1":
         f1 = 2.0 * true_pos / (true_pos + false_pos + n_pos)
         k = int(np.argmax(f1))
     else:

@@ -68,7 +68,7 @@ def evaluate_selection(model: torch.nn.Module, dataset: CropDataset, dist_info: 
     labels = dataset.labels
     # metrics from the values as selection_predictions.tsv holds them (float32 -> shortest decimal)
     p64, l64 = probability.astype(np.float64), loss.astype(np.float64)
-    threshold = choose_threshold(labels, p64, threshold_policy)
+    threshold = choose_threshold(labels, p64, threshold_policy, n_scans=int(rows["series_uid"].nunique()))
     row = metric_row(labels, p64, l64, epoch=epoch, split="selection")
     operating = metric_row(labels, p64, l64, epoch=epoch, split="selection", threshold=threshold)
     return SelectionPass(labels, probability, loss, threshold, row, operating)

@@ -122,8 +122,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          "the best F1), best selection AUC, or the last epoch (nothing chosen)")
     fo.add_argument("--threshold", type=_threshold_policy, default="0.5", metavar="POLICY",
                     help="operating threshold recorded in model.pt (a positive is p > threshold): a number (0.5 = the "
-                         "book), max_f1 (best F1 on the selection set) or recall:R (highest threshold with selection "
-                         "recall >= R)")
+                         "book), max_f1 (best F1 on the selection set), recall:R (highest threshold with selection "
+                         "recall >= R) or fp_per_scan:F (lowest threshold calling at most F selection negatives "
+                         "per scan)")
     fo.add_argument("--tta", choices=tuple(TTA_FLIPS), default="none",
                     help="test-time augmentation of every evaluation (the selection pass here, luna-predict later: "
                          "recorded in model.pt): average the probabilities of the crop and its mirror images: rows "
