@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from luna.metrics import choose_threshold
@@ -62,8 +61,9 @@ def policy_rows(run: Path, devtest_name: str | None, policies: list[str], block_
                "fold precision": precision, "fold goal": "yes" if meets(test, threshold) else "no"}
         if devtest is not None:
             recall, precision = recall_precision(devtest, threshold)
+            met = sum(meets(block, threshold) for block in blocks)
             row.update({"dev-test recall": recall, "dev-test precision": precision,
-                        "30-scan blocks meeting the goal": f"{sum(meets(b, threshold) for b in blocks)} of {len(blocks)}"})
+                        "30-scan blocks meeting the goal": f"{met} of {len(blocks)}"})
         rows.append(row)
     return rows
 

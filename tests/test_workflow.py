@@ -210,7 +210,7 @@ def test_train_gpus_2_runs_two_processes_under_torchrun(tiny_run: Path, tmp_path
 
 def test_default_config_holds_out_a_fold_of_at_least_40_nodules() -> None:
     """The repo's own config, from the synthetic plan (no rendering): five subsets = five folds, test fold 0
-    with >= 40 nodules, the other folds for training and selection."""
+    with >= 40 nodules, the other folds for training and a small selection set."""
     import yaml
     from snakemake.utils import validate
 
@@ -228,7 +228,9 @@ def test_default_config_holds_out_a_fold_of_at_least_40_nodules() -> None:
     assert sum(nodules[u] for u in test) >= 40
     roles = fold_roles(splits, 0, config["split"]["selection_fraction"])
     selection = [u for u, r in roles.items() if r == "selection"]
-    assert 15 <= len(selection) <= 35 and sum(nodules[u] for u in selection) >= 15
+    # selection_fraction 0.1 of 120 scans: enough scans for fp_per_scan's negatives, and nodules (luna-train
+    # refuses a selection set without), while ~90% of the non-test scans are trained on
+    assert 10 <= len(selection) <= 20 and sum(nodules[u] for u in selection) >= 8
 
 
 @pytest.mark.slow
