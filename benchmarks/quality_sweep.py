@@ -19,6 +19,8 @@ One 30-scan test fold is noisy (a CPM interval about +-0.1 wide; three training 
 over 0.06 on the default run's fold). ``--devtest-seed`` adds a second score per run: the model on
 *every* scan of another synthetic data set of the same size (150 scans, ~210 nodules; no scan of it is trained
 on or chooses anything), without test-time augmentation so the rows compare across TTA settings.
+``--synthetic scans_per_subset=40`` (any synthetic key) changes the development data's size, not the dev-test
+set's, so that the dev-test column still compares.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def build_data(work: Path, seed: int, jobs: int, synthetic: dict) -> tuple[list[
     from luna.splits import SplitApp
     from luna.synth import SynthApp
 
-    root = work / f"data-{seed}"
+    changed = {k: v for k, v in synthetic.items() if CONFIG["synthetic"].get(k) != v}
+    root = work / "-".join([f"data-{seed}", *(f"{k}{v}" for k, v in sorted(changed.items()))])
     data, results = root / "synthetic", root / "results"
     done = results / "done"
     if not done.exists():
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
     p.add_argument("--devtest-seed", type=int, default=None,
                    help="also score every run on all scans of a data set generated with this seed (e.g. 8), no TTA")
+    p.add_argument("--synthetic", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="the development data's synthetic settings over config/config.yaml's (e.g. "
+                        "scans_per_subset=40: a larger training set); the dev-test set keeps the config's size")
     p.add_argument("--test-fold", type=int, default=0, help="the development data's test fold")
     p.add_argument("--out", required=True, help="markdown table, rewritten after every run")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for synthesis and crops")
@@ -222,13 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = build_data(work, args.dev_seed, args.jobs, CONFIG["synthetic"])
+    synthetic = dict(CONFIG["synthetic"])
+    for item in args.synthetic:
+        key, _, value = item.partition("=")
+        if key not in synthetic:
+            raise SystemExit(f"--synthetic {item}: no synthetic key {key!r} (have {', '.join(synthetic)})")
+        synthetic[key] = yaml.safe_load(value)
+    data = build_data(work, args.dev_seed, args.jobs, synthetic)
     devtest = None if args.devtest_seed is None else build_data(work, args.devtest_seed, args.jobs, CONFIG["synthetic"])
     print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
+    size = ", ".join(args.synthetic) or "config/config.yaml's size"
     header = (f"# Training-recipe sweep (benchmarks/quality_sweep.py)\n\nDevelopment data: synthetic seed "
-              f"{args.dev_seed} (config/config.yaml's size; the default run's seed {CONFIG['synthetic']['seed']} is "
+              f"{args.dev_seed} ({size}; the default run's seed {CONFIG['synthetic']['seed']} is "
               f"never used here), test fold {args.test_fold}. Device {device} ({name}), CPU capability "
               f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, {torch.get_num_threads()} "
               f"threads. Goal: CPM >= {GOAL['cpm']}, recall >= {GOAL['recall']} and precision >= "
