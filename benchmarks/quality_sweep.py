@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = dict(CONFIG["synthetic"])
     for item in args.synthetic:
         key, _, value = item.partition("=")
-        if key not in synthetic:
-            raise SystemExit(f"--synthetic {item}: no synthetic key {key!r} (have {', '.join(synthetic)})")
+        if key not in synthetic or key == "seed":
+            raise SystemExit(f"--synthetic {item}: no synthetic key {key!r} here (have "
+                             f"{', '.join(k for k in synthetic if k != 'seed')}; the seed is --dev-seed)")
         synthetic[key] = yaml.safe_load(value)
     data = build_data(work, args.dev_seed, args.jobs, synthetic)
     devtest = None if args.devtest_seed is None else build_data(work, args.devtest_seed, args.jobs, CONFIG["synthetic"])
