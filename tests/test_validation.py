@@ -645,4 +645,9 @@ def test_tta_averages_the_mirror_views():
         torch.testing.assert_close(tta_probabilities(model, batch, "none"), views[0])
         # flip2: the crop and its 180-degree in-plane rotation (rows and columns mirrored), the last flip4 view
         torch.testing.assert_close(tta_probabilities(model, batch, "flip2"), (views[0] + views[3]) / 2)
+        # flip4z: flip2's two views and their depth (slice-order) mirrors
+        depth = [torch.softmax(model(torch.flip(batch, d))[0], 1) for d in ((2,), (2, 3, 4))]
+        assert not torch.allclose(depth[0], views[0])  # the crops are not symmetric in depth
+        torch.testing.assert_close(tta_probabilities(model, batch, "flip4z"),
+                                   (views[0] + views[3] + depth[0] + depth[1]) / 4)
     assert len(TTA_FLIPS["flip8"]) == 8 and len(set(TTA_FLIPS["flip8"])) == 8
