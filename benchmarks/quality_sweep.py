@@ -167,16 +167,21 @@ def predict_froc(model: Path, data: tuple, out: Path, test_fold: int | None = No
     return froc(predictions, nodules, scans, ignored), predictions, scans, nodules, ignored
 
 
-def score_devtest(model: Path, data: tuple, out: Path, tta: str = "none") -> dict:
-    """The model on every scan of the dev-test data set (no TTA unless asked): CPM with a 200-resample scan
-    bootstrap, AUC."""
-    from luna.froc import froc_bootstrap
+def devtest_scores(predictions: pd.DataFrame, nodules: pd.DataFrame, scans: list[str],
+                   ignored: pd.DataFrame) -> dict:
+    """CPM over ``scans`` with a 200-resample scan bootstrap, and the candidates' ROC AUC: the dev-test columns."""
+    from luna.froc import froc, froc_bootstrap
     from luna.metrics import auc_score
 
-    result, predictions, scans, nodules, ignored = predict_froc(model, data, out, tta=tta)
     low, high = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
-    return {"dt_cpm": result.cpm, "dt_low": low, "dt_high": high,
+    return {"dt_cpm": froc(predictions, nodules, scans, ignored).cpm, "dt_low": low, "dt_high": high,
             "dt_auc": auc_score(predictions["is_nodule"].to_numpy(), predictions["probability"].to_numpy())}
+
+
+def score_devtest(model: Path, data: tuple, out: Path, tta: str = "none") -> dict:
+    """The model on every scan of the dev-test data set (no TTA unless asked): :func:`devtest_scores`."""
+    _, predictions, scans, nodules, ignored = predict_froc(model, data, out, tta=tta)
+    return devtest_scores(predictions, nodules, scans, ignored)
 
 
 def write_table(path: Path, rows: list[dict], header: str) -> None:

@@ -27,7 +27,6 @@ import torch
 import quality_sweep as q
 
 DIM_NAMES = {2: "depth", 3: "rows", 4: "columns"}
-ALL_VIEWS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
 
 
 class Mirrored(torch.nn.Module):
@@ -54,22 +53,21 @@ def view_sets() -> dict[str, tuple[tuple[int, ...], ...]]:
 
 def cached_views(run: Path, crops: list[str]) -> tuple[pd.DataFrame, dict[tuple[int, ...], np.ndarray]]:
     """(rows of every dev-test candidate, {view dims: probabilities}); predicts the views not yet cached."""
-    from luna.inference import predict, rows_of_scans
+    from luna.inference import TTA_FLIPS, predict, rows_of_scans
     from luna.model import load_model
-    from luna.validation import labels_of, open_stores, use_channels_last
+    from luna.validation import open_stores, use_channels_last
 
     stores = open_stores(crops)
-    rows = rows_of_scans(stores, None)
-    labels = labels_of(rows, stores)
+    rows = rows_of_scans(stores, None)  # is_nodule comes with the stores' table; no losses are needed here
     cache = run / "0" / "tta_views"
     cache.mkdir(exist_ok=True)
     model, checkpoint = load_model(run / "0" / "model.pt", map_location="cpu")
     channels_last = use_channels_last("auto", checkpoint)
     views = {}
-    for dims in ALL_VIEWS:
+    for dims in TTA_FLIPS["flip8"]:  # every mirror view
         path = cache / f"{view_name(dims)}.npy"
         if not path.exists():
-            p = predict(Mirrored(model, dims), stores, rows, labels, channels_last=channels_last).probability
+            p = predict(Mirrored(model, dims), stores, rows, channels_last=channels_last).probability
             tmp = path.with_name(path.stem + ".tmp.npy")
             np.save(tmp, np.stack([rows["candidate_id"].to_numpy(np.float64), p.astype(np.float64)]))
             os.replace(tmp, path)
@@ -88,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
-    from luna.froc import froc, froc_bootstrap
+    from luna.froc import froc
     from luna.luna16 import read_annotations_csv
-    from luna.metrics import auc_score
     from luna.splits import read_splits_tsv
 
     crops, splits, annotations, excluded = q.build_data(Path(a.work), a.devtest_seed, 2, q.CONFIG["synthetic"])
@@ -110,12 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         block_cpm = {}
         for name, dims_set in view_sets().items():
             frame["probability"] = np.mean([views[d] for d in dims_set], axis=0)
-            cpm = froc(frame, nodules, scans, ignored).cpm
-            low, high = froc_bootstrap(frame, nodules, scans, ignored, n_bootstrap=200)["cpm"]
+            score = q.devtest_scores(frame, nodules, scans, ignored)
             block_cpm[name] = np.array([froc(frame, nodules, b, ignored).cpm for b in blocks])
             change = " ".join(f"{x:+.3f}" for x in block_cpm[name] - block_cpm["flip2"]) if "flip2" in block_cpm else ""
-            auc = auc_score(frame["is_nodule"].to_numpy(), frame["probability"].to_numpy())
-            lines.append(f"| {name} | {len(dims_set)} | {cpm:.3f} ({low:.3f}-{high:.3f}) | {auc:.3f} | "
+            lines.append(f"| {name} | {len(dims_set)} | {score['dt_cpm']:.3f} ({score['dt_low']:.3f}-"
+                         f"{score['dt_high']:.3f}) | {score['dt_auc']:.3f} | "
                          f"{' '.join(f'{x:.3f}' for x in block_cpm[name])} | {change} |")
             print(lines[-1], flush=True)
         lines.append("")
