@@ -11,7 +11,8 @@ dev-test data set (another seed), without test-time augmentation.
     python benchmarks/weight_average.py --work /tmp/sweep --seeds 0 1 --out benchmarks/results/weight_average.md
 
 Averages (t = optimizer step, 0-based): ``none`` the trained weights; ``ema-tf`` luna-train's own average,
-decay min(ema_decay, (1+t)/(10+t)); ``mean-D`` decay min(D, t/(t+1)): the plain mean of all weights so far
+decay min(ema_decay, (1+t)/(10+t)); ``ema-D`` the same average with another decay D (min(D, (1+t)/(10+t)));
+``mean-D`` decay min(D, t/(t+1)): the plain mean of all weights so far
 until the decay D takes over (at t = D/(1-D)); ``tail-E`` the uniform mean of the last E epochs' weights.
 """
 
@@ -29,6 +30,7 @@ import pandas as pd
 import torch
 
 import luna.training as training_module
+from luna.recipe import ema_decay_at
 from quality_sweep import CONFIG, build_data, predict_froc, run_variant, score_devtest
 
 AVERAGES = ("none", "ema-tf", "mean-0.99", "mean-0.995", "mean-0.998", "tail-2")
@@ -38,6 +40,8 @@ def decay_of(name: str, step: int, steps_per_epoch: int, epochs: int) -> float:
     """The decay of average ``name`` at optimizer step ``step`` (``none``: 0, the shadow is the trained weights)."""
     if name == "none":
         return 0.0
+    if name.startswith("ema-"):  # luna.recipe.ema_decay_at's warm-up, another decay
+        return ema_decay_at(float(name.split("-")[1]), step)
     if name.startswith("mean-"):
         return min(float(name.split("-")[1]), step / (step + 1.0))
     if name.startswith("tail-"):

@@ -139,6 +139,25 @@ def test_balanced_order_is_the_books(ratio: int) -> None:
     assert len(np.unique(negatives)) == len(negatives)
 
 
+def test_fractional_ratio_puts_two_positives_per_negative_and_whole_floats_are_the_books() -> None:
+    labels = imbalanced_labels()
+    order = np.array(list(EpochSampler(labels, ratio=0.5, samples_per_epoch=600, seed=5)))
+    # 0.5 negatives per positive: P N P, P N P, ... (a positive wherever floor(i / 1.5) steps up)
+    np.testing.assert_array_equal(labels[order], np.tile([1, 0, 1], 200))
+    counts = np.bincount(order[labels[order] == 1], minlength=len(labels))[labels == 1]
+    assert counts.min() == counts.max() == 400 // 20  # 400 positive draws cycle the 20 positives evenly
+    negatives = order[labels[order] == 0]
+    assert len(np.unique(negatives)) == len(negatives) == 200
+    # 2.5: two positives in every seven positions, the same cycling
+    share = labels[np.array(list(EpochSampler(labels, ratio=2.5, samples_per_epoch=700, seed=5)))].mean()
+    assert share == pytest.approx(2 / 7)
+    # a whole float is the integer ratio, order and spelling alike (log lines, run fingerprints)
+    whole = EpochSampler(labels, ratio=3.0, samples_per_epoch=400, seed=5)
+    assert whole.ratio == 3 and isinstance(whole.ratio, int)
+    np.testing.assert_array_equal(whole.epoch_indices(), EpochSampler(labels, ratio=3, samples_per_epoch=400,
+                                                                      seed=5).epoch_indices())
+
+
 def test_balanced_lists_reshuffle_each_epoch_deterministically() -> None:
     labels = imbalanced_labels()
     a = EpochSampler(labels, ratio=1, samples_per_epoch=200, seed=5)

@@ -143,6 +143,15 @@ def test_balanced_schedule_option_parses_epoch_ratio_pairs(data: dict[str, Path]
     for bad in ("7", "0:3", "2:-1", "a:b"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, "--balanced-schedule", bad])
+    # ratios may be fractions (0.5: two positives per negative); whole ones stay ints
+    assert build_parser().parse_args([*base, "--balanced", "0.5", "--balanced-schedule", "7:0.25"]).balanced_schedule \
+        == [(7, 0.25)]
+    assert build_parser().parse_args([*base, "--balanced", "0.5"]).balanced == 0.5
+    ratio = build_parser().parse_args([*base, "--balanced", "3.0"]).balanced
+    assert ratio == 3 and isinstance(ratio, int)
+    for bad in ("-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, "--balanced", bad])
     # epoch 2 of the run trains at 1:3 (8 of 32 samples positive) instead of --balanced's 1:1
     out = tmp_path / "sched"
     assert LunaTrainingApp(argv(data, out, "--balanced-schedule", "2:3")).main() == 0

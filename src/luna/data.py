@@ -148,10 +148,14 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 def balanced_indices(
-    labels: np.ndarray, ratio: int, n_samples: int, rng: np.random.Generator
+    labels: np.ndarray, ratio: float, n_samples: int, rng: np.random.Generator
 ) -> np.ndarray:
     """The book's balanced order: position i is a positive when ``i % (ratio + 1) == 0``, else a negative;
-    both lists shuffled once by ``rng`` and then cycled (the book's LunaDataset.__getitem__ arithmetic)."""
+    both lists shuffled once by ``rng`` and then cycled (the book's LunaDataset.__getitem__ arithmetic).
+
+    A fractional ``ratio`` (negatives per positive, e.g. 0.5: two positives per negative) places a positive
+    wherever ``floor(i / (ratio + 1))`` steps up, which is the book's rule for a whole ``ratio``; 0.5 gives
+    P N P, P N P, ..."""
     labels = np.asarray(labels)
     positives = np.flatnonzero(labels > 0)
     negatives = np.flatnonzero(labels <= 0)
@@ -163,8 +167,12 @@ def balanced_indices(
     positives = positives[rng.permutation(len(positives))]
     negatives = negatives[rng.permutation(len(negatives))]
     i = np.arange(n_samples, dtype=np.int64)
-    pos_ndx = i // (ratio + 1)
-    is_pos = i % (ratio + 1) == 0
+    if float(ratio).is_integer():
+        pos_ndx = i // (int(ratio) + 1)
+        is_pos = i % (int(ratio) + 1) == 0
+    else:
+        pos_ndx = np.floor(i / (ratio + 1.0)).astype(np.int64)  # at a positive: how many came before it
+        is_pos = np.diff(pos_ndx, prepend=-1) > 0
     neg_ndx = (i - 1 - pos_ndx) % len(negatives)
     return np.where(is_pos, positives[pos_ndx % len(positives)], negatives[neg_ndx])
 
@@ -199,6 +207,12 @@ def shuffled_indices(n_items: int, n_samples: int, rng: np.random.Generator) -> 
     return np.concatenate(parts)[:n_samples].astype(np.int64)
 
 
+def whole_if_integral(value: float) -> int | float:
+    """``value`` as an int when it is whole (1.0 -> 1: the book's integer ratios keep their exact arithmetic and
+    their spelling in logs and run fingerprints), else the float."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 class EpochSampler(Sampler[int]):
     """A fixed-length, per-epoch deterministic order of training items (balanced or plain).
 
@@ -224,12 +238,12 @@ class EpochSampler(Sampler[int]):
         self,
         labels: np.ndarray,
         *,
-        ratio: int = 1,
+        ratio: float = 1,
         samples_per_epoch: int = 0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        schedule: Sequence[tuple[int, int]] = (),
+        schedule: Sequence[tuple[int, float]] = (),
         hard_negatives: float = 0.0,
     ) -> None:
         if not 0.0 <= hard_negatives <= 1.0:
@@ -241,8 +255,8 @@ class EpochSampler(Sampler[int]):
         if samples_per_epoch < 0:
             raise DataError(f"samples per epoch must be >= 0, got {samples_per_epoch}")
         self.labels = np.asarray(labels)
-        self.ratio = int(ratio)
-        self.schedule = sorted((int(e), int(r)) for e, r in schedule)
+        self.ratio = whole_if_integral(ratio)
+        self.schedule = sorted((int(e), whole_if_integral(r)) for e, r in schedule)
         self.samples_per_epoch = int(samples_per_epoch) or len(self.labels)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -259,7 +273,7 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def ratio_at(self, epoch: int) -> int:
+    def ratio_at(self, epoch: int) -> float:
         """Negatives per positive in ``epoch`` (0 = plain shuffling): the last schedule entry that has begun."""
         return next((r for e, r in reversed(self.schedule) if e <= epoch), self.ratio)
 

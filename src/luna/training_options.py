@@ -13,6 +13,7 @@ import os
 import torch
 
 from luna.app import add_switch
+from luna.data import whole_if_integral
 from luna.inference import TTA_FLIPS
 from luna.metrics import MetricsError, parse_threshold_policy
 
@@ -51,10 +52,22 @@ def resolve_workers(choice: int | str, device: torch.device) -> int:
     return max(0, min(8, cores - 1))
 
 
-def _epoch_ratio(text: str) -> tuple[int, int]:
+def _ratio(text: str) -> int | float:
+    """Negatives per positive: a number >= 0, whole ones as int (see luna.data.whole_if_integral)."""
     try:
-        epoch, ratio = (int(v) for v in text.split(":"))
+        value = float(text)
     except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of negatives per positive, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return whole_if_integral(value)
+
+
+def _epoch_ratio(text: str) -> tuple[int, int | float]:
+    try:
+        epoch_text, ratio_text = text.split(":")
+        epoch, ratio = int(epoch_text), _ratio(ratio_text)
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected EPOCH:RATIO (e.g. 7:8), got {text!r}") from None
     if epoch < 1 or ratio < 0:
         raise argparse.ArgumentTypeError(f"EPOCH must be >= 1 and RATIO >= 0, got {text!r}")
@@ -153,8 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--ema-decay", type=_unit_interval, default=0.0, metavar="DECAY",
                     help="validate and keep an exponential moving average of the weights, updated after every "
                     "optimizer step with this decay (e.g. 0.99; torchvision's --model-ema); 0 = off (the book)")
-    tr.add_argument("--balanced", type=_nonnegative_int, default=1, metavar="RATIO",
-                    help="negatives per positive in the training order (the book: 1); 0 = plain shuffling")
+    tr.add_argument("--balanced", type=_ratio, default=1, metavar="RATIO",
+                    help="negatives per positive in the training order (the book: 1; 0.5 = two positives per "
+                    "negative); 0 = plain shuffling")
     tr.add_argument("--balanced-schedule", type=_epoch_ratio, nargs="*", default=[], metavar="EPOCH:RATIO",
                     help="from EPOCH on, RATIO negatives per positive instead of --balanced (e.g. 7:8: learn on "
                     "many positives first, end nearer the data's prior); none = --balanced throughout (the book)")
