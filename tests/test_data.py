@@ -156,6 +156,9 @@ def test_fractional_ratio_puts_two_positives_per_negative_and_whole_floats_are_t
     assert whole.ratio == 3 and isinstance(whole.ratio, int)
     np.testing.assert_array_equal(whole.epoch_indices(), EpochSampler(labels, ratio=3, samples_per_epoch=400,
                                                                       seed=5).epoch_indices())
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(DataError, match="balanced ratio must be >= 0"):
+            EpochSampler(labels, ratio=bad)
 
 
 def test_balanced_lists_reshuffle_each_epoch_deterministically() -> None:

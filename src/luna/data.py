@@ -248,7 +248,7 @@ class EpochSampler(Sampler[int]):
     ) -> None:
         if not 0.0 <= hard_negatives <= 1.0:
             raise DataError(f"hard_negatives must be in [0, 1], got {hard_negatives}")
-        if ratio < 0 or any(r < 0 for _, r in schedule):
+        if not ratio >= 0 or any(not r >= 0 for _, r in schedule):  # NaN fails too
             raise DataError(f"balanced ratio must be >= 0, got {min([ratio, *(r for _, r in schedule)])}")
         if any(e < 1 for e, _ in schedule):
             raise DataError(f"balanced schedule epochs start at 1, got {min(e for e, _ in schedule)}")
