@@ -72,20 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("development and dev-test seeds must differ from the default run's")
     from luna.cpu_speed import tune_allocator
     from luna.data import CropDataset, ResidentBatches
-    from luna.inference import predict, rows_of_scans
-    from luna.luna16 import read_annotations_csv
+    from luna.inference import predict
     from luna.model import load_model
-    from luna.splits import read_fold_roles, read_splits_tsv
+    from luna.splits import read_fold_roles
     from luna.validation import open_stores
 
     tune_allocator()
     train_crops, train_splits, _, _ = q.build_data(Path(a.work), a.dev_seed, 2, q.CONFIG["synthetic"])
-    crops, splits, annotations, excluded = q.build_data(Path(a.work), a.devtest_seed, 2, q.CONFIG["synthetic"])
-    nodules, ignored = read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True)
-    scans = read_splits_tsv(splits)["series_uid"].tolist()
-    stores = open_stores(crops)
-    rows = rows_of_scans(stores, None)
-    frame = rows[["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "is_nodule"]].copy()
+    dev = q.devtest_set(Path(a.work), a.devtest_seed)
+    scans, frame = dev.scans, dev.frame
     roles = read_fold_roles(train_splits, 0, q.CONFIG["split"]["selection_fraction"])
     train = CropDataset(open_stores(train_crops), roles, "train", int16=True)
     resident = ResidentBatches.load(train, "cpu")
@@ -106,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             m = model if source is None else recalibrated(model, resident, train.labels, a.crops_per_row, *source,
                                                           seed=11)
             seconds = time.perf_counter() - started
-            frame["probability"] = predict(m, stores, rows, channels_last=True).probability
-            score = q.devtest_scores(frame, nodules, scans, ignored)
+            frame["probability"] = predict(m, dev.stores, dev.rows, channels_last=True).probability
+            score = q.devtest_scores(frame, dev.nodules, scans, dev.ignored)
             shipped = score["dt_cpm"] if shipped is None else shipped
             lines.append(f"| {run.name} | {name} | {score['dt_cpm']:.3f} ({score['dt_low']:.3f}-{score['dt_high']:.3f}) "
                          f"| {score['dt_auc']:.3f} | {score['dt_cpm'] - shipped:+.3f} | "

@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -176,6 +177,35 @@ def devtest_scores(predictions: pd.DataFrame, nodules: pd.DataFrame, scans: list
     low, high = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
     return {"dt_cpm": froc(predictions, nodules, scans, ignored).cpm, "dt_low": low, "dt_high": high,
             "dt_auc": auc_score(predictions["is_nodule"].to_numpy(), predictions["probability"].to_numpy())}
+
+
+@dataclass
+class DevtestSet:
+    """Every candidate of the dev-test data set, ready to score predictions made from its crop stores."""
+
+    stores: list        # the opened crop stores (luna.store.CropStore), in build_data's order
+    rows: pd.DataFrame  # luna.inference.rows_of_scans over all of them: what luna.inference.predict takes
+    frame: pd.DataFrame  # the rows' candidate columns; set frame["probability"], then devtest_scores
+    splits: pd.DataFrame  # splits.tsv (series_uid, fold): the 30-scan blocks
+    scans: list[str]
+    nodules: pd.DataFrame
+    ignored: pd.DataFrame
+
+
+def devtest_set(work: Path, seed: int) -> DevtestSet:
+    """The dev-test data set (``build_data`` at ``seed``, built once) with its stores open and its tables read."""
+    from luna.inference import rows_of_scans
+    from luna.luna16 import read_annotations_csv
+    from luna.splits import read_splits_tsv
+    from luna.validation import open_stores
+
+    crops, splits, annotations, excluded = build_data(work, seed, 2, CONFIG["synthetic"])
+    stores = open_stores(crops)
+    rows = rows_of_scans(stores, None)
+    table = read_splits_tsv(splits)
+    return DevtestSet(stores, rows, rows[["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z",
+                                          "is_nodule"]].copy(), table, table["series_uid"].tolist(),
+                      read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True))
 
 
 def score_devtest(model: Path, data: tuple, out: Path, tta: str = "none") -> dict:

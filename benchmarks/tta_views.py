@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 import quality_sweep as q
@@ -51,14 +50,14 @@ def view_sets() -> dict[str, tuple[tuple[int, ...], ...]]:
     return {**TTA_FLIPS, "point mirror (not shipped)": ((), (2, 3, 4))}
 
 
-def cached_views(run: Path, crops: list[str]) -> tuple[pd.DataFrame, dict[tuple[int, ...], np.ndarray]]:
-    """(rows of every dev-test candidate, {view dims: probabilities}); predicts the views not yet cached."""
-    from luna.inference import TTA_FLIPS, predict, rows_of_scans
+def cached_views(run: Path, dev: q.DevtestSet) -> dict[tuple[int, ...], np.ndarray]:
+    """{view dims: probabilities of every dev-test candidate, in ``dev.rows`` order}; predicts the views not yet
+    cached."""
+    from luna.inference import TTA_FLIPS, predict
     from luna.model import load_model
-    from luna.validation import open_stores, use_channels_last
+    from luna.validation import use_channels_last
 
-    stores = open_stores(crops)
-    rows = rows_of_scans(stores, None)  # is_nodule comes with the stores' table; no losses are needed here
+    rows = dev.rows  # is_nodule comes with the stores' table; no losses are needed here
     cache = run / "0" / "tta_views"
     cache.mkdir(exist_ok=True)
     model, checkpoint = load_model(run / "0" / "model.pt", map_location="cpu")
@@ -67,7 +66,7 @@ def cached_views(run: Path, crops: list[str]) -> tuple[pd.DataFrame, dict[tuple[
     for dims in TTA_FLIPS["flip8"]:  # every mirror view
         path = cache / f"{view_name(dims)}.npy"
         if not path.exists():
-            p = predict(Mirrored(model, dims), stores, rows, channels_last=channels_last).probability
+            p = predict(Mirrored(model, dims), dev.stores, rows, channels_last=channels_last).probability
             tmp = path.with_name(path.stem + ".tmp.npy")
             np.save(tmp, np.stack([rows["candidate_id"].to_numpy(np.float64), p.astype(np.float64)]))
             os.replace(tmp, path)
@@ -75,7 +74,7 @@ def cached_views(run: Path, crops: list[str]) -> tuple[pd.DataFrame, dict[tuple[
         if not np.array_equal(ids, rows["candidate_id"].to_numpy(np.float64)):
             raise SystemExit(f"{path}: candidates differ from the dev-test stores; delete {cache} and rerun")
         views[dims] = probability
-    return rows, views
+    return views
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,23 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
     from luna.froc import froc
-    from luna.luna16 import read_annotations_csv
-    from luna.splits import read_splits_tsv
 
-    crops, splits, annotations, excluded = q.build_data(Path(a.work), a.devtest_seed, 2, q.CONFIG["synthetic"])
-    nodules, ignored = read_annotations_csv(annotations), read_annotations_csv(excluded, allow_negative=True)
-    table = read_splits_tsv(splits)
-    scans = table["series_uid"].tolist()
+    dev = q.devtest_set(Path(a.work), a.devtest_seed)
+    table, scans, nodules, ignored, frame = dev.splits, dev.scans, dev.nodules, dev.ignored, dev.frame
     blocks = [table.loc[table["fold"] == f, "series_uid"].tolist() for f in sorted(table["fold"].unique())]
     lines = ["# Test-time augmentation views on development models (benchmarks/tta_views.py)", "",
              f"Dev-test data: synthetic seed {a.devtest_seed}, {len(scans)} scans, {len(blocks)} blocks of "
              f"{len(blocks[0])}; runs: {', '.join(str(r) for r in a.runs)}. Same weights in every row of a run.", ""]
     for run in a.runs:
-        rows, views = cached_views(run, crops)
+        views = cached_views(run, dev)
         lines += [f"## {run.name}", "",
                   "| views | n | dev-test CPM (95% CI) | ROC AUC | CPM of each block | change vs flip2, per block |",
                   "|---|---:|---|---:|---|---|"]
-        frame = rows[["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "is_nodule"]].copy()
         block_cpm = {}
         for name, dims_set in view_sets().items():
             frame["probability"] = np.mean([views[d] for d in dims_set], axis=0)

@@ -150,12 +150,10 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 def balanced_indices(
     labels: np.ndarray, ratio: float, n_samples: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """The book's balanced order: position i is a positive when ``i % (ratio + 1) == 0``, else a negative;
-    both lists shuffled once by ``rng`` and then cycled (the book's LunaDataset.__getitem__ arithmetic).
-
-    A fractional ``ratio`` (negatives per positive, e.g. 0.5: two positives per negative) places a positive
-    wherever ``floor(i / (ratio + 1))`` steps up, which is the book's rule for a whole ``ratio``; 0.5 gives
-    P N P, P N P, ..."""
+    """The book's balanced order: position i is a positive when ``floor(i / (ratio + 1))`` steps up (for a whole
+    ``ratio``: when ``i % (ratio + 1) == 0``, the book's LunaDataset.__getitem__ arithmetic), else a negative;
+    both lists shuffled once by ``rng`` and then cycled. ``ratio`` is negatives per positive and may be a
+    fraction: 0.5 gives P N P, P N P, ... (two positives per negative)."""
     labels = np.asarray(labels)
     positives = np.flatnonzero(labels > 0)
     negatives = np.flatnonzero(labels <= 0)
@@ -167,12 +165,8 @@ def balanced_indices(
     positives = positives[rng.permutation(len(positives))]
     negatives = negatives[rng.permutation(len(negatives))]
     i = np.arange(n_samples, dtype=np.int64)
-    if float(ratio).is_integer():
-        pos_ndx = i // (int(ratio) + 1)
-        is_pos = i % (int(ratio) + 1) == 0
-    else:
-        pos_ndx = np.floor(i / (ratio + 1.0)).astype(np.int64)  # at a positive: how many came before it
-        is_pos = np.diff(pos_ndx, prepend=-1) > 0
+    pos_ndx = np.floor(i / (ratio + 1.0)).astype(np.int64)  # at a positive: how many came before it
+    is_pos = np.diff(pos_ndx, prepend=-1) > 0
     neg_ndx = (i - 1 - pos_ndx) % len(negatives)
     return np.where(is_pos, positives[pos_ndx % len(positives)], negatives[neg_ndx])
 

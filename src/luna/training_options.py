@@ -66,12 +66,12 @@ def _ratio(text: str) -> int | float:
 def _epoch_ratio(text: str) -> tuple[int, int | float]:
     try:
         epoch_text, ratio_text = text.split(":")
-        epoch, ratio = int(epoch_text), _ratio(ratio_text)
-    except (ValueError, argparse.ArgumentTypeError):
+        epoch = int(epoch_text)
+    except ValueError:
         raise argparse.ArgumentTypeError(f"expected EPOCH:RATIO (e.g. 7:8), got {text!r}") from None
-    if epoch < 1 or ratio < 0:
-        raise argparse.ArgumentTypeError(f"EPOCH must be >= 1 and RATIO >= 0, got {text!r}")
-    return epoch, ratio
+    if epoch < 1:
+        raise argparse.ArgumentTypeError(f"EPOCH must be >= 1, got {text!r}")
+    return epoch, _ratio(ratio_text)  # its own error for a bad RATIO
 
 
 def _threshold_policy(text: str) -> str:
