@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from luna.io import atomic_path
 
 import quality_sweep as q
 
@@ -108,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"| {score['dt_auc']:.3f} | {score['dt_cpm'] - shipped:+.3f} | "
                          f"{'' if source is None else f'{seconds:.0f}'} |")
             print(lines[-1], flush=True)
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, a.out)
+    with atomic_path(a.out) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -3,8 +3,8 @@
 Each run folder is one quality_sweep.py run (``<run>/0/model.pt``). Every one of the eight mirror views of a
 (N, 1, I, R, C) batch (none, depth, rows, columns and their combinations) is predicted once over every scan of
 the dev-test data set (synthetic seed 8, built by quality_sweep.py under ``--work``) and cached in
-``<run>/0/tta_views/``; the table then scores the view sets of :data:`luna.inference.TTA_FLIPS` (and the point
-mirror, the crop with all three axes mirrored) by averaging the cached probabilities, as
+``<run>/0/tta_views/``; the table then scores the view sets of :data:`luna.inference.TTA_FLIPS` by averaging the
+cached probabilities, as
 :func:`luna.inference.tta_probabilities` does: dev-test CPM with a 200-resample scan bootstrap, ROC AUC, the
 CPM of each 30-scan block (one subset, a test fold's size) and its change against flip2 on the same block.
 Nothing here reads the default run's data.
@@ -44,15 +44,16 @@ def view_name(dims: tuple[int, ...]) -> str:
 
 
 def view_sets() -> dict[str, tuple[tuple[int, ...], ...]]:
-    """The shipped TTA settings and the point mirror (two views at flip2's cost)."""
+    """The shipped TTA settings (flip2z, the point mirror, is two views at flip2's cost)."""
     from luna.inference import TTA_FLIPS
 
-    return {**TTA_FLIPS, "point mirror (not shipped)": ((), (2, 3, 4))}
+    return dict(TTA_FLIPS)
 
 
-def cached_views(run: Path, dev: q.DevtestSet) -> dict[tuple[int, ...], np.ndarray]:
-    """{view dims: probabilities of every dev-test candidate, in ``dev.rows`` order}; predicts the views not yet
-    cached."""
+def cached_views(run: Path, dev: q.DevtestSet,
+                 views_wanted: tuple[tuple[int, ...], ...] | None = None) -> dict[tuple[int, ...], np.ndarray]:
+    """{view dims: probabilities of every dev-test candidate, in ``dev.rows`` order} for ``views_wanted`` (default:
+    every mirror view); predicts the views not yet cached."""
     from luna.inference import TTA_FLIPS, predict
     from luna.model import load_model
     from luna.validation import use_channels_last
@@ -63,7 +64,7 @@ def cached_views(run: Path, dev: q.DevtestSet) -> dict[tuple[int, ...], np.ndarr
     model, checkpoint = load_model(run / "0" / "model.pt", map_location="cpu")
     channels_last = use_channels_last("auto", checkpoint)
     views = {}
-    for dims in TTA_FLIPS["flip8"]:  # every mirror view
+    for dims in views_wanted or TTA_FLIPS["flip8"]:
         path = cache / f"{view_name(dims)}.npy"
         if not path.exists():
             p = predict(Mirrored(model, dims), dev.stores, rows, channels_last=channels_last).probability

@@ -282,7 +282,14 @@ def test_store_batch_read_keeps_order_duplicates_and_checks_range(tmp_path, synt
     for k, i in enumerate(order):
         np.testing.assert_array_equal(batch[k], every[i])
         np.testing.assert_array_equal(store.crop(i), every[i])
+    # runs of consecutive rows are read at once: ascending runs, a descending one, a negative index, repeats
+    n = len(store)
+    runs = [3, 4, 5, 0, 1, 2, 5, 4, -1, n - 2, 6, 6, 7]
+    np.testing.assert_array_equal(store.crops(runs), every[[r % n for r in runs]])
+    np.testing.assert_array_equal(store.crops(np.arange(n)), every)
     assert store.crops([]).shape == (0, *store.crop_shape)
+    with pytest.raises(IndexError, match=f"crop index {-n - 1} out of range"):
+        store.crops([0, -n - 1])
     with pytest.raises(IndexError, match=f"crop index {len(store)} out of range"):
         store.crops([0, len(store)])
 

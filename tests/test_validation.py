@@ -650,4 +650,6 @@ def test_tta_averages_the_mirror_views():
         assert not torch.allclose(depth[0], views[0])  # the crops are not symmetric in depth
         torch.testing.assert_close(tta_probabilities(model, batch, "flip4z"),
                                    (views[0] + views[3] + depth[0] + depth[1]) / 4)
+        # flip2z: the crop and its point mirror (all three axes), flip4z's first and last views
+        torch.testing.assert_close(tta_probabilities(model, batch, "flip2z"), (views[0] + depth[1]) / 2)
     assert len(TTA_FLIPS["flip8"]) == 8 and len(set(TTA_FLIPS["flip8"])) == 8

@@ -40,6 +40,7 @@ PROGRESS_INTERVAL_S = 10.0
 TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "none": ((),),
     "flip2": ((), (3, 4)),                                                    # rotated 180 degrees in-plane
+    "flip2z": ((), (2, 3, 4)),                                                # point mirror: also mirrored in depth
     "flip4": ((), (3,), (4,), (3, 4)),                                        # mirror rows and/or columns
     "flip4z": ((), (3, 4), (2,), (2, 3, 4)),                                  # flip2, also mirrored in depth
     "flip8": ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)),       # and slices

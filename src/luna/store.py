@@ -348,20 +348,30 @@ class CropStore:
     def crops(self, indices: Iterable[int] | None = None) -> np.ndarray:
         """Several crops (all when indices is None), int16 (n, I, R, C), in the order given.
 
-        One ``read_direct`` per crop, in file order: ~10,000 crops/s, where h5py's fancy indexing
-        (``ds[sorted_list]``) manages ~300/s on the same store (docs/benchmarks.md, "HDF5 batch reads").
+        One ``read_direct`` per run of consecutive rows wanted in consecutive order (a scan's crops are
+        consecutive rows, so loading a role's crops is a few hundred reads), else per crop, in file order:
+        h5py's fancy indexing (``ds[sorted_list]``) manages ~300 crops/s on the same store (docs/benchmarks.md,
+        "HDF5 batch reads").
         """
         ds = self._handle()["crops"]
         if indices is None:
             return ds[:]
         idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
         out = np.empty((len(idx), *self.crop_shape), dtype=np.int16)
+        if not len(idx):
+            return out
         n_rows = ds.shape[0]
-        for k in np.argsort(idx, kind="stable"):
-            i = int(idx[k])
-            if not -n_rows <= i < n_rows:
-                raise IndexError(f"{self.path}: crop index {i} out of range (store holds {n_rows})")
-            ds.read_direct(out, np.s_[i], np.s_[int(k)])
+        order = np.argsort(idx, kind="stable")
+        rows = idx[order]
+        bad = (rows < -n_rows) | (rows >= n_rows)
+        if bad.any():
+            raise IndexError(f"{self.path}: crop index {int(rows[bad][0])} out of range (store holds {n_rows})")
+        rows = np.where(rows < 0, rows + n_rows, rows)
+        # runs: the row and the output position both step by one
+        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(order) != 1)) + 1
+        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
+            row, position = int(rows[lo]), int(order[lo])
+            ds.read_direct(out, np.s_[row:row + hi - lo], np.s_[position:position + hi - lo])
         return out
 
     def close(self) -> None:
