@@ -31,7 +31,8 @@ from luna.io import atomic_path
 import quality_sweep as q
 import tta_views
 
-VIEW_SETS = {"none": ((),), "point mirror": ((), (2, 3, 4)), "flip4z": ((), (3, 4), (2,), (2, 3, 4))}
+# table row -> luna.inference.TTA_FLIPS setting
+VIEW_SETS = {"none": "none", "point mirror": "flip2z", "flip4z": "flip4z"}
 
 
 def train_argv(data: tuple, seed: int, epochs: int, out: Path, state: Path) -> list[str]:
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed) or a.dev_seed == a.devtest_seed:
         raise SystemExit("--dev-seed and --devtest-seed must differ from each other and from the default run's seed")
+    from luna.inference import TTA_FLIPS
     from luna.model import load_model
 
     data = q.build_data(a.work, a.dev_seed, 2, q.CONFIG["synthetic"])
@@ -107,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             seconds = train(data, seed, n, run, state)
             _, checkpoint = load_model(run / "0" / "model.pt", map_location="cpu")
             threshold = float(checkpoint["threshold"])
-            views = tta_views.cached_views(run, dev, VIEW_SETS["flip4z"])
-            for name, dims_set in VIEW_SETS.items():
+            views = tta_views.cached_views(run, dev, TTA_FLIPS["flip4z"])  # every view of the three sets
+            for name, setting in VIEW_SETS.items():
                 frame = dev.frame.copy()
-                frame["probability"] = np.mean([views[d] for d in dims_set], axis=0)
+                frame["probability"] = np.mean([views[d] for d in TTA_FLIPS[setting]], axis=0)
                 score = q.devtest_scores(frame, dev.nodules, dev.scans, dev.ignored)
                 cpm[(seed, n, name)] = score["dt_cpm"]
-                # the threshold was chosen with the recipe's views (flip4z): the operating point is flip4z's
-                met = f"{blocks_met(frame, dev, threshold)} of 5" if name == q.CONFIG["train"]["tta"] else ""
+                # the threshold was chosen with the recipe's views (its train.tta): the operating point is theirs
+                met = f"{blocks_met(frame, dev, threshold)} of 5" if setting == q.CONFIG["train"]["tta"] else ""
                 lines.append(f"| {seed} | {n} | {seconds:.0f} | {name} | {score['dt_cpm']:.3f} ({score['dt_low']:.3f}-"
                              f"{score['dt_high']:.3f}) | {score['dt_auc']:.3f} | {threshold:.3f} | {met} |")
                 print(lines[-1], flush=True)

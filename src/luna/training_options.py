@@ -141,9 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     fo.add_argument("--tta", choices=tuple(TTA_FLIPS), default="none",
                     help="test-time augmentation of every evaluation (the selection pass here, luna-predict later: "
                          "recorded in model.pt): average the probabilities of the crop and its mirror images: rows "
-                         "and columns mirrored together (flip2, half the cost of flip4), all three axes (flip2z, the point "
-                         "mirror, at flip2's cost), in-plane (flip4), flip2 "
-                         "also mirrored in depth (flip4z) or every mirror (flip8); none = the book")
+                         "and columns mirrored together (flip2, half the cost of flip4), all three axes (flip2z, the "
+                         "point mirror, at flip2's cost), in-plane (flip4), flip2 also mirrored in depth (flip4z) or "
+                         "every mirror (flip8); none = the book")
     fo.add_argument("--selection-interval", type=_positive_int, default=1, metavar="EPOCHS",
                     help="evaluate the selection set every EPOCHS epochs and after the last; only evaluated epochs "
                          "can be kept")
