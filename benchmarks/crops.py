@@ -40,7 +40,7 @@ from luna.cropping import cut_scan_crops
 from luna.crops import DEFAULT_COMPRESSION, CropApp
 from luna.ct import find_scans, read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
-from luna.io import write_tsv
+from luna.io import atomic_path, write_tsv
 from luna.store import COMPRESSIONS, CropStore
 
 SUBSET = "subset0"
@@ -472,8 +472,8 @@ def main() -> None:
     text = to_markdown(results, args, time.perf_counter() - t0)
     print(text)
     if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from luna.splits import read_splits_tsv
+from luna.io import atomic_path
 from luna.metrics import auc_score
+from luna.splits import read_splits_tsv
 from luna.store import CropStore
 
 
@@ -74,8 +75,8 @@ def main() -> None:
         *[f"| {name} | {auc:.4f} |" for name, auc in rows_md],
     ]
     text = "\n".join(lines) + "\n"
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    with atomic_path(a.out) as tmp:
+        tmp.write_text(text)
     print(text)
 
 

@@ -1337,8 +1337,9 @@ def write_report(path: Path, report: dict[str, Any], args: argparse.Namespace) -
               "deliberate, and small next to the crops."]
     L += ["", "### Notes on scale (from the code and these numbers)", ""] + scale_notes(report, args)
     L.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L))
+    from luna.io import atomic_path
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(L))
 
 
 def scale_notes(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -1359,8 +1360,6 @@ def scale_notes(report: dict[str, Any], args: argparse.Namespace) -> list[str]:
     tr = st["train"].info
     n_train = tr.get("train_crops", 0) + tr.get("sel_crops", 0)
     if n_train:
-        frac = n_train / max(s["data"]["candidates"], 1)
-        full = frac * V2_ROWS * CROP_BYTES
         notes.append(f"- Resident training crops scale with the training + selection candidates: here {n_train:,} crops "
                      f"= {gb(n_train * CROP_BYTES)}; for a LUNA16 fold (9 of 10 subsets) "
                      f"{gb(0.9 * V2_ROWS * CROP_BYTES)}, so `--data-on-device auto` streams from the stores on any "
@@ -1498,7 +1497,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     def save() -> None:
         def enc(o: Any) -> Any:
             return asdict(o) if isinstance(o, Run) else str(o)
-        json_path.write_text(json.dumps(report, default=enc, indent=1))
+        from luna.io import atomic_path
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(json.dumps(report, default=enc, indent=1))
 
     report["sizes"] = []
     for n in sizes_n:

@@ -59,6 +59,7 @@ from luna import cpu_speed
 from luna import data as luna_data
 from luna.data import AugmentConfig, CropDataset, EpochSampler, augment_batch, make_loader, random_affine
 from luna.geometry import Geometry
+from luna.io import atomic_path
 from luna.model import LunaModel
 from luna.store import CropStore, StoreWriter
 
@@ -549,7 +550,6 @@ def main(argv: list[str] | None = None) -> None:
 def write_table(args: argparse.Namespace, groups: list[dict], data_name: str, native_avx512: bool, native_bf16: bool,
                 allocator_line: str, lever_line: str, numerics: tuple[float, float, bool], aug: dict[str, float],
                 loader: dict[int, float]) -> None:
-    rows = [r for g in groups for r in g["rows"]]
     table = ["| ISA | loop | batch | samples/s (best round) | median round | x book-style (median of rounds) |",
              "|---|---|---:|---:|---:|---:|"]
     for g in groups:
@@ -611,8 +611,8 @@ def write_table(args: argparse.Namespace, groups: list[dict], data_name: str, na
         "",
     ]
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {out}")
 

@@ -37,6 +37,7 @@ from luna.device import cpu_has_native_bf16, resolve_device
 from luna.geometry import Geometry
 from luna.inference import crops_to_tensor, predict, read_batch, rows_of_scans
 from luna.froc import froc
+from luna.io import atomic_path
 from luna.metrics import auc_score
 from luna.model import LunaModel, load_checkpoint, load_model, save_checkpoint
 from luna.splits import make_splits, write_splits_tsv
@@ -290,8 +291,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -165,3 +165,49 @@ def test_layouts_not_handled_are_one_line(tmp_path, key, value, reason) -> None:
     path = _scan(tmp_path)
     _edit_header(path, **{key: value})
     assert _one_line_error(read_geometry, path) == f"{path}: {reason}"
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("Offset", "-166 -171.7", "the origin needs 3 finite numbers"),
+    ("Offset", "-166 -171.7 z", "the origin needs 3 finite numbers"),
+    ("Offset", "nan 0 0", "the origin needs 3 finite numbers"),
+    ("ElementSpacing", "0.7 0.7", "the spacing needs 3 finite numbers"),
+    ("ElementSpacing", "0 0.7 2.5", "spacing must be positive"),
+])
+def test_malformed_origin_or_spacing_is_one_line(tmp_path, key, value, what) -> None:
+    """SimpleITK reads a malformed Offset as zeros (a wrong geometry, silently) and fails on a malformed
+    ElementSpacing with messages about other keys: both are one line naming the key and value, before any read."""
+    path = _scan(tmp_path)
+    _edit_header(path, **{key: value})
+    for call in (read_geometry, read_scan):
+        assert _one_line_error(call, path) == f"{path}: unreadable header, {key} = {value!r} ({what})"
+
+
+def test_no_spacing_line_is_one_mm_with_a_warning(tmp_path, caplog) -> None:
+    path = _scan(tmp_path)
+    _edit_header(path, ElementSpacing=None)
+    with caplog.at_level("WARNING", logger="luna.ct"):
+        geometry, _ = read_geometry(path)
+    np.testing.assert_array_equal(geometry.spacing_xyz, [1.0, 1.0, 1.0])
+    assert f"{path}: no ElementSpacing line; 1 mm voxels assumed" in caplog.text
+
+
+def test_nan_voxels_of_a_float_scan_are_an_error(tmp_path) -> None:
+    path = _scan(tmp_path)
+    values = np.zeros(SHAPE, "<f4")
+    values[2, 3, 4:7] = np.nan
+    _edit_header(path, ElementType="MET_FLOAT")
+    path.with_suffix(".raw").write_bytes(values.tobytes())
+    assert _one_line_error(read_scan, path) == (f"{path}: 3 voxel(s) are NaN (ElementType MET_FLOAT); HU values "
+                                                "must be numbers")
+
+
+def test_data_file_name_with_a_space_is_read(tmp_path) -> None:
+    path = _scan(tmp_path)
+    expected, _ = read_scan(path)
+    path.with_suffix(".raw").rename(tmp_path / "my scan.raw")
+    _edit_header(path, ElementDataFile="my scan.raw")
+    np.testing.assert_array_equal(read_scan(path)[0], expected)
+    (tmp_path / "my scan.raw").unlink()
+    assert _one_line_error(read_scan, path) == (f"{path}: voxel data file {tmp_path / 'my scan.raw'} is missing "
+                                                "(ElementDataFile = my scan.raw)")

@@ -80,6 +80,21 @@ def test_row_with_too_few_fields_names_the_empty_column(tmp_path) -> None:
     assert str(info.value) == f"{path}:3: column coordZ is empty (a missing field?)"
 
 
+
+def test_blank_lines_are_no_rows_and_keep_line_numbers(tmp_path) -> None:
+    """An empty last line (an editor's extra newline) or an empty line between rows is skipped; the lines after
+    it keep their numbers in the file; a file of a header and blank lines has no rows."""
+    path = _write(tmp_path, HEADER + "1.1,1,2,3,0\n\n1.1,4,5,6,1\n\n")
+    table = read_candidates_csv(path)
+    assert table["coordX"].tolist() == [1.0, 4.0] and table["line"].tolist() == [2, 4]
+    bad = _write(tmp_path, HEADER + "1.1,1,2,3,0\n\n1.1,x,5,6,1\n", "bad.csv")
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(bad)
+    assert str(info.value) == f"{bad}:4: column coordX is not a finite number: 'x'"
+    with pytest.raises(TableError, match=r"blank\.csv: no rows, only the header line$"):
+        read_candidates_csv(_write(tmp_path, HEADER + "\n\n", "blank.csv"))
+
+
 def test_unreadable_csv_is_one_line(tmp_path) -> None:
     path = tmp_path / "candidates.csv"
     path.write_bytes(HEADER.encode() + b'"1.1,1,2,3,0\n')  # quote never closed

@@ -21,7 +21,7 @@ from luna.cropping import crop_start, cut_crop, cut_scan_crops
 from luna.crops import CropApp, main
 from luna.ct import read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
-from luna.store import CropStore
+from luna.store import CropStore, read_crops
 from store_util import read_arrays
 
 LIDC_DIR = Path(__file__).parent / "fixtures" / "lidc"
@@ -292,6 +292,24 @@ def test_store_batch_read_keeps_order_duplicates_and_checks_range(tmp_path, synt
         store.crops([0, -n - 1])
     with pytest.raises(IndexError, match=f"crop index {len(store)} out of range"):
         store.crops([0, len(store)])
+
+
+
+def test_read_crops_from_several_stores_in_the_order_given(tmp_path, synthetic_scans):
+    """read_crops (what training, its resident load and prediction read through) keeps the item order across
+    stores, repeats included, and gives an empty (0, I, R, C) array for no items."""
+    root, tsv, df, paths = synthetic_scans
+    _, out_a = _run(tmp_path, tsv, root, "a")
+    _, out_b = _run(tmp_path, tsv, root, "b", ["--shape", "32", "48", "48", "--hu-window", "-900", "900"])
+    a, b = CropStore(out_a), CropStore(out_b)
+    assert not np.array_equal(a.crops([0]), b.crops([0]))  # the two stores hold different crops
+    store_of = np.array([1, 0, 1, 0, 0, 1])
+    row_of = np.array([3, len(a) - 1, 2, 0, 1, 3])
+    got = read_crops([a, b], store_of, row_of)
+    for k, (s, r) in enumerate(zip(store_of, row_of)):
+        np.testing.assert_array_equal(got[k], (a, b)[s].crops([r])[0])
+    assert read_crops([a, b], np.zeros(0, int), np.zeros(0, int)).shape == (0, *a.crop_shape)
+    assert read_crops([], np.zeros(0, int), np.zeros(0, int), (8, 12, 16)).shape == (0, 8, 12, 16)
 
 
 def test_same_inputs_identical_arrays_any_thread_count(tmp_path, synthetic_scans):

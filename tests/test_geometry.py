@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -96,3 +98,13 @@ def test_geometry_rejects_bad_values() -> None:
         Geometry([0, 0, 0], [1, 0, 1])
     with pytest.raises(ValueError, match="singular"):
         Geometry([0, 0, 0], [1, 1, 1], np.zeros((3, 3)))
+
+
+def test_a_point_far_outside_gets_a_capped_index_without_overflow() -> None:
+    """1e300 mm must not overflow the int64 cast (a numpy warning and a garbage index): it is capped, and so
+    outside any scan."""
+    geometry = Geometry([0, 0, 0], [0.7, 0.7, 2.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        irc = xyz_to_irc(np.array([[1e300, -1e300, 5.0], [0.7, 1.4, 5.0]]), geometry)
+    assert irc.tolist() == [[2, -2**31, 2**31], [2, 2, 1]]

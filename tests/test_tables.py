@@ -114,7 +114,8 @@ def test_history_numeric_check_names_line_and_value(tmp_path: Path) -> None:
 def _candidates(path: Path, rows: list[dict]) -> Path:
     base = {"candidate_id": 0, "series_uid": "1.2", "subset": "subset0", "coord_x": 1.0, "coord_y": 2.0,
             "coord_z": 3.0, "is_nodule": 0, "diameter_mm": 0.0}
-    pd.DataFrame([base | row for row in rows], columns=CANDIDATES_TSV_COLUMNS).to_csv(path, sep="\t", index=False)
+    rows = [base | {"candidate_id": k} | row for k, row in enumerate(rows)]  # unique ids unless given
+    pd.DataFrame(rows, columns=CANDIDATES_TSV_COLUMNS).to_csv(path, sep="\t", index=False)
     return path
 
 
@@ -127,8 +128,20 @@ def test_crops_numeric_check_names_the_file_line(tmp_path: Path) -> None:
     assert _raises_one_line(READERS["crops"], path) == ":3: coord_x is empty, expected a number"
     # a number that is not usable keeps the crop stage's own check
     path = _candidates(tmp_path / "inf.tsv", [{"coord_y": "inf"}])
-    rest = _raises_one_line(READERS["crops"], path)
-    assert rest.startswith(":2: bad coord_y value ") and "inf" in rest, rest
+    assert _raises_one_line(READERS["crops"], path) == ":2: coord_y = inf, expected a finite number"
+    # a literal NaN is a bad value, not an empty cell; values in the file's spelling
+    path = _candidates(tmp_path / "nan.tsv", [{}, {"coord_x": "NaN"}])
+    assert _raises_one_line(READERS["crops"], path) == ":3: coord_x = 'NaN' is not a number"
+    path = _candidates(tmp_path / "class.tsv", [{"is_nodule": 2}])
+    assert _raises_one_line(READERS["crops"], path) == ":2: is_nodule = 2, expected -1, 0, 1 or empty"
+    path = _candidates(tmp_path / "id.tsv", [{"candidate_id": 1.5}])
+    assert _raises_one_line(READERS["crops"], path) == ":2: candidate_id = 1.5, expected a whole number"
+
+
+def test_crops_candidate_ids_must_be_unique_in_the_whole_table(tmp_path: Path) -> None:
+    path = _candidates(tmp_path / "dup.tsv", [{"candidate_id": 4}, {"candidate_id": 5, "subset": "subset1"},
+                                              {"candidate_id": 5}])
+    assert _raises_one_line(READERS["crops"], path) == ":4: candidate_id 5 repeats line 3; candidate ids must be unique"
 
 
 def test_read_tsv_passes_read_csv_options_and_raises_the_given_class(tmp_path: Path) -> None:

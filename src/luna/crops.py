@@ -89,14 +89,35 @@ class CropResult:
     phase_seconds: dict[str, float] = field(default_factory=dict)  # summed over threads: where the time went
 
 
+def _cell(value: object) -> str:
+    """A table cell as its file spelled it (near enough): 2 for 2.0, inf, 1.5, text as is."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _check_unique_ids(df: pd.DataFrame, path: Path) -> None:
+    """candidate_id keys a candidate through crops, predictions and the submission: a repeat is an error naming
+    both lines (the whole table, every subset)."""
+    ids = pd.to_numeric(df["candidate_id"], errors="coerce")
+    repeated = ids.notna() & ids.duplicated(keep=False)
+    if repeated.any():
+        value = ids[repeated].iloc[0]
+        lines = df.loc[repeated & (ids == value), "line"].tolist()
+        raise CropError(f"{path}:{lines[1]}: candidate_id {_cell(value)} repeats line {lines[0]}; candidate ids "
+                        "must be unique")
+
+
 def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bool = False) -> pd.DataFrame:
     """The rows of candidates.tsv whose subset is ``subset``, in file order, checked; is_nodule -1 when empty.
 
     No row of the subset is an error (a typo in --subset must not give an empty store) unless ``allow_empty``."""
     path = Path(path)
+    # only an empty cell is missing: a literal "NaN" is a bad value and said so
     df = read_tsv(path, what="candidates table", error=CropError, required=REQUIRED_COLUMNS,
-                  dtype={"series_uid": str, "subset": str}, keep_default_na=True)
+                  dtype={"series_uid": str, "subset": str}, keep_default_na=False, na_values=[""])
     df["line"] = np.arange(len(df)) + 2
+    _check_unique_ids(df, path)
     present = sorted(set(df["subset"].dropna().astype(str)))
     df = df[df["subset"] == subset].reset_index(drop=True)
     if df.empty and not allow_empty:  # a typo in --subset must not give an empty store
@@ -111,7 +132,8 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
             bad |= values.fillna(0) != np.floor(values.fillna(0))
         if bad.any():
             i = int(np.argmax(bad.to_numpy()))
-            raise CropError(f"{path}:{df['line'].iloc[i]}: bad {col} value {df[col].iloc[i]!r}")
+            need = {"is_nodule": "-1, 0, 1 or empty", "candidate_id": "a whole number"}.get(col, "a finite number")
+            raise CropError(f"{path}:{df['line'].iloc[i]}: {col} = {_cell(df[col].iloc[i])}, expected {need}")
         df[col] = values
     df["candidate_id"] = df["candidate_id"].astype(np.int64)
     df["is_nodule"] = df["is_nodule"].fillna(-1).astype(np.int8)

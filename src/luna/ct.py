@@ -13,15 +13,18 @@ Voxel data is verified, not trusted (SimpleITK reads whatever bytes are there):
   accepted only when the checksum ending the stream, the file's last bytes, matches them; otherwise the stream
   is inflated again here, strictly, to name the reason;
 * the direction matrix must be orthonormal (``D^T D = I`` within :data:`ORTHONORMAL_TOLERANCE`): a scaled or
-  singular one would silently change every world-to-voxel transform.
+  singular one would silently change every world-to-voxel transform;
+* the origin (``Offset``) and spacing lines must hold three finite numbers, the spacing positive (SimpleITK
+  reads a malformed ``Offset`` as zeros); no spacing line is MetaIO's 1 mm, with a warning.
 
 The volume is SimpleITK's (byte order, ``LOCAL`` data and ``HeaderSize`` are its business); element types
-other than int16 are rounded and clipped to int16. What this reader does not handle (ASCII data, one file per
+other than int16 are rounded and clipped to int16 (a NaN voxel is an error). What this reader does not handle (ASCII data, one file per
 slice, several channels) is a one-line error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zlib
@@ -32,6 +35,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from luna.geometry import ORTHONORMAL_TOLERANCE, Geometry, orthonormality_error
+
+logger = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {
     "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
@@ -44,6 +49,8 @@ _DTYPE_KIND = {
     "MET_DOUBLE": "f",
 }
 _DIRECTION_KEYS = ("TransformMatrix", "Rotation", "Orientation")  # MetaIO synonyms
+_ORIGIN_KEYS = ("Offset", "Origin", "Position")  # MetaIO synonyms
+_SPACING_KEYS = ("ElementSpacing", "ElementSize")  # ElementSize stands in for a missing ElementSpacing
 _HEADER_MAX_BYTES = 1 << 20  # a header is a few hundred bytes; stop looking for ElementDataFile after 1 MiB
 _ZLIB_OR_GZIP = 47  # zlib.MAX_WBITS | 32: zlib or gzip stream, as MetaIO's inflateInit2(..., 47)
 
@@ -158,12 +165,12 @@ def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
     if "BinaryData" in header and not _is_true(header, "BinaryData"):
         raise ScanError(f"{path}: ASCII voxel data (BinaryData = {header['BinaryData']}) is not supported")
     name = header["ElementDataFile"]
-    if name.upper() == "LIST" or " " in name or "%" in name:
+    if name.upper() == "LIST" or "%" in name:
         raise ScanError(f"{path}: ElementDataFile = {name!r}: voxel data split over several files is not supported")
     local = name.upper() == "LOCAL"
     data = path if local else path.parent / name
     if not local and not data.is_file():
-        raise ScanError(f"{path}: voxel data file {data.name} is missing")
+        raise ScanError(f"{path}: voxel data file {data} is missing (ElementDataFile = {name})")
     msb = _is_true(header, "BinaryDataByteOrderMSB") or _is_true(header, "ElementByteOrderMSB")
     dtype = np.dtype(f"{'>' if msb else '<'}{_DTYPE_KIND[element_type]}{_DTYPE_BYTES[element_type]}")
     compressed = _is_true(header, "CompressedData")
@@ -219,7 +226,7 @@ def check_scan_files(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     header, layout = _header_and_layout(path)
     _check_sizes(path, layout)
-    _check_header_direction(path, header)
+    _check_header_geometry(path, header)
     return header
 
 
@@ -249,6 +256,26 @@ def _geometry_of(path: Path, source: sitk.ImageFileReader | sitk.Image) -> Geome
         return Geometry(source.GetOrigin(), source.GetSpacing(), direction)
     except ValueError as exc:
         raise ScanError(f"{path}: bad geometry in header ({exc})") from exc
+
+
+def _check_header_geometry(path: Path, header: dict[str, str]) -> None:
+    """Origin, spacing and direction lines hold what a 3-D geometry needs, checked before SimpleITK reads
+    them: it reads a malformed ``Offset`` (two values, a word, NaN) as zeros and fails on a malformed
+    ``ElementSpacing`` with messages about other keys. No spacing line is MetaIO's 1 mm, said in a warning."""
+    for keys, what in ((_ORIGIN_KEYS, "origin"), (_SPACING_KEYS, "spacing")):
+        for key in (k for k in keys if k in header):
+            try:
+                values = [float(v) for v in header[key].split()]
+            except ValueError:
+                values = []
+            if len(values) != 3 or not all(np.isfinite(values)):
+                raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (the {what} needs 3 finite "
+                                "numbers)")
+            if what == "spacing" and min(values) <= 0:
+                raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (spacing must be positive)")
+    if not any(k in header for k in _SPACING_KEYS):
+        logger.warning("%s: no ElementSpacing line; 1 mm voxels assumed (MetaIO's default)", path)
+    _check_header_direction(path, header)
 
 
 def _check_header_direction(path: Path, header: dict[str, str]) -> None:
@@ -287,7 +314,7 @@ def read_geometry(path: str | os.PathLike) -> tuple[Geometry, tuple[int, int, in
     path = Path(path)
     header, layout = _header_and_layout(path)
     _check_sizes(path, layout)
-    _check_header_direction(path, header)
+    _check_header_geometry(path, header)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -357,7 +384,7 @@ def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     header, layout = _header_and_layout(path)
     _check_sizes(path, layout)
-    _check_header_direction(path, header)
+    _check_header_geometry(path, header)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -377,6 +404,11 @@ def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     elif voxels.dtype.kind == "i" and voxels.dtype.itemsize == 2:
         volume = voxels.astype(np.int16)
     else:
+        if voxels.dtype.kind == "f":
+            n_nan = int(np.isnan(voxels).sum())
+            if n_nan:
+                raise ScanError(f"{path}: {n_nan} voxel(s) are NaN (ElementType {header['ElementType']}); HU "
+                                "values must be numbers")
         volume = np.clip(np.rint(voxels), -32768, 32767).astype(np.int16)  # as the reader always converted
     volume.flags.writeable = False
     return volume, geometry

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from luna.cpu_speed import resample_affine
 from luna.inference import crops_to_tensor
 from luna.splits import ROLES
-from luna.store import CropStore
+from luna.store import CropStore, read_crops
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +116,9 @@ class CropDataset(Dataset):
         return len(self.labels) - self.n_pos
 
     def crops_int16(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The crops of the given items, int16 (n, I, R, C) in the given order; one read per store."""
+        """The crops of the given items, int16 (n, I, R, C) in the given order (:func:`luna.store.read_crops`)."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), *self.crop_shape), dtype=np.int16)
-        stores = self._store_of[indices]
-        for position in np.unique(stores):
-            where = np.flatnonzero(stores == position)
-            out[where] = self.stores[int(position)].crops(self._row_of[indices[where]])
-        return out
+        return read_crops(self.stores, self._store_of[indices], self._row_of[indices], self.crop_shape)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         index = int(index)

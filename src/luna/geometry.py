@@ -86,8 +86,10 @@ def xyz_to_irc_continuous(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def xyz_to_irc(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """World mm (..., 3) -> nearest voxel index (..., 3) int64 in i, r, c order (SimpleITK's rounding)."""
-    return np.floor(xyz_to_irc_continuous(xyz, geometry) + 0.5).astype(np.int64)
+    """World mm (..., 3) -> nearest voxel index (..., 3) int64 in i, r, c order (SimpleITK's rounding).
+
+    Indices are capped at +-2**31 (a point that far is outside any scan; 1e300 mm must not overflow the cast)."""
+    return np.clip(np.floor(xyz_to_irc_continuous(xyz, geometry) + 0.5), -2**31, 2**31).astype(np.int64)
 
 
 def irc_to_xyz(irc: np.ndarray, geometry: Geometry) -> np.ndarray:

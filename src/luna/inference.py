@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from luna.progress import format_eta
-from luna.store import CropStore
+from luna.store import CropStore, read_crops
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +79,8 @@ class Prediction:
 
 
 def read_batch(stores: Sequence[CropStore], store_of: np.ndarray, row_of: np.ndarray, pin: bool = False) -> torch.Tensor:
-    """One batch's crops as a float32 tensor, one HDF5 read per store."""
-    crop_shape = stores[0].crop_shape
-    out = np.empty((len(store_of), *crop_shape), dtype=np.int16)
-    for position in np.unique(store_of):
-        where = np.flatnonzero(store_of == position)
-        out[where] = stores[int(position)].crops(row_of[where])
-    tensor = crops_to_tensor(out)
+    """One batch's crops as a float32 tensor (:func:`luna.store.read_crops`), pinned for a CUDA copy."""
+    tensor = crops_to_tensor(read_crops(stores, store_of, row_of))
     return tensor.pin_memory() if pin else tensor
 
 

@@ -391,3 +391,18 @@ class CropStore:
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def read_crops(stores: Sequence[CropStore], store_of: np.ndarray, row_of: np.ndarray,
+               crop_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Crops from several stores, int16 (n, I, R, C), item k being row ``row_of[k]`` of ``stores[store_of[k]]``;
+    one :meth:`CropStore.crops` call per store (so one read per run of consecutive rows). ``crop_shape`` is
+    needed only when ``stores`` is empty."""
+    store_of = np.asarray(store_of, dtype=np.int64)
+    row_of = np.asarray(row_of, dtype=np.int64)
+    shape = tuple(stores[0].crop_shape) if stores else tuple(crop_shape or ())
+    out = np.empty((len(store_of), *shape), dtype=np.int16)
+    for position in np.unique(store_of):
+        where = np.flatnonzero(store_of == position)
+        out[where] = stores[int(position)].crops(row_of[where])
+    return out
