@@ -183,13 +183,29 @@ def test_malformed_origin_or_spacing_is_one_line(tmp_path, key, value, what) -> 
         assert _one_line_error(call, path) == f"{path}: unreadable header, {key} = {value!r} ({what})"
 
 
-def test_no_spacing_line_is_one_mm_with_a_warning(tmp_path, caplog) -> None:
+def test_no_spacing_line_is_one_mm_with_one_warning(tmp_path, caplog) -> None:
     path = _scan(tmp_path)
     _edit_header(path, ElementSpacing=None)
     with caplog.at_level("WARNING", logger="luna.ct"):
         geometry, _ = read_geometry(path)
+        read_scan(path)  # the crop stage reads the header, then the voxels: one warning
     np.testing.assert_array_equal(geometry.spacing_xyz, [1.0, 1.0, 1.0])
-    assert f"{path}: no ElementSpacing line; 1 mm voxels assumed" in caplog.text
+    assert caplog.text.count(f"{path}: no ElementSpacing line; 1 mm voxels assumed") == 1
+
+
+def test_metaio_header_forms_that_read_as_simpleitk_reads_them(tmp_path) -> None:
+    """What MetaIO accepts stays accepted: values past the third are ignored, and ElementSize is not checked when
+    ElementSpacing (the one used) is there; ElementSize alone is the spacing."""
+    for name, edit, origin, spacing in (
+            ("four", {"Offset": "10 20 30 40", "ElementSpacing": "0.7 0.7 2.5 9"}, [10, 20, 30], [0.7, 0.7, 2.5]),
+            ("size_unused", {"ElementSize": "0 0 0"}, [0, 0, 0], [0.7, 0.7, 2.5]),
+            ("size_only", {"ElementSpacing": None, "ElementSize": "0.5 0.6 2"}, [0, 0, 0], [0.5, 0.6, 2.0])):
+        path = _scan(tmp_path, name)
+        _edit_header(path, **edit)
+        geometry, _ = read_geometry(path)
+        np.testing.assert_allclose(geometry.origin_xyz, origin)
+        np.testing.assert_allclose(geometry.spacing_xyz, spacing)
+        np.testing.assert_allclose(read_scan(path)[1].spacing_xyz, spacing)
 
 
 def test_nan_voxels_of_a_float_scan_are_an_error(tmp_path) -> None:

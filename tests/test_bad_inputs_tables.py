@@ -93,6 +93,12 @@ def test_blank_lines_are_no_rows_and_keep_line_numbers(tmp_path) -> None:
     assert str(info.value) == f"{bad}:4: column coordX is not a finite number: 'x'"
     with pytest.raises(TableError, match=r"blank\.csv: no rows, only the header line$"):
         read_candidates_csv(_write(tmp_path, HEADER + "\n\n", "blank.csv"))
+    # a row of empty fields is not a blank line: its values may have been lost
+    for name, text in (("commas.csv", HEADER + "1.1,1,2,3,0\n,,,,\n"),
+                       ("note.csv", HEADER.strip() + ",note\n1.1,1,2,3,0,\n,,,,,see above\n")):
+        with pytest.raises(TableError) as info:
+            read_candidates_csv(_write(tmp_path, text, name))
+        assert str(info.value) == f"{tmp_path / name}:3: empty seriesuid"
 
 
 def test_unreadable_csv_is_one_line(tmp_path) -> None:

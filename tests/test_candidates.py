@@ -9,8 +9,10 @@ import pytest
 from conftest import LUNA16_ANNOTATIONS
 from luna.candidates import CandidatesApp, build_candidates_table, read_candidates_tsv
 from luna.luna16 import TableError, match_diameters, read_annotations_csv, read_candidates_csv
+from luna.crops import CropApp
 from luna.ct import ScanFile, write_scan
 from luna.geometry import Geometry
+from luna.store import CropStore
 
 
 def test_official_annotations_parse() -> None:
@@ -140,3 +142,9 @@ def test_candidates_predict_only_has_nan_is_nodule(tmp_path) -> None:
     assert CandidatesApp(["--root", str(root), "--candidates", "list.csv", "--annotations", "", "--out", str(out)]).main() == 0
     assert out.read_text().splitlines()[1].split("\t")[6] == "NaN"  # undefined, as every TSV of the pipeline
     assert read_candidates_tsv(out)["is_nodule"].isna().all()
+    # the crop stage takes that table as it is: the candidate unlabelled (-1) in the store
+    store_path = tmp_path / "crops" / "subset0.h5"
+    assert CropApp(["--candidates", str(out), "--root", str(root), "--subset", "subset0", "--out",
+                    str(store_path), "--shape", "16", "16", "16"]).main() == 0
+    store = CropStore(store_path)
+    assert store.table["is_nodule"].tolist() == [-1] and len(store) == 1

@@ -37,7 +37,7 @@ from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, complete_entries
 from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
-from luna.io import OutputError, check_writable_dir, describe_os_error, write_tsv
+from luna.io import NA_REP, OutputError, check_writable_dir, describe_os_error, write_tsv
 from luna.progress import format_eta
 from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import numeric_column, read_tsv
@@ -113,9 +113,11 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
 
     No row of the subset is an error (a typo in --subset must not give an empty store) unless ``allow_empty``."""
     path = Path(path)
-    # only an empty cell is missing: a literal "NaN" is a bad value and said so
+    # only an empty cell is missing, and in is_nodule the pipeline's NaN (luna-candidates without a class
+    # column): a literal "NaN" coordinate is a bad value and said so
+    missing = {column: [""] for column in REQUIRED_COLUMNS} | {"is_nodule": ["", NA_REP]}
     df = read_tsv(path, what="candidates table", error=CropError, required=REQUIRED_COLUMNS,
-                  dtype={"series_uid": str, "subset": str}, keep_default_na=False, na_values=[""])
+                  dtype={"series_uid": str, "subset": str}, keep_default_na=False, na_values=missing)
     df["line"] = np.arange(len(df)) + 2
     _check_unique_ids(df, path)
     present = sorted(set(df["subset"].dropna().astype(str)))

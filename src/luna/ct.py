@@ -14,8 +14,9 @@ Voxel data is verified, not trusted (SimpleITK reads whatever bytes are there):
   is inflated again here, strictly, to name the reason;
 * the direction matrix must be orthonormal (``D^T D = I`` within :data:`ORTHONORMAL_TOLERANCE`): a scaled or
   singular one would silently change every world-to-voxel transform;
-* the origin (``Offset``) and spacing lines must hold three finite numbers, the spacing positive (SimpleITK
-  reads a malformed ``Offset`` as zeros); no spacing line is MetaIO's 1 mm, with a warning.
+* the origin (``Offset``) and spacing lines must begin with three finite numbers, the spacing positive
+  (SimpleITK fills an ``Offset``'s missing or unparsable values with zeros); no spacing line is MetaIO's 1 mm,
+  with a warning.
 
 The volume is SimpleITK's (byte order, ``LOCAL`` data and ``HeaderSize`` are its business); element types
 other than int16 are rounded and clipped to int16 (a NaN voxel is an error). What this reader does not handle (ASCII data, one file per
@@ -51,6 +52,7 @@ _DTYPE_KIND = {
 _DIRECTION_KEYS = ("TransformMatrix", "Rotation", "Orientation")  # MetaIO synonyms
 _ORIGIN_KEYS = ("Offset", "Origin", "Position")  # MetaIO synonyms
 _SPACING_KEYS = ("ElementSpacing", "ElementSize")  # ElementSize stands in for a missing ElementSpacing
+_WARNED_NO_SPACING: set[str] = set()  # scans already warned about (header and voxels are read apart)
 _HEADER_MAX_BYTES = 1 << 20  # a header is a few hundred bytes; stop looking for ElementDataFile after 1 MiB
 _ZLIB_OR_GZIP = 47  # zlib.MAX_WBITS | 32: zlib or gzip stream, as MetaIO's inflateInit2(..., 47)
 
@@ -260,20 +262,24 @@ def _geometry_of(path: Path, source: sitk.ImageFileReader | sitk.Image) -> Geome
 
 def _check_header_geometry(path: Path, header: dict[str, str]) -> None:
     """Origin, spacing and direction lines hold what a 3-D geometry needs, checked before SimpleITK reads
-    them: it reads a malformed ``Offset`` (two values, a word, NaN) as zeros and fails on a malformed
-    ``ElementSpacing`` with messages about other keys. No spacing line is MetaIO's 1 mm, said in a warning."""
-    for keys, what in ((_ORIGIN_KEYS, "origin"), (_SPACING_KEYS, "spacing")):
-        for key in (k for k in keys if k in header):
-            try:
-                values = [float(v) for v in header[key].split()]
-            except ValueError:
-                values = []
-            if len(values) != 3 or not all(np.isfinite(values)):
-                raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (the {what} needs 3 finite "
-                                "numbers)")
-            if what == "spacing" and min(values) <= 0:
-                raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (spacing must be positive)")
-    if not any(k in header for k in _SPACING_KEYS):
+    them: it fills the missing or unparsable values of an ``Offset`` with zeros (a wrong geometry, silently)
+    and fails on a malformed ``ElementSpacing`` with messages about other keys. As MetaIO, the first three
+    values count and ``ElementSize`` stands in only for a missing ``ElementSpacing``. No spacing line is
+    MetaIO's 1 mm, said in a warning (once per scan)."""
+    spacing_key = next((k for k in _SPACING_KEYS if k in header), None)
+    keys = [(k, "origin") for k in _ORIGIN_KEYS if k in header] + ([(spacing_key, "spacing")] if spacing_key else [])
+    for key, what in keys:
+        try:
+            values = [float(v) for v in header[key].split()[:3]]
+        except ValueError:
+            values = []
+        if len(values) != 3 or not all(np.isfinite(values)):
+            raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (the {what} needs 3 finite "
+                            "numbers)")
+        if what == "spacing" and min(values) <= 0:
+            raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (spacing must be positive)")
+    if spacing_key is None and str(path) not in _WARNED_NO_SPACING:
+        _WARNED_NO_SPACING.add(str(path))
         logger.warning("%s: no ElementSpacing line; 1 mm voxels assumed (MetaIO's default)", path)
     _check_header_direction(path, header)
 

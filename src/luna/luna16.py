@@ -78,15 +78,20 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
     if df.empty and not allow_empty:
         raise TableError(f"{path}: no rows, only the header line")
     df.columns = [c.strip() for c in df.columns]
-    df = df[wanted]
     line = np.arange(len(df)) + 2
-    blank_line = np.ones(len(df), dtype=bool)  # an empty line (e.g. the last of the file) is no row
-    for c in wanted:
+    # a blank line of the file (e.g. an editor's last newline) is no row; ",,,," (fields, all empty) stays a row
+    blank_line = np.ones(len(df), dtype=bool)
+    for c in df.columns:
         blank_line &= df[c].fillna("").str.strip().to_numpy() == ""
+    if blank_line.any():
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            blank_numbers = [n for n, text in enumerate(fh, start=1) if not text.strip()]
+        blank_line &= np.isin(line, blank_numbers)
     if blank_line.any():
         df, line = df[~blank_line].reset_index(drop=True), line[~blank_line]
         if df.empty and not allow_empty:
             raise TableError(f"{path}: no rows, only the header line")
+    df = df[wanted]
     # a header line repeated inside the file (concatenated CSVs)
     is_header = np.ones(len(df), dtype=bool)
     for c in wanted:
