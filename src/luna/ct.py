@@ -260,6 +260,14 @@ def _geometry_of(path: Path, source: sitk.ImageFileReader | sitk.Image) -> Geome
         raise ScanError(f"{path}: bad geometry in header ({exc})") from exc
 
 
+def _header_floats(value: str) -> list[float]:
+    """The numbers of a header line's value; none when any word is not a number."""
+    try:
+        return [float(v) for v in value.split()]
+    except ValueError:
+        return []
+
+
 def _check_header_geometry(path: Path, header: dict[str, str]) -> None:
     """Origin, spacing and direction lines hold what a 3-D geometry needs, checked before SimpleITK reads
     them: it fills the missing or unparsable values of an ``Offset`` with zeros (a wrong geometry, silently)
@@ -269,10 +277,7 @@ def _check_header_geometry(path: Path, header: dict[str, str]) -> None:
     spacing_key = next((k for k in _SPACING_KEYS if k in header), None)
     keys = [(k, "origin") for k in _ORIGIN_KEYS if k in header] + ([(spacing_key, "spacing")] if spacing_key else [])
     for key, what in keys:
-        try:
-            values = [float(v) for v in header[key].split()[:3]]
-        except ValueError:
-            values = []
+        values = _header_floats(header[key])[:3]
         if len(values) != 3 or not all(np.isfinite(values)):
             raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (the {what} needs 3 finite "
                             "numbers)")
@@ -290,10 +295,7 @@ def _check_header_direction(path: Path, header: dict[str, str]) -> None:
     key = next((k for k in _DIRECTION_KEYS if k in header), None)
     if key is None:
         return
-    try:
-        matrix = np.array([float(v) for v in header[key].split()], dtype=np.float64)
-    except ValueError:
-        matrix = np.zeros(0)
+    matrix = np.array(_header_floats(header[key]), dtype=np.float64)
     if matrix.size != 9:
         raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r}")
     error = orthonormality_error(matrix.reshape(3, 3).T)

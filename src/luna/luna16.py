@@ -81,8 +81,11 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
     line = np.arange(len(df)) + 2
     # a blank line of the file (e.g. an editor's last newline) is no row; ",,,," (fields, all empty) stays a row
     blank_line = np.ones(len(df), dtype=bool)
-    for c in df.columns:
-        blank_line &= df[c].fillna("").str.strip().to_numpy() == ""
+    for c in df.columns:  # column by column over the rows still blank: one pass over the table, not one a column
+        rows = np.flatnonzero(blank_line)
+        if not len(rows):
+            break
+        blank_line[rows] = df[c].iloc[rows].fillna("").str.strip().to_numpy() == ""
     if blank_line.any():
         with open(path, encoding="utf-8-sig", newline="") as fh:
             blank_numbers = [n for n, text in enumerate(fh, start=1) if not text.strip()]
