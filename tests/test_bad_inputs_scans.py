@@ -6,6 +6,7 @@ Small generated scans (8 x 16 x 16 int16), edited byte by byte the way the cases
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,42 @@ def test_data_file_name_with_a_space_is_read(tmp_path) -> None:
     (tmp_path / "my scan.raw").unlink()
     assert _one_line_error(read_scan, path) == (f"{path}: voxel data file {tmp_path / 'my scan.raw'} is missing "
                                                 "(ElementDataFile = my scan.raw)")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_byte_order_and_booleans_read_as_metaio_reads_them(tmp_path, compress) -> None:
+    """MetaIO's true is any value starting T, t or 1, and BinaryDataByteOrderMSB wins over ElementByteOrderMSB in
+    any line order. A .zraw's stream is checked (and re-read) with the byte order parsed here: a different parse
+    would swap every voxel's bytes, silently."""
+    import SimpleITK as sitk
+
+    for i, (edit, msb) in enumerate((
+            ({"BinaryDataByteOrderMSB": "T"}, True),
+            ({"ElementByteOrderMSB": "1"}, True),
+            ({"BinaryDataByteOrderMSB": "False", "ElementByteOrderMSB": "True"}, False),
+            ({"ElementByteOrderMSB": "True", "BinaryDataByteOrderMSB": "f"}, False),
+            ({"BinaryDataByteOrderMSB": "true", "ElementByteOrderMSB": "False"}, True))):
+        path = _scan(tmp_path, f"s{i}", compress=compress)
+        volume, _ = read_scan(path)
+        _edit_header(path, BinaryDataByteOrderMSB=None, ElementByteOrderMSB=None, CompressedData=None,
+                     CompressedDataSize=None)
+        _edit_header(path, **edit, **({"CompressedData": "T"} if compress else {}))  # new lines in this order
+        data = path.with_suffix(".zraw" if compress else ".raw")
+        payload = volume.astype(">i2" if msb else "<i2").tobytes()
+        data.write_bytes(zlib.compress(payload) if compress else payload)
+        np.testing.assert_array_equal(read_scan(path)[0], volume)
+        np.testing.assert_array_equal(read_scan(path)[0], sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+
+
+def test_zraw_asking_for_a_preset_dictionary_is_an_error(tmp_path) -> None:
+    """SimpleITK's reader never returns on such a stream: it is refused before SimpleITK reads it."""
+    path = _scan(tmp_path, compress=True)
+    packer = zlib.compressobj(zdict=b"dictionary")
+    stream = packer.compress(np.zeros(SHAPE, "<i2").tobytes()) + packer.flush()
+    zraw = path.with_suffix(".zraw")
+    zraw.write_bytes(stream)
+    _edit_header(path, CompressedDataSize=str(len(stream)))
+    expected = (f"{zraw}: compressed voxel data needs a zlib preset dictionary (FDICT), which MetaIO .zraw files "
+                "never use: corrupt or not a .zraw")
+    assert _one_line_error(read_scan, path) == expected
+    assert _one_line_error(read_geometry, path) == expected

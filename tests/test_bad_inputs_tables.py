@@ -73,6 +73,19 @@ def test_row_with_too_many_fields_names_file_and_line(tmp_path, capsys) -> None:
     assert not out.exists()
 
 
+def test_every_row_one_field_longer_than_the_header_is_an_error(tmp_path, capsys) -> None:
+    """pandas would make the first field an index and shift every column: uids read as coordinates, silently."""
+    root = _data_root(tmp_path, "seriesuid,coordX,coordY,coordZ\n1.1,10,20,30,0\n1.1,11,21,31,1\n")
+    out = tmp_path / "c.tsv"
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 2
+    assert capsys.readouterr().err == (f"luna-candidates: error: {root / 'candidates.csv'}:2: 5 fields where the "
+                                       "header has 4\n")
+    assert not out.exists()
+    path = _write(tmp_path, "seriesuid,coordX,coordY,coordZ,diameter_mm\n1.1,1,2,3,4,0\n", "annotations.csv")
+    with pytest.raises(TableError, match=r"annotations\.csv:2: 6 fields where the header has 5$"):
+        read_annotations_csv(path)
+
+
 def test_row_with_too_few_fields_names_the_empty_column(tmp_path) -> None:
     path = _write(tmp_path, HEADER + "1.1,1,2,3,0\n1.1,1,2\n")
     with pytest.raises(TableError) as info:

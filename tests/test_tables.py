@@ -176,3 +176,17 @@ def test_tables_and_splits_stay_light() -> None:
             "print(sorted(m for m in ('torch', 'SimpleITK', 'h5py') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", READERS)
+def test_rows_longer_than_the_header_name_the_line(tmp_path: Path, name: str) -> None:
+    """A first row with one field too many would become pandas' index (every column shifted, silently)."""
+    reader = READERS[name]
+    header = "\t".join(reader.header)
+    row = "\t".join("subset0" if c == "subset" else "1" for c in reader.header)
+    path = tmp_path / f"{name}.tsv"
+    path.write_text(f"{header}\n{row}\t9\n{row}\t9\n")
+    n = len(reader.header)
+    assert _raises_one_line(reader, path) == f":2: {n + 1} fields where the header has {n}"
+    path.write_text(f"{header}\n{row}\n{row}\n{row}\t9\t9\n")
+    assert _raises_one_line(reader, path) == f":4: {n + 2} fields where the header has {n}"

@@ -138,7 +138,15 @@ def data_file(path: str | os.PathLike, header: dict[str, str] | None = None) -> 
 
 
 def _is_true(header: dict[str, str], key: str) -> bool:
-    return header.get(key, "False").strip().lower() == "true"
+    """A MetaIO boolean: true when the value starts with ``T``, ``t`` or ``1`` (as MetaIO reads it)."""
+    return header.get(key, "False").strip()[:1] in ("T", "t", "1")
+
+
+def _is_msb(header: dict[str, str]) -> bool:
+    """Big-endian voxels: ``BinaryDataByteOrderMSB`` when the header has it (MetaIO lets it win, in any line
+    order), else ``ElementByteOrderMSB``."""
+    key = "BinaryDataByteOrderMSB" if "BinaryDataByteOrderMSB" in header else "ElementByteOrderMSB"
+    return _is_true(header, key)
 
 
 def _header_int(path: Path, header: dict[str, str], key: str, default: int | None = None) -> int | None:
@@ -173,7 +181,7 @@ def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
     data = path if local else path.parent / name
     if not local and not data.is_file():
         raise ScanError(f"{path}: voxel data file {data} is missing (ElementDataFile = {name})")
-    msb = _is_true(header, "BinaryDataByteOrderMSB") or _is_true(header, "ElementByteOrderMSB")
+    msb = _is_msb(header)
     dtype = np.dtype(f"{'>' if msb else '<'}{_DTYPE_KIND[element_type]}{_DTYPE_BYTES[element_type]}")
     compressed = _is_true(header, "CompressedData")
     compressed_size = _header_int(path, header, "CompressedDataSize") if compressed else None
@@ -205,6 +213,7 @@ def _check_sizes(path: Path, layout: VoxelLayout) -> None:
     """The data file holds exactly the bytes the header describes (compressed: CompressedDataSize, if given)."""
     actual = _file_size(layout.data) - layout.offset
     if layout.compressed:
+        _check_stream_start(layout)
         expected = layout.compressed_size
         if expected is None:  # nothing to compare before inflating; reading checks the stream itself
             return
@@ -220,6 +229,19 @@ def _check_sizes(path: Path, layout: VoxelLayout) -> None:
     if actual > expected:
         raise ScanError(f"{layout.data}: {actual} bytes of {what} where the header of {path.name} says {expected} "
                         f"({hint}): wrong ElementType, DimSize or data file")
+
+
+def _check_stream_start(layout: VoxelLayout) -> None:
+    """A zlib stream that needs a preset dictionary (FDICT) is refused before SimpleITK sees it: MetaIO never
+    writes one, and SimpleITK's reader does not return on it."""
+    with open(layout.data, "rb") as fh:
+        fh.seek(layout.offset)
+        head = fh.read(2)
+    if len(head) == 2:
+        cmf, flg = head
+        if cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0 and flg & 0x20:
+            raise ScanError(f"{layout.data}: compressed voxel data needs a zlib preset dictionary (FDICT), which "
+                            "MetaIO .zraw files never use: corrupt or not a .zraw")
 
 
 def check_scan_files(path: str | os.PathLike) -> dict[str, str]:

@@ -80,8 +80,12 @@ def xyz_to_irc_continuous(xyz: np.ndarray, geometry: Geometry) -> np.ndarray:
     """World mm (..., 3) in x, y, z -> continuous voxel index (..., 3) in i, r, c order."""
     xyz = np.asarray(xyz, dtype=np.float64)
     offset = xyz - geometry.origin_xyz
-    # row vectors: (inv(D) @ v)^T == v^T @ inv(D)^T
-    cri = offset @ np.linalg.inv(geometry.direction).T / geometry.spacing_xyz
+    # As ITK's TransformPhysicalPointToIndex, to the last bit where it matters (a point on a voxel boundary, e.g.
+    # a centre given at half-voxel precision, rounds to the same voxel as SimpleITK): one matrix inv(D diag(S)),
+    # each index a left-to-right sum of three products.
+    m = np.linalg.inv(geometry.direction * geometry.spacing_xyz)  # D @ diag(S): column j scaled by S[j]
+    cri = np.stack([m[k, 0] * offset[..., 0] + m[k, 1] * offset[..., 1] + m[k, 2] * offset[..., 2]
+                    for k in range(3)], axis=-1)
     return cri[..., ::-1]
 
 

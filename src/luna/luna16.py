@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +23,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from luna.tables import first_line
+from luna.tables import first_line, long_row_error
 
 CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -68,13 +67,12 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
             skipinitialspace=True, on_bad_lines="error", engine="c",
         )
     except pd.errors.ParserError as exc:  # "Expected 5 fields in line 7, saw 6": the line is the file's line
-        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
-        if match:
-            expected, line_no, saw = match.groups()
-            raise TableError(f"{path}:{line_no}: {saw} fields where the header has {expected}") from exc
-        raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
+        raise TableError(long_row_error(path, exc, ",") or f"{path}: not a readable CSV ({first_line(exc)})") from exc
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, EmptyDataError
         raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
+    message = long_row_error(path, df, ",")  # the first row longer than the header: pandas made an index of it
+    if message:
+        raise TableError(message)
     if df.empty and not allow_empty:
         raise TableError(f"{path}: no rows, only the header line")
     df.columns = [c.strip() for c in df.columns]

@@ -6,6 +6,8 @@ for a table that cannot be used are the same everywhere and name the file (and l
 * ``<path>: no such <what>``: the file does not exist;
 * ``<path>: not a readable TSV (<first line of the reader's error>)``: empty, not text, not parseable;
 * ``<path>:1: missing column(s) a, b (has x, y)``: the header lacks required columns;
+* ``<path>:<line>: 5 fields where the header has 4``: a row longer than the header (pandas would take the first
+  row's extra field for an index and shift every column by one, silently);
 * ``<path>:<line>: <column> = <value!r> is not a number`` (or ``<column> is empty``): :func:`numeric_column`.
 
 Only pandas and numpy are imported here, so light modules (luna.splits) can use it without torch or SimpleITK.
@@ -13,19 +15,42 @@ Only pandas and numpy are imported here, so light modules (luna.splits) can use 
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["first_line", "numeric_column", "read_tsv"]
+__all__ = ["first_line", "long_row_error", "numeric_column", "read_tsv"]
 
 
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (its class name when the message is empty)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def long_row_error(path: str | os.PathLike, frame_or_exc: pd.DataFrame | BaseException,
+                   sep: str) -> str | None:
+    """``"<path>:<line>: <n> fields where the header has <m>"`` when a row is longer than the header, else None.
+
+    Given the frame pandas read: its index is not a RangeIndex when the first row had one field more than the
+    header (pandas made that field an index); the file is then scanned for the first long line. Given pandas'
+    ParserError ("Expected 4 fields in line 7, saw 5"): its numbers."""
+    if isinstance(frame_or_exc, BaseException):
+        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(frame_or_exc))
+        return f"{path}:{match[2]}: {match[3]} fields where the header has {match[1]}" if match else None
+    if isinstance(frame_or_exc.index, pd.RangeIndex):
+        return None
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        rows = csv.reader(fh, delimiter=sep)
+        n_header = len(next(rows, []))
+        for row in rows:
+            if len(row) > n_header:
+                return f"{path}:{rows.line_num}: {len(row)} fields where the header has {n_header}"
+    return f"{path}: rows longer than the header"
 
 
 def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], required: Sequence[str] = (),
@@ -41,7 +66,10 @@ def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], requ
     except FileNotFoundError as exc:
         raise error(f"{path}: no such {what}") from exc
     except (OSError, ValueError, TypeError) as exc:  # ParserError, EmptyDataError, UnicodeDecodeError are ValueErrors
-        raise error(f"{path}: not a readable TSV ({first_line(exc)})") from exc
+        raise error(long_row_error(path, exc, "\t") or f"{path}: not a readable TSV ({first_line(exc)})") from exc
+    message = long_row_error(path, frame, "\t") if "index_col" not in read_csv_kwargs else None
+    if message:
+        raise error(message)
     missing = [column for column in required if column not in frame.columns]
     if missing:
         raise error(f"{path}:1: missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
