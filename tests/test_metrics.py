@@ -435,3 +435,29 @@ def test_choose_threshold_policies():
             choose_threshold(labels, probs, bad)
     with pytest.raises(MetricsError, match="no positive sample"):
         choose_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3]), "max_f1")
+
+
+def test_choose_threshold_calls_a_zero_probability_when_it_must():
+    """A float32 softmax can give exactly 0: the cut that calls every sample then lies below 0 (a positive is
+    p > threshold), so recall 1 is what the returned cut delivers."""
+    from luna.metrics import choose_threshold
+
+    labels = np.array([1, 0, 1, 1])
+    probs = np.array([0.9, 0.5, 0.3, 0.0])
+    cut = choose_threshold(labels, probs, "recall:1")
+    assert cut == -0.5 and (probs > cut).all()
+    assert choose_threshold(labels, probs, "recall:0.6") == pytest.approx(0.15)
+    assert choose_threshold(np.zeros(2), np.array([0.0, 0.0]), "fp_per_scan:5", n_scans=1) == -0.5
+
+
+def test_froc_hit_sums_squares_as_the_official_script():
+    """Squared distances summed x + y + z from the left, as noduleCADEvaluationLUNA16.py: this candidate lies one
+    rounding step inside the 28.81 mm sphere that way, outside when the sum is taken in another order."""
+    from luna.froc import _hits
+
+    nodule = np.array([[-9.3534, 55.7888, -46.3938]])
+    candidate = np.array([[-20.27537134862434, 53.443123822750394, -37.29916586050254]])
+    squares = [(c - n) * (c - n) for c, n in zip(candidate[0].tolist(), nodule[0].tolist())]
+    radius_squared = (28.81 / 2.0) ** 2
+    assert (squares[0] + squares[1]) + squares[2] < radius_squared <= (squares[0] + squares[2]) + squares[1]
+    assert _hits(candidate, nodule, np.array([28.81])).tolist() == [[True]]

@@ -190,3 +190,67 @@ def test_rows_longer_than_the_header_name_the_line(tmp_path: Path, name: str) ->
     assert _raises_one_line(reader, path) == f":2: {n + 1} fields where the header has {n}"
     path.write_text(f"{header}\n{row}\n{row}\n{row}\t9\t9\n")
     assert _raises_one_line(reader, path) == f":4: {n + 2} fields where the header has {n}"
+
+
+PREDICTION_ROW = {"candidate_id": "7", "series_uid": "1.2.3", "coord_x": "1.5", "coord_y": "-2", "coord_z": "30",
+                  "diameter_mm": "0", "is_nodule": "0", "probability": "0.25", "loss": "0.3", "fold": "1"}
+
+
+def _predictions(path: Path, rows: list[dict]) -> Path:
+    from luna.evaluation import PREDICTION_COLUMNS
+
+    lines = ["\t".join(PREDICTION_COLUMNS)]
+    for edit in rows:
+        row = {**PREDICTION_ROW, **edit}
+        lines.append("\t".join(str(row[c]) for c in PREDICTION_COLUMNS))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"probability": "1.5"}, ":3: probability = 1.5, expected a number in [0, 1]"),
+    ({"probability": "-0.2"}, ":3: probability = -0.2, expected a number in [0, 1]"),
+    ({"probability": "inf"}, ":3: probability = inf, expected a number in [0, 1]"),
+    ({"probability": "nan"}, ":3: probability = 'nan' is not a number"),
+    ({"probability": ""}, ":3: probability is empty, expected a number"),
+    ({"coord_y": "-inf"}, ":3: coord_y = -inf, expected a finite number"),
+    ({"candidate_id": "8.5"}, ":3: candidate_id = 8.5, expected a whole number >= 0"),
+    ({"fold": "1.7"}, ":3: fold = 1.7, expected a whole number >= 0"),
+    ({"is_nodule": "2"}, ":3: is_nodule = 2, expected 0, 1 or empty"),
+    ({"candidate_id": "7"}, ":3: candidate_id 7 repeats line 2; candidate ids must be unique"),
+])
+def test_predictions_values_the_metrics_cannot_use_name_the_line(tmp_path: Path, edit: dict, message: str) -> None:
+    from luna.evaluation import EvaluationError, read_predictions_tsv
+
+    path = _predictions(tmp_path / "predictions.tsv", [{}, {"candidate_id": "8", **edit}])
+    with pytest.raises(EvaluationError) as info:
+        read_predictions_tsv(path)
+    assert str(info.value) == f"{path}{message}"
+
+
+def test_predictions_without_classes_read_as_luna_writes_them(tmp_path: Path) -> None:
+    from luna.evaluation import read_predictions_tsv
+
+    path = _predictions(tmp_path / "predictions.tsv", [{"is_nodule": "NaN", "loss": "NaN"},
+                                                        {"candidate_id": 9, "is_nodule": "", "loss": ""}])
+    frame = read_predictions_tsv(path)
+    assert frame["is_nodule"].isna().all() and frame["loss"].isna().all()
+    assert frame["candidate_id"].tolist() == [7, 9] and frame["probability"].tolist() == [0.25, 0.25]
+
+
+def test_a_candidate_id_in_two_folds_is_an_error(tmp_path: Path) -> None:
+    from luna.evaluation import EvaluationError, FoldPredictions, check_disjoint_folds, read_predictions_tsv
+
+    folds = []
+    for fold, ids in ((1, [3, 4]), (2, [5, 4])):
+        folder = tmp_path / str(fold)
+        folder.mkdir()
+        frame = read_predictions_tsv(_predictions(folder / "predictions.tsv",
+                                                  [{"candidate_id": i, "fold": fold} for i in ids]))
+        folds.append(FoldPredictions(fold, frame, ["1.2.3"], 0.5, 1, None, str(folder)))
+    with pytest.raises(EvaluationError) as info:
+        check_disjoint_folds(folds)
+    assert str(info.value) == (f"{tmp_path / '2' / 'predictions.tsv'}:3: candidate_id 4 is also in "
+                               f"{tmp_path / '1' / 'predictions.tsv'}:3; the folds must come from one candidate list")
+    folds[1].predictions.loc[1, "candidate_id"] = 6
+    check_disjoint_folds(folds)

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
-from luna.io import OutputError, check_writable_dir, write_tsv
+from luna.io import NA_REP, OutputError, check_writable_dir, write_tsv
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
@@ -98,15 +98,57 @@ class EvaluationResult:
 def read_predictions_tsv(path: str | os.PathLike) -> pd.DataFrame:
     """A predictions.tsv, checked: its columns, numbers where numbers belong (is_nodule and loss may be empty
     together, for a candidate list without classes)."""
+    missing = {column: [""] for column in PREDICTION_COLUMNS}  # an empty cell; a written "nan" is a bad value
+    missing.update({"is_nodule": ["", NA_REP], "loss": ["", NA_REP]})  # no class: luna writes NaN there
     frame = read_tsv(path, what="predictions file", error=EvaluationError, required=PREDICTION_COLUMNS,
-                     dtype={"series_uid": str})
+                     dtype={"series_uid": str}, keep_default_na=False, na_values=missing)
     for column in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "probability", "fold"):
         frame[column] = numeric_column(frame, column, path, EvaluationError)
     for column in ("is_nodule", "loss"):
         frame[column] = numeric_column(frame, column, path, EvaluationError, allow_missing=True)
+    _check_prediction_values(frame, path)
     frame["candidate_id"] = frame["candidate_id"].astype(np.int64)
     frame["fold"] = frame["fold"].astype(np.int64)
     return frame[PREDICTION_COLUMNS]
+
+
+def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Values the metrics can use: probabilities in [0, 1], finite coordinates, whole ids and folds, classes 0/1,
+    each candidate_id once (the key of the pooled predictions and the submission)."""
+    def first_bad(column: str, bad: np.ndarray, expected: str) -> None:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise EvaluationError(f"{path}:{i + 2}: {column} = {frame[column].iloc[i]:g}, expected {expected}")
+
+    probability = frame["probability"].to_numpy(dtype=np.float64)
+    first_bad("probability", ~((probability >= 0.0) & (probability <= 1.0)), "a number in [0, 1]")
+    for column in ("coord_x", "coord_y", "coord_z", "diameter_mm"):
+        first_bad(column, ~np.isfinite(frame[column].to_numpy(dtype=np.float64)), "a finite number")
+    for column in ("candidate_id", "fold"):
+        values = frame[column].to_numpy(dtype=np.float64)
+        first_bad(column, ~((values == np.floor(values)) & (values >= 0) & (values < 2**62)),
+                  "a whole number >= 0")
+    is_nodule = frame["is_nodule"].to_numpy(dtype=np.float64)
+    first_bad("is_nodule", ~(np.isin(is_nodule, (0.0, 1.0)) | np.isnan(is_nodule)), "0, 1 or empty")
+    repeated = frame["candidate_id"].duplicated().to_numpy()
+    if repeated.any():
+        i = int(np.flatnonzero(repeated)[0])
+        first = int(np.flatnonzero((frame["candidate_id"] == frame["candidate_id"].iloc[i]).to_numpy())[0])
+        raise EvaluationError(f"{path}:{i + 2}: candidate_id {int(frame['candidate_id'].iloc[i])} repeats line "
+                              f"{first + 2}; candidate ids must be unique")
+
+
+def check_disjoint_folds(folds: Sequence[FoldPredictions]) -> None:
+    """No candidate_id in two folds' predictions (they come from one candidate list, each scan in one fold)."""
+    seen: dict[int, tuple[str, int]] = {}
+    for fold in folds:
+        where = Path(fold.source) / "predictions.tsv"
+        for line, candidate_id in enumerate(fold.predictions["candidate_id"].tolist(), start=2):
+            if candidate_id in seen:
+                other, other_line = seen[candidate_id]
+                raise EvaluationError(f"{where}:{line}: candidate_id {candidate_id} is also in {other}:{other_line}; "
+                                      "the folds must come from one candidate list")
+            seen[candidate_id] = (str(where), line)
 
 
 def read_history(path: str | os.PathLike) -> pd.DataFrame:
@@ -263,6 +305,7 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
         if f.fold in seen:
             raise EvaluationError(f"{f.source}: test fold {f.fold} given twice (also {seen[f.fold]})")
         seen[f.fold] = f.source
+    check_disjoint_folds(folds)
     pooled = pd.concat([f.predictions for f in folds], ignore_index=True)[PREDICTION_COLUMNS]
     result = EvaluationResult(out_dir, [], pooled)
     check_writable_dir(out_dir, "output folder")

@@ -128,7 +128,10 @@ def _hits(candidates_xyz: np.ndarray, centres_xyz: np.ndarray, diameters_mm: np.
     diameters = np.where(diameters_mm < 0.0, EXCLUDED_DEFAULT_DIAMETER_MM, diameters_mm)
     radius_squared = (diameters / 2.0) ** 2
     delta = candidates_xyz[:, None, :] - centres_xyz[None, :, :]
-    return np.einsum("cfk,cfk->cf", delta, delta) < radius_squared[None, :]
+    # x^2 + y^2 + z^2 summed left to right, as the official script (its math.pow may round a square one ulp
+    # away from the exact product: the side of a point within a rounding step of the sphere can depend on libm)
+    squared = delta**2
+    return (squared[..., 0] + squared[..., 1]) + squared[..., 2] < radius_squared[None, :]
 
 
 def _froc_entries(

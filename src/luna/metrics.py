@@ -271,8 +271,8 @@ def choose_threshold(labels: Sequence[float] | np.ndarray, probabilities: Sequen
     ``fp_per_scan:F``: the lowest cut that calls at most F negatives per scan (``n_scans`` scans): it rests on
     the many negatives rather than on the few positives, so it moves less from one selection set to another.
     A cut lies halfway between the lowest probability called positive and the next lower distinct one (half the
-    lowest probability when all are called positive; the highest probability when none can be). ``recall`` and
-    ``max_f1`` need at least one positive.
+    lowest probability when all are called positive, -0.5 when that is 0; the highest probability when none can
+    be). ``recall`` and ``max_f1`` need at least one positive.
     """
     kind, value = parse_threshold_policy(policy)
     if kind == "fixed":
@@ -292,5 +292,8 @@ def choose_threshold(labels: Sequence[float] | np.ndarray, probabilities: Sequen
         k = int(np.argmax(f1))
     else:
         k = int(np.flatnonzero(true_pos >= value * n_pos - 1e-9)[0])
-    lower = thresholds[k + 1] if k + 1 < thresholds.size else 0.0
+    if k + 1 < thresholds.size:
+        lower = thresholds[k + 1]
+    else:  # every sample called: below the lowest probability (-0.5 when that is exactly 0, as p > t must hold)
+        lower = 0.0 if thresholds[k] > 0.0 else -1.0
     return float((thresholds[k] + lower) / 2.0)
