@@ -148,3 +148,13 @@ def test_candidates_predict_only_has_nan_is_nodule(tmp_path) -> None:
                     str(store_path), "--shape", "16", "16", "16"]).main() == 0
     store = CropStore(store_path)
     assert store.table["is_nodule"].tolist() == [-1] and len(store) == 1
+
+
+def test_candidates_app_without_any_scan_exits_2(tmp_path, capsys) -> None:
+    """No scan under the root (a wrong --root or --subsets) is an error, not a header-only table."""
+    root = tmp_path / "data"
+    (root / "subset0").mkdir(parents=True)
+    write(root, "seriesuid,coordX,coordY,coordZ,class\n1.1,1,1,1,1\n")
+    assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(tmp_path / "c.tsv")]).main() == 2
+    assert capsys.readouterr().err == f"luna-candidates: error: {root}: no scans (<series_uid>.mhd) under any subset* folder\n"
+    assert not (tmp_path / "c.tsv").exists()

@@ -176,3 +176,23 @@ def test_head_follows_the_crop_shape_and_too_small_shapes_are_refused(tmp_path: 
             LunaModel(crop_shape=bad)
     # a checkpoint written before the crop shape was recorded is the book's 32x48x48
     assert checkpoint_crop_shape({"model_config": {"in_channels": 1, "conv_channels": 8}}) == (32, 48, 48)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("epoch", "x", "a whole number >= 0"),
+    ("test_fold", 1.5, "a whole number >= 0"),
+    ("threshold", "high", "a number"),
+    ("crop_shape", "abc", "three whole numbers"),
+    ("args", ["tta"], "a dict"),
+    ("train_series_uids", "1.2.3", "a list of series UIDs"),
+])
+def test_checkpoint_fields_of_the_wrong_type_are_one_line(tmp_path: Path, model: LunaModel, key: str, value,
+                                                          expected: str) -> None:
+    """A model.pt from another version or edited by hand: one line naming the field, not a traceback later."""
+    path = save_checkpoint(tmp_path / "model.pt", model, epoch=1)
+    raw = torch.load(path, weights_only=True)
+    raw[key] = value
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == f"{path}: checkpoint field {key} = {value!r}, expected {expected}"

@@ -510,3 +510,49 @@ def test_nan_metrics_are_written_as_nan(reference: Path) -> None:
     undefined = history[["precision", "f1"]].isna().to_numpy().any()
     assert ("NaN" in text) == undefined
     assert not any(math.isinf(v) for v in history.select_dtypes("number").to_numpy().ravel())
+
+
+def test_inputs_and_outputs_checked_before_training(data: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """A store given twice would be trained on twice; an earlier run's outputs are removed before the first epoch,
+    so a failed or killed rerun never leaves them looking finished."""
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o", "--crops", str(data["crops"]), str(data["crops"])))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {data['crops']}: crop store given twice (also as "
+                                               f"{data['crops']})")
+    out = tmp_path / "rerun"
+    out.mkdir()
+    for name in ("model.pt", "history.tsv", "selection_predictions.tsv", "notes.txt"):
+        (out / name).write_text("an earlier run's")
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, out, "--test-fold", "7"))
+    assert info.value.code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_no_selection_set_from_the_out_folder_itself(data: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out .` keeps its state beside the folder, and `--selection-fraction 0` (keep last, fixed threshold)
+    still writes every declared output: selection_predictions.tsv is its header."""
+    out = tmp_path / "here"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    assert LunaTrainingApp(argv(data, Path("."), "--selection-fraction", "0", "--keep", "last", "--threshold", "0.4",
+                                "--epochs", "1")).main() == 0
+    assert sorted(p.name for p in out.iterdir()) == ["history.tsv", "model.pt", "selection_predictions.tsv"]
+    assert (tmp_path / ".here.train_state").is_dir()
+    selection = pd.read_csv(out / "selection_predictions.tsv", sep="\t")
+    assert len(selection) == 0 and list(selection.columns)[:2] == ["candidate_id", "series_uid"]
+    assert load_model(out / "model.pt")[1]["threshold"] == 0.4
+
+
+def test_a_state_that_was_not_its_runs_last_epoch_is_not_resumed_as_one(tmp_path: Path) -> None:
+    """Epoch 1 of a 2-epoch run is not a finished 1-epoch run (no last-epoch selection pass, no kept model)."""
+    from luna.train_state import StateFolder
+
+    folder = StateFolder(tmp_path / "state", "same-settings")
+    folder.save({"epoch": 1, "epochs": 2})
+    assert folder.load(1) is None
+    assert folder.load(2)["epoch"] == 1 and folder.load(3)["epoch"] == 1
+    folder.save({"epoch": 1, "epochs": 1})
+    assert folder.load(1)["epoch"] == 1

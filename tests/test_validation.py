@@ -653,3 +653,42 @@ def test_tta_averages_the_mirror_views():
         # flip2z: the crop and its point mirror (all three axes), flip4z's first and last views
         torch.testing.assert_close(tta_probabilities(model, batch, "flip2z"), (views[0] + depth[1]) / 2)
     assert len(TTA_FLIPS["flip8"]) == 8 and len(set(TTA_FLIPS["flip8"])) == 8
+
+
+def test_a_test_fold_the_model_trained_or_chose_on_is_refused(inputs, tmp_path):
+    """model.pt records its training and selection scans: predicting them as a test fold (another splits.tsv, or
+    --fold of a trained-on fold) would report numbers that are not held out."""
+    from luna.validation import PredictApp
+
+    model = save_checkpoint(tmp_path / "model.pt", ct_model(), epoch=1,
+                            extra={"test_fold": 0, "train_series_uids": [TRAIN_A, VAL_B],
+                                   "selection_series_uids": []})
+    argv = ["--model", str(model), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--out", str(tmp_path / "p.tsv"), "--device", "cpu"]
+    with pytest.raises(ValueError) as info:
+        PredictApp(argv).run()
+    assert str(info.value) == (f"{inputs['splits']}: 1 of the 3 scans of fold 0 are in {model}'s train scans (e.g. "
+                               f"{VAL_B}); predict with the splits.tsv the model was trained with, or use --scans all")
+    assert not (tmp_path / "p.tsv").exists()
+    held_out = save_checkpoint(tmp_path / "held_out.pt", ct_model(), epoch=1,
+                               extra={"test_fold": 0, "train_series_uids": [TRAIN_A], "selection_series_uids": [],
+                                      "args": {"tta": "flip99"}})
+    argv[1] = str(held_out)
+    with pytest.raises(ValueError, match=r"test-time augmentation 'flip99', which this version does not know"):
+        PredictApp(argv).run()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    from luna.app import StageApp
+
+    class Interrupted(StageApp):
+        prog = "luna-demo"
+
+        def add_arguments(self, parser):
+            pass
+
+        def run(self):
+            raise KeyboardInterrupt
+
+    assert Interrupted([]).main() == 130
+    assert capsys.readouterr().err == "luna-demo: interrupted\n"

@@ -5,7 +5,7 @@ scripts), a rule script (luna.runner) or a notebook, as the book's apps are.
   parses ``argv`` (``sys.argv[1:]`` when None); ``--help`` exits there;
 * ``main()`` sets up logging once, logs "Starting <App>, <arguments>", calls ``run()`` and turns the app's
   bad-input and bad-output errors (``errors``) into one line on stderr, ``<prog>: error: <message>``, and exit
-  status 2; anything else is a bug and keeps its traceback.
+  status 2; Ctrl-C is one line too (exit status 130); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class StageApp:
         except self.errors as exc:
             print(f"{self.prog}: error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return interrupted(self.prog)
         return 0
 
     @classmethod
@@ -65,6 +67,13 @@ class StageApp:
             print(f"{cls.prog}: error: {exc}", file=sys.stderr)
             sys.exit(2)
         sys.exit(app.main())
+
+
+def interrupted(prog: str) -> int:
+    """Ctrl-C: one line, exit status 130 (the shell's for SIGINT); outputs are written atomically, so nothing
+    half-written is left, and a resumable stage resumes on the next run."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 SWITCH_CHOICES = ("auto", "on", "off")

@@ -124,6 +124,9 @@ class CandidatesApp(StageApp):
         a = self.args
         check_writable_dir(Path(a.out).parent, "output folder")
         scans = find_scans(a.root, a.subsets or None)
+        if not scans:  # every candidate row would be left out: a wrong --root or --subsets, not an empty result
+            raise TableError(f"{a.root}: no scans (<series_uid>.mhd) under "
+                             f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
         table, report = build_candidates_table(
             resolve_table(a.root, a.candidates), resolve_table(a.root, a.annotations), scans)
         lines = report.lines()

@@ -222,7 +222,31 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key in ("model_state", "model_config", "epoch"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: luna checkpoint without {key!r}")
+    _check_fields(path, ckpt)
     return ckpt
+
+
+def _check_fields(path: Path, ckpt: Mapping[str, Any]) -> None:
+    """The fields the apps read are of their types (a file from another version or edited by hand: one line)."""
+    def bad(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: checkpoint field {key} = {ckpt[key]!r}, expected {expected}")
+
+    for key in ("epoch", "test_fold"):
+        if key in ckpt and (isinstance(ckpt[key], bool) or not isinstance(ckpt[key], int) or ckpt[key] < 0):
+            raise bad(key, "a whole number >= 0")
+    if "threshold" in ckpt and (isinstance(ckpt["threshold"], bool) or not isinstance(ckpt["threshold"], (int, float))):
+        raise bad("threshold", "a number")
+    if not isinstance(ckpt["model_config"], dict):
+        raise bad("model_config", "a dict")
+    if "args" in ckpt and not isinstance(ckpt["args"], dict):
+        raise bad("args", "a dict")
+    shape = ckpt.get("crop_shape")
+    if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) == 3
+                                  and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        raise bad("crop_shape", "three whole numbers")
+    for key in ("train_series_uids", "selection_series_uids"):
+        if key in ckpt and not isinstance(ckpt[key], (list, tuple)):
+            raise bad(key, "a list of series UIDs")
 
 
 def checkpoint_crop_shape(ckpt: Mapping[str, Any]) -> tuple[int, ...]:

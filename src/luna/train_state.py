@@ -111,6 +111,12 @@ class StateFolder:
             logger.warning("--resume: state in %s has %d finished epochs, more than --epochs %d; starting at "
                            "epoch 1", self.folder, int(state["epoch"]), max_epochs)
             return None
+        planned = int(state.get("epochs", max_epochs))
+        if int(state["epoch"]) == max_epochs and planned > max_epochs:
+            # the state's epoch was not the last of its run: no last-epoch selection pass, no kept model
+            logger.warning("--resume: state in %s is epoch %d of a %d-epoch run, not a finished %d-epoch run; "
+                           "starting at epoch 1", self.folder, max_epochs, planned, max_epochs)
+            return None
         return state
 
     def save(self, state: dict[str, Any]) -> None:

@@ -50,17 +50,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from luna.app import StageApp
+from luna.app import StageApp, interrupted
 from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
 from luna.device import DeviceError, dist_info_from_env, resident_decision, resolve_device, use_bf16
 from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
-from luna.model import LunaModel, save_checkpoint, unwrap_model
+from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_model
 from luna.progress import format_duration, with_progress
 from luna.recipe import augment_config, ema_decay_at, ema_update, make_optimizer, scheduled_lr
 from luna.runner import setup_logging
-from luna.selection import SelectionPass, evaluate_selection, selection_frame, selection_key
+from luna.selection import (SELECTION_PREDICTION_COLUMNS, SelectionPass, evaluate_selection, selection_frame,
+                            selection_key)
 from luna.splits import SplitsError, read_fold_roles, scans_with_role
 from luna.store import CropStore, StoreError
 from luna.tensorboard_log import TensorBoardLog
@@ -78,6 +79,9 @@ slower, so auto turns it on only where ``torch.backends.mkldnn`` reports bf16 su
 class TrainingError(ValueError):
     """Training settings or state that cannot be used; the message names the option, file or value."""
 
+
+OUTPUT_NAMES = ("model.pt", "history.tsv", "selection_predictions.tsv")
+"""What --out receives, written when the run ends (model.pt last)."""
 
 ERRORS = (TrainingError, DataError, SplitsError, StoreError, OutputError, MetricsError, DeviceError)
 """What a bad input or an unwritable output raises: reported as one line, exit status 2."""
@@ -127,7 +131,7 @@ class LunaTrainingApp(StageApp):
         self.args.channels_last = self.args.channels_last != "off"  # auto: on (faster on CPU and CUDA alike)
         self.time_str = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
         self.out_dir = Path(self.args.out)
-        self.state_dir = Path(self.args.state) if self.args.state else default_state_dir(self.out_dir)
+        self.state_dir = Path(self.args.state) if self.args.state else default_state_dir(self.out_dir.resolve())
         if self.args.tb_dir is None:
             self.tb_dir: Path | None = self.out_dir / "tensorboard"
         elif str(self.args.tb_dir).lower() in ("", "none"):
@@ -152,6 +156,11 @@ class LunaTrainingApp(StageApp):
         for path in [*args.crops, args.splits]:
             if not Path(path).is_file():
                 raise TrainingError(f"{path}: no such file")
+        seen: dict[Path, str] = {}
+        for path in args.crops:
+            if Path(path).resolve() in seen:
+                raise TrainingError(f"{path}: crop store given twice (also as {seen[Path(path).resolve()]})")
+            seen[Path(path).resolve()] = str(path)
         if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
             raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "
                                 f"--threshold (got --keep {args.keep} --threshold {args.threshold})")
@@ -167,6 +176,8 @@ class LunaTrainingApp(StageApp):
         except self.errors as exc:
             print(f"{self.prog}: error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return interrupted(self.prog)
 
     def _run_dist(self) -> int:
         args = self.args
@@ -195,6 +206,14 @@ class LunaTrainingApp(StageApp):
         check_writable_dir(self.state_dir, "--state folder")
         if self.tb_dir is not None:
             check_writable_dir(self.tb_dir, "--tb-dir folder")
+        for name in OUTPUT_NAMES:  # an earlier run's: a failed or killed rerun must not leave them looking finished
+            old = self.out_dir / name
+            try:
+                if old.is_file():
+                    logger.info("removing previous %s", old)
+                    old.unlink()
+            except OSError as exc:
+                raise OutputError(f"{old}: cannot remove the previous output ({exc.strerror or exc})") from exc
 
     def setup(self) -> None:
         """Roles, data, sampler, loader, model, optimizer; restores the state under --resume."""
@@ -225,6 +244,10 @@ class LunaTrainingApp(StageApp):
                     len(scans_with_role(self.roles, "train")), len(self.train_ds), self.train_ds.n_pos,
                     len(scans_with_role(self.roles, "selection")), len(self.sel_ds), self.sel_ds.n_pos)
         self.crop_shape = self.train_ds.crop_shape
+        try:
+            check_crop_shape(self.crop_shape)
+        except ValueError as exc:
+            raise TrainingError(f"{args.crops[0]}: {exc}") from exc
 
         self.sampler = EpochSampler(self.train_ds.labels, ratio=args.balanced, schedule=args.balanced_schedule,
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
@@ -370,6 +393,7 @@ class LunaTrainingApp(StageApp):
     def _save_state(self, epoch: int) -> None:
         self.state.save({
             "epoch": epoch,
+            "epochs": self.args.epochs,
             "model_state": unwrap_model(self.model).state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "ema_state": self.ema.state_dict() if self.ema is not None else None,
@@ -390,8 +414,8 @@ class LunaTrainingApp(StageApp):
         write_history(self.out_dir / "history.tsv", self.history)
         if self._best_selection_path.is_file():
             copy_file(self._best_selection_path, self.out_dir / "selection_predictions.tsv")
-        else:
-            (self.out_dir / "selection_predictions.tsv").unlink(missing_ok=True)
+        else:  # no selection pass (--selection-fraction 0): the table's header, so every declared output exists
+            write_tsv(pd.DataFrame(columns=SELECTION_PREDICTION_COLUMNS), self.out_dir / "selection_predictions.tsv")
         copy_file(self._best_path, self.out_dir / "model.pt")  # last: its presence marks a finished run
         logger.info("wrote %s: model.pt (epoch %d), history.tsv, selection_predictions.tsv", self.out_dir,
                     self.best_epoch)

@@ -105,9 +105,16 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
     uids = splits.loc[splits["fold"] == int(chosen), "series_uid"].tolist()
     if not uids:
         raise ValidationError(f"{splits_path}: fold {chosen} has no scans")
+    seen = {str(uid): role for role in ("selection", "train")
+            for uid in checkpoint.get(f"{role}_series_uids", [])}
+    leaked = [uid for uid in uids if str(uid) in seen]
+    if leaked:  # a test fold the model learned or chose on: its numbers would not be held-out numbers
+        raise ValidationError(f"{splits_path}: {len(leaked)} of the {len(uids)} scans of fold {chosen} are in "
+                              f"{model_path}'s {seen[str(leaked[0])]} scans (e.g. {leaked[0]}); predict with the "
+                              "splits.tsv the model was trained with, or use --scans all")
     if model_fold is not None and int(chosen) != int(model_fold):
-        logger.warning("predicting fold %s with a model whose test fold is %s: those scans may have been trained "
-                       "or chosen on", chosen, model_fold)
+        logger.warning("predicting fold %s with a model whose test fold is %s (none of its scans was trained or "
+                       "chosen on)", chosen, model_fold)
     return uids, int(chosen)
 
 
@@ -237,6 +244,9 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
                 "unlabelled" if labels is None else f"{int(labels.sum())} positive", args.model,
                 int(checkpoint["epoch"]), device, "channels_last_3d" if channels_last else "contiguous")
     trained_tta = str(checkpoint.get("args", {}).get("tta", "none"))
+    if trained_tta not in TTA_FLIPS:
+        raise ValidationError(f"{args.model}: the model's selection pass used test-time augmentation {trained_tta!r}, "
+                              f"which this version does not know ({', '.join(TTA_FLIPS)})")
     if args.tta not in ("auto", trained_tta):
         logger.warning("--tta %s differs from the model's selection pass (%s): these probabilities are not the ones "
                        "its threshold was chosen on", args.tta, trained_tta)
