@@ -9,11 +9,13 @@ min_version("9.0")
 
 from luna.runner import check_yaml_file
 
+# the shipped config beside this Snakefile, also when run with -s <repo>/Snakefile --directory <workdir> (a relative
+# path would be looked up in the workdir, and silently skipped there when a --configfile is given)
 # a malformed config: one line naming file and line (Snakemake's own message names neither)
-check_yaml_file("config/config.yaml")
+check_yaml_file(f"{workflow.basedir}/config/config.yaml")
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -100,4 +100,4 @@ def test_malformed_config_yaml_names_file_and_line(tmp_path) -> None:
     assert message.startswith(f"{bad}, line 3, column 8: not valid YAML")
     assert "\n" not in message
     # the Snakefile runs the check before its configfile: line
-    assert 'check_yaml_file("config/config.yaml")' in (REPO / "Snakefile").read_text()
+    assert 'check_yaml_file(f"{workflow.basedir}/config/config.yaml")' in (REPO / "Snakefile").read_text()

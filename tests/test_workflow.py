@@ -54,6 +54,15 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"split": {"run_folds": [0, 4]}}, "split.run_folds: fold(s) 4 do not exist; the split has folds 0, 1, 2"),
         ({"crops": {"hu_window": [1000, -1000]}}, "crops.hu_window: [1000, -1000] must be [low, high] with low < high"),
         ({"split": {"folds": 3, "run_folds": [3]}}, "split.run_folds: fold(s) 3 do not exist; the split has folds 0, 1, 2"),
+        ({"dataset": {"subsets": ["subset0", "subset0"]}}, "config key dataset.subsets: ['subset0', 'subset0'] has "
+                                                            "non-unique elements"),
+        ({"dataset": {"subsets": ["subset7"]}}, "dataset.subsets: subset7 not among the synthetic subsets (subset0, "
+                                                "subset1, subset2; synthetic.n_subsets: 3)"),
+        ({"synthetic": {"size_xy_min": 300, "size_xy_max": 200}}, "synthetic.size_xy_min = (300, 200): need 32 <= "
+                                                                  "size_xy_min <= size_xy_max <= 2048"),
+        ({"split": {"selection_fraction": 0}}, "split.selection_fraction: 0 leaves nothing to choose on: set "
+                                               "train.keep: last and a fixed train.threshold (got keep last, "
+                                               "threshold fp_per_scan:2.5)"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:
@@ -281,3 +290,14 @@ def test_adding_a_fold_trains_only_that_fold_and_the_pooled_report_is_exact(tiny
     recomputed = froc(pooled, read_annotations_csv(root / "annotations.csv"), list(fold_of),
                       read_annotations_csv(root / "annotations_excluded.csv", allow_negative=True))
     assert row["cpm"] == pytest.approx(recomputed.cpm, abs=1e-12)
+
+
+def test_shipped_config_is_read_from_another_directory(tmp_path) -> None:
+    """-s <repo>/Snakefile --directory <workdir> (profiles/README.md) reads config/config.yaml beside the Snakefile,
+    with or without a --configfile over it; a whole-number float is the integer (TINY_CONFIG's epochs: 2.0 runs)."""
+    dry = snakemake(tmp_path, "-n")
+    assert job_stats(dry.stdout + dry.stderr) == {"all": 1, "candidates": 1, "crops": 5, "evaluate": 1, "predict": 1,
+                                                  "split": 1, "synthesize": 1, "train": 1}
+    dry = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, {"split": {"run_folds": [1.0]}}))
+    assert job_stats(dry.stdout + dry.stderr)["train"] == 1
+    assert "results/folds/1/model.pt" in dry.stdout and "results/folds/1.0" not in dry.stdout

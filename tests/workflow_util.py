@@ -22,7 +22,9 @@ TINY_CONFIG = {
         "extent_z_mm_min": 60.0, "extent_z_mm_max": 80.0,
     },
     "split": {"folds": "subsets", "run_folds": [0, 1], "selection_fraction": 0.34},
-    "train": {"epochs": 2, "samples_per_epoch": 64, "batch_size": 16},
+    # merged over config/config.yaml (the shipped recipe), with a selection pass after every epoch; 2.0 as YAML
+    # writers spell numbers: the workflow passes it on as the integer luna-train takes
+    "train": {"epochs": 2.0, "samples_per_epoch": 64, "batch_size": 16, "selection_interval": 1},
     "validate": {"batch_size": 32, "bootstrap": 50},
 }
 

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -14,7 +15,6 @@ from luna.luna16 import resolve_table
 def check_config(cfg, schema_path):
     """Validate the config against the schema, failing with one line per problem that names the key."""
     import jsonschema
-    import yaml
 
     schema = yaml.safe_load(Path(schema_path).read_text())
     errors = sorted(
@@ -29,10 +29,33 @@ def check_config(cfg, schema_path):
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
-check_config(
-    config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-)
+def whole_numbers_as_int(cfg, schema):
+    """8.0 where the schema asks for an integer (JSON Schema takes it as one) becomes 8: the stage CLIs and the
+    synthetic generator parse integers, and the rules' params then do not change with the spelling.
+    """
+    for key, sub in schema.get("properties", {}).items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, dict):
+            whole_numbers_as_int(value, sub)
+        elif "integer" in types and isinstance(value, float) and value.is_integer():
+            cfg[key] = int(value)
+        elif isinstance(value, list):
+            forms = [sub, *sub.get("oneOf", [])]
+            if any(f.get("items", {}).get("type") == "integer" for f in forms):
+                cfg[key] = [
+                    int(v) if isinstance(v, float) and v.is_integer() else v
+                    for v in value
+                ]
+
+
+SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+check_config(config, SCHEMA_PATH)
 validate(config, "../schemas/config.schema.yaml")  # fills in the defaults
+whole_numbers_as_int(config, yaml.safe_load(SCHEMA_PATH.read_text()))
 
 
 def sorted_tree(value):
@@ -97,6 +120,31 @@ def check_values():
         raise WorkflowError(
             f"crops.hu_window: [{low}, {high}] must be [low, high] with low < high"
         )
+    train = config["train"]
+    if config["split"]["selection_fraction"] == 0 and (
+        train["keep"] != "last" or isinstance(train["threshold"], str)
+    ):
+        raise WorkflowError(
+            "split.selection_fraction: 0 leaves nothing to choose on: set train.keep: last and a fixed "
+            f"train.threshold (got keep {train['keep']}, threshold {train['threshold']})"
+        )
+    if SYNTHETIC:
+        from luna.synth.config import SynthConfig, SynthError
+
+        try:
+            SynthConfig.from_dict(config["synthetic"])
+        except (SynthError, TypeError, ValueError) as exc:
+            message = str(exc)
+            raise WorkflowError(
+                message if message.startswith("synthetic.") else f"synthetic: {message}"
+            ) from exc
+        made = [f"subset{k}" for k in range(config["synthetic"]["n_subsets"])]
+        unknown = [s for s in DATASET["subsets"] if s not in made]
+        if unknown:
+            raise WorkflowError(
+                f"dataset.subsets: {', '.join(unknown)} not among the synthetic subsets "
+                f"({', '.join(made)}; synthetic.n_subsets: {config['synthetic']['n_subsets']})"
+            )
 
 
 check_dataset()
@@ -183,11 +231,41 @@ def state_dir(stage, **shaping):
     return f"{RESULTS}/.state/{stage}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-VALIDATION_OUTPUTS = [
-    f"{VALIDATION_DIR}/predictions.tsv",
-    f"{VALIDATION_DIR}/metrics.tsv",
-    f"{VALIDATION_DIR}/submission.csv",
-] + ([f"{VALIDATION_DIR}/froc.tsv"] if DATASET["annotations"] else [])
+# every file the evaluate job writes, so that a deleted plot or interval table is remade, not missing from the report
+VALIDATION_OUTPUTS = (
+    [
+        f"{VALIDATION_DIR}/{name}"
+        for name in (
+            "predictions.tsv",
+            "metrics.tsv",
+            "submission.csv",
+            "roc.png",
+            "pr.png",
+            "training_curves.png",
+        )
+    ]
+    + (
+        [f"{VALIDATION_DIR}/froc.tsv", f"{VALIDATION_DIR}/froc.png"]
+        if DATASET["annotations"]
+        else []
+    )
+    + (
+        [f"{VALIDATION_DIR}/metrics_ci.tsv"]
+        if DATASET["annotations"] and config["validate"]["bootstrap"] > 0
+        else []
+    )
+)
+
+
+def training_data_settings():
+    """The dataset settings that shape a model (the state folder's key): not annotations_excluded (FROC only),
+    not the synthetic section when the data is a LUNA16 download."""
+    shaping = {
+        "dataset": {k: v for k, v in DATASET.items() if k != "annotations_excluded"}
+    }
+    if SYNTHETIC:
+        shaping["synthetic"] = config["synthetic"]
+    return shaping
 
 
 def fold_files(name):
@@ -200,7 +278,14 @@ def print_summary():
     metrics = Path(f"{VALIDATION_DIR}/metrics.tsv")
     if metrics.exists():
         print(f"luna: metrics in {metrics}, plots in {VALIDATION_DIR}/")
-        print("luna: build the report with: snakemake --report report.html")
+        configfiles = [
+            str(f)
+            for f in workflow.configfiles
+            if Path(f).resolve()
+            != Path(workflow.basedir, "config", "config.yaml").resolve()
+        ]
+        extra = f" --configfile {' '.join(configfiles)}" if configfiles else ""
+        print(f"luna: build the report with: snakemake --report report.html{extra}")
 
 
 def validation_tables():

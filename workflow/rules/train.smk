@@ -29,8 +29,7 @@ rule train:
         # starts afresh
         state=lambda wc: state_dir(
             f"train-fold{wc.fold}",
-            dataset=config["dataset"],
-            synthetic=config["synthetic"],
+            **training_data_settings(),
             crops=config["crops"],
             split=fold_settings(),
             train=settings("train"),
