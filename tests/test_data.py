@@ -282,8 +282,10 @@ def test_ranks_share_the_epoch_without_overlap() -> None:
              for r in range(2)]
     # 101 samples round up to 102: both processes run the same number of steps (else DDP hangs)
     assert len(parts[0]) == len(parts[1]) == 51 and len(whole) == 102
-    np.testing.assert_array_equal(np.array(parts[0]), whole[0::2])
-    np.testing.assert_array_equal(np.array(parts[1]), whole[1::2])
+    np.testing.assert_array_equal(np.array(parts[0]), whole[:51])  # contiguous blocks: strided positions of
+    np.testing.assert_array_equal(np.array(parts[1]), whole[51:])  # the alternating sequence are one class each
+    for part in parts:  # every rank's batches mix the classes as the single process's do (BatchNorm statistics)
+        assert abs(float(labels[part[:16]].mean()) - 0.5) <= 1 / 16 and abs(float(labels[part].mean()) - 0.5) < 0.02
     single = EpochSampler(labels, ratio=1, samples_per_epoch=101, seed=3).epoch_indices()
     np.testing.assert_array_equal(single, whole[:101])  # the same order, one more sample
 

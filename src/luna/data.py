@@ -208,9 +208,12 @@ class EpochSampler(Sampler[int]):
     ``samples_per_epoch`` 0 means one pass over the items (the book's unbalanced epoch). ``schedule`` lists
     ``(epoch, ratio)`` pairs: from that epoch on, ``ratio`` replaces ``ratio`` (e.g. ``[(7, 8)]``: 1:8 from
     epoch 7), so a run can learn on many positives first and end nearer the data's own prior. Under
-    DistributedDataParallel, rank ``k`` of ``world_size`` takes positions ``k, k + world_size, ...`` of the
-    epoch's sequence, which is rounded up to a multiple of ``world_size`` (``total``) so that every process
-    runs the same number of steps (an uneven count would hang the gradient all-reduce). The state
+    DistributedDataParallel, rank ``k`` of ``world_size`` takes the ``k``-th contiguous block of the epoch's
+    sequence, which is rounded up to a multiple of ``world_size`` (``total``) so that every process runs the
+    same number of steps (an uneven count would hang the gradient all-reduce). Contiguous, not strided: the
+    balanced sequence alternates the classes, so positions ``k, k + world_size, ...`` would give each rank one
+    class only (at 1:1 and 2 processes, rank 0 all positives), and each rank's BatchNorm its own class's
+    statistics. The state
     (``state_dict``) is the seed, the epoch and the recorded losses: the order is a function of them, so a
     resumed run continues with the same samples.
 
@@ -308,7 +311,8 @@ class EpochSampler(Sampler[int]):
         self.item_loss[indices[last]] = losses[last]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.rank::self.world_size].tolist())
+        n = len(self)
+        return iter(self.epoch_indices()[self.rank * n:(self.rank + 1) * n].tolist())
 
     def __len__(self) -> int:
         return self.total // self.world_size
