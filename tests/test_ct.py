@@ -164,3 +164,23 @@ def test_other_element_types_rounded_and_clipped_to_int16(tmp_path, element_type
     assert volume.dtype == np.int16
     np.testing.assert_array_equal(volume, expected)
     np.testing.assert_array_equal(volume, np.clip(np.rint(stored.astype(np.float64)), -32768, 32767))
+
+
+def test_scan_identity_changes_with_content_even_when_the_mtime_is_put_back(tmp_path) -> None:
+    """The crop cache's key: an in-place edit whose mtime was restored (cp -p, rsync -a, tar -x) is a new scan."""
+    import os
+    import time
+
+    from luna.ct import scan_identity
+
+    path = tmp_path / "1.2.3.mhd"
+    write_scan(path, np.zeros((4, 5, 6), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    before = scan_identity(path)
+    assert scan_identity(path) == before
+    raw = path.with_suffix(".raw")
+    stat = raw.stat()
+    time.sleep(0.01)
+    raw.write_bytes(np.full((4, 5, 6), 100, np.int16).tobytes())  # same size, other voxels
+    os.utime(raw, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert raw.stat().st_size == stat.st_size and raw.stat().st_mtime_ns == stat.st_mtime_ns
+    assert scan_identity(path) != before

@@ -374,8 +374,11 @@ def test_app_writes_and_rerun_drops_stale_scans(tmp_path):
     app = SynthApp(small + ["--scans-per-subset", "2", "--seed", "1"])
     assert app.main() == 0 and app.summary["n_scans"] == 2
     assert len(list(root.glob("subset0/*.mhd"))) == 2
+    (root / "subset0" / ".tmp-1.2.3-999").mkdir()  # the temp folder of a scan write that was killed
+    (root / "subset0" / ".tmp-1.2.3-999" / "1.2.3.raw").write_bytes(b"half")
     app = SynthApp(small + ["--scans-per-subset", "1", "--seed", "2"])
     assert app.main() == 0
+    assert not list((root / "subset0").glob(".tmp-*"))
     mhds = list(root.glob("subset0/*.mhd"))
     uids = [r[0] for r in _read_csv(root / "seriesuids.csv")]
     assert [p.stem for p in mhds] == uids and len(list(root.glob("subset0/*.raw"))) == 1

@@ -472,13 +472,15 @@ def write_scan(path: str | os.PathLike, volume_hu: np.ndarray, geometry: Geometr
 
 
 def scan_identity(path: str | os.PathLike) -> tuple:
-    """What identifies a scan's content for caching: resolved paths, sizes and mtimes of header and data."""
+    """What identifies a scan's content for caching: resolved paths, sizes, inodes, mtimes and ctimes of header
+    and data. The ctime too: an edit whose mtime was put back (``cp -p``, ``rsync -a``, ``tar -x``) still changes
+    it, and no tool can set it; a scan copied or restored elsewhere is a new identity (re-cropped, never stale)."""
     path = Path(path).resolve()
     data = data_file(path)
     parts: list = []
     for p in (path, data):
         st = p.stat()
-        parts.extend([str(p), st.st_size, st.st_mtime_ns])
+        parts.extend([str(p), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
     return tuple(parts)
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import multiprocessing
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -81,7 +82,9 @@ def _prepare_root(root: Path, plans: list[ScanPlan], config: SynthConfig) -> Non
         if not folder.is_dir():
             continue
         for f in sorted(folder.iterdir()):
-            if f.suffix in (".mhd", ".raw", ".zraw") and (folder.name, f.stem) not in wanted:
+            if f.is_dir() and f.name.startswith(".tmp-"):  # ct.write_scan's temp folder of a killed run
+                shutil.rmtree(f, ignore_errors=True)
+            elif f.suffix in (".mhd", ".raw", ".zraw") and (folder.name, f.stem) not in wanted:
                 f.unlink()
         if folder.name not in subsets and not any(folder.iterdir()):
             folder.rmdir()
