@@ -431,7 +431,12 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir)
+    marker = work / ".luna-bench-crops"
+    if work.exists() and any(work.iterdir()) and not marker.is_file():  # never delete a folder this did not make
+        raise SystemExit(f"{work}: --workdir is not empty and was not made by this benchmark (no {marker.name})")
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    marker.write_text("scratch folder of benchmarks/crops.py: deleted at each run\n")
     t0 = time.perf_counter()
     args.load_start = os.getloadavg()
     results = []

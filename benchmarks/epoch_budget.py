@@ -55,10 +55,10 @@ def train(data: tuple, seed: int, epochs: int, run: Path, state: Path) -> float:
     if (run / "0" / "model.pt").exists():
         return float("nan")
     t0 = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
         rc = LunaTrainingApp(train_argv(data, seed, epochs, run / "0", state)).main()
     if rc != 0:
-        raise SystemExit(f"seed {seed}, {epochs} epochs: luna-train failed (rc {rc})")
+        raise SystemExit(f"seed {seed}, {epochs} epochs: luna-train failed (rc {rc}): {err.getvalue().strip()[-500:]}")
     return time.perf_counter() - t0
 
 

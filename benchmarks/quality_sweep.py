@@ -123,11 +123,11 @@ def run_variant(name: str, overrides: dict, seed: int, test_fold: int, data: tup
             "--out", str(fold), "--state", str(out / "state"), "--tb-dir", "none", "--threads", "2",
             *config_argv({k: v for k, v in train.items() if k != "selection_fraction"}), *extra]
     t0 = time.perf_counter()
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()) as err:
         rc = LunaTrainingApp(argv).main()
     seconds = time.perf_counter() - t0
     if rc != 0:
-        raise RuntimeError(f"{name} seed {seed}: luna-train failed (rc {rc})")
+        raise RuntimeError(f"{name} seed {seed}: luna-train failed (rc {rc}): {err.getvalue().strip()[-500:]}")
     assert PredictApp(["--model", str(fold / "model.pt"), "--crops", *crops, "--splits", splits,
                        "--out", str(fold / "predictions.tsv")]).main() == 0
     assert EvaluateApp(["--folds", str(fold), "--splits", splits, "--annotations", annotations,
@@ -229,6 +229,7 @@ def write_table(path: Path, rows: list[dict], header: str) -> None:
     lines += ["", "Variants (overrides of config/config.yaml's train section):", ""]
     for name, overrides in dict((r["variant"], r["overrides"]) for r in rows).items():
         lines.append(f"- `{name}`: `{overrides}`")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{' '.join(f'{x:.3f}' for x in block_cpm[name])} | {change} |")
             print(lines[-1], flush=True)
         lines.append("")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + ".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, a.out)

@@ -136,6 +136,7 @@ def write_table(path: Path, rows: list[dict], args: argparse.Namespace) -> None:
         mean = table.groupby("average", sort=False)[["cpm", "dt_cpm"]].mean()
         lines += ["", "| average | mean fold 0 CPM | mean dev-test CPM |", "|---|---:|---:|"]
         lines += [f"| {name} | {r.cpm:.3f} | {r.dt_cpm:.3f} |" for name, r in mean.iterrows()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

@@ -178,7 +178,8 @@ class SplitApp(StageApp):
         parser.add_argument("--subsets", nargs="*", default=[], help="subset folders to use; none = every subset*")
         parser.add_argument("--folds", type=_folds_arg, default=FOLDS_BY_SUBSET,
                             help="'subsets': fold = the subset's number (LUNA16's 10-fold protocol); K: K folds by "
-                                 "sha256(series_uid) %% K (adding or removing scans moves no other scan)")
+                                 "the first 8 bytes of sha256(series_uid), big-endian, %% K (adding or removing scans "
+                                 "moves no other scan)")
         parser.add_argument("--out", required=True, help="output splits.tsv")
 
     def run(self) -> pd.DataFrame:
