@@ -114,6 +114,16 @@ class StoreError(ValueError):
     """A crop store that cannot be read; the message names the file."""
 
 
+def check_distinct_stores(paths: Sequence[str | os.PathLike]) -> None:
+    """Each crop store once (its candidates would count twice): StoreError naming the repeat and the first."""
+    seen: dict[Path, str] = {}
+    for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise StoreError(f"{path}: crop store given twice (also as {seen[resolved]})")
+        seen[resolved] = str(path)
+
+
 def _compression_kwargs(compression: str) -> dict:
     if compression == "none":
         return {}

@@ -63,7 +63,7 @@ from luna.runner import setup_logging
 from luna.selection import (SELECTION_PREDICTION_COLUMNS, SelectionPass, evaluate_selection, selection_frame,
                             selection_key)
 from luna.splits import SplitsError, read_fold_roles, scans_with_role
-from luna.store import CropStore, StoreError
+from luna.store import CropStore, StoreError, check_distinct_stores
 from luna.tensorboard_log import TensorBoardLog
 from luna.train_state import StateFolder, default_state_dir, run_fingerprint
 from luna.training_options import DESCRIPTION, add_arguments, resolve_workers
@@ -156,11 +156,7 @@ class LunaTrainingApp(StageApp):
         for path in [*args.crops, args.splits]:
             if not Path(path).is_file():
                 raise TrainingError(f"{path}: no such file")
-        seen: dict[Path, str] = {}
-        for path in args.crops:
-            if Path(path).resolve() in seen:
-                raise TrainingError(f"{path}: crop store given twice (also as {seen[Path(path).resolve()]})")
-            seen[Path(path).resolve()] = str(path)
+        check_distinct_stores(args.crops)
         if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
             raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "
                                 f"--threshold (got --keep {args.keep} --threshold {args.threshold})")

@@ -44,7 +44,7 @@ from luna.luna16 import TableError
 from luna.metrics import MetricsError
 from luna.model import CheckpointError, checkpoint_crop_shape, load_model
 from luna.splits import SplitsError, read_splits_tsv
-from luna.store import CropStore, StoreError
+from luna.store import CropStore, StoreError, check_distinct_stores
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,8 @@ ERRORS = (ValidationError, EvaluationError, CheckpointError, StoreError, TableEr
 def open_stores(paths: Sequence[str | os.PathLike]) -> list[CropStore]:
     """Open the crop stores (StoreError names an unreadable one); the same file twice or two crop shapes is an
     error."""
-    seen: dict[Path, str] = {}
-    stores = []
-    for path in paths:
-        resolved = Path(path).resolve()
-        if resolved in seen:
-            raise ValidationError(f"{path}: crop store given twice (also as {seen[resolved]})")
-        seen[resolved] = str(path)
-        stores.append(CropStore(path))
+    check_distinct_stores(paths)
+    stores = [CropStore(path) for path in paths]
     shapes = {store.crop_shape for store in stores}
     if len(shapes) > 1:
         raise ValidationError(f"{stores[-1].path}: crop shape {stores[-1].crop_shape} differs from "

@@ -12,11 +12,10 @@ from snakemake.utils import validate
 from luna.luna16 import resolve_table
 
 
-def check_config(cfg, schema_path):
+def check_config(cfg, schema):
     """Validate the config against the schema, failing with one line per problem that names the key."""
     import jsonschema
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
     errors = sorted(
         jsonschema.Draft202012Validator(schema).iter_errors(cfg),
         key=lambda e: list(e.path),
@@ -52,10 +51,12 @@ def whole_numbers_as_int(cfg, schema):
                 ]
 
 
-SCHEMA_PATH = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-check_config(config, SCHEMA_PATH)
+SCHEMA = yaml.safe_load(
+    (Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text()
+)
+check_config(config, SCHEMA)
 validate(config, "../schemas/config.schema.yaml")  # fills in the defaults
-whole_numbers_as_int(config, yaml.safe_load(SCHEMA_PATH.read_text()))
+whole_numbers_as_int(config, SCHEMA)
 
 
 def sorted_tree(value):
