@@ -556,3 +556,36 @@ def test_a_state_that_was_not_its_runs_last_epoch_is_not_resumed_as_one(tmp_path
     assert folder.load(2)["epoch"] == 1 and folder.load(3)["epoch"] == 1
     folder.save({"epoch": 1, "epochs": 1})
     assert folder.load(1)["epoch"] == 1
+
+
+def test_tensorboard_folder_holds_this_models_runs_across_a_resume(data: dict[str, Path], tmp_path: Path) -> None:
+    """OUT/tensorboard (the workflow's) shows one model: an earlier training's runs go at a fresh start, a resume
+    continues the same two runs (no epoch logged twice), and model.pt names them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, state = tmp_path / "model", tmp_path / "state"
+    tb = out / "tensorboard"
+    (tb / "2020-01-01_00.00.00-trn_cls").mkdir(parents=True)  # an earlier training's run
+    (tb / "notes").mkdir()  # not a run: kept
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1", "--tb-dir", str(tb))).main() == 0
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume", "--tb-dir", str(tb))).main() == 0
+    runs = sorted(p.name for p in tb.iterdir() if p.name != "notes")
+    assert len(runs) == 2 and runs[0].endswith("-trn_cls") and runs[1].endswith("-val_cls")
+    assert runs[0][:-len("-trn_cls")] == runs[1][:-len("-val_cls")] != "2020-01-01_00.00.00"
+    assert (tb / "notes").is_dir()
+    for run in runs:
+        acc = EventAccumulator(str(tb / run), size_guidance={"scalars": 0}).Reload()
+        assert [e.step for e in acc.Scalars("loss/all")] == [SAMPLES, 2 * SAMPLES]
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert checkpoint["tensorboard_runs"] == [str(tb / run) for run in runs]
+
+
+def test_missing_tensorboard_is_one_line_before_training(data: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    out, state = tmp_path / "model", tmp_path / "state"
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--tb-dir", str(tmp_path / "tb"))).main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("luna-train: error: TensorBoard logging needs the tensorboard "
+                                               "package") and err[0].endswith("or pass --tb-dir none"), err
+    assert not any(state.glob("*.pt")) and not (out / "model.pt").exists()

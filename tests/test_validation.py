@@ -7,6 +7,7 @@ Tiny crop stores are written with StoreWriter; the model is a seeded LunaModel s
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -369,7 +370,8 @@ def test_unlabelled_candidates_with_annotations_give_cpm_only(inputs, tmp_path):
             "--out", str(out), "--device", "cpu", "--scans", "all"]
     assert ValidationApp(argv).main() == 0
     metrics = read_tsv(out / "metrics.tsv").iloc[0]
-    assert (metrics["epoch"], metrics["split"], metrics["n"]) == (EPOCH, "test", 4)
+    # --scans all: every scan of the stores, which may hold the model's training scans: not "test"
+    assert (metrics["epoch"], metrics["split"], metrics["n"]) == (EPOCH, "all", 4)
     assert math.isnan(metrics["auc"]) and math.isnan(metrics["n_pos"])
     # --scans all: the scans of the store are predicted: VAL_B only, its nodule N4 hit, 3 FPs
     curve = read_tsv(out / "froc.tsv")
@@ -438,6 +440,13 @@ def test_evaluate_pools_folds_each_at_its_own_threshold(inputs, tmp_path):
     ci = read_tsv(out / "metrics_ci.tsv")
     assert ci["fold"].astype(str).unique().tolist() == ["3", "5", "all"]
     assert (out / "training_curves.png").exists() is False  # no history.tsv in these fold folders
+    # the folds in another order: the same report, bootstrap intervals included (the pooled draws are in fold order)
+    again_out = tmp_path / "reversed"
+    assert EvaluateApp(["--folds", *map(str, folds[::-1]), "--splits", str(splits), "--annotations",
+                        str(inputs["annotations"]), "--annotations-excluded", str(inputs["excluded"]),
+                        "--out", str(again_out), "--bootstrap", "20"]).main() == 0
+    for name in ("metrics.tsv", "metrics_ci.tsv", "predictions.tsv", "submission.csv"):
+        assert (again_out / name).read_bytes() == (out / name).read_bytes(), name
     # a fold given twice, or predictions of another fold, is refused in one line
     assert EvaluateApp(["--folds", str(folds[0]), str(folds[0]), "--splits", str(splits), "--out",
                         str(tmp_path / "twice")]).main() == 2
@@ -655,7 +664,7 @@ def test_tta_averages_the_mirror_views():
     assert len(TTA_FLIPS["flip8"]) == 8 and len(set(TTA_FLIPS["flip8"])) == 8
 
 
-def test_a_test_fold_the_model_trained_or_chose_on_is_refused(inputs, tmp_path):
+def test_a_test_fold_the_model_trained_or_chose_on_is_refused(inputs, tmp_path, caplog):
     """model.pt records its training and selection scans: predicting them as a test fold (another splits.tsv, or
     --fold of a trained-on fold) would report numbers that are not held out."""
     from luna.validation import PredictApp
@@ -668,8 +677,17 @@ def test_a_test_fold_the_model_trained_or_chose_on_is_refused(inputs, tmp_path):
     with pytest.raises(ValueError) as info:
         PredictApp(argv).run()
     assert str(info.value) == (f"{inputs['splits']}: 1 of the 3 scans of fold 0 are in {model}'s train scans (e.g. "
-                               f"{VAL_B}); predict with the splits.tsv the model was trained with, or use --scans all")
+                               f"{VAL_B}); predict with the splits.tsv the model was trained with")
     assert not (tmp_path / "p.tsv").exists()
+    # --scans all predicts them, says so, and labels the numbers "all", never "test"
+    out = tmp_path / "all"
+    argv_all = ["--model", str(model), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+                "--annotations", str(inputs["annotations"]), "--out", str(out), "--device", "cpu", "--scans", "all",
+                "--bootstrap", "0"]
+    with caplog.at_level(logging.WARNING, logger="luna"):
+        assert ValidationApp(argv_all).main() == 0
+    assert f"--scans all: 2 of the 4 scans are {model}'s training or selection scans" in caplog.text
+    assert read_tsv(out / "metrics.tsv")["split"].tolist() == ["all", "all"]
     held_out = save_checkpoint(tmp_path / "held_out.pt", ct_model(), epoch=1,
                                extra={"test_fold": 0, "train_series_uids": [TRAIN_A], "selection_series_uids": [],
                                       "args": {"tta": "flip99"}})
@@ -692,3 +710,38 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
     assert Interrupted([]).main() == 130
     assert capsys.readouterr().err == "luna-demo: interrupted\n"
+
+
+def test_predict_out_that_is_a_folder_is_refused_before_predicting(inputs, tmp_path, capsys):
+    """--out names the predictions.tsv file: a folder there is found before the model runs (on a LUNA16 fold that
+    is tens of minutes of CPU), in one line."""
+    from luna.validation import main_predict
+
+    folder = tmp_path / "fold0"
+    folder.mkdir()
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--out", str(folder), "--device", "cpu", "--fold", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main_predict(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"luna-predict: error: {folder}: is a folder; --out names the predictions.tsv file to "
+                            "write\n")
+    assert "predicted" not in captured.err + captured.out and list(folder.iterdir()) == []
+
+
+def test_froc_plot_draws_the_interpolation_the_sensitivities_are_read_from():
+    """A tied threshold that gains hits and false positives at once is a diagonal segment in linear FP space; on
+    the plot's log axis it is drawn subdivided, so the curve passes through the reported sensitivities."""
+    from luna.plots import froc_plot_points
+
+    fp = np.array([0.0625, 0.1, 1.0, 1.0, 6.0])
+    sensitivity = np.array([0.0, 0.1, 0.5, 0.6, 0.9])
+    x, y = froc_plot_points(fp, sensitivity)
+    assert np.all(np.diff(x) >= 0) and x[0] == fp[0] and x[-1] == fp[-1] and len(x) == 5 + 3 * 30
+    for rate in FROC_RATES:  # what the drawn polyline shows at each rate, read on the log axis
+        drawn = np.interp(np.log(rate), np.log(x), y)
+        assert drawn == pytest.approx(np.interp(rate, fp, sensitivity), abs=2e-3), rate
+    # the vertical step at FP 1.0 stays vertical (both of its points, in order)
+    at_one = np.flatnonzero(x == 1.0)
+    assert y[at_one].tolist() == [0.5, 0.6]

@@ -76,6 +76,7 @@ class FoldPredictions:
     epoch: int
     history: pd.DataFrame | None = None
     source: str = ""
+    split: str = "test"  # what the rows are: the test fold, or (luna-validate --scans) "selection" / "all"
 
 
 @dataclass
@@ -214,9 +215,9 @@ def _shared(values: Sequence[float]) -> float:
     return distinct.pop() if len(distinct) == 1 else math.nan
 
 
-def _unlabelled_row(n: int, epoch: float) -> dict[str, object]:
+def _unlabelled_row(n: int, epoch: float, split: str) -> dict[str, object]:
     row: dict[str, object] = {column: math.nan for column in HISTORY_COLUMNS}
-    row.update({"epoch": epoch, "split": "test", "n": int(n)})
+    row.update({"epoch": epoch, "split": split, "n": int(n)})
     return row
 
 
@@ -227,20 +228,21 @@ def evaluate_rows(folds: Sequence[FoldPredictions], annotations: pd.DataFrame | 
     keyed by the fold as written (``"0"``, ..., ``"all"``)."""
     pooled = pd.concat([f.predictions for f in folds], ignore_index=True)
     labelled = _labelled(pooled, "predictions")
-    groups: list[tuple[str, pd.DataFrame, list[str], np.ndarray, float, float]] = []
+    groups: list[tuple[str, pd.DataFrame, list[str], np.ndarray, float, float, str]] = []
     for f in folds:
         groups.append((str(f.fold), f.predictions, f.scans, np.full(len(f.predictions), f.threshold), f.threshold,
-                       float(f.epoch)))
+                       float(f.epoch), f.split))
     thresholds = np.concatenate([np.full(len(f.predictions), f.threshold) for f in folds])
+    splits = sorted({f.split for f in folds})
     groups.append(("all", pooled, [uid for f in folds for uid in f.scans], thresholds,
-                   _shared([f.threshold for f in folds]), _shared([f.epoch for f in folds])))
+                   _shared([f.threshold for f in folds]), _shared([f.epoch for f in folds]), "+".join(splits)))
     rows, frocs, intervals = [], {}, {}
-    for name, frame, scans, per_row_threshold, threshold, epoch in groups:
+    for name, frame, scans, per_row_threshold, threshold, epoch, split in groups:
         if labelled:
             row = metric_row(frame["is_nodule"].to_numpy(), frame["probability"].to_numpy(), frame["loss"].to_numpy(),
-                             epoch=epoch, split="test", threshold=per_row_threshold)
+                             epoch=epoch, split=split, threshold=per_row_threshold)
         else:
-            row = _unlabelled_row(len(frame), epoch)
+            row = _unlabelled_row(len(frame), epoch, split)
         result = None
         if annotations is not None:
             cut = max_per_scan if max_per_scan and max_per_scan > 0 else None
@@ -306,6 +308,7 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
             raise EvaluationError(f"{f.source}: test fold {f.fold} given twice (also {seen[f.fold]})")
         seen[f.fold] = f.source
     check_disjoint_folds(folds)
+    folds = sorted(folds, key=lambda f: f.fold)  # the pooled rows, and so the bootstrap draws, in one order
     pooled = pd.concat([f.predictions for f in folds], ignore_index=True)[PREDICTION_COLUMNS]
     result = EvaluationResult(out_dir, [], pooled)
     check_writable_dir(out_dir, "output folder")
@@ -347,7 +350,7 @@ def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], ann
         pooled_row = metrics.iloc[-1].to_dict()
         if "all" in frocs:
             written.append(write_tsv(frocs["all"].curve[FROC_COLUMNS], out_dir / "froc.tsv"))
-            written.append(plots.plot_froc(frocs["all"], out_dir / "froc.png"))
+            written.append(plots.plot_froc(frocs["all"], out_dir / "froc.png", split=str(pooled_row["split"])))
         if labelled:
             labels = pooled["is_nodule"].to_numpy()
             probabilities = pooled["probability"].to_numpy()

@@ -47,8 +47,13 @@ def _operating_point(row: dict[str, object]) -> str:
 
 
 def _subject(row: dict[str, object]) -> str:
-    fold = row.get("fold", "")
-    return "test, all folds run" if str(fold) == "all" else f"test fold {fold}"
+    """What the numbers are on: the test fold(s), or (luna-validate --scans) the model's selection scans or every
+    scan, training scans included."""
+    fold, split = row.get("fold", ""), str(row.get("split", "test"))
+    if split == "test":
+        return "test, all folds run" if str(fold) == "all" else f"test fold {fold}"
+    scans = {"selection": "selection scans", "all": "all scans, training scans included"}.get(split, f"{split} scans")
+    return f"{scans} (not held out)" if str(fold) == "all" else f"{scans} of fold {fold}'s model (not held out)"
 
 
 def plot_roc(labels: np.ndarray, probabilities: np.ndarray, row: dict[str, object], path: str | os.PathLike) -> Path:
@@ -94,8 +99,28 @@ def plot_pr(labels: np.ndarray, probabilities: np.ndarray, row: dict[str, object
     return save_figure(figure, path)
 
 
-def plot_froc(result: FrocResult, path: str | os.PathLike) -> Path:
-    """The FROC curve on a log FP-per-scan axis (1/8 ... 8) with the seven LUNA16 operating points."""
+def froc_plot_points(fp: np.ndarray, sensitivity: np.ndarray, steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The FROC points with each diagonal segment (hits and false positives gained at one tied threshold)
+    subdivided on a log scale: a straight line between two points on the log FP axis is not the linear
+    interpolation LUNA16's sensitivities are read from, so the drawn curve would disagree with them."""
+    xs, ys = [fp[:1]], [sensitivity[:1]]
+    diagonal = np.flatnonzero((np.diff(fp) > 0) & (np.diff(sensitivity) != 0))
+    start = 1
+    for i in diagonal:  # segment i -> i + 1
+        xs.append(fp[start:i + 1])
+        ys.append(sensitivity[start:i + 1])
+        t = np.geomspace(fp[i], fp[i + 1], steps)[1:-1]
+        xs.append(t)
+        ys.append(sensitivity[i] + (sensitivity[i + 1] - sensitivity[i]) * (t - fp[i]) / (fp[i + 1] - fp[i]))
+        start = i + 1
+    xs.append(fp[start:])
+    ys.append(sensitivity[start:])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def plot_froc(result: FrocResult, path: str | os.PathLike, split: str = "test") -> Path:
+    """The FROC curve on a log FP-per-scan axis (1/8 ... 8) with the seven LUNA16 operating points; ``split``
+    names the scans (metrics.tsv's split column)."""
     figure = _figure(6.5, 5.0)
     ax = figure.add_subplot()
     curve = result.curve
@@ -104,8 +129,10 @@ def plot_froc(result: FrocResult, path: str | os.PathLike) -> Path:
     sensitivity = curve["sensitivity"].to_numpy()
     shown = fp > 0
     left = FROC_RATES[0] / 2
-    x = np.r_[left, fp[shown]] if shown.any() else np.array([left, FROC_RATES[-1] * 2])
-    y = np.r_[np.interp(left, fp, sensitivity), sensitivity[shown]] if shown.any() else np.full(2, sensitivity[-1])
+    if shown.any():
+        x, y = froc_plot_points(np.r_[left, fp[shown]], np.r_[np.interp(left, fp, sensitivity), sensitivity[shown]])
+    else:
+        x, y = np.array([left, FROC_RATES[-1] * 2]), np.full(2, sensitivity[-1])
     ax.plot(x, y, color="C0", linewidth=2, label="FROC")
     if shown.any() and fp[-1] < FROC_RATES[-1]:  # LUNA16 reads past the curve's end as its last value
         ax.plot([fp[-1], FROC_RATES[-1] * 1.1], [sensitivity[-1]] * 2, ":", color="C0", linewidth=1.5,
@@ -122,7 +149,7 @@ def plot_froc(result: FrocResult, path: str | os.PathLike) -> Path:
     ax.set(xlim=(FROC_RATES[0] * 0.9, FROC_RATES[-1] * 1.1), ylim=(0, 1.05),
            xlabel="average false positives per scan", ylabel="sensitivity",
            title=f"FROC, CPM {result.cpm:.4f} ({result.n_hit} of {result.n_nodules} nodules hit, "
-                 f"{result.n_scans} test scans)")
+                 f"{result.n_scans} {split} scans{'' if split == 'test' else ', not held out'})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     return save_figure(figure, path)

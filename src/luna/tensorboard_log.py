@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import importlib
+import shutil
+
 import numpy as np
 
 TB_TAGS = {
@@ -27,6 +30,29 @@ class TensorBoardLog:
         self.suffix = f"-{comment}" if comment else ""
         self.writers: dict[str, Any] = {}
 
+    @property
+    def run_names(self) -> list[str]:
+        """The two run folders' names (what model.pt records, so a curve can be matched to its model)."""
+        return [f"{self.time_str}-{name}_cls{self.suffix}" for name in ("trn", "val")]
+
+    def check_available(self) -> None:
+        """Raise ImportError now, not after the first epoch, when TensorBoard logging is on and the
+        ``tensorboard`` package is missing."""
+        if self.folder is not None:
+            importlib.import_module("torch.utils.tensorboard")
+
+    def remove_earlier_runs(self) -> list[Path]:
+        """Delete the run folders of earlier trainings (``*-trn_cls*``, ``*-val_cls*``) from the folder, so that it
+        shows this model's curves only; returns what was removed."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        removed = []
+        for path in sorted(self.folder.iterdir()):
+            if path.is_dir() and ("-trn_cls" in path.name or "-val_cls" in path.name):
+                shutil.rmtree(path)
+                removed.append(path)
+        return removed
+
     def log(self, step: int, train: tuple[np.ndarray, np.ndarray, dict[str, Any]],
             selection: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None) -> None:
         """Scalars, a PR curve and the book's is_neg/is_pos histograms for each (labels, probabilities, row)."""
@@ -35,8 +61,8 @@ class TensorBoardLog:
         if not self.writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            for name in ("trn", "val"):
-                self.writers[name] = SummaryWriter(log_dir=str(self.folder / f"{self.time_str}-{name}_cls{self.suffix}"))
+            for name, run in zip(("trn", "val"), self.run_names):
+                self.writers[name] = SummaryWriter(log_dir=str(self.folder / run))
         runs = [(self.writers["trn"], *train)]
         if selection is not None:
             runs.append((self.writers["val"], *selection))

@@ -202,6 +202,11 @@ class LunaTrainingApp(StageApp):
         check_writable_dir(self.state_dir, "--state folder")
         if self.tb_dir is not None:
             check_writable_dir(self.tb_dir, "--tb-dir folder")
+            try:
+                self.tensorboard.check_available()
+            except ImportError as exc:
+                raise TrainingError(f"TensorBoard logging needs the tensorboard package ({exc}): install it, or "
+                                    "pass --tb-dir none") from exc
         for name in OUTPUT_NAMES:  # an earlier run's: a failed or killed rerun must not leave them looking finished
             old = self.out_dir / name
             try:
@@ -274,6 +279,10 @@ class LunaTrainingApp(StageApp):
         self.best_threshold = math.nan
         self.samples_seen = 0
         self.start_epoch = self._restore() + 1
+        if self.start_epoch == 1 and self.dist.is_main and self.tb_dir is not None \
+                and self.tb_dir.resolve() == (self.out_dir / "tensorboard").resolve():
+            for path in self.tensorboard.remove_earlier_runs():  # OUT/tensorboard shows this model's curves only
+                logger.info("removed an earlier training's TensorBoard run %s", path)
 
         self.train_model: torch.nn.Module = self.model
         if self.dist.enabled:
@@ -382,6 +391,7 @@ class LunaTrainingApp(StageApp):
         self.best_key = float(state["best_key"])
         self.best_threshold = float(state["best_threshold"])
         self.samples_seen = int(state["samples_seen"])
+        self.tensorboard.time_str = str(state.get("tensorboard_time", self.tensorboard.time_str))  # the same runs
         epoch = int(state["epoch"])
         logger.info("Resuming after epoch %d from %s (kept epoch so far %d)", epoch, self.state.last, self.best_epoch)
         return epoch
@@ -401,6 +411,7 @@ class LunaTrainingApp(StageApp):
             "best_key": self.best_key,
             "best_threshold": self.best_threshold,
             "samples_seen": self.samples_seen,
+            "tensorboard_time": self.tensorboard.time_str,
         })
 
     def _write_outputs(self) -> None:
@@ -494,8 +505,6 @@ class LunaTrainingApp(StageApp):
         if self.dist.is_main:
             rows = [trn_row] + ([selection.row] if selection is not None else [])
             self.history = [r for r in self.history if r["epoch"] != epoch] + rows
-            self.tensorboard.log(self.samples_seen, (trn[0], trn[1], trn_row), None if selection is None else
-                                 (selection.labels, selection.probability.astype(np.float64), selection.row))
             keep_now = selection is None and self.args.selection_fraction == 0 and epoch == self.args.epochs
             if selection is not None:
                 key = selection_key(self.args.keep, epoch, selection.operating_row)
@@ -506,6 +515,9 @@ class LunaTrainingApp(StageApp):
                 self._save_best(epoch, trn_row, selection)
             self._save_state(epoch)
             self.state.remove_stale(self.best_epoch)
+            # after the state: a resumed run continues these runs and never logs an epoch twice
+            self.tensorboard.log(self.samples_seen, (trn[0], trn[1], trn_row), None if selection is None else
+                                 (selection.labels, selection.probability.astype(np.float64), selection.row))
         if self.dist.enabled:
             dist.barrier()
 
@@ -523,6 +535,8 @@ class LunaTrainingApp(StageApp):
             "threshold_policy": str(policy),
             "keep": self.args.keep,
             "selection_metrics": selection.operating_row if selection is not None else {},
+            "tensorboard_runs": [str(self.tb_dir / run) for run in self.tensorboard.run_names]
+            if self.tb_dir is not None else [],
         }
         save_checkpoint(self._best_path, self.eval_model, epoch=epoch,
                         val_metrics=selection.row if selection is not None else {},

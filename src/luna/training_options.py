@@ -117,8 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--resume", action="store_true",
                     help="continue after the last finished epoch in --state (if its settings and inputs match)")
     io.add_argument("--tb-dir", default=None, metavar="DIR",
-                    help="TensorBoard folder (one run = <time>-trn_cls and <time>-val_cls); 'none' disables. "
-                    "Default: OUT/tensorboard")
+                    help="TensorBoard folder (one run = <time>-trn_cls and <time>-val_cls; a resume continues its "
+                    "run); 'none' disables. Default: OUT/tensorboard, where a fresh run first removes earlier runs")
     io.add_argument("--config", default=None, metavar="FILE",
                     help="YAML/JSON pipeline config, recorded in model.pt's provenance only")
     io.add_argument("--comment", default="", help="suffix of the TensorBoard run names")

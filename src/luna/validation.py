@@ -90,6 +90,11 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
         uids = list(dict.fromkeys([uid for store in stores for uid in store.geometries]
                                   + [uid for store in stores for uid in store.table["series_uid"].astype(str)]))
         label = fold if fold is not None else (int(model_fold) if model_fold is not None else 0)
+        seen = {str(uid) for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
+        n_seen = sum(str(uid) in seen for uid in uids)
+        if n_seen:
+            logger.warning("--scans all: %d of the %d scans are %s's training or selection scans: these numbers are "
+                           "not held out (metrics.tsv says split all)", n_seen, len(uids), model_path)
         return uids, label
     if splits is None:
         raise ValidationError("--scans test needs --splits (which scans form the test fold)")
@@ -105,7 +110,7 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
     if leaked:  # a test fold the model learned or chose on: its numbers would not be held-out numbers
         raise ValidationError(f"{splits_path}: {len(leaked)} of the {len(uids)} scans of fold {chosen} are in "
                               f"{model_path}'s {seen[str(leaked[0])]} scans (e.g. {leaked[0]}); predict with the "
-                              "splits.tsv the model was trained with, or use --scans all")
+                              "splits.tsv the model was trained with")
     if model_fold is not None and int(chosen) != int(model_fold):
         logger.warning("predicting fold %s with a model whose test fold is %s (none of its scans was trained or "
                        "chosen on)", chosen, model_fold)
@@ -263,6 +268,8 @@ class PredictApp(StageApp):
         parser.add_argument("--out", required=True, help="output predictions.tsv")
 
     def run(self) -> PredictResult:
+        if Path(self.args.out).is_dir():  # found now, not after predicting every candidate
+            raise ValidationError(f"{self.args.out}: is a folder; --out names the predictions.tsv file to write")
         result = run_predict(self.args, Path(self.args.out).parent)
         write_tsv(result.predictions, self.args.out)
         logger.info("wrote %s: %d candidates of %d scans in %.1f s", self.args.out, len(result.predictions),
@@ -290,7 +297,7 @@ class ValidationApp(StageApp):
         predicted = run_predict(a, a.out)
         threshold = float(predicted.checkpoint.get("threshold", 0.5))
         fold = FoldPredictions(predicted.fold, predicted.predictions, predicted.scans, threshold,
-                               int(predicted.checkpoint["epoch"]), history, a.model)
+                               int(predicted.checkpoint["epoch"]), history, a.model, split=a.scans)
         return write_report([fold], a.out, annotations, excluded, max_per_scan=a.max_per_scan, bootstrap=a.bootstrap,
                             seed=a.seed)
 
