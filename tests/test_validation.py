@@ -481,7 +481,7 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
-                                  "no_fold", "fold_not_in_stores"])
+                                  "no_fold", "fold_not_in_stores", "negative_seed"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
             "--out": str(tmp_path / "out"), "--device": "cpu", "--fold": "0"}
@@ -497,6 +497,9 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     elif case == "fold_not_in_stores":
         argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}))
         expected = "subset0.h5: none of the 1 test scans (fold 0) is in these crop stores"
+    elif case == "negative_seed":  # numpy's bootstrap generator refused it with a traceback, after predicting
+        argv["--seed"] = "-1"
+        expected = "--seed must be >= 0, got -1"
     elif case == "mixed_labels":
         unlabelled = write_store(tmp_path / "u.h5", STORE1_ROWS, seed=2, subset="x", unlabelled=True)
         argv["--crops"].append(str(unlabelled))

@@ -63,6 +63,12 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"split": {"selection_fraction": 0}}, "split.selection_fraction: 0 leaves nothing to choose on: set "
                                                "train.keep: last and a fixed train.threshold (got keep last, "
                                                "threshold fp_per_scan:2.5)"),
+        # values the schema's types allow and the stages refuse: found by the dry run, not by every job
+        ({"train": {"threshold": "recall:0"}}, "train.threshold: threshold policy 'recall:0': recall target must be "
+                                               "in (0, 1]"),
+        ({"crops": {"hu_window": [-40000, 1000]}}, "config key crops.hu_window.0: -40000 is less than the minimum of "
+                                                   "-32768"),
+        ({"validate": {"seed": -1}}, "config key validate.seed: -1 is less than the minimum of 0"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:
@@ -80,6 +86,19 @@ def test_missing_candidates_file_named(tmp_path) -> None:
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
     assert proc.returncode != 0
     assert f"dataset.candidates: file {tmp_path / 'luna' / 'candidates.csv'} not found" in proc.stdout + proc.stderr
+
+
+def test_no_annotations_means_no_excluded_findings(tmp_path) -> None:
+    """annotations: null (predict-only) with the shipped annotations_excluded: the excluded findings qualify a FROC
+    there is not, so they are ignored (luna-evaluate refused the pair, after every fold had trained)."""
+    root = tmp_path / "luna"
+    (root / "subset0").mkdir(parents=True)
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
+    config = {"dataset": {"source": "luna16", "root": str(root), "annotations": None}}  # no annotations_excluded.csv
+    proc = snakemake(tmp_path, "-n", targets=("results/candidates.tsv",), configfile=write_config(tmp_path, config),
+                     check=False)  # was: "dataset.annotations_excluded: file .../annotations_excluded.csv not found"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rule candidates" in proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")

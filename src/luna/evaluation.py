@@ -413,6 +413,8 @@ def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None,
         raise EvaluationError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.max_per_scan < 0:
         raise EvaluationError(f"--max-per-scan must be >= 0, got {args.max_per_scan}")
+    if args.seed < 0:
+        raise EvaluationError(f"--seed must be >= 0, got {args.seed}")
     annotations = read_annotations(args.annotations)
     excluded = read_annotations(args.annotations_excluded, excluded=True)
     if excluded is not None and annotations is None:

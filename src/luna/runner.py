@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -68,13 +69,28 @@ def config_argv(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
 def run_rule(app_factory: Callable[[list[str]], object], argv: Sequence[str], log_path: str | os.PathLike) -> None:
     """Build ``App(argv)`` and call ``main()`` with stdout/stderr and logging going to ``log_path``.
 
-    A non-zero return or an exception fails the Snakemake job; the last error line stays in the log.
+    A non-zero return or an exception fails the Snakemake job, and the log holds why: an argument error found
+    while building the app is one line (as on the command line), an unexpected exception its traceback (printed
+    inside the redirect: after it, the traceback would reach Snakemake's or SLURM's output, not the rule's log).
     """
     argv = [str(a) for a in argv]
     setup_logging(log_path)
     logging.getLogger(__name__).info("argv: %s", " ".join(argv))
+    errors = getattr(app_factory, "errors", ())
     with open(log_path, "a", buffering=1) as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        code = app_factory(argv).main()  # type: ignore[attr-defined]
+        try:
+            try:
+                app = app_factory(argv)
+            except errors as exc:
+                print(f"{getattr(app_factory, 'prog', app_factory.__name__)}: error: {exc}", file=sys.stderr)
+                code: Any = 2
+            else:
+                code = app.main()  # type: ignore[attr-defined]
+        except SystemExit as exc:  # argparse: its usage and error line are in the log already
+            code = exc.code
+        except BaseException:
+            traceback.print_exc(file=fh)
+            raise
     if code not in (None, 0):
         with open(log_path) as fh:
             last = [line for line in fh.read().splitlines() if line.strip()][-1:]

@@ -71,6 +71,10 @@ def sorted_tree(value):
 config.update(sorted_tree(config))
 
 DATASET = config["dataset"]
+if DATASET["annotations"] is None:
+    # predict-only: excluded findings only qualify a FROC, and without annotations there is none (the shipped
+    # annotations_excluded would otherwise reach luna-evaluate, which refuses it, after all the training)
+    DATASET["annotations_excluded"] = None
 DATA_ROOT = DATASET["root"]
 SYNTHETIC = DATASET["source"] == "synthetic"
 RESULTS = "results"
@@ -122,6 +126,12 @@ def check_values():
             f"crops.hu_window: [{low}, {high}] must be [low, high] with low < high"
         )
     train = config["train"]
+    from luna.metrics import parse_threshold_policy
+
+    try:
+        parse_threshold_policy(train["threshold"])
+    except ValueError as exc:
+        raise WorkflowError(f"train.threshold: {exc}") from exc
     if config["split"]["selection_fraction"] == 0 and (
         train["keep"] != "last" or isinstance(train["threshold"], str)
     ):
