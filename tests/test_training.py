@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hooks import hook_env
+from luna.evaluation import PREDICTION_COLUMNS
 from luna.metrics import HISTORY_COLUMNS
 from luna.model import load_model
 from luna.recipe import ema_decay_at, ema_update, make_optimizer, warmup_lr
@@ -542,7 +543,7 @@ def test_no_selection_set_from_the_out_folder_itself(data: dict[str, Path], tmp_
     assert sorted(p.name for p in out.iterdir()) == ["history.tsv", "model.pt", "selection_predictions.tsv"]
     assert (tmp_path / ".here.train_state").is_dir()
     selection = pd.read_csv(out / "selection_predictions.tsv", sep="\t")
-    assert len(selection) == 0 and list(selection.columns)[:2] == ["candidate_id", "series_uid"]
+    assert len(selection) == 0 and list(selection.columns) == PREDICTION_COLUMNS  # predictions.tsv's header
     assert load_model(out / "model.pt")[1]["threshold"] == 0.4
 
 

@@ -23,8 +23,10 @@ TINY_CONFIG = {
     },
     "split": {"folds": "subsets", "run_folds": [0, 1], "selection_fraction": 0.34},
     # merged over config/config.yaml (the shipped recipe), with a selection pass after every epoch; 2.0 as YAML
-    # writers spell numbers: the workflow passes it on as the integer luna-train takes
-    "train": {"epochs": 2.0, "samples_per_epoch": 64, "batch_size": 16, "selection_interval": 1},
+    # writers spell numbers: the workflow passes it on as the integer luna-train takes (also inside
+    # balanced_schedule's pairs: from epoch 2 the shipped 1:1 again, so the recipe is unchanged)
+    "train": {"epochs": 2.0, "samples_per_epoch": 64, "batch_size": 16, "selection_interval": 1,
+              "balanced_schedule": [[2.0, 1]]},
     "validate": {"batch_size": 32, "bootstrap": 50},
 }
 

@@ -5,7 +5,8 @@ annotations.csv --out results/validation`` reads each fold folder's ``model.pt``
 and operating threshold), ``predictions.tsv`` and ``history.tsv``, and writes into ``--out`` (each file
 atomically; docs/design.md has the contracts):
 
-* ``predictions.tsv`` — every fold's predictions, folds in the order given: the predict columns plus ``fold``;
+* ``predictions.tsv`` — every fold's predictions, in fold order (whatever the ``--folds`` order): the predict
+  columns plus ``fold``;
 * ``metrics.tsv`` — one row per fold (``fold`` = N: its epoch, its threshold, FROC/CPM over its test scans)
   and one pooled row (``fold`` = ``all``: every prediction at its own fold's threshold, FROC/CPM over every
   test scan run; ``epoch`` and ``threshold`` NaN there when the folds differ);

@@ -23,8 +23,8 @@ from luna.metrics import choose_threshold, metric_row
 logger = logging.getLogger("luna.training")  # one stage, one logger name in the log
 
 SELECTION_PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord_z", "is_nodule",
-                                "diameter_mm", "probability", "loss"]
-"""selection_predictions.tsv: these, then ``fold`` (the test fold of the run)."""
+                                "diameter_mm", "probability", "loss", "fold"]
+"""selection_predictions.tsv's columns, predictions.tsv's (``fold``: the test fold of the run)."""
 
 
 @dataclass

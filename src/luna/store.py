@@ -2,7 +2,7 @@
 
 Layout (format version 1), rows in candidates.tsv order:
   crops           int16 (N, I, R, C), HU clipped to the window, one crop per chunk
-  candidate_id    int64 (N,)          row number in the input candidates CSV
+  candidate_id    int64 (N,)          the row's line number in the input candidates CSV minus 2
   series_uid      str (N,)
   center_xyz      float64 (N, 3)      world mm
   center_irc      int64 (N, 3)        nearest voxel of the centre

@@ -28,27 +28,38 @@ def check_config(cfg, schema):
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
-def whole_numbers_as_int(cfg, schema):
-    """8.0 where the schema asks for an integer (JSON Schema takes it as one) becomes 8: the stage CLIs and the
-    synthetic generator parse integers, and the rules' params then do not change with the spelling.
+def whole_numbers_as_int(value, schema):
+    """8.0 where the schema asks for an integer (JSON Schema takes it as one) becomes 8, at any depth (the
+    epochs of train.balanced_schedule's pairs too): the stage CLIs and the synthetic generator parse integers,
+    and the rules' params then do not change with the spelling. Returns the converted value.
     """
-    for key, sub in schema.get("properties", {}).items():
-        if key not in cfg:
-            continue
-        value = cfg[key]
-        types = sub.get("type", [])
-        types = [types] if isinstance(types, str) else types
-        if isinstance(value, dict):
-            whole_numbers_as_int(value, sub)
-        elif "integer" in types and isinstance(value, float) and value.is_integer():
-            cfg[key] = int(value)
-        elif isinstance(value, list):
-            forms = [sub, *sub.get("oneOf", [])]
-            if any(f.get("items", {}).get("type") == "integer" for f in forms):
-                cfg[key] = [
-                    int(v) if isinstance(v, float) and v.is_integer() else v
-                    for v in value
-                ]
+    forms = [schema, *schema.get("oneOf", [])]
+    types = []
+    for form in forms:
+        kind = form.get("type", [])
+        types += [kind] if isinstance(kind, str) else kind
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                value[key] = whole_numbers_as_int(value[key], sub)
+        return value
+    if isinstance(value, list):
+        converted = []
+        for i, item in enumerate(value):
+            subs = [
+                (
+                    f["prefixItems"][i]
+                    if i < len(f.get("prefixItems", []))
+                    else f.get("items")
+                )
+                for f in forms
+            ]
+            sub = next((s for s in subs if isinstance(s, dict)), {})
+            converted.append(whole_numbers_as_int(item, sub))
+        return converted
+    if "integer" in types and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 SCHEMA = yaml.safe_load(
