@@ -416,7 +416,7 @@ def test_resume_ignores_a_state_from_other_settings(reference: Path, data: dict[
     state = tmp_path / "state"
     assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1")).main() == 0
     assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume", "--lr", "0.002")).main() == 0
-    assert "written with other settings, inputs or code; starting at epoch 1" in caplog.text
+    assert "written with other settings, inputs or code (lr 0.001 -> 0.002); starting at epoch 1" in caplog.text
     history = pd.read_csv(out / "history.tsv", sep="\t")
     assert history.epoch.tolist() == [1, 1, 2, 2]
     assert (out / "history.tsv").read_bytes() != (reference / "history.tsv").read_bytes()
@@ -438,7 +438,7 @@ def test_a_changed_source_file_makes_a_resume_start_afresh(data: dict[str, Path]
     assert luna.provenance.source_digest(edited) != luna.provenance.source_digest()
     monkeypatch.setattr(luna.provenance, "PACKAGE_DIR", edited)
     assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume")).main() == 0
-    assert "written with other settings, inputs or code; starting at epoch 1" in caplog.text
+    assert "written with other settings, inputs or code (the luna source code); starting at epoch 1" in caplog.text
     assert "Resuming after epoch" not in caplog.text
     raw = torch.load(out / "model.pt", weights_only=True)
     assert raw["provenance"]["source_sha256"] == luna.provenance.source_digest(edited)
@@ -590,3 +590,45 @@ def test_missing_tensorboard_is_one_line_before_training(data: dict[str, Path], 
     assert len(err) == 1 and err[0].startswith("luna-train: error: TensorBoard logging needs the tensorboard "
                                                "package") and err[0].endswith("or pass --tb-dir none"), err
     assert not any(state.glob("*.pt")) and not (out / "model.pt").exists()
+
+
+def test_a_resume_with_another_cpu_thread_count_starts_afresh(data: dict[str, Path], tmp_path: Path, caplog) -> None:
+    """fp32 sums split over another number of threads round differently: a run killed at 1 thread and resumed at 2
+    would not end where the uninterrupted one does, so the thread count keys the state (a Snakemake rerun given
+    fewer --cores starts afresh)."""
+    out, state = tmp_path / "model", tmp_path / "state"
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1", "--threads", "1")).main() == 0
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--resume", "--threads", "2")).main() == 0
+    assert "written with other settings, inputs or code (threads 1 -> 2); starting at epoch 1" in caplog.text
+    assert "Resuming after epoch" not in caplog.text
+
+
+def test_setup_warns_of_settings_that_do_nothing_or_crawl(data: dict[str, Path], tmp_path: Path, caplog,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan of splits.tsv in none of the stores (a subset's store left out of --crops) takes no part: said.
+    Mining negatives with no balanced epoch changes nothing: said. bf16 on a CPU without native bf16 crawls: said."""
+    import luna.training
+
+    uids = list(pd.read_csv(data["splits"], sep="\t", dtype={"series_uid": str})["series_uid"])
+    splits = write_splits(tmp_path / "splits.tsv", uids + ["9.9.9.1", "9.9.9.2", "9.9.9.3"])  # folds 0, 1, 2
+    monkeypatch.setattr(luna.training, "cpu_has_native_bf16", lambda: False)
+    args = argv(data, tmp_path / "model", "--splits", str(splits), "--hard-negatives", "0.5", "--balanced", "0",
+                "--amp", "on")
+    with caplog.at_level("WARNING", logger="luna.training"):
+        LunaTrainingApp(args).setup()
+    assert "scans in %s are in none of the crop stores given (e.g. 9.9.9." % splits in caplog.text
+    assert "--hard-negatives 0.5 mines the negatives of balanced epochs from the second on; this run has none " \
+           "(--balanced 0, --balanced-schedule none, --epochs 2): it changes nothing" in caplog.text
+    assert "--amp on: this CPU has no native bf16" in caplog.text
+
+
+def test_the_last_log_line_reports_the_kept_model_at_its_operating_threshold(reference: Path, caplog,
+                                                                             data: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    with caplog.at_level("INFO", logger="luna.training"):
+        assert LunaTrainingApp(argv(data, out, "--threshold", "max_f1")).main() == 0
+    kept = torch.load(out / "model.pt", weights_only=True)
+    at = kept["selection_metrics"]
+    assert (f"Kept epoch {kept['epoch']} (--keep f1), operating threshold {kept['threshold']:.4g}: selection "
+            f"precision {at['precision']:.4f}, recall {at['recall']:.4f}, F1 {at['f1']:.4f} at it") in caplog.text

@@ -40,25 +40,50 @@ def _file_identity(path: str) -> list[Any]:
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
-def run_fingerprint(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> str:
-    """Hash of everything that changes what is trained: settings, inputs (path, size, mtime), the code version
-    (luna's version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count.
-    Not the number of epochs (a resumed run may go further) unless the learning-rate schedule depends on it, nor
-    speed-only settings."""
-    splits_digest = hashlib.sha256(Path(args.splits).read_bytes()).hexdigest()
-    payload = {
+def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> dict[str, Any]:
+    """Everything that changes what is trained: settings, inputs (path, size, mtime), the code version (luna's
+    version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count and, on
+    the CPU, the torch thread count (fp32 sums split over other threads round differently: a resume at another
+    count would not end where the uninterrupted run does). Not the number of epochs (a resumed run may go
+    further) unless the learning-rate schedule depends on it, nor speed-only settings."""
+    return {
         "code": code_version(),
         "args": {k: getattr(args, k) for k in FINGERPRINT_ARGS},
         # a cosine schedule's rates depend on the run's length: a run with more epochs is another run
         "epochs": args.epochs if args.lr_schedule != "constant" else None,
         "augment": bool(args.augment),
         "crops": [_file_identity(p) for p in args.crops],
-        "splits": splits_digest,
+        "splits": hashlib.sha256(Path(args.splits).read_bytes()).hexdigest(),
         "amp": amp,
         "device": device.type,
         "world_size": world_size,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def run_fingerprint(parts: dict[str, Any]) -> str:
+    """The state's key: a hash of :func:`fingerprint_parts`."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two fingerprints' parts, for the log: ``lr 0.001 -> 0.002; threads 1 -> 2``."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "args" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            changes += [f"{name} {old[key].get(name)!r} -> {new[key].get(name)!r}"
+                        for name in sorted(set(old[key]) | set(new[key])) if old[key].get(name) != new[key].get(name)]
+        elif key == "code":
+            changes.append("the luna source code")
+        elif key == "crops":
+            changes.append("the crop stores (path, size or modification time)")
+        elif key == "splits":
+            changes.append("splits.tsv's content")
+        else:
+            changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return "; ".join(changes)
 
 
 class StateFolder:
@@ -66,9 +91,10 @@ class StateFolder:
     its selection predictions, named by epoch (a kill between writing one and writing the state leaves the
     state pointing at the previous, still present, file)."""
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
+    def __init__(self, folder: Path, fingerprint: str, parts: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.parts = parts
 
     @property
     def last(self) -> Path:
@@ -104,8 +130,11 @@ class StateFolder:
             logger.warning("--resume: %s is not a luna training state of this version; starting at epoch 1", path)
             return None
         if state.get("fingerprint") != self.fingerprint:
-            logger.warning("--resume: state in %s was written with other settings, inputs or code; starting at "
-                           "epoch 1", self.folder)
+            what = ""
+            if self.parts is not None and isinstance(state.get("fingerprint_parts"), str):
+                what = describe_changes(json.loads(state["fingerprint_parts"]), self.parts)
+            logger.warning("--resume: state in %s was written with other settings, inputs or code%s; starting at "
+                           "epoch 1", self.folder, f" ({what})" if what else "")
             return None
         if int(state["epoch"]) > max_epochs:
             logger.warning("--resume: state in %s has %d finished epochs, more than --epochs %d; starting at "
@@ -121,4 +150,7 @@ class StateFolder:
 
     def save(self, state: dict[str, Any]) -> None:
         """``last.pt``, atomically, stamped with the format and this run's fingerprint."""
-        atomic_torch_save({"format": STATE_FORMAT, "fingerprint": self.fingerprint, **state}, self.last)
+        stamp = {"format": STATE_FORMAT, "fingerprint": self.fingerprint}
+        if self.parts is not None:  # as JSON text: what changed can be named on a refused resume
+            stamp["fingerprint_parts"] = json.dumps(self.parts, sort_keys=True)
+        atomic_torch_save({**stamp, **state}, self.last)

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from luna.app import StageApp, interrupted
 from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
-from luna.device import DeviceError, dist_info_from_env, resident_decision, resolve_device, use_bf16
+from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
+                         use_bf16)
 from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_model
@@ -65,7 +66,7 @@ from luna.selection import (SELECTION_PREDICTION_COLUMNS, SelectionPass, evaluat
 from luna.splits import SplitsError, read_fold_roles, scans_with_role
 from luna.store import CropStore, StoreError, check_distinct_stores
 from luna.tensorboard_log import TensorBoardLog
-from luna.train_state import StateFolder, default_state_dir, run_fingerprint
+from luna.train_state import StateFolder, default_state_dir, fingerprint_parts, run_fingerprint
 from luna.training_options import DESCRIPTION, add_arguments, resolve_workers
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,9 @@ class LunaTrainingApp(StageApp):
         if self.device.type == "cpu":
             logger.info(tune_allocator())  # before the data and the model: large blocks stay on the heap
         self.use_amp = resolve_amp(args.amp, self.device)
+        if self.use_amp and self.device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning("--amp on: this CPU has no native bf16 (oneDNN emulates it), so training runs several "
+                           "times slower than fp32 (--amp auto chooses fp32 here)")
         self.augment = augment_config(args)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -239,6 +243,14 @@ class LunaTrainingApp(StageApp):
         self.sel_ds = CropDataset(stores, self.roles, "selection", int16=True)
         test_ds = CropDataset(stores, self.roles, "test", int16=True)
         self._check_roles(test_ds)
+        in_stores = {uid for store in stores for uid in store.geometries}
+        for role in ("train", "selection"):
+            scans = scans_with_role(self.roles, role)
+            missing = [uid for uid in scans if uid not in in_stores]
+            if missing:  # a subset's store left out of --crops: its scans would silently not take part
+                logger.warning("%d of the %d %s scans in %s are in none of the crop stores given (e.g. %s): they "
+                               "take no part in this run (a store left out of --crops, or scans the crop stage "
+                               "skipped)", len(missing), len(scans), role, args.splits, missing[0])
         logger.info("test fold %d: %d scans, %d crops (%d positive), held out; train: %d scans, %d crops (%d "
                     "positive); selection: %d scans, %d crops (%d positive)", args.test_fold,
                     len(scans_with_role(self.roles, "test")), len(test_ds), test_ds.n_pos,
@@ -254,6 +266,10 @@ class LunaTrainingApp(StageApp):
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size,
                                     hard_negatives=args.hard_negatives)
+        if args.hard_negatives > 0 and not any(self.sampler.ratio_at(e) for e in range(2, args.epochs + 1)):
+            logger.warning("--hard-negatives %g mines the negatives of balanced epochs from the second on; this run "
+                           "has none (--balanced %g, --balanced-schedule %s, --epochs %d): it changes nothing",
+                           args.hard_negatives, args.balanced, args.balanced_schedule or "none", args.epochs)
         self._make_batches()
 
         torch.manual_seed(args.seed)
@@ -269,8 +285,9 @@ class LunaTrainingApp(StageApp):
         self.ema: torch.nn.Module | None = copy.deepcopy(self.model) if args.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
-        self.fingerprint = run_fingerprint(args, self.use_amp, self.device, self.dist.world_size)
-        self.state = StateFolder(self.state_dir, self.fingerprint)
+        parts = fingerprint_parts(args, self.use_amp, self.device, self.dist.world_size)
+        self.fingerprint = run_fingerprint(parts)
+        self.state = StateFolder(self.state_dir, self.fingerprint, parts)
         self.config = _read_config(args.config)
 
         self.history: list[dict[str, Any]] = []
@@ -351,10 +368,12 @@ class LunaTrainingApp(StageApp):
                         format_duration(remaining), args.epochs - epoch)
         if self.dist.is_main:
             self._write_outputs()
-            best = next((r for r in self.history if r["epoch"] == self.best_epoch and r["split"] == "selection"),
-                        None)
-            logger.info("Kept epoch %d (--keep %s), threshold %.4g: %s", self.best_epoch, args.keep,
-                        self.best_threshold, format_row(best) if best else "-")
+            kept = torch.load(self.out_dir / "model.pt", map_location="cpu", weights_only=True)
+            at = kept.get("selection_metrics") or {}
+            logger.info("Kept epoch %d (--keep %s), operating threshold %.4g%s", self.best_epoch, args.keep,
+                        self.best_threshold,
+                        f": selection precision {at['precision']:.4f}, recall {at['recall']:.4f}, F1 {at['f1']:.4f} "
+                        "at it" if at else " (no selection set)")
         return 0
 
     def _selects_at(self, epoch: int) -> bool:
