@@ -156,5 +156,19 @@ def test_candidates_app_without_any_scan_exits_2(tmp_path, capsys) -> None:
     (root / "subset0").mkdir(parents=True)
     write(root, "seriesuid,coordX,coordY,coordZ,class\n1.1,1,1,1,1\n")
     assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(tmp_path / "c.tsv")]).main() == 2
-    assert capsys.readouterr().err == f"luna-candidates: error: {root}: no scans (<series_uid>.mhd) under any subset* folder\n"
+    assert capsys.readouterr().err == (f"luna-candidates: error: {root / 'subset0'}: no <series_uid>.mhd scan in "
+                                       "this subset folder\n")
     assert not (tmp_path / "c.tsv").exists()
+
+
+def test_candidates_app_with_no_row_on_a_scan_on_disk_exits_2(tmp_path, capsys) -> None:
+    """Scans named otherwise than the CSV's UIDs: an error now, not empty stores and a failed training later."""
+    root = _data_root(tmp_path)
+    write(root, "seriesuid,coordX,coordY,coordZ,class\n9.8,1,1,1,1\n9.9,1,1,1,0\n", "other.csv")
+    out = tmp_path / "c.tsv"
+    assert CandidatesApp(["--root", str(root), "--candidates", "other.csv", "--annotations", "", "--out",
+                          str(out)]).main() == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"luna-candidates: error: {root / 'other.csv'}: none of its 2 rows names one of the 3 scans "
+                        "on disk (the CSV names e.g. 9.8, 9.9; on disk e.g. 1.1, 1.2)\n")
+    assert not out.exists()

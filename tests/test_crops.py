@@ -517,6 +517,11 @@ def test_bad_scan_skip_records_it_and_keeps_others(tmp_path, broken_setup, caplo
     n_outside = int(skipped["reason"].str.startswith("outside scan").sum())
     assert n_outside == app.result.n_outside > 0
     assert f"{len(skipped)} candidates skipped (outside scan: {n_outside}, bad scan: {len(bad)})" in caplog.text
+    # the bad scan is named in the log whether the header pre-pass or the voxel read found it, and not counted
+    assert any(line.startswith("bad scan, its candidates are skipped: ") and BAD_UID in line
+               for line in caplog.messages)
+    n_scans = df["series_uid"].nunique()
+    assert f"crops of {n_scans - 1} scans (0 scans from cache; 1 bad scan(s) skipped, listed in " in caplog.text
 
 
 def _assert_matches_reference_subset(out: Path, skipped: pd.DataFrame, good: pd.DataFrame, paths: dict) -> None:

@@ -184,3 +184,29 @@ def test_scan_identity_changes_with_content_even_when_the_mtime_is_put_back(tmp_
     os.utime(raw, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert raw.stat().st_size == stat.st_size and raw.stat().st_mtime_ns == stat.st_mtime_ns
     assert scan_identity(path) != before
+
+
+def test_find_scans_skips_hidden_files_and_explains_an_empty_subset(tmp_path) -> None:
+    """macOS copies leave ._<uid>.mhd beside each scan: not scans (they would join splits.tsv and the FROC
+    divisor). A subset folder without scans stops with how downloads are usually mangled."""
+    write_scan(tmp_path / "subset0" / "1.1.mhd", np.zeros((2, 2, 2), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    (tmp_path / "subset0" / "._1.1.mhd").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    assert list(find_scans(tmp_path)) == ["1.1"]
+    (tmp_path / "subset1").mkdir()
+    (tmp_path / "subset1" / "1.2.MHD").write_text("")
+    with pytest.raises(FileNotFoundError) as info:
+        find_scans(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'subset1'}: no <series_uid>.mhd scan in this subset folder (it holds 1 "
+                               ".MHD file(s): the extension must be .mhd, lower case)")
+    (tmp_path / "subset1" / "1.2.MHD").unlink()
+    (tmp_path / "subset1" / "subset1").mkdir()
+    (tmp_path / "subset1" / "subset1" / "1.2.mhd").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"its subfolder .*subset1/subset1 holds \.mhd files: move them up"):
+        find_scans(tmp_path)
+
+
+def test_a_header_naming_another_scans_data_file_is_said(tmp_path, caplog) -> None:
+    write_scan(tmp_path / "1.1.mhd", np.zeros((2, 2, 2), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    (tmp_path / "1.5.mhd").write_text((tmp_path / "1.1.mhd").read_text())  # a header copied alone
+    read_scan(tmp_path / "1.5.mhd")
+    assert f"{tmp_path / '1.5.mhd'}: its voxel data is 1.1.raw (ElementDataFile), not 1.5.raw" in caplog.text

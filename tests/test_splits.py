@@ -145,7 +145,8 @@ def test_split_app_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err.strip() == f"luna-split: error: {root / 'subset9'}: subset folder not found"
     (root / "empty7").mkdir()
     assert SplitApp(["--root", str(root), "--subsets", "empty7", "--out", str(out)]).main() == 2
-    assert "no scans" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"luna-split: error: {root / 'empty7'}: no <series_uid>.mhd scan in this "
+                                       "subset folder\n")
     assert not out.exists()
     with pytest.raises(SystemExit):
         SplitApp(["--root", str(root), "--folds", "1", "--out", str(out)])
@@ -158,3 +159,10 @@ def test_splits_frame_round_trips(tmp_path: Path) -> None:
 
     write_splits_tsv(splits, tmp_path / "s.tsv")
     pd.testing.assert_frame_equal(read_splits_tsv(tmp_path / "s.tsv"), splits)
+
+
+def test_split_app_warns_of_folds_without_scans(tmp_path: Path, caplog) -> None:
+    root = _data_root(tmp_path)  # 4 scans
+    assert SplitApp(["--root", str(root), "--folds", "9", "--out", str(tmp_path / "s.tsv")]).main() == 0
+    empty = sorted(set(range(9)) - {hash_fold(u, 9) for u in ["1.1", "1.2", "1.3", "1.4"]})
+    assert f"fold(s) {', '.join(map(str, empty))} of 9 hold no scan (4 scans); use fewer folds" in caplog.text

@@ -93,6 +93,7 @@ def test_no_annotations_means_no_excluded_findings(tmp_path) -> None:
     there is not, so they are ignored (luna-evaluate refused the pair, after every fold had trained)."""
     root = tmp_path / "luna"
     (root / "subset0").mkdir(parents=True)
+    (root / "subset0" / "1.2.3.mhd").write_text("")  # found by name; the dry run reads no scan
     (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
     config = {"dataset": {"source": "luna16", "root": str(root), "annotations": None}}  # no annotations_excluded.csv
     proc = snakemake(tmp_path, "-n", targets=("results/candidates.tsv",), configfile=write_config(tmp_path, config),

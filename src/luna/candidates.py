@@ -133,6 +133,11 @@ class CandidatesApp(StageApp):
         logger.info(lines[0])
         for line in lines[1:]:
             logger.warning(line)
+        if report.n_kept == 0:  # a wrong CSV, or scans named otherwise: empty stores and a failed training later
+            on_disk = sorted(scans)[:2]
+            raise TableError(f"{resolve_table(a.root, a.candidates)}: none of its {report.n_rows} rows names one of "
+                             f"the {len(scans)} scans on disk (the CSV names e.g. "
+                             f"{', '.join(report.missing_scans[:2])}; on disk e.g. {', '.join(on_disk)})")
         write_candidates_tsv(table, a.out)
         logger.info("wrote %s (%d rows)", a.out, len(table))
         return table

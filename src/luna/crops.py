@@ -228,6 +228,8 @@ class CropApp(StageApp):
                 for job in pool.map(self._inspect, jobs):  # pre-pass: headers only, fast; bad files found here
                     if job.error is not None and a.on_bad_scan == "fail":
                         raise CropError(job.error)
+                    if job.error is not None:
+                        logger.warning("bad scan, its candidates are skipped: %s", job.error)
                 result = self._crop_all(pool, table, jobs)
         except BaseException:
             self._keep_cache_if_useful()  # the workers are done: the count of cached scans is final
@@ -235,8 +237,10 @@ class CropApp(StageApp):
         self._cache.close()
         shutil.rmtree(self.cache_dir, ignore_errors=True)
         result.seconds = time.perf_counter() - t0
-        logger.info("wrote %s: %d crops of %d scans (%d scans from cache) in %.1f s; removed cache %s",
-                    self.out, result.n_cropped, result.n_scans, result.n_scans_from_cache, result.seconds,
+        n_bad = len(result.bad_scans)
+        logger.info("wrote %s: %d crops of %d scans (%d scans from cache%s) in %.1f s; removed cache %s",
+                    self.out, result.n_cropped, result.n_scans - n_bad, result.n_scans_from_cache,
+                    f"; {n_bad} bad scan(s) skipped, listed in {self.skipped_path}" if n_bad else "", result.seconds,
                     self.cache_dir)
         return result
 
@@ -396,7 +400,7 @@ class CropApp(StageApp):
         n_from_cache = n_read = 0
         n_total = len(jobs)
         good = [j for j in jobs if j.error is None]
-        n_done = n_total - len(good)  # bad scans (skip mode) are done already
+        n_done = n_bad_first = n_total - len(good)  # bad scans (skip mode) are done already
         writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
                              compression=a.compression, n_scans=len(good))  # reserves the store's room
         t0 = time.perf_counter()
@@ -442,7 +446,7 @@ class CropApp(StageApp):
                         n_crops += len(job.out_rows)
                     n_done += 1
                     elapsed = time.perf_counter() - t0
-                    eta = elapsed / max(n_done, 1) * (n_total - n_done)
+                    eta = elapsed / max(n_done - n_bad_first, 1) * (n_total - n_done)  # from scans read here
                     logger.info("scan %d/%d done (%s) %s: %d crops; %d crops in %.1f s (%.1f crops/s), ETA %s",
                                 n_done, n_total, status, job.series_uid,
                                 0 if job.error else len(job.out_rows), n_crops, elapsed,

@@ -181,6 +181,9 @@ def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
     data = path if local else path.parent / name
     if not local and not data.is_file():
         raise ScanError(f"{path}: voxel data file {data} is missing (ElementDataFile = {name})")
+    if not local and Path(name).stem != path.stem:  # LUNA16 names <uid>.raw: a header copied or renamed alone?
+        logger.warning("%s: its voxel data is %s (ElementDataFile), not %s.raw: another scan's voxels?", path, name,
+                       path.stem)
     msb = _is_msb(header)
     dtype = np.dtype(f"{'>' if msb else '<'}{_DTYPE_KIND[element_type]}{_DTYPE_BYTES[element_type]}")
     compressed = _is_true(header, "CompressedData")
@@ -498,9 +501,26 @@ def find_scans(root: str | os.PathLike, subsets: list[str] | None = None) -> dic
         folders = sorted(p for p in root.glob("subset*") if p.is_dir())
     scans: dict[str, ScanFile] = {}
     for folder in folders:
-        for mhd in sorted(folder.glob("*.mhd")):
+        # not hidden files: a copy through macOS leaves a ._<uid>.mhd beside each scan (AppleDouble), which would
+        # count as a scan (splits.tsv, the FROC divisor) and be read by nothing
+        found = sorted(mhd for mhd in folder.glob("*.mhd") if not mhd.name.startswith("."))
+        if not found:
+            raise FileNotFoundError(f"{folder}: no <series_uid>.mhd scan in this subset folder{_why_no_scans(folder)}")
+        for mhd in found:
             uid = mhd.stem
             if uid in scans:
                 raise ValueError(f"{mhd}: series {uid} also found at {scans[uid].path}")
             scans[uid] = ScanFile(uid, folder.name, mhd)
     return scans
+
+
+def _why_no_scans(folder: Path) -> str:
+    """A hint for a subset folder without scans: how downloads are usually mangled."""
+    other_case = [p for p in folder.glob("*") if p.suffix.lower() == ".mhd" and p.suffix != ".mhd"
+                  and not p.name.startswith(".")]
+    if other_case:
+        return f" (it holds {len(other_case)} {other_case[0].suffix} file(s): the extension must be .mhd, lower case)"
+    nested = sorted(p.parent for p in folder.glob("*/*.mhd") if not p.name.startswith("."))
+    if nested:
+        return f" (its subfolder {nested[0]} holds .mhd files: move them up one level)"
+    return ""

@@ -195,6 +195,11 @@ class SplitApp(StageApp):
         counts = splits["fold"].value_counts().sort_index()
         logger.info("wrote %s: %d scans in %d folds (%s)", a.out, len(splits), len(counts),
                     ", ".join(f"fold {fold}: {n}" for fold, n in counts.items()))
+        if a.folds != FOLDS_BY_SUBSET:
+            empty = [k for k in range(int(a.folds)) if k not in counts.index]
+            if empty:  # too few scans for k folds: a run of such a fold has nothing to test on
+                logger.warning("fold(s) %s of %s hold no scan (%d scans); use fewer folds",
+                               ", ".join(map(str, empty)), a.folds, len(splits))
         return splits
 
 

@@ -127,6 +127,12 @@ def check_dataset():
             raise WorkflowError(
                 f"dataset.subsets: folder {Path(DATA_ROOT) / subset} not found"
             )
+    from luna.ct import find_scans
+
+    try:  # a subset folder without scans (.MHD, a nested subsetN/subsetN/) stops here, not after the crops
+        find_scans(DATA_ROOT, list(DATASET["subsets"]) or None)
+    except (OSError, ValueError) as exc:
+        raise WorkflowError(f"dataset.root: {exc}") from exc
 
 
 def check_values():
@@ -215,6 +221,9 @@ def dataset_inputs():
     inputs = {"candidates": table_path(DATASET["candidates"])}
     if DATASET["annotations"]:
         inputs["annotations"] = table_path(DATASET["annotations"])
+    # which scans are on disk shapes both tables: a scan added, renamed or removed in a subset folder (its
+    # mtime) reruns them, not only that subset's crop job (which would crop from the old candidates.tsv)
+    inputs["subset_dirs"] = [str(Path(DATA_ROOT) / subset) for subset in SUBSETS]
     return inputs
 
 
