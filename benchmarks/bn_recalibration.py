@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crops-per-row", type=int, default=2048, help="training crops each re-estimation runs over")
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
-    if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed):
-        raise SystemExit("development and dev-test seeds must differ from the default run's")
+    if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed) or a.dev_seed == a.devtest_seed:
+        raise SystemExit("--dev-seed and --devtest-seed must differ from each other and from the default run's seed")
     from luna.cpu_speed import tune_allocator
     from luna.data import CropDataset, ResidentBatches
     from luna.inference import predict

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
              f"recipe; {epochs - 1} epochs, then the same run resumed for epoch {epochs} (paired: one trajectory "
              "per seed). Threshold: each model's own selection pass. Blocks: 30-scan dev-test blocks meeting "
              "recall >= 0.8 at precision >= 0.3.", "",
-             "| seed | epochs | training s | views | dev-test CPM (95% CI) | ROC AUC | threshold | blocks met |",
+             "| seed | epochs | training s (this call: epoch 8 alone when resumed) | views | dev-test CPM (95% CI) | ROC AUC | threshold | blocks met |",
              "|---:|---:|---:|---|---|---:|---:|---:|"]
     cpm: dict[tuple[int, int, str], float] = {}
     for seed in a.seeds:

@@ -48,6 +48,11 @@ from luna.splits import fold_roles, make_splits, read_fold_roles, write_splits_t
 from luna.store import CropStore  # noqa: E402
 from luna.training import LunaTrainingApp  # noqa: E402
 
+if len(sys.argv) < 2 or sys.argv[1].startswith("-"):  # --help, or no log path: this is gpu_check.sh's half
+    print(__doc__)
+    print("\nusage: bash benchmarks/gpu_check.sh [--crops H5 ... --splits TSV [--test-fold N] "
+          "[--selection-fraction F]] [--config YAML]")
+    sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
 smi_log = Path(sys.argv[1])
 p = argparse.ArgumentParser()
 p.add_argument("--crops", nargs="+")

@@ -5,7 +5,7 @@ the centre voxel's Hounsfield value (and of the mean HU of the central 3x3x3 vox
 folds that run evaluated (results/validation/metrics.tsv), beside the CNN's pooled test AUC. A task this
 baseline solves would not test the CNN: the synthetic default keeps them below AUC 0.90 (centre voxel) and 0.95 (3x3x3 mean).
 
-    python benchmarks/hu_baseline.py [--results results] [--out benchmarks/results/hu_baseline.md]
+    python benchmarks/hu_baseline.py [--results results] [--out hu_baseline.md]
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def centre_scores(store: CropStore, rows: np.ndarray) -> tuple[np.ndarray, np.nd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="results", help="a finished run's results/ folder")
-    parser.add_argument("--out", default="benchmarks/results/hu_baseline.md")
+    parser.add_argument("--out", default="hu_baseline.md",
+                        help="markdown table to write (benchmarks/results/hu_baseline.md gathers several runs' "
+                        "tables and notes by hand: copy the new table there, do not overwrite it)")
     a = parser.parse_args()
     results = Path(a.results)
     splits = read_splits_tsv(results / "splits.tsv")

@@ -9,6 +9,15 @@ fold's size to count how often a 30-scan fold would meet the goal. Nothing here 
 
     python benchmarks/threshold_policies.py --runs /tmp/sweep/runs/bs16-s0 /tmp/sweep/runs/bs16-s1 \\
         --devtest devtest_flip2.tsv --out benchmarks/results/threshold_policies.md
+
+The dev-test predictions of a run, made with the TTA of its selection pass (quality_sweep.py --devtest-seed 8
+builds the dev-test data under ``<work>/data-8``):
+
+    luna-predict --model RUN/0/model.pt --crops <work>/data-8/results/crops/*.h5 --scans all --tta flip2 \\
+        --out RUN/0/devtest_flip2.tsv
+
+threshold_policies.md was written with ``--policies recall:0.85 recall:0.875 recall:0.9 fp_per_scan:1.5
+fp_per_scan:2 fp_per_scan:2.5 fp_per_scan:3`` (the default list has grown since).
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ def policy_rows(run: Path, devtest_name: str | None, policies: list[str], block_
     selection = pd.read_csv(fold / "selection_predictions.tsv", sep="\t")
     test = pd.read_csv(fold / "predictions.tsv", sep="\t")
     devtest = None
-    if devtest_name and (fold / devtest_name).exists():
+    if devtest_name:
+        if not (fold / devtest_name).is_file():  # a table without those columns would look complete
+            raise SystemExit(f"{fold / devtest_name}: no such dev-test predictions file (write it with luna-predict "
+                             "--scans all, see this script's docstring)")
         devtest = pd.read_csv(fold / devtest_name, sep="\t")
     blocks: list[pd.DataFrame] = []
     if devtest is not None:

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
+    if a.devtest_seed == q.CONFIG["synthetic"]["seed"]:  # what chooses the views must never be the default run's data
+        raise SystemExit(f"--devtest-seed {a.devtest_seed} is the default run's seed: choose on other data")
     from luna.froc import froc
 
     dev = q.devtest_set(Path(a.work), a.devtest_seed)
