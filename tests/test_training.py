@@ -551,7 +551,7 @@ def test_a_state_that_was_not_its_runs_last_epoch_is_not_resumed_as_one(tmp_path
     """Epoch 1 of a 2-epoch run is not a finished 1-epoch run (no last-epoch selection pass, no kept model)."""
     from luna.train_state import StateFolder
 
-    folder = StateFolder(tmp_path / "state", "same-settings")
+    folder = StateFolder(tmp_path / "state", {"settings": "same"})
     folder.save({"epoch": 1, "epochs": 2})
     assert folder.load(1) is None
     assert folder.load(2)["epoch"] == 1 and folder.load(3)["epoch"] == 1

@@ -4,11 +4,10 @@ code and of luna sit side by side in one TensorBoard."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import importlib
 import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 

@@ -91,10 +91,10 @@ class StateFolder:
     its selection predictions, named by epoch (a kill between writing one and writing the state leaves the
     state pointing at the previous, still present, file)."""
 
-    def __init__(self, folder: Path, fingerprint: str, parts: dict[str, Any] | None = None) -> None:
+    def __init__(self, folder: Path, parts: dict[str, Any]) -> None:
         self.folder = Path(folder)
-        self.fingerprint = fingerprint
-        self.parts = parts
+        self.parts = parts  # fingerprint_parts(): stored with the state, so a refused resume can say what changed
+        self.fingerprint = run_fingerprint(parts)
 
     @property
     def last(self) -> Path:
@@ -131,7 +131,7 @@ class StateFolder:
             return None
         if state.get("fingerprint") != self.fingerprint:
             what = ""
-            if self.parts is not None and isinstance(state.get("fingerprint_parts"), str):
+            if isinstance(state.get("fingerprint_parts"), str):
                 what = describe_changes(json.loads(state["fingerprint_parts"]), self.parts)
             logger.warning("--resume: state in %s was written with other settings, inputs or code%s; starting at "
                            "epoch 1", self.folder, f" ({what})" if what else "")
@@ -150,7 +150,6 @@ class StateFolder:
 
     def save(self, state: dict[str, Any]) -> None:
         """``last.pt``, atomically, stamped with the format and this run's fingerprint."""
-        stamp = {"format": STATE_FORMAT, "fingerprint": self.fingerprint}
-        if self.parts is not None:  # as JSON text: what changed can be named on a refused resume
-            stamp["fingerprint_parts"] = json.dumps(self.parts, sort_keys=True)
+        stamp = {"format": STATE_FORMAT, "fingerprint": self.fingerprint,
+                 "fingerprint_parts": json.dumps(self.parts, sort_keys=True)}  # JSON text: weights_only loads it
         atomic_torch_save({**stamp, **state}, self.last)

@@ -66,7 +66,7 @@ from luna.selection import (SELECTION_PREDICTION_COLUMNS, SelectionPass, evaluat
 from luna.splits import SplitsError, read_fold_roles, scans_with_role
 from luna.store import CropStore, StoreError, check_distinct_stores
 from luna.tensorboard_log import TensorBoardLog
-from luna.train_state import StateFolder, default_state_dir, fingerprint_parts, run_fingerprint
+from luna.train_state import StateFolder, default_state_dir, fingerprint_parts
 from luna.training_options import DESCRIPTION, add_arguments, resolve_workers
 
 logger = logging.getLogger(__name__)
@@ -285,9 +285,8 @@ class LunaTrainingApp(StageApp):
         self.ema: torch.nn.Module | None = copy.deepcopy(self.model) if args.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
-        parts = fingerprint_parts(args, self.use_amp, self.device, self.dist.world_size)
-        self.fingerprint = run_fingerprint(parts)
-        self.state = StateFolder(self.state_dir, self.fingerprint, parts)
+        self.state = StateFolder(self.state_dir, fingerprint_parts(args, self.use_amp, self.device,
+                                                                   self.dist.world_size))
         self.config = _read_config(args.config)
 
         self.history: list[dict[str, Any]] = []

@@ -79,6 +79,8 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
                      splits_path: str | None, fold: int | None, stores: Sequence[CropStore]) -> tuple[list[str], int]:
     """The scans to predict (each one in the FROC divisor) and the fold label of the rows."""
     model_fold = checkpoint.get("test_fold")
+    # the scans the model learned or chose on: never held out
+    seen = {str(uid): role for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
     if scans == "selection":
         if "selection_series_uids" not in checkpoint:
             raise ValidationError(f"{model_path}: no selection scans recorded (a model from luna-train is needed)")
@@ -90,7 +92,6 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
         uids = list(dict.fromkeys([uid for store in stores for uid in store.geometries]
                                   + [uid for store in stores for uid in store.table["series_uid"].astype(str)]))
         label = fold if fold is not None else (int(model_fold) if model_fold is not None else 0)
-        seen = {str(uid) for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
         n_seen = sum(str(uid) in seen for uid in uids)
         if n_seen:
             logger.warning("--scans all: %d of the %d scans are %s's training or selection scans: these numbers are "
@@ -104,8 +105,6 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
     uids = splits.loc[splits["fold"] == int(chosen), "series_uid"].tolist()
     if not uids:
         raise ValidationError(f"{splits_path}: fold {chosen} has no scans")
-    seen = {str(uid): role for role in ("selection", "train")
-            for uid in checkpoint.get(f"{role}_series_uids", [])}
     leaked = [uid for uid in uids if str(uid) in seen]
     if leaked:  # a test fold the model learned or chose on: its numbers would not be held-out numbers
         raise ValidationError(f"{splits_path}: {len(leaked)} of the {len(uids)} scans of fold {chosen} are in "

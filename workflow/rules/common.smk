@@ -262,32 +262,6 @@ def state_dir(stage, **shaping):
     return f"{RESULTS}/.state/{stage}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-# every file the evaluate job writes, so that a deleted plot or interval table is remade, not missing from the report
-VALIDATION_OUTPUTS = (
-    [
-        f"{VALIDATION_DIR}/{name}"
-        for name in (
-            "predictions.tsv",
-            "metrics.tsv",
-            "submission.csv",
-            "roc.png",
-            "pr.png",
-            "training_curves.png",
-        )
-    ]
-    + (
-        [f"{VALIDATION_DIR}/froc.tsv", f"{VALIDATION_DIR}/froc.png"]
-        if DATASET["annotations"]
-        else []
-    )
-    + (
-        [f"{VALIDATION_DIR}/metrics_ci.tsv"]
-        if DATASET["annotations"] and config["validate"]["bootstrap"] > 0
-        else []
-    )
-)
-
-
 def training_data_settings():
     """The dataset settings that shape a model (the state folder's key): not annotations_excluded (FROC only),
     not the synthetic section when the data is a LUNA16 download."""
