@@ -321,3 +321,58 @@ def test_shipped_config_is_read_from_another_directory(tmp_path) -> None:
     dry = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, {"split": {"run_folds": [1.0]}}))
     assert job_stats(dry.stdout + dry.stderr)["train"] == 1
     assert "results/folds/1/model.pt" in dry.stdout and "results/folds/1.0" not in dry.stdout
+
+
+@pytest.mark.slow
+def test_real_lidc_ct_through_the_whole_luna16_workflow(tmp_path) -> None:
+    """dataset.source luna16 end to end on real CT: the LIDC slab (compressed .zraw, 16 slices of 2.5 mm: the 32-slice
+    crop overhangs it) in subset0 and, under other UIDs, in subset1 and subset2; candidates from a LUNA16-style CSV
+    (the official nodule, a point beside it, lung and body points). Fold 0 is held out; with a 3-scan data set there
+    is no selection set, so the run keeps its last epoch at a fixed threshold."""
+    from conftest import LIDC_DIR, LIDC_UID
+
+    root = tmp_path / "luna"
+    uids = [LIDC_UID, LIDC_UID[:-1] + "4", LIDC_UID[:-1] + "5"]
+    header = (LIDC_DIR / f"{LIDC_UID}.mhd").read_text()
+    for subset, uid in enumerate(uids):
+        folder = root / f"subset{subset}"
+        folder.mkdir(parents=True)
+        (folder / f"{uid}.mhd").write_text(header.replace(LIDC_UID, uid))
+        (folder / f"{uid}.zraw").symlink_to(LIDC_DIR / f"{LIDC_UID}.zraw")
+    nodule = pd.read_csv(LIDC_DIR / "annotations.csv").iloc[0]
+    points = [(nodule.coordX, nodule.coordY, nodule.coordZ, 1), (nodule.coordX + 2.0, nodule.coordY - 1.5, -117.5, 1),
+              (-100.0, 20.0, -120.0, 0), (-60.0, -40.0, -105.0, 0), (90.0, 150.0, -130.0, 0), (0.0, 0.0, -112.5, 0),
+              (120.0, -80.0, -127.5, 0), (-140.0, 100.0, -95.0, 0)]
+    rows = [f"{uid},{x},{y},{z},{cls}" for uid in uids for x, y, z, cls in points]
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "\n".join(rows) + "\n")
+    (root / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n" + "".join(
+        f"{uid},{nodule.coordX},{nodule.coordY},{nodule.coordZ},{nodule.diameter_mm}\n" for uid in uids))
+    config = {"dataset": {"source": "luna16", "root": str(root), "annotations_excluded": None},
+              "split": {"folds": "subsets", "run_folds": [0], "selection_fraction": 0},
+              "train": {"epochs": 1, "samples_per_epoch": 32, "batch_size": 16, "keep": "last", "threshold": 0.5,
+                        "selection_interval": 1, "tta": "none"},
+              "validate": {"bootstrap": 0}}
+    proc = snakemake(tmp_path, configfile=write_config(tmp_path, config))
+    assert "luna: metrics in results/validation/metrics.tsv" in proc.stdout + proc.stderr
+    results = tmp_path / "results"
+    for subset, uid in enumerate(uids):
+        store = read_arrays(results / "crops" / f"subset{subset}.h5")
+        assert store["crops"].shape == (len(points), 32, 48, 48) and set(store["series_uid"]) == {uid}
+        assert (results / "crops" / f"subset{subset}.skipped.tsv").read_text().count("\n") == 1  # header only
+    # the official nodule's crop: its 16 slices in crop slices 9-24, centred on the nodule's slice (voxel z=7 at
+    # crop slice 16, where the 3x3 median is the measured +93 HU: shared/data/README.md), air (-1000) padding around
+    store = read_arrays(results / "crops" / "subset0.h5")
+    crop = store["crops"][0].astype(float)
+    assert store["center_irc"][0].tolist() == [7, 367, 316] and store["crop_start_irc"][0].tolist() == [-9, 343, 292]
+    assert np.median(crop[16, 23:26, 23:26]) == 93
+    assert (crop[:9] == -1000).all() and (crop[25:] == -1000).all() and (crop[9:25] > -1000).any(axis=(1, 2)).all()
+    submission = pd.read_csv(results / "validation" / "submission.csv", dtype={"seriesuid": str})
+    assert set(submission["seriesuid"]) == {LIDC_UID} and len(submission) == len(points)
+    expected = pd.DataFrame(points, columns=["coordX", "coordY", "coordZ", "class"])
+    assert np.allclose(submission.sort_values(["coordX", "coordY"])[["coordX", "coordY", "coordZ"]].to_numpy(),
+                       expected.sort_values(["coordX", "coordY"])[["coordX", "coordY", "coordZ"]].to_numpy())
+    assert submission["probability"].between(0, 1).all()
+    metrics = pd.read_csv(results / "validation" / "metrics.tsv", sep="\t")
+    assert metrics["fold"].astype(str).tolist() == ["0", "all"]
+    assert metrics[["n", "n_pos", "n_neg"]].iloc[0].tolist() == [len(points), 2, len(points) - 2]
+    assert 0.0 <= metrics["cpm"].iloc[0] <= 1.0 and metrics["threshold"].iloc[0] == 0.5
