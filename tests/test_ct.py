@@ -209,4 +209,5 @@ def test_a_header_naming_another_scans_data_file_is_said(tmp_path, caplog) -> No
     write_scan(tmp_path / "1.1.mhd", np.zeros((2, 2, 2), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
     (tmp_path / "1.5.mhd").write_text((tmp_path / "1.1.mhd").read_text())  # a header copied alone
     read_scan(tmp_path / "1.5.mhd")
-    assert f"{tmp_path / '1.5.mhd'}: its voxel data is 1.1.raw (ElementDataFile), not 1.5.raw" in caplog.text
+    read_scan(tmp_path / "1.5.mhd")  # luna-crops reads each header twice (a pre-pass, then the voxels): said once
+    assert caplog.text.count(f"{tmp_path / '1.5.mhd'}: its voxel data is 1.1.raw (ElementDataFile), not 1.5.raw") == 1

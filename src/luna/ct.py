@@ -52,7 +52,7 @@ _DTYPE_KIND = {
 _DIRECTION_KEYS = ("TransformMatrix", "Rotation", "Orientation")  # MetaIO synonyms
 _ORIGIN_KEYS = ("Offset", "Origin", "Position")  # MetaIO synonyms
 _SPACING_KEYS = ("ElementSpacing", "ElementSize")  # ElementSize stands in for a missing ElementSpacing
-_WARNED_NO_SPACING: set[str] = set()  # scans already warned about (header and voxels are read apart)
+_WARNED: set[tuple[str, str]] = set()  # (scan, warning) already said: header and voxels are read apart
 _HEADER_MAX_BYTES = 1 << 20  # a header is a few hundred bytes; stop looking for ElementDataFile after 1 MiB
 _ZLIB_OR_GZIP = 47  # zlib.MAX_WBITS | 32: zlib or gzip stream, as MetaIO's inflateInit2(..., 47)
 
@@ -137,6 +137,15 @@ def data_file(path: str | os.PathLike, header: dict[str, str] | None = None) -> 
     return path.parent / name
 
 
+def _first_time(path: Path, warning: str) -> bool:
+    """True the first time this process is about to give this warning for this scan (then remembered)."""
+    key = (str(path), warning)
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    return True
+
+
 def _is_true(header: dict[str, str], key: str) -> bool:
     """A MetaIO boolean: true when the value starts with ``T``, ``t`` or ``1`` (as MetaIO reads it)."""
     return header.get(key, "False").strip()[:1] in ("T", "t", "1")
@@ -181,7 +190,8 @@ def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
     data = path if local else path.parent / name
     if not local and not data.is_file():
         raise ScanError(f"{path}: voxel data file {data} is missing (ElementDataFile = {name})")
-    if not local and Path(name).stem != path.stem:  # LUNA16 names <uid>.raw: a header copied or renamed alone?
+    # LUNA16 names the data <uid>.raw: another name is a header copied or renamed alone?
+    if not local and Path(name).stem != path.stem and _first_time(path, "data name"):
         logger.warning("%s: its voxel data is %s (ElementDataFile), not %s.raw: another scan's voxels?", path, name,
                        path.stem)
     msb = _is_msb(header)
@@ -308,8 +318,7 @@ def _check_header_geometry(path: Path, header: dict[str, str]) -> None:
                             "numbers)")
         if what == "spacing" and min(values) <= 0:
             raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (spacing must be positive)")
-    if spacing_key is None and str(path) not in _WARNED_NO_SPACING:
-        _WARNED_NO_SPACING.add(str(path))
+    if spacing_key is None and _first_time(path, "no spacing"):
         logger.warning("%s: no ElementSpacing line; 1 mm voxels assumed (MetaIO's default)", path)
     _check_header_direction(path, header)
 
