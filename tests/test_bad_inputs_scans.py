@@ -159,6 +159,8 @@ def test_direction_written_with_six_decimals_is_accepted(tmp_path) -> None:
     ("ElementNumberOfChannels", "3", "expected a single-channel scan, header says ElementNumberOfChannels = 3"),
     ("BinaryData", "False", "ASCII voxel data (BinaryData = False) is not supported"),
     ("ElementDataFile", "LIST", "ElementDataFile = 'LIST': voxel data split over several files is not supported"),
+    ("ElementDataFile", "LIST 2D",  # MetaIO's usual form (was: "voxel data file .../LIST 2D is missing")
+     "ElementDataFile = 'LIST 2D': voxel data split over several files is not supported"),
     ("ElementType", "MET_STRING", "unsupported ElementType MET_STRING"),
     ("DimSize", "16 16", "unreadable header, DimSize = '16 16'"),
 ])
@@ -166,6 +168,19 @@ def test_layouts_not_handled_are_one_line(tmp_path, key, value, reason) -> None:
     path = _scan(tmp_path)
     _edit_header(path, **{key: value})
     assert _one_line_error(read_geometry, path) == f"{path}: {reason}"
+
+
+def test_sizes_past_any_file_are_named_as_such(tmp_path) -> None:
+    """A HeaderSize past the end of the data file, and a DimSize whose byte count overflows int64 (it wrapped to
+    'the header says 0 bytes'), are named for what they are."""
+    path = _scan(tmp_path)
+    _edit_header(path, HeaderSize="1000000000")
+    assert _one_line_error(read_scan, path) == (f"{path}: the voxel data would start at byte 1000000000 of 1.2.3.raw, "
+                                                "which holds 4096 bytes (HeaderSize too large?)")
+    path = _scan(tmp_path, name="1.2.4")
+    _edit_header(path, DimSize="4294967296 4294967296 1")
+    assert _one_line_error(read_scan, path) == (f"{tmp_path / '1.2.4.raw'}: truncated voxel data, 4096 bytes where "
+                                                f"{2 * 4294967296 ** 2} are needed")
 
 
 @pytest.mark.parametrize("key, value, what", [

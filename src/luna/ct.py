@@ -26,6 +26,7 @@ slice, several channels) is a one-line error.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import zlib
@@ -84,7 +85,7 @@ class VoxelLayout:
     @property
     def nbytes(self) -> int:
         """Decoded size: prod(DimSize) x bytes per element."""
-        return int(np.prod(self.shape_irc)) * self.dtype.itemsize
+        return math.prod(int(n) for n in self.shape_irc) * self.dtype.itemsize  # Python ints: no int64 wrap
 
 
 def _read_header_lines(path: Path) -> tuple[dict[str, str], int]:
@@ -184,7 +185,7 @@ def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
     if "BinaryData" in header and not _is_true(header, "BinaryData"):
         raise ScanError(f"{path}: ASCII voxel data (BinaryData = {header['BinaryData']}) is not supported")
     name = header["ElementDataFile"]
-    if name.upper() == "LIST" or "%" in name:
+    if name.upper().split()[:1] == ["LIST"] or "%" in name:  # MetaIO writes "LIST" or "LIST 2D"
         raise ScanError(f"{path}: ElementDataFile = {name!r}: voxel data split over several files is not supported")
     local = name.upper() == "LOCAL"
     data = path if local else path.parent / name
@@ -237,6 +238,9 @@ def _check_sizes(path: Path, layout: VoxelLayout) -> None:
         what = "voxel data"
         hint = (f"DimSize {layout.shape_irc[2]} {layout.shape_irc[1]} {layout.shape_irc[0]} x "
                 f"{layout.dtype.itemsize} bytes of ElementType")
+    if actual < 0:
+        raise ScanError(f"{path}: the voxel data would start at byte {layout.offset} of {layout.data.name}, which "
+                        f"holds {_file_size(layout.data)} bytes (HeaderSize too large?)")
     if actual < expected:
         raise ScanError(f"{layout.data}: truncated {what}, {actual} bytes where {expected} are needed")
     if actual > expected:
