@@ -21,6 +21,7 @@ from luna.cropping import crop_start, cut_crop, cut_scan_crops
 from luna.crops import CropApp, main
 from luna.ct import read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
+from luna.io import OutputError
 from luna.store import CropStore, read_crops
 from store_util import read_arrays
 
@@ -232,8 +233,32 @@ def test_cache_round_trip_and_incomplete_entry_is_a_miss(tmp_path):
         # killed after the crops file but before the per-row arrays: not a hit
         cache.set(("k", 3, "crops"), _BufferReader(crops), read=True)
         assert cache_get(cache, ("k", 3)) is None
+        # the crops file changed on disk after the entry was made: same size (was used as it was) or longer
+        cache_put(cache, ("k", 4), crops, rows)
+        with cache.get(("k", 4, "crops"), read=True) as handle:
+            path = Path(handle.name)
+        with open(path, "r+b") as fh:
+            fh.seek(100)
+            fh.write(b"XXXXXXXX")
+        assert cache_get(cache, ("k", 4)) is None
+        cache_put(cache, ("k", 5), crops, rows)
+        with cache.get(("k", 5, "crops"), read=True) as handle:
+            path = Path(handle.name)
+        with open(path, "ab") as fh:
+            fh.write(b"\0\0")
+        assert cache_get(cache, ("k", 5)) is None
+        assert cache_get(cache, ("k", 1)) is not None
     finally:
         cache.close()
+
+
+def test_unreadable_cache_database_says_delete_it(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cache.db").write_bytes(np.random.default_rng(0).bytes(28672))
+    with pytest.raises(OutputError) as info:
+        open_cache(tmp_path / "cache")
+    assert str(info.value) == (f"{tmp_path / 'cache'}: cannot use the resume cache (file is not a database: corrupt? "
+                               "delete the folder to start afresh)")
 
 
 # ---------------------------------------------------------------------------------------------------- exactness

@@ -7,6 +7,7 @@ import logging
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -24,11 +25,12 @@ from luna.data import (
     random_affine,
 )
 from luna.geometry import Geometry
-from luna.store import StoreWriter
+from luna.store import CropStore, StoreError, StoreWriter
 
 
 def make_store(path: Path, n: int = 40, n_pos: int = 8, n_scans: int = 8, seed: int = 0,
-               uid_prefix: str = "1.2.3", unlabelled: bool = False) -> list[str]:
+               uid_prefix: str = "1.2.3", unlabelled: bool = False, hu_window: tuple[int, int] = (-1000, 1000)
+               ) -> list[str]:
     """A tiny labelled crop store: positives carry a bright central blob, negatives are noise."""
     rng = np.random.default_rng(seed)
     uids = [f"{uid_prefix}.{k}" for k in range(n_scans)]
@@ -46,7 +48,7 @@ def make_store(path: Path, n: int = 40, n_pos: int = 8, n_scans: int = 8, seed: 
         "is_nodule": np.full(n, -1, dtype=np.int8) if unlabelled else labels,
         "diameter_mm": np.where(labels == 1, 6.0, 0.0).astype(np.float32),
     }
-    with StoreWriter(path, n, (32, 48, 48), (-1000, 1000), subset=path.stem) as writer:
+    with StoreWriter(path, n, (32, 48, 48), hu_window, subset=path.stem) as writer:
         for uid in uids:
             writer.add_scan(uid, Geometry(np.zeros(3), np.ones(3)), (100, 200, 200))
         writer.write_rows(np.arange(n), np.clip(crops, -1000, 1000).astype(np.int16), fields)
@@ -113,6 +115,42 @@ def test_dataset_needs_labels_in_the_split(tmp_path: Path) -> None:
     uids = make_store(tmp_path / "s.h5", unlabelled=True)
     with pytest.raises(DataError, match=r"s\.h5: row \d+ .*no class label"):
         CropDataset([tmp_path / "s.h5"], roles_of(uids), "train")
+
+
+def test_inconsistent_or_mixed_stores_are_one_line(tmp_path: Path) -> None:
+    """A store whose arrays disagree with each other (hand-edited, foreign) is a StoreError naming it on opening
+    (was an h5py broadcast or pandas length error at the first read); stores cut with different HU windows are
+    not mixed into one dataset."""
+    uids = make_store(tmp_path / "a.h5", n=12, n_pos=2, n_scans=3)
+    roles = roles_of(uids)
+
+    def doctored(name: str, edit) -> Path:
+        path = tmp_path / f"{name}.h5"
+        path.write_bytes((tmp_path / "a.h5").read_bytes())
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        return path
+
+    def replace(f, name: str, data: np.ndarray) -> None:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+    shape = doctored("shape", lambda f: f.attrs.__setitem__("crop_shape", np.array([16, 48, 48])))
+    with pytest.raises(StoreError) as info:
+        CropStore(shape)
+    assert str(info.value) == (f"{shape}: inconsistent crop store: crops are int16 (12, 32, 48, 48) where its 12 rows "
+                               "and crop_shape (16, 48, 48) need int16 (12, 16, 48, 48)")
+    as_float = doctored("float", lambda f: replace(f, "crops", f["crops"][:].astype(np.float32)))
+    with pytest.raises(StoreError, match=r"float\.h5: inconsistent crop store: crops are float32"):
+        CropStore(as_float)
+    short = doctored("short", lambda f: replace(f, "series_uid", f["series_uid"][:5]))
+    with pytest.raises(StoreError, match=r"short\.h5: inconsistent crop store \(All arrays must be of the same length"):
+        CropStore(short)
+    make_store(tmp_path / "b.h5", n=12, n_pos=2, n_scans=3, hu_window=(-500, 500))
+    with pytest.raises(DataError) as data_info:
+        CropDataset([tmp_path / "a.h5", tmp_path / "b.h5"], roles, "train")
+    assert str(data_info.value) == (f"{tmp_path / 'b.h5'}: HU window [-500, 500] differs from [-1000, 1000] of "
+                                    f"{tmp_path / 'a.h5'}")
 
 
 # -- sampling ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import csv
 from pathlib import Path
 
@@ -325,6 +326,16 @@ def test_config_errors_name_the_key():
         SynthConfig(size_xy_min=64, size_xy_max=64)  # 64 x 0.46 mm = 29 mm field of view
     with pytest.raises(SynthError, match=r"synthetic\.negative_mix"):
         SynthConfig(negative_mix=(1.0, 2.0))
+    with pytest.raises(SynthError, match=r"synthetic\.negative_mix .*finite weights"):
+        SynthConfig(negative_mix=(1.0, 1.0, 1.0, 1.0, math.inf))  # was numpy's "pvals < 0, ..." after writing
+    # diameters no draw can reach (sample_diameters_mm redrew forever: the synthesize job hung)
+    with pytest.raises(SynthError, match=r"synthetic\.diameter_log_mu = 10.0: .* probability 3.1e-44, need >= 0.001"):
+        SynthConfig(diameter_log_mu=10.0)
+    with pytest.raises(SynthError, match=r"synthetic\.diameter_log_mu = nan: must be a finite number"):
+        SynthConfig(diameter_log_mu=math.nan)
+    with pytest.raises(SynthError, match=r"synthetic\.diameter_log_sigma = inf"):
+        SynthConfig(diameter_log_sigma=math.inf)
+    assert SynthConfig(diameter_log_mu=0.0).diameter_log_mu == 0.0  # 20% of draws above 3 mm: fine
     with pytest.raises(SynthError, match=r"synthetic\.colour"):
         SynthConfig.from_dict({"colour": 1})
     assert SynthConfig.from_dict(SynthConfig().to_dict()) == SynthConfig()
@@ -382,3 +393,42 @@ def test_app_writes_and_rerun_drops_stale_scans(tmp_path):
     mhds = list(root.glob("subset0/*.mhd"))
     uids = [r[0] for r in _read_csv(root / "seriesuids.csv")]
     assert [p.stem for p in mhds] == uids and len(list(root.glob("subset0/*.raw"))) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """kill -9 of luna-synth --jobs 2 takes its worker processes with it (they went on writing scans from the
+    killed run's config into the folder a rerun was filling, after the rerun had finished)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "luna.synth", "--out", str(tmp_path / "d"), "--jobs", "2", "--n-subsets", "2",
+           "--scans-per-subset", "3", "--size-xy-min", "256", "--size-xy-max", "256", "--extent-z-mm-min", "150",
+           "--extent-z-mm-max", "150", "--negatives-per-positive", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        text = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+        return [int(pid) for pid in text.split()]
+
+    deadline = time.monotonic() + 60
+    while not children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = children()
+    assert workers and proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"  # zombie: dead
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 5
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in workers)

@@ -240,6 +240,7 @@ def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> No
     assert raw["epoch"] == int(best.epoch)  # --keep f1 at the fixed threshold 0.5
     assert raw["val_metrics"]["epoch"] == raw["epoch"] and raw["val_metrics"]["split"] == "selection"
     assert raw["threshold"] == 0.5 and raw["threshold_policy"] == "0.5" and raw["keep"] == "f1"
+    assert raw["hu_window"] == [-1000, 1000]  # luna-predict refuses stores cut with another window
     # provenance of the held-out fold: nothing of test fold 0 was trained or chosen on
     assert raw["test_fold"] == 0 and raw["crop_shape"] == [32, 48, 48]
     assert raw["train_series_uids"] == ["1.2.3.2", "1.2.3.5", "1.2.3.6", "1.2.3.7"]

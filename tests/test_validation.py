@@ -77,7 +77,8 @@ def synthetic_crop(rng: np.random.Generator, nodule: bool) -> np.ndarray:
 
 
 def write_store(path: Path, rows: list[tuple], seed: int, subset: str, extra_scans: tuple[str, ...] = (),
-                crop_shape: tuple[int, int, int] = CROP_SHAPE, unlabelled: bool = False) -> Path:
+                crop_shape: tuple[int, int, int] = CROP_SHAPE, unlabelled: bool = False,
+                hu_window: tuple[int, int] = (-1000, 1000)) -> Path:
     rng = np.random.default_rng(seed)
     geometry = Geometry(np.zeros(3), np.ones(3))
     shape_irc = (100, 512, 512)
@@ -87,7 +88,7 @@ def write_store(path: Path, rows: list[tuple], seed: int, subset: str, extra_sca
         crops = np.stack([synthetic_crop(rng, bool(row[5])) for row in rows])
     else:
         crops = rng.integers(-1000, 1000, (len(rows), *crop_shape)).astype(np.int16)
-    with StoreWriter(path, len(rows), crop_shape, (-1000, 1000), subset=subset) as writer:
+    with StoreWriter(path, len(rows), crop_shape, hu_window, subset=subset) as writer:
         for uid in dict.fromkeys([row[1] for row in rows] + list(extra_scans)):
             writer.add_scan(uid, geometry, shape_irc)
         writer.write_rows(np.arange(len(rows)), crops, {
@@ -481,7 +482,8 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
-                                  "no_fold", "fold_not_in_stores", "negative_seed"])
+                                  "no_fold", "fold_not_in_stores", "negative_seed", "wrong_hu_window",
+                                  "mixed_hu_windows"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
             "--out": str(tmp_path / "out"), "--device": "cpu", "--fold": "0"}
@@ -509,6 +511,15 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
         argv["--crops"] = [str(small)]
         expected = "model.pt: the model was trained on crops of shape [32, 48, 48], " \
                    f"{tmp_path / 'small.h5'} holds [8, 8, 8]"
+    elif case == "wrong_hu_window":  # the same HU values would mean other tissue: probabilities silently wrong
+        argv["--model"] = str(save_checkpoint(tmp_path / "model.pt", ct_model(), epoch=EPOCH,
+                                              extra={"test_fold": 0, "hu_window": [-500, 500]}))
+        expected = (f"{tmp_path / 'model.pt'}: the model was trained on crops of HU window [-500, 500], "
+                    f"{inputs['store0']} holds [-1000, 1000]")
+    elif case == "mixed_hu_windows":
+        narrow = write_store(tmp_path / "n.h5", STORE1_ROWS, seed=2, subset="x", hu_window=(-500, 500))
+        argv["--crops"].append(str(narrow))
+        expected = f"{narrow}: HU window [-500, 500] differs from {inputs['store0']}'s [-1000, 1000]"
     else:
         (tmp_path / "h.tsv").write_text("epoch\tsplit\n1\ttrain\n")
         argv["--history"] = str(tmp_path / "h.tsv")

@@ -1,8 +1,8 @@
 """The crop stage's per-scan resume cache (diskcache): one entry per scan, so a killed job reruns only the
 scans it had not finished (luna.crops; contract in docs/design.md, "Caching, resuming, failing cleanly").
 
-An entry is the scan's crops as a raw file plus its per-row arrays, written last so that their presence marks a
-complete entry. Keys hold the scan file's identity, the crop parameters, the exact centres and
+An entry is the scan's crops as a raw file plus its per-row arrays and the crops' checksum, written last so that
+their presence marks a complete entry; an entry whose bytes no longer match is a miss (the scan is cut again). Keys hold the scan file's identity, the crop parameters, the exact centres and
 CACHE_FORMAT_VERSION. Cache failures (OSError, sqlite3.Error) become one OutputError line naming the folder.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from luna.io import OutputError, describe_os_error
 
-CACHE_FORMAT_VERSION = 1  # of a cached per-scan result; bump whenever cutting or the cached value changes
+CACHE_FORMAT_VERSION = 2  # of a cached per-scan result; bump when cutting or the cached value changes (2: checksum)
 CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; never evict while a job runs
 CACHE_BYTES_PER_SCAN = 64 * 1024  # beside the crops: the entry's database row and per-row arrays (upper bound)
 
@@ -47,11 +47,15 @@ class _BufferReader:
         return chunk
 
 
+def _digest(crops: np.ndarray) -> str:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(crops)).cast("B"), digest_size=16).hexdigest()
+
+
 def cache_put(cache: diskcache.Cache, key: tuple, crops: np.ndarray, rows: dict[str, np.ndarray]) -> None:
-    """Store one scan's result: the crops as a raw file, then the per-row arrays (written last: their presence
-    marks a complete entry, so a job killed mid-write leaves a miss, never half a result)."""
+    """Store one scan's result: the crops as a raw file, then the per-row arrays and the crops' checksum (written
+    last: their presence marks a complete entry, so a job killed mid-write leaves a miss, never half a result)."""
     cache.set((*key, "crops"), _BufferReader(crops), read=True, retry=True)
-    cache.set((*key, "rows"), {"shape": crops.shape, **rows}, retry=True)
+    cache.set((*key, "rows"), {"shape": crops.shape, "blake2b": _digest(crops), **rows}, retry=True)
 
 
 def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
@@ -63,6 +67,7 @@ def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str,
     if handle is None:
         return None
     crops = np.empty(rows.pop("shape"), dtype=np.int16)
+    digest = rows.pop("blake2b")
     buffer = memoryview(crops).cast("B")
     with handle:
         n_read = 0
@@ -71,6 +76,10 @@ def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str,
             if not n:
                 return None  # shorter than recorded: treat as not cached
             n_read += n
+        if handle.read(1):
+            return None  # longer than recorded
+    if _digest(crops) != digest:
+        return None  # bytes changed on disk since they were cached: cut the scan again
     return crops, rows
 
 
@@ -99,5 +108,7 @@ def cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = ("no space left on device" if "disk is full" in message
                   else "permission denied or read-only file system" if "readonly" in message
+                  else f"{message}: corrupt? delete the folder to start afresh" if isinstance(exc, sqlite3.DatabaseError)
+                  and ("not a database" in message or "malformed" in message)
                   else message)
     return OutputError(f"{cache_dir}: cannot use the resume cache ({reason})")

@@ -214,6 +214,7 @@ class CropApp(StageApp):
         self.cache_dir = Path(a.cache_dir) if a.cache_dir else self.out.parent / f".{self.out.name}.cache"
         self.root = Path(a.root)
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
+        self._cache_unreadable = False
         t0 = time.perf_counter()
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
@@ -279,7 +280,7 @@ class CropApp(StageApp):
         if self._cache is not None:
             n_scans = complete_entries(self._cache)
             self._cache.close()
-        if not self.cache_dir.is_dir():
+        if not self.cache_dir.is_dir() or self._cache_unreadable:
             return
         if n_scans == 0:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -409,7 +410,11 @@ class CropApp(StageApp):
         pending: dict[Future, _ScanJob] = {}
         wrote_skipped = False
         try:
-            cache = self._cache = open_cache(self.cache_dir)
+            try:
+                cache = self._cache = open_cache(self.cache_dir)
+            except OutputError:
+                self._cache_unreadable = True  # the error says what to do; no "a rerun resumes from it"
+                raise
             self._check_cache_space(cache, jobs)
             queue = iter(good)
             max_in_flight = a.threads + 1  # bounds memory: volumes being cut + results waiting to be written

@@ -103,6 +103,9 @@ class CropDataset(Dataset):
         for store in self.stores:
             if store.crop_shape != self.crop_shape:
                 raise DataError(f"{store.path}: crop shape {store.crop_shape} differs from {self.crop_shape}")
+            if store.hu_window != self.stores[0].hu_window:  # the same HU values would mean different tissue
+                raise DataError(f"{store.path}: HU window {list(store.hu_window)} differs from "
+                                f"{list(self.stores[0].hu_window)} of {self.stores[0].path}")
 
     def __len__(self) -> int:
         return len(self.labels)

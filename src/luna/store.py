@@ -333,13 +333,26 @@ class CropStore:
                 })
                 self.center_irc = center_irc
                 self.crop_start_irc = start
+                crops = f["crops"]
+                n = len(self.table)
+                if crops.dtype != np.int16 or crops.shape != (n, *self.crop_shape):
+                    raise StoreError(f"{self.path}: inconsistent crop store: crops are {crops.dtype} "
+                                     f"{tuple(crops.shape)} where its {n} rows and crop_shape {self.crop_shape} need "
+                                     f"int16 {(n, *self.crop_shape)}")
+                if center_irc.shape != (n, 3) or start.shape != (n, 3) or center.shape != (n, 3):
+                    raise StoreError(f"{self.path}: inconsistent crop store: center_xyz, center_irc or "
+                                     f"crop_start_irc do not hold 3 values for each of its {n} rows")
                 self.geometries = {
                     uid: (Geometry.from_dict({k: g.attrs[k] for k in ("origin_xyz", "spacing_xyz", "direction")}),
                           tuple(int(v) for v in g.attrs["shape_irc"]))
                     for uid, g in f["geometry"].items()
                 }
+        except StoreError:
+            raise
         except (OSError, KeyError) as exc:
             raise StoreError(f"{self.path}: not a readable luna crop store ({exc})") from exc
+        except ValueError as exc:  # pandas: per-row arrays of different lengths
+            raise StoreError(f"{self.path}: inconsistent crop store ({exc})") from exc
 
     def __len__(self) -> int:
         return len(self.table)

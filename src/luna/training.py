@@ -551,6 +551,7 @@ class LunaTrainingApp(StageApp):
             "selection_series_uids": scans_with_role(self.roles, "selection"),
             "threshold": float(self.best_threshold),
             "threshold_policy": str(policy),
+            "hu_window": list(self.train_ds.stores[0].hu_window),  # luna-predict refuses stores cut otherwise
             "keep": self.args.keep,
             "selection_metrics": selection.operating_row if selection is not None else {},
             "tensorboard_runs": [str(self.tb_dir / run) for run in self.tensorboard.run_names]

@@ -68,10 +68,13 @@ def open_stores(paths: Sequence[str | os.PathLike]) -> list[CropStore]:
     error."""
     check_distinct_stores(paths)
     stores = [CropStore(path) for path in paths]
-    shapes = {store.crop_shape for store in stores}
-    if len(shapes) > 1:
-        raise ValidationError(f"{stores[-1].path}: crop shape {stores[-1].crop_shape} differs from "
-                              f"{stores[0].path}'s {stores[0].crop_shape}")
+    for store in stores[1:]:
+        if store.crop_shape != stores[0].crop_shape:
+            raise ValidationError(f"{store.path}: crop shape {store.crop_shape} differs from "
+                                  f"{stores[0].path}'s {stores[0].crop_shape}")
+        if store.hu_window != stores[0].hu_window:
+            raise ValidationError(f"{store.path}: HU window {list(store.hu_window)} differs from "
+                                  f"{stores[0].path}'s {list(stores[0].hu_window)}")
     return stores
 
 
@@ -219,6 +222,10 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
     if tuple(stores[0].crop_shape) != trained_on:
         raise ValidationError(f"{args.model}: the model was trained on crops of shape {list(trained_on)}, "
                               f"{stores[0].path} holds {list(stores[0].crop_shape)}")
+    trained_window = checkpoint.get("hu_window")  # absent in models saved before it was recorded
+    if trained_window is not None and list(stores[0].hu_window) != list(trained_window):
+        raise ValidationError(f"{args.model}: the model was trained on crops of HU window {list(trained_window)}, "
+                              f"{stores[0].path} holds {list(stores[0].hu_window)}")
     scans, fold = scans_to_predict(args.scans, checkpoint, args.model, splits, args.splits, args.fold, stores)
     rows = rows_of_scans(stores, scans)
     duplicated = rows.duplicated(["series_uid", "candidate_id"])

@@ -19,6 +19,7 @@ ANNOTATIONS_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 FULL_SIZE_XY = 512
 FULL_EXTENT_Z_MM = (300.0, 380.0)
 MIN_FOV_MM = 60.0  # smallest in-plane field of view (size x spacing) that holds two lungs
+MIN_DIAMETER_MASS = 1e-3  # least share of ln-normal diameter draws inside [diameter_min_mm, diameter_max_mm]
 NODULE_KINDS = ("solid", "part_solid", "ground_glass", "calcified")
 NEGATIVE_KINDS = ("vessel", "large_vessel", "branching", "wall", "parenchyma")
 
@@ -146,11 +147,22 @@ class SynthConfig:
         if not 0 < self.diameter_min_mm < self.diameter_max_mm <= 60:
             raise bad("diameter_min_mm", (self.diameter_min_mm, self.diameter_max_mm),
                       "need 0 < diameter_min_mm < diameter_max_mm <= 60")
-        if not self.diameter_log_sigma > 0:
-            raise bad("diameter_log_sigma", self.diameter_log_sigma, "must be > 0")
-        if len(self.negative_mix) != len(NEGATIVE_KINDS) or min(self.negative_mix) < 0 or sum(self.negative_mix) <= 0:
+        if not (math.isfinite(self.diameter_log_sigma) and self.diameter_log_sigma > 0):
+            raise bad("diameter_log_sigma", self.diameter_log_sigma, "must be a finite number > 0")
+        if not math.isfinite(self.diameter_log_mu):
+            raise bad("diameter_log_mu", self.diameter_log_mu, "must be a finite number")
+        mass = truncated_normal_mass(math.log(self.diameter_min_mm), math.log(self.diameter_max_mm),
+                                     self.diameter_log_mu, self.diameter_log_sigma)
+        if mass < MIN_DIAMETER_MASS:  # sample_diameters_mm draws until enough fall inside: it would not return
+            raise bad("diameter_log_mu", self.diameter_log_mu,
+                      f"with diameter_log_sigma = {self.diameter_log_sigma:g} a diameter falls in [diameter_min_mm, "
+                      f"diameter_max_mm] = [{self.diameter_min_mm:g}, {self.diameter_max_mm:g}] mm with probability "
+                      f"{mass:.1e}, need >= {MIN_DIAMETER_MASS:g}")
+        if (len(self.negative_mix) != len(NEGATIVE_KINDS) or not all(math.isfinite(w) for w in self.negative_mix)
+                or min(self.negative_mix) < 0 or sum(self.negative_mix) <= 0):
             raise bad("negative_mix", self.negative_mix,
-                      f"need {len(NEGATIVE_KINDS)} weights >= 0 ({', '.join(NEGATIVE_KINDS)}) with a positive sum")
+                      f"need {len(NEGATIVE_KINDS)} finite weights >= 0 ({', '.join(NEGATIVE_KINDS)}) with a "
+                      "positive sum")
         if not re.fullmatch(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.", self.uid_prefix) or len(self.uid_prefix) > 34:
             raise bad("uid_prefix", self.uid_prefix,
                       "must be a DICOM UID root ending in '.', at most 34 characters (UIDs are <= 64)")
@@ -220,10 +232,19 @@ def sample_diameters_mm(rng: np.random.Generator, n: int, mu: float = 1.99, sigm
     """
     out = np.empty(0)
     lo, hi = math.log(min_mm), math.log(max_mm)
+    if n > 0 and not truncated_normal_mass(lo, hi, mu, sigma) >= MIN_DIAMETER_MASS:
+        raise SynthError(f"diameters ln N({mu:g}, {sigma:g}) fall in [{min_mm:g}, {max_mm:g}] mm too rarely to draw")
     while out.size < n:
         z = rng.normal(mu, sigma, size=max(16, 2 * (n - out.size)))
         out = np.concatenate([out, z[(z >= lo) & (z <= hi)]])
     return np.exp(out[:n])
+
+
+def truncated_normal_mass(lo: float, hi: float, mu: float, sigma: float) -> float:
+    """P(lo <= z <= hi) for z ~ N(mu, sigma): how often :func:`sample_diameters_mm` keeps a draw (on ln mm)."""
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-(x - mu) / (sigma * math.sqrt(2.0)))
+    return phi(hi) - phi(lo)
 
 
 def truncated_lognormal_cdf(d_mm: np.ndarray, mu: float, sigma: float, min_mm: float, max_mm: float) -> np.ndarray:

@@ -7,14 +7,18 @@ not write and remove the stale scans of an earlier run. Kept apart so that the s
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import json
 import logging
 import multiprocessing
+import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -90,6 +94,20 @@ def _prepare_root(root: Path, plans: list[ScanPlan], config: SynthConfig) -> Non
             folder.rmdir()
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: on Linux the worker is killed when the parent dies, so that a killed run's workers
+    cannot go on writing scans into the folder a rerun is filling (elsewhere: it stops before its first scan if the
+    parent is already gone)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the getppid check below still catches a parent already gone
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]:
     """Write the whole data set under ``root`` (scans in parallel with ``jobs`` processes); CSVs last.
 
@@ -117,12 +135,17 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
     else:
         # fork on Linux: spawn/forkserver re-import the parent's __main__, which re-runs a Snakemake rule script
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_make_scan_files, str(root), plan, config) for plan in plans]
-            for fut in as_completed(futures):
-                res = fut.result()
-                results[res["index"]] = res
-                progress(len(results))
+            try:
+                for fut in as_completed(futures):
+                    res = fut.result()
+                    results[res["index"]] = res
+                    progress(len(results))
+            except BrokenProcessPool as exc:
+                raise SynthError(f"{root}: a scan worker process died ({exc}); killed, or out of memory? (try fewer "
+                                 "--jobs)") from exc
     ordered = [results[p.index] for p in sorted(plans, key=lambda p: p.series_uid)]
     annotations = [row for r in ordered for row in r["annotations"]]
     excluded = [row for r in ordered for row in r["excluded"]]

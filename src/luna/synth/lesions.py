@@ -147,6 +147,7 @@ def _place_blobs(rng: np.random.Generator, a: _Anatomy, config: SynthConfig, n_n
 
     def place(diameter: float, kind: str, attachment: str, is_nodule: bool,
               radius: float | None = None) -> _Blob | None:
+        shrunk = False
         for attempt in range(8):
             r = diameter / 2 if radius is None else radius
             for centre in propose(attachment, r, 64):
@@ -162,7 +163,8 @@ def _place_blobs(rng: np.random.Generator, a: _Anatomy, config: SynthConfig, n_n
                 if diameter <= config.diameter_min_mm:
                     break
                 diameter = max(diameter * 0.8, config.diameter_min_mm)
-                stats["nodules_shrunk"] += 1
+                stats["nodules_shrunk"] += not shrunk  # nodules, not shrink steps
+                shrunk = True
         return None
 
     nodules: list[_Blob] = []
