@@ -88,6 +88,22 @@ def test_missing_candidates_file_named(tmp_path) -> None:
     assert f"dataset.candidates: file {tmp_path / 'luna' / 'candidates.csv'} not found" in proc.stdout + proc.stderr
 
 
+def test_candidates_without_a_class_column_stop_the_dry_run(tmp_path) -> None:
+    """luna-candidates takes a list without labels (to predict); the workflow trains, and found out in luna-train
+    after every crop ("row 0 has no class label", naming a crop store)."""
+    root = tmp_path / "luna"
+    (root / "subset0").mkdir(parents=True)
+    (root / "subset0" / "1.2.mhd").write_text("")  # found by name; the dry run reads no scan
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ\n1.2,0,0,0\n")
+    for name in ("annotations.csv", "annotations_excluded.csv"):
+        (root / name).write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, {"dataset": {"source": "luna16",
+                                                                                    "root": str(root)}}), check=False)
+    assert proc.returncode != 0
+    assert (f"dataset.candidates: {root / 'candidates.csv'} has no class column (header: seriesuid,coordX,coordY,"
+            "coordZ); the workflow trains on the candidates' labels") in proc.stdout + proc.stderr
+
+
 def test_no_annotations_means_no_excluded_findings(tmp_path) -> None:
     """annotations: null (predict-only) with the shipped annotations_excluded: the excluded findings qualify a FROC
     there is not, so they are ignored (luna-evaluate refused the pair, after every fold had trained)."""
@@ -108,6 +124,11 @@ def tiny_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("tiny")
     proc = snakemake(workdir, configfile=write_config(workdir, TINY_CONFIG))
     assert "luna: metrics in results/validation/metrics.tsv" in proc.stdout + proc.stderr
+    hint = [line for line in (proc.stdout + proc.stderr).splitlines() if "luna: build the report with: " in line]
+    # run with -s <repo>/Snakefile --directory <workdir>: the hint repeats both, so it works from any folder
+    assert hint == [f"luna: build the report with: snakemake --report report.html -s {REPO / 'Snakefile'} "
+                    f"--directory {workdir.resolve()} --configfile {workdir / 'config.yaml'}"]
+    (workdir / "report_hint.txt").write_text(hint[0].split(" with: ", 1)[1])
     return workdir
 
 
@@ -177,7 +198,11 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
 
 @pytest.mark.slow
 def test_report_has_metrics_and_plots(tiny_run: Path) -> None:
-    snakemake(tiny_run, "--report", "report.html", configfile=tiny_run / "config.yaml")
+    hint = (tiny_run / "report_hint.txt").read_text().split()  # the command printed after the run, as printed
+    assert hint[:3] == ["snakemake", "--report", "report.html"]
+    proc = subprocess.run([str(BIN / "snakemake"), *hint[1:]], cwd=REPO.parent, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     html = (tiny_run / "report.html").read_text(errors="replace")
     for needle in ("metrics.tsv", "roc.png", "froc.png", "pr.png", "training_curves.png", "submission.csv"):
         assert needle in html
@@ -227,6 +252,13 @@ def test_train_gpus_2_runs_two_processes_under_torchrun(tiny_run: Path, tmp_path
     target = "results/folds/0/history.tsv"
     dry = snakemake(work, "-n", targets=(target,), configfile=write_config(work, config))
     assert job_stats(dry.stdout + dry.stderr) == {"train": 1}
+    # --resources gpu=1: Snakemake cuts the job's gpu to 1 and runs it; two processes on one device were started
+    refused = snakemake(work, targets=(target,), resources_gpu=1, configfile=work / "config.yaml", check=False)
+    assert refused.returncode != 0
+    message = ("train.gpus = 2, but this job was granted gpu=1 (--resources gpu=1): give --resources gpu=2 or more, "
+               "or set train.gpus: 1")
+    assert message in refused.stdout + refused.stderr
+    assert (work / "logs" / "train" / "0.log").read_text().splitlines()[-1] == f"luna-train: error: {message}"
     snakemake(work, targets=(target,), resources_gpu=2, configfile=work / "config.yaml")
     log = (work / "logs" / "train" / "0.log").read_text()
     assert "torchrun, 2 processes" in log and "2 process(es)" in log

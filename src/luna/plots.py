@@ -90,7 +90,7 @@ def plot_pr(labels: np.ndarray, probabilities: np.ndarray, row: dict[str, object
         if not math.isnan(float(row["precision"])):  # type: ignore[arg-type]
             ax.plot([float(row["recall"])], [float(row["precision"])], "o", color="C3",  # type: ignore[arg-type]
                     label=f"{_operating_point(row)}, F1 {float(row['f1']):.4f}")  # type: ignore[arg-type]
-        ax.legend(loc="lower left")
+        ax.legend(loc="best")  # lower left covered the operating point when recall is low
     else:
         _note(ax, "precision-recall undefined: no positive candidates")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.02), xlabel="recall", ylabel="precision",
@@ -157,18 +157,20 @@ def plot_froc(result: FrocResult, path: str | os.PathLike, split: str = "test") 
 
 def plot_training_curves(folds: Sequence[tuple[int, pd.DataFrame, int | None]], path: str | os.PathLike) -> Path:
     """Per fold (one row of panels each): loss, and precision / recall / F1 at threshold 0.5, per epoch, train
-    dashed and selection solid, with the epoch model.pt keeps. ``folds``: (fold, history, kept epoch)."""
+    dashed with squares and selection solid with dots, with the epoch model.pt keeps. ``folds``: (fold, history,
+    kept epoch)."""
     figure = _figure(11.0, 3.6 * max(1, len(folds)))
     axes = figure.subplots(max(1, len(folds)), 2, squeeze=False)
-    styles = {"train": "--", "selection": "-"}
+    styles = {"train": ("--", "s"), "selection": ("-", "o")}  # line and marker: both show in the legend
     for (fold, history, chosen_epoch), (ax_loss, ax_scores) in zip(folds, axes):
-        for split, style in styles.items():
+        for split, (style, marker) in styles.items():
             part = history.loc[history["split"] == split].sort_values("epoch")
             if part.empty:
                 continue
-            ax_loss.plot(part["epoch"], part["loss_all"], style, marker="o", color="C0", label=f"{split} loss")
+            ax_loss.plot(part["epoch"], part["loss_all"], style, marker=marker, markersize=4, color="C0",
+                         label=f"{split} loss")
             for column, color in (("f1", "C2"), ("recall", "C1"), ("precision", "C4")):
-                ax_scores.plot(part["epoch"], part[column], style, marker="o", color=color,
+                ax_scores.plot(part["epoch"], part[column], style, marker=marker, markersize=4, color=color,
                                label=f"{split} {column}")
         for ax in (ax_loss, ax_scores):
             if chosen_epoch is not None:
@@ -176,7 +178,7 @@ def plot_training_curves(folds: Sequence[tuple[int, pd.DataFrame, int | None]], 
                            label=f"model.pt (epoch {chosen_epoch})")
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="best", handlelength=4)  # long enough to show the dashes past the marker
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax_loss.set(ylabel="mean cross-entropy loss", title=f"Fold {fold}: loss")
         ax_scores.set(ylabel="score at threshold 0.5", ylim=(0, 1.02), title=f"Fold {fold}: F1, recall, precision")

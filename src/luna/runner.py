@@ -97,6 +97,19 @@ def run_rule(app_factory: Callable[[list[str]], object], argv: Sequence[str], lo
         sys.exit(f"{app_factory.__name__} failed (exit {code}): {last[0] if last else ''}")
 
 
+def check_granted_gpus(gpus: int, granted: int, log_path: str | os.PathLike) -> None:
+    """Fail the train job, one line in its log, when it was granted fewer GPUs than train.gpus asks for:
+    Snakemake cuts a job's ``gpu`` resource to ``--resources gpu=M`` and goes on, and torchrun would start
+    train.gpus processes on fewer devices."""
+    if granted < gpus:
+        message = (f"train.gpus = {gpus}, but this job was granted gpu={granted} (--resources gpu={granted}): give "
+                   f"--resources gpu={gpus} or more, or set train.gpus: {granted}")
+        setup_logging(log_path)
+        with open(log_path, "a") as fh:
+            print(f"luna-train: error: {message}", file=fh)
+        sys.exit(f"LunaTrainingApp failed (exit 2): luna-train: error: {message}")
+
+
 def run_rule_torchrun(module: str, argv: Sequence[str], log_path: str | os.PathLike, nproc: int) -> None:
     """Run ``python -m <module> argv`` as ``nproc`` processes under torchrun (one per GPU; gloo processes on a
     machine without CUDA), all output appended to ``log_path``; a failure fails the job with the last log line.

@@ -1,5 +1,6 @@
 """Config validation and helpers shared by the rules: data locations, subsets, folds, state folders."""
 
+import csv
 import hashlib
 import json
 import re
@@ -122,6 +123,16 @@ def check_dataset():
         path = table_path(DATASET[key])
         if path is not None and not Path(path).is_file():
             raise WorkflowError(f"dataset.{key}: file {path} not found")
+    candidates = table_path(DATASET["candidates"])
+    with open(candidates, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        header = [name.strip() for name in next(csv.reader(fh), [])]
+    if (
+        "class" not in header
+    ):  # luna-candidates allows it (to predict); training found out after all the crops
+        raise WorkflowError(
+            f"dataset.candidates: {candidates} has no class column (header: {','.join(header)}); "
+            "the workflow trains on the candidates' labels"
+        )
     for subset in DATASET["subsets"]:
         if not (Path(DATA_ROOT) / subset).is_dir():
             raise WorkflowError(
@@ -290,7 +301,17 @@ def print_summary():
             != Path(workflow.basedir, "config", "config.yaml").resolve()
         ]
         extra = f" --configfile {' '.join(configfiles)}" if configfiles else ""
-        print(f"luna: build the report with: snakemake --report report.html{extra}")
+        # run elsewhere (-s <repo>/Snakefile --directory <dir>): the hint must say both to work from any folder
+        here = Path.cwd().resolve()
+        snakefile = Path(workflow.main_snakefile).resolve()
+        where = (
+            ""
+            if snakefile == (here / "Snakefile").resolve()
+            else f" -s {snakefile} --directory {here}"
+        )
+        print(
+            f"luna: build the report with: snakemake --report report.html{where}{extra}"
+        )
 
 
 def validation_tables():
