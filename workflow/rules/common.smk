@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def whole_numbers_as_int(value, schema):
         return int(value)
     return value
 
+
+# envs/luna.post-deploy.sh (--sdm conda) installs luna from here: Snakemake creates the environment, and runs
+# that script, from copies under .snakemake/conda/, which do not know where this repository is
+os.environ.update(LUNA_REPO=str(Path(workflow.basedir).resolve()))
 
 SCHEMA = yaml.safe_load(
     (Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text()
