@@ -109,7 +109,8 @@ def metric_row(
     """One history.tsv row (keys in :data:`HISTORY_COLUMNS` order) from per-sample values.
 
     ``labels``: 1 = nodule (a label <= 0.5 is negative); ``probabilities``: of class 1, a positive
-    prediction is ``p > threshold`` (0.5 by default; exactly the threshold is negative, as in the book;
+    prediction is ``p > threshold`` (0.5 by default; exactly the threshold is negative, as in the book; a NaN
+    probability, from a diverged model, is negative here where the book's ``~(p <= 0.5)`` calls it positive;
     ``threshold`` may be one value per sample, e.g. each fold's own); ``losses``: per-sample loss.
     loss_* are means, correct_* percentages; precision = TP/(TP+FP), recall = TP/(TP+FN),
     f1 = 2TP/(2TP+FP+FN) (the harmonic mean of precision and recall; NaN when either is undefined).
