@@ -495,6 +495,17 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    # a test fold whose scans have no candidate in their subset's store (given): nothing to test (luna-predict
+    # refused it only after the training, saying the store was not given)
+    lines = data["splits"].read_text().splitlines()
+    no_candidates = tmp_path / "splits.tsv"
+    no_candidates.write_text("\n".join([*lines, "9.9.1\tsubset0\t5", "9.9.2\tsubset0\t5"]) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o3", "--splits", str(no_candidates), "--test-fold", "5"))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {no_candidates}: test fold 5 has no candidate in "
+                                               f"the stores of its subsets ({data['crops']}): nothing to test, its "
+                                               "metrics would be undefined")
     # an --out that cannot be a folder fails before any training, naming it
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

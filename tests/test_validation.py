@@ -116,8 +116,8 @@ def ct_model(seed: int = 0) -> LunaModel:
     return model.eval()
 
 
-def write_splits(path: Path, folds: dict[str, int]) -> Path:
-    pd.DataFrame({"series_uid": list(folds), "subset": "subset0", "fold": list(folds.values())}).to_csv(
+def write_splits(path: Path, folds: dict[str, int], subset: str = "subset0") -> Path:
+    pd.DataFrame({"series_uid": list(folds), "subset": subset, "fold": list(folds.values())}).to_csv(
         path, sep="\t", index=False)
     return path
 
@@ -482,7 +482,8 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
-                                  "no_fold", "fold_not_in_stores", "negative_seed", "wrong_hu_window",
+                                  "no_fold", "fold_not_in_stores", "fold_without_candidates", "negative_seed",
+                                  "wrong_hu_window",
                                   "mixed_hu_windows"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
@@ -497,8 +498,12 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
         del argv["--fold"]
         expected = "model.pt: no test fold recorded; give --fold N"
     elif case == "fold_not_in_stores":
-        argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}))
+        argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}, subset="subset7"))
         expected = "subset0.h5: none of the 1 test scans (fold 0) is in these crop stores"
+    elif case == "fold_without_candidates":  # its subset's store is given and holds none of its candidates
+        argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}))
+        expected = (f"{inputs['store0']}: none of the 1 test scans (fold 0) has a candidate in the stores of its "
+                    "subset: nothing to predict")
     elif case == "negative_seed":  # numpy's bootstrap generator refused it with a traceback, after predicting
         argv["--seed"] = "-1"
         expected = "--seed must be >= 0, got -1"

@@ -81,7 +81,7 @@ SWITCH_CHOICES = ("auto", "on", "off")
 
 def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: str,
                default: str = "auto") -> None:
-    """One convention for every on/off setting of the stage CLIs (memory format, precision): ``--X auto|on|off``,
+    """One convention for the on/off settings with an automatic choice (memory format, precision): ``--X auto|on|off``,
     a bare ``--X`` meaning on and ``--no-X`` meaning off (what luna.runner.config_argv writes for a YAML boolean,
     and YAML 1.1 reads an unquoted on/off as one)."""
     dest = flag.lstrip("-").replace("-", "_")

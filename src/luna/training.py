@@ -63,7 +63,7 @@ from luna.recipe import augment_config, ema_decay_at, ema_update, make_optimizer
 from luna.runner import setup_logging
 from luna.selection import (SELECTION_PREDICTION_COLUMNS, SelectionPass, evaluate_selection, selection_frame,
                             selection_key)
-from luna.splits import SplitsError, read_fold_roles, scans_with_role
+from luna.splits import SplitsError, read_fold_roles, read_splits_tsv, scans_with_role
 from luna.store import CropStore, StoreError, check_distinct_stores
 from luna.tensorboard_log import TensorBoardLog
 from luna.train_state import StateFolder, default_state_dir, fingerprint_parts
@@ -334,6 +334,14 @@ class LunaTrainingApp(StageApp):
         if len(self.train_ds) == 0 or self.train_ds.n_pos == 0:
             raise TrainingError(f"{args.splits}: test fold {fold} leaves {len(self.train_ds)} training crops with "
                                 f"{self.train_ds.n_pos} nodules in {', '.join(args.crops)}; nothing to learn from")
+        if len(test_ds) == 0:
+            splits = read_splits_tsv(args.splits)
+            test_subsets = set(splits.loc[splits["fold"] == fold, "subset"])
+            given = [store for store in test_ds.stores if store.subset in test_subsets]
+            if test_subsets and {store.subset for store in given} == test_subsets:  # not a store left out
+                raise TrainingError(f"{args.splits}: test fold {fold} has no candidate in the stores of its subsets "
+                                    f"({', '.join(str(store.path) for store in given)}): nothing to test, its metrics "
+                                    "would be undefined")
         if len(test_ds) and test_ds.n_pos == 0:
             raise TrainingError(f"{args.splits}: test fold {fold} has {len(test_ds)} candidates and no nodule among "
                                 "them: its metrics would be undefined (use fewer folds or more scans)")

@@ -39,7 +39,12 @@ def _nonnegative_int(text: str) -> int:
 
 
 def _workers(text: str) -> int | str:
-    return "auto" if text == "auto" else _nonnegative_int(text)
+    if text == "auto":
+        return "auto"
+    try:
+        return _nonnegative_int(text)
+    except ValueError:  # argparse would name this function: "invalid _workers value"
+        raise argparse.ArgumentTypeError(f"auto or a whole number >= 0, got {text!r}") from None
 
 
 def resolve_workers(choice: int | str, device: torch.device) -> int:

@@ -237,6 +237,12 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
     in_stores = {uid for store in stores for uid in store.geometries} | set(rows["series_uid"])
     n_absent = sum(uid not in in_stores for uid in scans)
     if n_absent == len(scans) and scans:
+        given = {store.subset: store.path for store in stores}
+        subsets = set(splits.loc[splits["series_uid"].isin(scans), "subset"]) if splits is not None else set()
+        if subsets and subsets <= set(given):  # their subsets' stores are here and hold none of them
+            raise ValidationError(f"{', '.join(str(given[s]) for s in sorted(subsets))}: none of the {len(scans)} "
+                                  f"{args.scans} scans (fold {fold}) has a candidate in the stores of its subset: "
+                                  "nothing to predict")
         raise ValidationError(f"{', '.join(str(s.path) for s in stores)}: none of the {len(scans)} {args.scans} scans "
                               f"(fold {fold}) is in these crop stores; give the stores of their subsets")
     if n_absent:
