@@ -218,6 +218,8 @@ def _predictions(path: Path, rows: list[dict]) -> Path:
     ({"fold": "1.7"}, ":3: fold = 1.7, expected a whole number >= 0"),
     ({"is_nodule": "2"}, ":3: is_nodule = 2, expected 0, 1 or empty"),
     ({"candidate_id": "7"}, ":3: candidate_id 7 repeats line 2; candidate ids must be unique"),
+    ({"is_nodule": "", "loss": ""},  # was "candidate_id 8 has no class while ...", naming no file
+     ":3: is_nodule is empty here but not on line 2; a file holds the predictions of one candidate list"),
 ])
 def test_predictions_values_the_metrics_cannot_use_name_the_line(tmp_path: Path, edit: dict, message: str) -> None:
     from luna.evaluation import EvaluationError, read_predictions_tsv

@@ -122,6 +122,11 @@ def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> No
             i = int(np.flatnonzero(bad)[0])
             raise EvaluationError(f"{path}:{i + 2}: {column} = {frame[column].iloc[i]:g}, expected {expected}")
 
+    unlabelled = frame["is_nodule"].isna().to_numpy()
+    if unlabelled.any() and not unlabelled.all():  # within one file: name its line (across files: _labelled)
+        i = int(np.flatnonzero(unlabelled)[0] if not unlabelled[0] else np.flatnonzero(~unlabelled)[0])
+        raise EvaluationError(f"{path}:{i + 2}: is_nodule is {'empty' if unlabelled[i] else 'given'} here but not "
+                              "on line 2; a file holds the predictions of one candidate list")
     probability = frame["probability"].to_numpy(dtype=np.float64)
     first_bad("probability", ~((probability >= 0.0) & (probability <= 1.0)), "a number in [0, 1]")
     for column in ("coord_x", "coord_y", "coord_z", "diameter_mm"):
