@@ -469,6 +469,7 @@ def test_ddp_under_torchrun_gloo(data: dict[str, Path], tmp_path: Path, env_with
     assert (selection.n == 10).all() and (selection.n_pos == 4).all()  # every selection crop exactly once
     assert np.isfinite(history.loss_all).all() and history.auc.between(0, 1).all()
     assert result.stderr.count("Starting LunaTrainingApp") == 1  # only rank 0 logs progress
+    assert result.stderr.count("E1 Selection: ") == 1  # also luna.selection's lines (each rank wrote them)
     raw = torch.load(out / "model.pt", weights_only=True)
     assert not [k for k in raw["model_state"] if k.startswith("module.")]
     assert raw["samples_seen"] == raw["epoch"] * 34

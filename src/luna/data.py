@@ -368,9 +368,9 @@ class ResidentBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        order_on_device = order.to(self.device)  # one copy an epoch: a copy a batch made CUDA wait each step
         for lo in range(0, len(order), self.batch_size):
-            index = order[lo:lo + self.batch_size]
-            on_device = index.to(self.device)
+            index, on_device = order[lo:lo + self.batch_size], order_on_device[lo:lo + self.batch_size]
             yield self.crops.index_select(0, on_device), self.labels.index_select(0, on_device), index
 
 

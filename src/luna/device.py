@@ -19,7 +19,10 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     if choice.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {choice}: CUDA is not available on this machine")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        if local_rank >= torch.cuda.device_count():  # two processes on one GPU: NCCL fails, "Duplicate GPU"
+            raise DeviceError(f"--device {choice}: process {local_rank} of this machine has no GPU of its own "
+                              f"({torch.cuda.device_count()} visible): start at most that many (train.gpus)")
+        return torch.device("cuda", local_rank)
     if choice in ("auto", "cpu"):
         return torch.device("cpu")
     try:
@@ -43,9 +46,19 @@ def use_bf16(choice: str, device: torch.device, *, cpu_auto: bool) -> bool:
         return True
     if choice == "off":
         return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native only: before Ampere (V100, T4) bf16 is emulated, and slow
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return cpu_auto and cpu_has_native_bf16()
+
+
+def strict_fp32(device: torch.device) -> None:
+    """On CUDA, float32 convolutions and matmuls in true float32: cuDNN runs float32 convolutions in TF32 (10
+    mantissa bits) on Ampere and later by default, which moved evaluation probabilities by up to ~0.03 (the
+    precision policy: evaluation is float32 on every device; training with ``--amp off`` too)."""
+    if device.type != "cuda":
+        return
+    for backend in (torch.backends.cudnn.conv, torch.backends.cuda.matmul):
+        backend.fp32_precision = "ieee"
 
 
 def available_memory_bytes(device: torch.device) -> tuple[int, str]:

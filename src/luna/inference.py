@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from luna.device import strict_fp32
 from luna.progress import format_eta
 from luna.store import CropStore, read_crops
 
@@ -105,6 +106,7 @@ def predict(
     ETA is logged every :data:`PROGRESS_INTERVAL_S` seconds and at the end.
     """
     device = torch.device(device)
+    strict_fp32(device)  # float32 on CUDA is TF32 in cuDNN's convolutions unless said otherwise
     model.eval()
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)

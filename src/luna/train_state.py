@@ -42,9 +42,10 @@ def _file_identity(path: str) -> list[Any]:
 
 def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> dict[str, Any]:
     """Everything that changes what is trained: settings, inputs (path, size, mtime), the code version (luna's
-    version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count and, on
-    the CPU, the torch thread count (fp32 sums split over other threads round differently: a resume at another
-    count would not end where the uninterrupted run does). Not the number of epochs (a resumed run may go
+    version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count, on
+    the CPU the torch thread count (fp32 sums split over other threads round differently: a resume at another
+    count would not end where the uninterrupted run does) and on CUDA the GPU model and cuDNN version (other
+    kernels). Not the number of epochs (a resumed run may go
     further) unless the learning-rate schedule depends on it, nor speed-only settings."""
     return {
         "code": code_version(),
@@ -58,6 +59,7 @@ def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device,
         "device": device.type,
         "world_size": world_size,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "gpu": [torch.cuda.get_device_name(device), torch.backends.cudnn.version()] if device.type == "cuda" else None,
     }
 
 

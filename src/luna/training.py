@@ -23,7 +23,9 @@ those before a job starts). ``--resume`` continues after the last finished epoch
 fingerprint of the settings, the inputs and the code version (package version and a hash of its sources),
 so a state written with other settings, inputs or code is never resumed. The outputs (model.pt,
 history.tsv, selection_predictions.tsv) are written only when the run ends: a killed run leaves nothing at
---out that looks finished, and a resumed run ends with the same files as an uninterrupted one.
+--out that looks finished, and a resumed run ends with the same files as an uninterrupted one (on the CPU, bit
+for bit; on CUDA cuDNN picks its algorithms by timing them, some nondeterministic, so two runs, resumed or not,
+agree to float noise only).
 
 Speed without changing the method: channels_last_3d, bf16 autocast for the training steps (CUDA; CPU only
 with native bf16), pinned memory and non-blocking copies on CUDA, augmentation batched on the device, HDF5
@@ -54,7 +56,7 @@ from luna.app import StageApp, interrupted
 from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
-                         use_bf16)
+                         strict_fp32, use_bf16)
 from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_model
@@ -178,8 +180,9 @@ class LunaTrainingApp(StageApp):
 
     def _run_dist(self) -> int:
         args = self.args
-        if not self.dist.is_main:  # one log for the whole run: other processes report problems only
-            logger.setLevel(logging.WARNING)
+        if not self.dist.is_main:  # one log for the whole run: other processes report problems only (every
+            for name in (__name__, "luna"):  # luna logger: under torchrun this module's is __main__'s
+                logging.getLogger(name).setLevel(logging.WARNING)
         logger.info("Starting %s, %s", type(self).__name__, args)
         if self.dist.enabled and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -232,7 +235,8 @@ class LunaTrainingApp(StageApp):
                            "times slower than fp32 (--amp auto chooses fp32 here)")
         self.augment = augment_config(args)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = True  # fastest algorithms by timing: bits vary between runs on CUDA
+            strict_fp32(self.device)  # what is not bf16 (all of it with --amp off) is float32, not TF32
         logger.info("device %s, amp %s, channels_last %s, %d process(es); %s", self.device,
                     "bf16" if self.use_amp else "off", args.channels_last, self.dist.world_size, cpu_report())
 
