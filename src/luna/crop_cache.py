@@ -2,7 +2,8 @@
 scans it had not finished (luna.crops; contract in docs/design.md, "Caching, resuming, failing cleanly").
 
 An entry is the scan's crops as a raw file plus its per-row arrays and the crops' checksum, written last so that
-their presence marks a complete entry; an entry whose bytes no longer match is a miss (the scan is cut again). Keys hold the scan file's identity, the crop parameters, the exact centres and
+their presence marks a complete entry; an entry whose bytes no longer match is a miss (the scan is cut again).
+Keys hold the scan file's identity, the crop parameters, the exact centres and
 CACHE_FORMAT_VERSION. Cache failures (OSError, sqlite3.Error) become one OutputError line naming the folder.
 """
 
@@ -106,9 +107,9 @@ def cache_error(cache_dir: Path, exc: BaseException) -> OutputError:
         reason = describe_os_error(exc)
     else:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        corrupt = isinstance(exc, sqlite3.DatabaseError) and ("not a database" in message or "malformed" in message)
         reason = ("no space left on device" if "disk is full" in message
                   else "permission denied or read-only file system" if "readonly" in message
-                  else f"{message}: corrupt? delete the folder to start afresh" if isinstance(exc, sqlite3.DatabaseError)
-                  and ("not a database" in message or "malformed" in message)
+                  else f"{message}: corrupt? delete the folder to start afresh" if corrupt
                   else message)
     return OutputError(f"{cache_dir}: cannot use the resume cache ({reason})")
