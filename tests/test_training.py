@@ -88,6 +88,7 @@ def test_loader_workers_auto_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_workers(3, torch.device("cpu")) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert resolve_workers("auto", torch.device("cuda")) == 8
+    assert resolve_workers("auto", torch.device("cuda"), processes=4) == 3  # 4 GPUs share the 15 cores: was 8 each
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert resolve_workers("auto", torch.device("cuda")) == 1
     with pytest.raises(SystemExit):

@@ -47,14 +47,15 @@ def _workers(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"auto or a whole number >= 0, got {text!r}") from None
 
 
-def resolve_workers(choice: int | str, device: torch.device) -> int:
-    """Loader worker processes for ``--num-workers`` (``auto``: by device, as measured)."""
+def resolve_workers(choice: int | str, device: torch.device, processes: int = 1) -> int:
+    """Loader worker processes for ``--num-workers`` (``auto``: by device, as measured), per training process:
+    on CUDA the cores but one, shared by the ``processes`` of a torchrun job, at most 8 each."""
     if choice != "auto":
         return int(choice)
     if device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, (cores - 1) // max(1, processes)))
 
 
 def _ratio(text: str) -> int | float:
@@ -206,8 +207,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                "faster on the CPU and on CUDA, same results)")
     rt.add_argument("--num-workers", type=_workers, default="auto",
                     help="DataLoader worker processes; 0 = load in the main process; auto = 0 on the CPU (workers "
-                    "only compete with the model for cores) and min(8, cores - 1) on CUDA (an H100 trains ~3,000 "
-                    "samples/s, more than 4 workers deliver: benchmarks/results/gpu_check_h100.txt)")
+                    "only compete with the model for cores) and min(8, cores - 1) on CUDA, shared by the processes "
+                    "of a torchrun job (an H100 trains ~3,000 samples/s, more than 4 workers deliver: "
+                    "benchmarks/results/gpu_check_h100.txt)")
     rt.add_argument("--threads", type=_nonnegative_int, default=0,
                     help="torch CPU threads; 0 = torch's default")
     rt.add_argument("--data-on-device", choices=("auto", "always", "never"), default="auto",
