@@ -764,3 +764,19 @@ def test_froc_plot_draws_the_interpolation_the_sensitivities_are_read_from():
     # the vertical step at FP 1.0 stays vertical (both of its points, in order)
     at_one = np.flatnonzero(x == 1.0)
     assert y[at_one].tolist() == [0.5, 0.6]
+
+
+def test_nodules_on_scans_not_on_disk_are_said(caplog) -> None:
+    """A partial download: the CPM counts the scans on disk only, where LUNA16's script counts every scan of
+    seriesuids.csv (a missing scan's nodules as missed); luna-evaluate says so, with the counts."""
+    from luna.evaluation import note_nodules_off_disk
+
+    annotations = pd.DataFrame({"seriesuid": ["1.1", "1.1", "2.2", "3.3"]})
+    splits = pd.DataFrame({"series_uid": ["1.1", "4.4"], "subset": "subset0", "fold": [0, 0]})
+    with caplog.at_level(logging.WARNING, logger="luna.evaluation"):
+        note_nodules_off_disk(annotations, splits, "annotations.csv", "splits.tsv")
+    assert ("2 of the 4 nodules of annotations.csv lie on 2 scans not in splits.tsv (not on disk): no FROC here "
+            "counts them") in caplog.text
+    caplog.clear()
+    note_nodules_off_disk(annotations.iloc[:2], splits, "annotations.csv", "splits.tsv")
+    assert caplog.text == ""

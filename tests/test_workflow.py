@@ -86,6 +86,11 @@ def test_missing_candidates_file_named(tmp_path) -> None:
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
     assert proc.returncode != 0
     assert f"dataset.candidates: file {tmp_path / 'luna' / 'candidates.csv'} not found" in proc.stdout + proc.stderr
+    (tmp_path / "luna" / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
+    (tmp_path / "luna" / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    proc = snakemake(tmp_path, "-n", configfile=tmp_path / "config.yaml", check=False)
+    assert (f"dataset.annotations_excluded: file {tmp_path / 'luna' / 'annotations_excluded.csv'} not found (set "
+            "dataset.annotations_excluded: null to go without)") in proc.stdout + proc.stderr
 
 
 def test_candidates_without_a_class_column_stop_the_dry_run(tmp_path) -> None:

@@ -430,6 +430,19 @@ def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None,
     return annotations, excluded
 
 
+def note_nodules_off_disk(annotations: pd.DataFrame, splits: pd.DataFrame, annotations_path: str,
+                          splits_path: str) -> None:
+    """Warn of annotated nodules on scans not in splits.tsv (not on disk): no FROC here counts them, where
+    LUNA16's own script, dividing by the 888 scans of seriesuids.csv, counts them as missed; a CPM over part of
+    the data set is not the literature's number."""
+    off_disk = ~annotations["seriesuid"].isin(set(splits["series_uid"]))
+    if off_disk.any():
+        logger.warning("%d of the %d nodules of %s lie on %d scans not in %s (not on disk): no FROC here counts "
+                       "them (LUNA16's script, dividing by all 888 scans of seriesuids.csv, counts them as missed)",
+                       int(off_disk.sum()), len(annotations), annotations_path,
+                       annotations.loc[off_disk, "seriesuid"].nunique(), splits_path)
+
+
 class EvaluateApp(StageApp):
     """Pool the test-fold predictions of the folds run into one report: per-fold and pooled metrics.tsv (with
     each operating threshold), pooled FROC/CPM with bootstrap intervals, predictions, LUNA16 submission, plots."""
@@ -449,6 +462,8 @@ class EvaluateApp(StageApp):
         annotations, excluded = check_report_options(a)
         splits = read_splits_tsv(a.splits)
         folds = [read_fold_dir(folder, splits, a.splits) for folder in a.folds]
+        if annotations is not None:
+            note_nodules_off_disk(annotations, splits, a.annotations, a.splits)
         return write_report(folds, a.out, annotations, excluded, max_per_scan=a.max_per_scan, bootstrap=a.bootstrap,
                             seed=a.seed)
 

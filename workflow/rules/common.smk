@@ -127,7 +127,12 @@ def check_dataset():
     for key in ("candidates", "annotations", "annotations_excluded"):
         path = table_path(DATASET[key])
         if path is not None and not Path(path).is_file():
-            raise WorkflowError(f"dataset.{key}: file {path} not found")
+            optional = (
+                f" (set dataset.{key}: null to go without)"
+                if key != "candidates"
+                else ""
+            )
+            raise WorkflowError(f"dataset.{key}: file {path} not found{optional}")
     candidates = table_path(DATASET["candidates"])
     with open(candidates, newline="", encoding="utf-8-sig", errors="replace") as fh:
         header = [name.strip() for name in next(csv.reader(fh), [])]
