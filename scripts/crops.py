@@ -12,7 +12,7 @@ run_rule(
         "--subset", snakemake.wildcards.subset,  # noqa: F821
         "--out", snakemake.output.store,  # noqa: F821
         "--skipped", snakemake.output.skipped,  # noqa: F821
-        "--cache-dir", snakemake.params.cache,  # noqa: F821
+        "--cache-dir", f"{snakemake.config['crops']['cache']}/{snakemake.wildcards.subset}",  # noqa: F821
         "--threads", snakemake.threads,  # noqa: F821
         "--shape", *c["shape"],
         "--hu-window", *c["hu_window"],

@@ -646,3 +646,13 @@ def test_the_last_log_line_reports_the_kept_model_at_its_operating_threshold(ref
     at = kept["selection_metrics"]
     assert (f"Kept epoch {kept['epoch']} (--keep f1), operating threshold {kept['threshold']:.4g}: selection "
             f"precision {at['precision']:.4f}, recall {at['recall']:.4f}, F1 {at['f1']:.4f} at it") in caplog.text
+
+
+def test_a_refused_resume_names_only_what_differs() -> None:
+    """The stored parts are read back from JSON (lists), the run's own hold tuples: balanced_schedule [(2, 1)] was
+    named as a change in every refused resume."""
+    from luna.train_state import describe_changes
+
+    old = {"args": {"balanced_schedule": [[2, 1]], "lr": 0.001}, "threads": 2}
+    new = {"args": {"balanced_schedule": [(2, 1)], "lr": 0.002}, "threads": 2}
+    assert describe_changes(old, new) == "lr 0.001 -> 0.002"

@@ -780,3 +780,20 @@ def test_nodules_on_scans_not_on_disk_are_said(caplog) -> None:
     caplog.clear()
     note_nodules_off_disk(annotations.iloc[:2], splits, "annotations.csv", "splits.tsv")
     assert caplog.text == ""
+
+
+def test_folds_of_different_luna_sources_are_said(caplog) -> None:
+    """Snakemake does not rerun a fold when the package changes: a pooled report of models made by two versions
+    of luna is said, naming each fold's source hash."""
+    from luna.evaluation import FoldPredictions, note_mixed_code
+
+    def fold(k: int, code: str) -> FoldPredictions:
+        return FoldPredictions(k, pd.DataFrame(), [], 0.5, 1, code=code)
+
+    with caplog.at_level(logging.WARNING, logger="luna.evaluation"):
+        note_mixed_code([fold(1, "b" * 64), fold(0, "a" * 64)])
+    assert ("the pooled folds' models were trained with 2 different luna sources (model.pt provenance.source_sha256: "
+            f"fold 0 {'a' * 12}, fold 1 {'b' * 12})") in caplog.text
+    caplog.clear()
+    note_mixed_code([fold(0, "a" * 64), fold(1, "a" * 64), fold(2, "")])
+    assert caplog.text == ""

@@ -78,6 +78,7 @@ class FoldPredictions:
     history: pd.DataFrame | None = None
     source: str = ""
     split: str = "test"  # what the rows are: the test fold, or (luna-validate --scans) "selection" / "all"
+    code: str = ""  # the luna sources the model was trained with (model.pt provenance.source_sha256)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
     history_path = folder / "history.tsv"
     history = read_history(history_path) if history_path.is_file() else None
     return FoldPredictions(fold, predictions, scans, float(checkpoint.get("threshold", 0.5)), int(checkpoint["epoch"]),
-                           history, str(folder))
+                           history, str(folder), code=str(checkpoint.get("provenance", {}).get("source_sha256", "")))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,6 +431,16 @@ def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None,
     return annotations, excluded
 
 
+def note_mixed_code(folds: Sequence[FoldPredictions]) -> None:
+    """Warn when the pooled folds' models were trained with different luna sources: Snakemake reruns nothing
+    when the package changes, so a fold added later may come from newer code than the others."""
+    codes = {f.code for f in folds if f.code}
+    if len(codes) > 1:
+        logger.warning("the pooled folds' models were trained with %d different luna sources (model.pt "
+                       "provenance.source_sha256: %s): rerun the older folds to report one version", len(codes),
+                       ", ".join(f"fold {f.fold} {f.code[:12]}" for f in sorted(folds, key=lambda f: f.fold)))
+
+
 def note_nodules_off_disk(annotations: pd.DataFrame, splits: pd.DataFrame, annotations_path: str,
                           splits_path: str) -> None:
     """Warn of annotated nodules on scans not in splits.tsv (not on disk): no FROC here counts them, where
@@ -464,6 +475,7 @@ class EvaluateApp(StageApp):
         folds = [read_fold_dir(folder, splits, a.splits) for folder in a.folds]
         if annotations is not None:
             note_nodules_off_disk(annotations, splits, a.annotations, a.splits)
+        note_mixed_code(folds)
         return write_report(folds, a.out, annotations, excluded, max_per_scan=a.max_per_scan, bootstrap=a.bootstrap,
                             seed=a.seed)
 

@@ -71,6 +71,7 @@ def run_fingerprint(parts: dict[str, Any]) -> str:
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What differs between two fingerprints' parts, for the log: ``lr 0.001 -> 0.002; threads 1 -> 2``."""
     changes = []
+    new = json.loads(json.dumps(new))  # as the stored parts were read back: tuples are lists there
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue

@@ -283,6 +283,12 @@ def state_dir(stage, **shaping):
     return f"{RESULTS}/.state/{stage}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
+def crop_settings():
+    """The crops section without `cache` (where the resume cache lives): what shapes the crops, so what reruns
+    them and keys the training state."""
+    return {k: v for k, v in config["crops"].items() if k != "cache"}
+
+
 def training_data_settings():
     """The dataset settings that shape a model (the state folder's key): not annotations_excluded (FROC only),
     not the synthetic section when the data is a LUNA16 download."""

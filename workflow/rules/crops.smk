@@ -16,7 +16,7 @@ rule crops:
         mem_mb=4000,
     params:
         root=DATA_ROOT,
-        crops=config["crops"],
-        cache=lambda wc: f"{config['crops']['cache']}/{wc.subset}",
+        # not crops.cache: where the resume cache lives changes no crop (the script reads it from the config)
+        crops=crop_settings(),
     script:
         "../../scripts/crops.py"

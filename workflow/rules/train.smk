@@ -30,7 +30,7 @@ rule train:
         state=lambda wc: state_dir(
             f"train-fold{wc.fold}",
             **training_data_settings(),
-            crops=config["crops"],
+            crops=crop_settings(),
             split=fold_settings(),
             train=settings("train"),
         ),
