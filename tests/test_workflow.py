@@ -415,3 +415,14 @@ def test_real_lidc_ct_through_the_whole_luna16_workflow(tmp_path) -> None:
     assert metrics["fold"].astype(str).tolist() == ["0", "all"]
     assert metrics[["n", "n_pos", "n_neg"]].iloc[0].tolist() == [len(points), 2, len(points) - 2]
     assert 0.0 <= metrics["cpm"].iloc[0] <= 1.0 and metrics["threshold"].iloc[0] == 0.5
+    # a scan edited in place (its folder's mtime unchanged) reruns its subset's crops, and what follows; no other
+    # subset's (the crop rule's inputs were the folder only: nothing reran)
+    header_path = root / "subset1" / f"{uids[1]}.mhd"
+    folder_mtime = header_path.parent.stat().st_mtime_ns
+    time.sleep(0.01)
+    with open(header_path, "r+") as fh:  # in place: same file, the folder untouched
+        fh.write(header_path.read_text().replace("Offset = -166 ", "Offset = -165 "))
+    assert header_path.parent.stat().st_mtime_ns == folder_mtime
+    dry = snakemake(tmp_path, "-n", configfile=tmp_path / "config.yaml")
+    assert job_stats(dry.stdout + dry.stderr) == {"crops": 1, "train": 1, "predict": 1, "evaluate": 1, "all": 1}
+    assert "results/crops/subset1.h5" in dry.stdout + dry.stderr

@@ -249,10 +249,18 @@ def dataset_inputs():
 
 
 def subset_inputs(wildcards):
-    """A crop job reads its subset's folder (under the synthetic root when that is generated)."""
+    """A crop job reads its subset's folder (under the synthetic root when that is generated). A LUNA16 subset:
+    the folder (a scan added, renamed or removed changes its mtime) and each file in it (a scan edited in place
+    changes only its own)."""
     if SYNTHETIC:
         return {"root": DATA_ROOT}
-    return {"subset_dir": str(Path(DATA_ROOT) / wildcards.subset)}
+    folder = Path(DATA_ROOT) / wildcards.subset
+    files = sorted(
+        str(p)
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if p.is_file() and not p.name.startswith(".")
+    )
+    return {"subset_dir": str(folder), "scan_files": files}
 
 
 # keys that change only the speed, never the result: left out of the rules' params and state key, so changing
