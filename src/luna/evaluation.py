@@ -125,7 +125,7 @@ def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> No
 
     unlabelled = frame["is_nodule"].isna().to_numpy()
     if unlabelled.any() and not unlabelled.all():  # within one file: name its line (across files: _labelled)
-        i = int(np.flatnonzero(unlabelled)[0] if not unlabelled[0] else np.flatnonzero(~unlabelled)[0])
+        i = int(np.flatnonzero(unlabelled != unlabelled[0])[0])  # the first row unlike line 2
         raise EvaluationError(f"{path}:{i + 2}: is_nodule is {'empty' if unlabelled[i] else 'given'} here but not "
                               "on line 2; a file holds the predictions of one candidate list")
     probability = frame["probability"].to_numpy(dtype=np.float64)

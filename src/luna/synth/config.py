@@ -240,20 +240,21 @@ def sample_diameters_mm(rng: np.random.Generator, n: int, mu: float = 1.99, sigm
     return np.exp(out[:n])
 
 
+def _normal_cdf(x: float | np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    """P(z <= x) for z ~ N(mu, sigma), with erfc: accurate far in the lower tail (no scipy needed)."""
+    return 0.5 * np.vectorize(math.erfc)(-(np.asarray(x, dtype=float) - mu) / (sigma * math.sqrt(2.0)))
+
+
 def truncated_normal_mass(lo: float, hi: float, mu: float, sigma: float) -> float:
     """P(lo <= z <= hi) for z ~ N(mu, sigma): how often :func:`sample_diameters_mm` keeps a draw (on ln mm)."""
-    def phi(x: float) -> float:
-        return 0.5 * math.erfc(-(x - mu) / (sigma * math.sqrt(2.0)))
-    return phi(hi) - phi(lo)
+    return float(_normal_cdf(hi, mu, sigma) - _normal_cdf(lo, mu, sigma))
 
 
 def truncated_lognormal_cdf(d_mm: np.ndarray, mu: float, sigma: float, min_mm: float, max_mm: float) -> np.ndarray:
-    """CDF of :func:`sample_diameters_mm`'s distribution (for checks; no scipy needed)."""
-    def phi(x: np.ndarray) -> np.ndarray:
-        return 0.5 * (1.0 + np.vectorize(math.erf)((np.asarray(x, dtype=float) - mu) / (sigma * math.sqrt(2.0))))
-    lo, hi = phi(math.log(min_mm)), phi(math.log(max_mm))
+    """CDF of :func:`sample_diameters_mm`'s distribution (for checks)."""
+    lo, hi = math.log(min_mm), math.log(max_mm)
     d = np.clip(np.asarray(d_mm, dtype=float), min_mm, max_mm)
-    return (phi(np.log(d)) - lo) / (hi - lo)
+    return (_normal_cdf(np.log(d), mu, sigma) - _normal_cdf(lo, mu, sigma)) / truncated_normal_mass(lo, hi, mu, sigma)
 
 
 @dataclass(frozen=True)
