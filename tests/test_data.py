@@ -149,8 +149,8 @@ def test_inconsistent_or_mixed_stores_are_one_line(tmp_path: Path) -> None:
     make_store(tmp_path / "b.h5", n=12, n_pos=2, n_scans=3, hu_window=(-500, 500))
     with pytest.raises(DataError) as data_info:
         CropDataset([tmp_path / "a.h5", tmp_path / "b.h5"], roles, "train")
-    assert str(data_info.value) == (f"{tmp_path / 'b.h5'}: HU window [-500, 500] differs from [-1000, 1000] of "
-                                    f"{tmp_path / 'a.h5'}")
+    assert str(data_info.value) == (f"{tmp_path / 'b.h5'}: HU window [-500, 500] differs from "
+                                    f"{tmp_path / 'a.h5'}'s [-1000, 1000]")
 
 
 # -- sampling ---------------------------------------------------------------------------------------------

@@ -484,7 +484,7 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
                                   "no_fold", "fold_not_in_stores", "fold_without_candidates", "negative_seed",
                                   "wrong_hu_window",
-                                  "mixed_hu_windows"])
+                                  "mixed_hu_windows", "mixed_crop_shapes"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     argv = {"--model": str(inputs["model"]), "--crops": [str(inputs["store0"])], "--splits": str(inputs["splits"]),
             "--out": str(tmp_path / "out"), "--device": "cpu", "--fold": "0"}
@@ -521,6 +521,10 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
                                               extra={"test_fold": 0, "hu_window": [-500, 500]}))
         expected = (f"{tmp_path / 'model.pt'}: the model was trained on crops of HU window [-500, 500], "
                     f"{inputs['store0']} holds [-1000, 1000]")
+    elif case == "mixed_crop_shapes":  # a second store of another shape: one line before any batch is read
+        small = write_store(tmp_path / "s.h5", STORE1_ROWS, seed=2, subset="x", crop_shape=(8, 8, 8))
+        argv["--crops"].append(str(small))
+        expected = f"{small}: crop shape [8, 8, 8] differs from {inputs['store0']}'s [32, 48, 48]"
     elif case == "mixed_hu_windows":
         narrow = write_store(tmp_path / "n.h5", STORE1_ROWS, seed=2, subset="x", hu_window=(-500, 500))
         argv["--crops"].append(str(narrow))

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from luna.cpu_speed import resample_affine
 from luna.inference import crops_to_tensor
 from luna.splits import ROLES
-from luna.store import CropStore, read_crops
+from luna.store import CropStore, read_crops, stores_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,9 @@ class CropDataset(Dataset):
         self._store_of = self.rows["store"].to_numpy(dtype=np.int64)
         self._row_of = self.rows["row"].to_numpy(dtype=np.int64)
         self.crop_shape = self.stores[0].crop_shape if self.stores else (32, 48, 48)
-        for store in self.stores:
-            if store.crop_shape != self.crop_shape:
-                raise DataError(f"{store.path}: crop shape {store.crop_shape} differs from {self.crop_shape}")
-            if store.hu_window != self.stores[0].hu_window:  # the same HU values would mean different tissue
-                raise DataError(f"{store.path}: HU window {list(store.hu_window)} differs from "
-                                f"{list(self.stores[0].hu_window)} of {self.stores[0].path}")
+        mismatch = stores_mismatch(self.stores)
+        if mismatch:
+            raise DataError(mismatch)
 
     def __len__(self) -> int:
         return len(self.labels)

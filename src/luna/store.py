@@ -416,6 +416,20 @@ class CropStore:
             pass
 
 
+def stores_mismatch(stores: Sequence[CropStore]) -> str | None:
+    """The first store whose crop shape or HU window differs from the first store's, as a one-line message
+    (None when they all agree): crops of another shape cannot share a batch, and the same int16 values under
+    another HU window would mean other tissue."""
+    for store in stores[1:]:
+        if store.crop_shape != stores[0].crop_shape:
+            return (f"{store.path}: crop shape {list(store.crop_shape)} differs from "
+                    f"{stores[0].path}'s {list(stores[0].crop_shape)}")
+        if store.hu_window != stores[0].hu_window:
+            return (f"{store.path}: HU window {list(store.hu_window)} differs from "
+                    f"{stores[0].path}'s {list(stores[0].hu_window)}")
+    return None
+
+
 def read_crops(stores: Sequence[CropStore], store_of: np.ndarray, row_of: np.ndarray,
                crop_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Crops from several stores, int16 (n, I, R, C), item k being row ``row_of[k]`` of ``stores[store_of[k]]``;

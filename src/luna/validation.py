@@ -44,7 +44,7 @@ from luna.luna16 import TableError
 from luna.metrics import MetricsError
 from luna.model import CheckpointError, checkpoint_crop_shape, load_model
 from luna.splits import SplitsError, read_splits_tsv
-from luna.store import CropStore, StoreError, check_distinct_stores
+from luna.store import CropStore, StoreError, check_distinct_stores, stores_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +64,13 @@ ERRORS = (ValidationError, EvaluationError, CheckpointError, StoreError, TableEr
 # ----------------------------------------------------------------------------------------------------
 
 def open_stores(paths: Sequence[str | os.PathLike]) -> list[CropStore]:
-    """Open the crop stores (StoreError names an unreadable one); the same file twice or two crop shapes is an
-    error."""
+    """Open the crop stores (StoreError names an unreadable one); the same file twice, two crop shapes or two HU
+    windows is an error."""
     check_distinct_stores(paths)
     stores = [CropStore(path) for path in paths]
-    for store in stores[1:]:
-        if store.crop_shape != stores[0].crop_shape:
-            raise ValidationError(f"{store.path}: crop shape {store.crop_shape} differs from "
-                                  f"{stores[0].path}'s {stores[0].crop_shape}")
-        if store.hu_window != stores[0].hu_window:
-            raise ValidationError(f"{store.path}: HU window {list(store.hu_window)} differs from "
-                                  f"{stores[0].path}'s {list(stores[0].hu_window)}")
+    mismatch = stores_mismatch(stores)
+    if mismatch:
+        raise ValidationError(mismatch)
     return stores
 
 
