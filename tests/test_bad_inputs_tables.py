@@ -122,6 +122,42 @@ def test_unreadable_csv_is_one_line(tmp_path) -> None:
     assert str(info.value).startswith(f"{path}: not a readable CSV (") and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("name", "data", "expected"), [
+    # Excel's trailing empty columns and a repeated column the reader does not use: read (were refused)
+    ("excel.csv", (HEADER.strip() + ",,\n1.1,1,2,3,0,,\n").encode(), None),
+    ("notes.csv", (HEADER.strip() + ",notes,notes\n1.1,1,2,3,0,a,b\n").encode(), None),
+    ("tabs.csv", HEADER.replace(",", "\t").encode() + b"1.1\t1\t2\t3\t0\n",
+     "{path}:1: not comma-separated (the header is split by tabs); LUNA16 tables are CSV with the header "
+     "seriesuid,coordX,coordY,coordZ,class"),
+    ("semicolons.csv", HEADER.replace(",", ";").encode() + b"1.1;1;2;3;0\n",
+     "{path}:1: not comma-separated (the header is split by semicolons); LUNA16 tables are CSV with the header "
+     "seriesuid,coordX,coordY,coordZ,class"),
+    ("blank_first.csv", b"\n" + HEADER.encode() + b"1.1,1,2,3,0\n",
+     "{path}:1: blank line where the header seriesuid,coordX,coordY,coordZ,class should be (the header must be "
+     "the first line)"),
+    ("latin1.csv", HEADER.encode() + b"1.1,1,2,3,0\n1.\xe9,1,2,3,0\n",  # was "byte 0xe9 in position 44"
+     "{path}:3: not UTF-8 text (byte 0xe9); save the table as UTF-8 (e.g. Excel's \"CSV UTF-8\")"),
+    ("utf16.csv", (HEADER + "1.1,1,2,3,0\n").encode("utf-16"),
+     "{path}: UTF-16 text; save the table as UTF-8 (e.g. Excel's \"CSV UTF-8\")"),
+])
+def test_csv_variants_real_users_have(tmp_path, name, data, expected) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    if expected is None:
+        table = read_candidates_csv(path)
+        assert table["seriesuid"].tolist() == ["1.1"] and table["coordZ"].tolist() == [3.0]
+        return
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(path)
+    assert str(info.value) == expected.format(path=path)
+
+
+def test_a_folder_for_a_table_is_named_as_such(tmp_path) -> None:
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a folder, not a CSV file"
+
+
 # ---------------------------------------------------------------------------------------------------- duplicates
 
 

@@ -584,6 +584,54 @@ def _done_lines(log: str) -> dict[str, str]:
     return {m.group(4): m.group(3) for m in _DONE_RE.finditer(log)}
 
 
+def test_resume_cache_folder_is_never_one_that_holds_data_or_outputs(tmp_path, monkeypatch):
+    """The cache folder is removed whole after the run: --cache-dir naming the data's subset folder deleted
+    every scan; the output folder, the store just written; a folder of other files, those files."""
+    root = tmp_path / "data"
+    paths = _write_scans(root, {"5.1": ((10, 20, 20), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), np.eye(3))})
+    tsv = tmp_path / "candidates.tsv"
+    _write_candidates(tsv, [dict(candidate_id=1, series_uid="5.1", subset=SUBSET, coord_x=5.0, coord_y=5.0,
+                                 coord_z=5.0, is_nodule=0, diameter_mm=0.0)])
+    out = tmp_path / "out" / f"{SUBSET}.h5"
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    base = ["--candidates", str(tsv), "--root", str(root), "--subset", SUBSET, "--out", str(out),
+            "--shape", "8", "12", "16"]
+    for cache_dir, message in [
+        (root / SUBSET, f"{root / SUBSET}: exists and is not a luna resume cache (no .luna-crop-cache or cache.db)"),
+        (root.parent, f"{root.parent}: the resume cache folder would hold the data folder {root}"),
+        (out.parent, f"{out.parent}: the resume cache folder would hold the output folder {out.parent}"),
+        (notes, f"{notes}: exists and is not a luna resume cache (no .luna-crop-cache or cache.db)"),
+    ]:
+        with pytest.raises(OutputError) as info:
+            CropApp([*base, "--cache-dir", str(cache_dir)]).run()
+        assert str(info.value).startswith(message)
+    assert paths["5.1"].is_file() and (notes / "notes.txt").read_text() == "keep me" and not out.exists()
+    # an empty folder of the user's is used, and removed whole after success (its marker says it is a cache)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    CropApp([*base, "--cache-dir", str(empty)]).run()
+    assert out.is_file() and not empty.exists()
+    # ... but not removed when the run fails before caching any scan: it was there before
+    empty.mkdir()
+    monkeypatch.setattr(CropApp, "_crop_all", lambda *args: (_ for _ in ()).throw(OutputError("disk gone")))
+    with pytest.raises(OutputError, match="disk gone"):
+        CropApp([*base, "--cache-dir", str(empty)]).run()
+    assert empty.is_dir()
+
+
+def test_cache_key_holds_the_source_digest(monkeypatch):
+    """A resume after a luna update cuts afresh: a store never mixes crops of two versions of the code."""
+    import luna.provenance
+
+    ident, centers = ("/a.mhd", 10, 1, "/a.raw", 20, 2), np.zeros((2, 3))
+    before = cache_key(ident, (32, 48, 48), (-1000, 1000), centers)
+    assert luna.provenance.source_digest() in before
+    monkeypatch.setattr(luna.provenance, "source_digest", lambda *a: "other code")
+    assert cache_key(ident, (32, 48, 48), (-1000, 1000), centers) != before
+
+
 def test_killed_job_resumes_from_cache(tmp_path):
     root = tmp_path / "data"
     scans = {f"3.{k}": ((20, 30, 40), (float(k), 0.0, 0.0), (0.7, 0.7, 2.5), np.eye(3)) for k in range(5)}
@@ -629,6 +677,11 @@ def test_killed_job_resumes_from_cache(tmp_path):
     assert set(done1) <= from_cache  # everything finished before the kill came from the cache ...
     assert computed == set(paths) - from_cache and computed  # ... and only the unfinished scans were read
     assert f"{len(from_cache)} of 5 scans from cache, {len(computed)} read" in rerun.stderr
+    # the ETA rests on the scans read: unknown while only cached ones are done (was 0:00:00 with three to read)
+    done_lines = [line for line in rerun.stderr.splitlines() if _DONE_RE.search(line)]
+    first_read = next(i for i, line in enumerate(done_lines) if "(read)" in line)
+    assert first_read >= 2 and all(line.endswith("ETA unknown") for line in done_lines[:first_read])
+    assert all(re.search(r"ETA \d+:\d\d:\d\d$", line) for line in done_lines[first_read:])
 
     reference = tmp_path / "ref" / f"{SUBSET}.h5"
     CropApp(["--candidates", str(tsv), "--root", str(root), "--subset", SUBSET, "--out", str(reference),

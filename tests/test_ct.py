@@ -83,6 +83,8 @@ def test_find_scans(tmp_path) -> None:
     scans = find_scans(tmp_path)
     assert {u: s.subset for u, s in scans.items()} == {"1.1": "subset0", "1.2": "subset0", "2.1": "subset1"}
     assert list(find_scans(tmp_path, ["subset1"])) == ["2.1"]
+    # a folder named twice is one folder (was "series 2.1 also found at" the same file)
+    assert list(find_scans(tmp_path, ["subset1", "subset0", "./subset1", "subset1"])) == ["2.1", "1.1", "1.2"]
     with pytest.raises(FileNotFoundError, match="subset7"):
         find_scans(tmp_path, ["subset7"])
 

@@ -38,8 +38,15 @@ def test_subsets_protocol_fold_is_the_subset_number() -> None:
     assert splits.to_dict("list") == {"series_uid": ["1.1", "1.2", "1.5", "1.9"],
                                       "subset": ["subset3", "subset0", "subset3", "subset9"], "fold": [3, 0, 3, 9]}
     assert subset_number("subset12") == 12
-    with pytest.raises(SplitsError, match="subset 'extra' does not end in a number"):
+    with pytest.raises(SplitsError, match="subset 'extra' does not end in its only number"):
         make_splits({"1.1": "extra"}, "subsets")
+    # digits before the number would make the fold a guess (subset1_v2 was fold 2, merged with subset2)
+    with pytest.raises(SplitsError, match="subset 'subset1_v2' does not end in its only number"):
+        make_splits({"1.1": "subset1_v2", "1.2": "subset2"}, "subsets")
+    # two folders with one number were one fold; now refused, naming both
+    with pytest.raises(SplitsError, match="subsets 'subset01' and 'subset1' both have number 1"):
+        make_splits({"1.1": "subset01", "1.2": "subset1", "1.3": "subset0"}, "subsets")
+    assert subset_number("data/subset07") == 7 and subset_number("fold3") == 3
 
 
 def test_hash_folds_are_sha256_of_the_uid_and_stable_when_scans_come_and_go() -> None:
@@ -101,10 +108,15 @@ def test_reads_columns_in_any_order_uids_as_strings(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("series_uid\tsplit\na\ttrain\n", r"splits.tsv:1: missing column\(s\) subset, fold \(has series_uid, split\)"),
-        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\tval\n", r"splits.tsv:3: fold 'val' is not a whole number >= 0"),
-        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\t\n", r"splits.tsv:3: fold '' is not a whole number >= 0"),
-        ("series_uid\tsubset\tfold\na\ts0\t-1\n", r"splits.tsv:2: fold '-1' is not a whole number >= 0"),
+        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\tval\n", r"splits.tsv:3: fold 'val' is not a fold number"),
+        ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\t\n", r"splits.tsv:3: fold '' is not a fold number"),
+        ("series_uid\tsubset\tfold\na\ts0\t-1\n", r"splits.tsv:2: fold '-1' is not a fold number"),
         ("series_uid\tsubset\tfold\na\ts0\t0\nb\ts0\t1\na\ts0\t1\n", r"splits.tsv:4: series_uid a listed twice"),
+        # pandas skips blank lines: the message names the file's own line, not the row's position + 2
+        ("series_uid\tsubset\tfold\n\na\ts0\t0\n  \nb\ts0\tval\n", r"splits.tsv:5: fold 'val' is not a fold number"),
+        ("\nseries_uid\tsubset\tfold\na\ts0\t0\n\r\na\ts0\t1\n", r"splits.tsv:5: series_uid a listed twice"),
+        ("series_uid\tsubset\tfold\na\ts0\t99999999999999999999\n",  # not an OverflowError's traceback
+         r"splits.tsv:2: fold '99999999999999999999' is not a fold number \(a whole number from 0 to 999999999\)"),
         ("", r"splits.tsv: not a readable TSV"),
     ],
 )

@@ -16,7 +16,7 @@ from luna.luna16 import TableError
 from luna.crops import CropError, read_subset_candidates
 from luna.evaluation import HISTORY_REQUIRED, EvaluationError, read_history
 from luna.splits import SPLITS_TSV_COLUMNS, SplitsError, read_splits_tsv
-from luna.tables import numeric_column, read_tsv
+from luna.tables import file_line, numeric_column, read_tsv
 
 
 class Reader(NamedTuple):
@@ -158,17 +158,26 @@ def test_read_tsv_passes_read_csv_options_and_raises_the_given_class(tmp_path: P
         read_tsv(tmp_path / "gone.tsv", what="test table", error=MyError)
 
 
-def test_numeric_column_lines_default_to_row_plus_2() -> None:
+def test_numeric_column_names_the_files_own_line(tmp_path) -> None:
     frame = pd.DataFrame({"x": ["1", "2.5", "x1", None]})
-    with pytest.raises(LookupError, match="t.tsv:4: x = 'x1' is not a number"):
-        numeric_column(frame, "x", "t.tsv", LookupError)
-    with pytest.raises(LookupError, match="t.tsv:12: x = 'x1'"):
-        numeric_column(frame, "x", "t.tsv", LookupError, lines=[10, 11, 12, 13])
+    missing = tmp_path / "gone.tsv"  # no file to read: the row's position + 2
+    with pytest.raises(LookupError, match="gone.tsv:4: x = 'x1' is not a number"):
+        numeric_column(frame, "x", missing, LookupError)
+    with pytest.raises(LookupError, match="gone.tsv:12: x = 'x1'"):
+        numeric_column(frame, "x", missing, LookupError, rows=[8, 9, 10, 11])
+    # pandas skips blank lines (spaces only too, before the header too): the message counts them
+    path = tmp_path / "t.tsv"
+    path.write_text("\nx\n1\n   \n2.5\n\r\nx1\n\n")
+    table = pd.read_csv(path, sep="\t", dtype=str)
+    assert table["x"].tolist() == ["1", "2.5", "x1"]
+    with pytest.raises(LookupError, match="t.tsv:7: x = 'x1' is not a number"):
+        numeric_column(table, "x", path, LookupError)
+    assert [file_line(path, row) for row in range(3)] == [3, 5, 7]
     frame = frame.iloc[[0, 1, 3]]
-    values = numeric_column(frame, "x", "t.tsv", LookupError, allow_missing=True)
+    values = numeric_column(frame, "x", missing, LookupError, allow_missing=True)
     assert values.tolist()[:2] == [1.0, 2.5] and np.isnan(values.iloc[2])
-    with pytest.raises(LookupError, match="t.tsv:4: x is empty"):
-        numeric_column(frame, "x", "t.tsv", LookupError)
+    with pytest.raises(LookupError, match="gone.tsv:4: x is empty"):
+        numeric_column(frame, "x", missing, LookupError)
 
 
 def test_tables_and_splits_stay_light() -> None:

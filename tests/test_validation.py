@@ -719,6 +719,26 @@ def test_a_test_fold_the_model_trained_or_chose_on_is_refused(inputs, tmp_path, 
         PredictApp(argv).run()
 
 
+def test_evaluate_refuses_a_test_fold_the_model_trained_on(inputs, tmp_path):
+    """luna-predict refuses a splits.tsv whose test fold holds the model's training scans; luna-evaluate took one
+    (stale or edited) and reported its numbers as held out."""
+    from luna.validation import PredictApp
+
+    folder = tmp_path / "folds" / "0"
+    model = save_checkpoint(folder / "model.pt", ct_model(), epoch=1,
+                            extra={"test_fold": 0, "train_series_uids": [TRAIN_A], "selection_series_uids": []})
+    assert PredictApp(["--model", str(model), "--crops", str(inputs["store0"]), str(inputs["store1"]), "--splits",
+                       str(inputs["splits"]), "--out", str(folder / "predictions.tsv"), "--device", "cpu"]).main() == 0
+    argv = ["--folds", str(folder), "--annotations", str(inputs["annotations"]), "--out", str(tmp_path / "v"),
+            "--bootstrap", "0", "--splits"]
+    assert EvaluateApp([*argv, str(inputs["splits"])]).main() == 0  # the splits.tsv it was trained with
+    stale = write_splits(tmp_path / "stale.tsv", {VAL_A: 0, VAL_B: 0, VAL_EMPTY: 0, TRAIN_A: 0})
+    with pytest.raises(ValueError) as info:
+        EvaluateApp([*argv, str(stale)]).run()
+    assert str(info.value) == (f"{stale}: 1 of the 4 scans of test fold 0 are in {model}'s train scans (e.g. "
+                               f"{TRAIN_A}); evaluate with the splits.tsv the model was trained with")
+
+
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
     from luna.app import StageApp
 

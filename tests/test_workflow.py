@@ -69,6 +69,13 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"crops": {"hu_window": [-40000, 1000]}}, "config key crops.hu_window.0: -40000 is less than the minimum of "
                                                    "-32768"),
         ({"validate": {"seed": -1}}, "config key validate.seed: -1 is less than the minimum of 0"),
+        # a oneOf says what it takes; a split that leaves a run fold empty stops here, not after every crop
+        ({"split": {"folds": 1}}, "config key split.folds: 1 is not valid under any of the given schemas; expected "
+                                  "'subsets' or an integer >= 2"),
+        ({"dataset": {"subsets": ["subset1"]}}, "split.folds: subsets with one subset (subset1) is one fold, and "
+                                                "nothing is left to train on"),
+        ({"split": {"folds": 10, "run_folds": [0]}}, "split.folds: 10 folds for the 9 synthetic scans of 3 subset(s): "
+                                                     "some folds would hold no scan; use fewer folds"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:
@@ -107,6 +114,29 @@ def test_candidates_without_a_class_column_stop_the_dry_run(tmp_path) -> None:
     assert proc.returncode != 0
     assert (f"dataset.candidates: {root / 'candidates.csv'} has no class column (header: seriesuid,coordX,coordY,"
             "coordZ); the workflow trains on the candidates' labels") in proc.stdout + proc.stderr
+
+
+def test_a_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:
+    """Three scans in five hash folds: a run fold without scans failed its training job after every crop."""
+    from luna.splits import hash_fold
+
+    root = tmp_path / "luna"
+    uids = ["1.2.1", "1.2.2", "1.2.3"]
+    for uid in uids:
+        (root / "subset0").mkdir(parents=True, exist_ok=True)
+        (root / "subset0" / f"{uid}.mhd").write_text("")  # found by name; the dry run reads no scan
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
+    empty = sorted(set(range(5)) - {hash_fold(uid, 5) for uid in uids})
+    config = {"dataset": {"source": "luna16", "root": str(root), "annotations": None},
+              "split": {"folds": 5, "run_folds": "all"}}
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    assert proc.returncode != 0
+    assert (f"split.folds: fold(s) {', '.join(map(str, empty))} of 5 hold no scan (the 3 scans under {root}); use "
+            "fewer folds or other split.run_folds") in proc.stdout + proc.stderr
+    full = sorted({hash_fold(uid, 5) for uid in uids})
+    config["split"]["run_folds"] = full  # the folds that have scans: planned
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_no_annotations_means_no_excluded_findings(tmp_path) -> None:

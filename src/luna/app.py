@@ -21,6 +21,17 @@ from luna.runner import setup_logging
 logger = logging.getLogger(__name__)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for required options, not "None" (an unset
+    option: its help says what happens), not when the help text states its own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default is None or "default:" in text or "%(default)" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class StageApp:
     """Base of the stage apps: subclasses set ``prog`` and ``errors``, and define ``add_arguments`` and ``run``."""
 
@@ -32,7 +43,7 @@ class StageApp:
 
     def __init__(self, argv: Sequence[Any] | None = None) -> None:
         self.parser = argparse.ArgumentParser(prog=self.prog, description=self.description or self.__doc__,
-                                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                              formatter_class=DefaultsHelpFormatter)
         self.add_arguments(self.parser)
         self.args = self.parser.parse_args(None if argv is None else [str(a) for a in argv])
 

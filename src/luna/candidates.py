@@ -127,8 +127,11 @@ class CandidatesApp(StageApp):
         if not scans:  # every candidate row would be left out: a wrong --root or --subsets, not an empty result
             raise TableError(f"{a.root}: no scans (<series_uid>.mhd) under "
                              f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
-        table, report = build_candidates_table(
-            resolve_table(a.root, a.candidates), resolve_table(a.root, a.annotations), scans)
+        annotations = resolve_table(a.root, a.annotations)
+        if annotations is not None and not Path(annotations).exists():  # the default names a file: say how not to
+            raise TableError(f"{annotations}: file not found (--annotations '' for a candidate list without "
+                             "annotations)")
+        table, report = build_candidates_table(resolve_table(a.root, a.candidates), annotations, scans)
         lines = report.lines()
         logger.info(lines[0])
         for line in lines[1:]:

@@ -3,14 +3,19 @@ scans it had not finished (luna.crops; contract in docs/design.md, "Caching, res
 
 An entry is the scan's crops as a raw file plus its per-row arrays and the crops' checksum, written last so that
 their presence marks a complete entry; an entry whose bytes no longer match is a miss (the scan is cut again).
-Keys hold the scan file's identity, the crop parameters, the exact centres and
-CACHE_FORMAT_VERSION. Cache failures (OSError, sqlite3.Error) become one OutputError line naming the folder.
+Keys hold the scan file's identity, the crop parameters, the exact centres, CACHE_FORMAT_VERSION and the luna
+source digest (a cache left by a failed run is not reused by other code: a store never mixes crops of two
+versions). Cache failures (OSError, sqlite3.Error) become one OutputError line naming the folder.
+
+The folder is removed whole after the store is complete, so luna only ever removes a folder it can tell is a
+resume cache (:func:`check_cache_folder`: its marker file or diskcache's database, and no data or output inside).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Sequence
@@ -23,15 +28,48 @@ from luna.io import OutputError, describe_os_error
 CACHE_FORMAT_VERSION = 2  # of a cached per-scan result; bump when cutting or the cached value changes (2: checksum)
 CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; never evict while a job runs
 CACHE_BYTES_PER_SCAN = 64 * 1024  # beside the crops: the entry's database row and per-row arrays (upper bound)
+CACHE_MARKER = ".luna-crop-cache"  # written into every cache folder luna creates: what may be removed whole
+DISKCACHE_DB = "cache.db"  # diskcache's database: a folder with it is a cache (also one made before the marker)
 
 
 def cache_key(identity: tuple, crop_shape: Sequence[int], hu_window: Sequence[int], centers_xyz: np.ndarray) -> tuple:
     """The diskcache key of one scan's result: scan file identity, crop parameters, the exact centres, version."""
     centers = np.ascontiguousarray(centers_xyz, dtype=np.float64)
     digest = hashlib.sha256(centers.tobytes()).hexdigest()
-    # "luna.crops" names the stage, not a module: it stays, so caches written before the split still match
-    return ("luna.crops", CACHE_FORMAT_VERSION, tuple(identity), tuple(int(v) for v in crop_shape),
+    from luna.provenance import source_digest
+
+    # "luna.crops" names the stage, not a module; the source digest: a resume after a luna update cuts afresh
+    return ("luna.crops", CACHE_FORMAT_VERSION, source_digest(), tuple(identity), tuple(int(v) for v in crop_shape),
             tuple(int(v) for v in hu_window), len(centers), digest)
+
+
+def is_cache_folder(cache_dir: str | os.PathLike) -> bool:
+    """Whether a folder is a luna resume cache (its marker, or diskcache's database)."""
+    cache_dir = Path(cache_dir)
+    return (cache_dir / CACHE_MARKER).is_file() or (cache_dir / DISKCACHE_DB).is_file()
+
+
+def check_cache_folder(cache_dir: str | os.PathLike, keep: Sequence[tuple[str, str | os.PathLike]]) -> None:
+    """Refuse a resume-cache folder that luna could not remove whole without loss: one that is, or holds, a
+    ``keep`` path (``(what, path)``: the data folder, the output folders), or an existing folder with other
+    files that is not a resume cache."""
+    cache_dir = Path(cache_dir)
+    where = cache_dir.resolve()
+    for what, path in keep:
+        target = Path(path).resolve()
+        if target == where or where in target.parents:
+            raise OutputError(f"{cache_dir}: the resume cache folder would hold the {what} {path}, and it is "
+                              "removed whole after the run; give a folder of its own")
+    if cache_dir.is_dir() and any(cache_dir.iterdir()) and not is_cache_folder(cache_dir):
+        raise OutputError(f"{cache_dir}: exists and is not a luna resume cache (no {CACHE_MARKER} or "
+                          f"{DISKCACHE_DB}), and the cache folder is removed whole after the run; give an empty "
+                          "or new folder")
+
+
+def remove_cache_folder(cache_dir: str | os.PathLike) -> None:
+    """Remove a resume cache whole; a folder that is not one (see :func:`is_cache_folder`) is left alone."""
+    if is_cache_folder(cache_dir):
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 class _BufferReader:
@@ -87,8 +125,10 @@ def cache_get(cache: diskcache.Cache, key: tuple) -> tuple[np.ndarray, dict[str,
 def open_cache(cache_dir: str | os.PathLike) -> diskcache.Cache:
     """The resume cache of one subset: large entries, never evicted (it is removed whole after the commit)."""
     try:
-        return diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none",
-                               cull_limit=0)
+        cache = diskcache.Cache(str(cache_dir), size_limit=CACHE_SIZE_LIMIT_BYTES, eviction_policy="none",
+                                cull_limit=0)
+        (Path(cache_dir) / CACHE_MARKER).touch()
+        return cache
     except (OSError, sqlite3.Error) as exc:
         raise cache_error(Path(cache_dir), exc) from exc
 

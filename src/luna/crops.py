@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sqlite3
 import sys
 import time
@@ -32,15 +31,15 @@ import numpy as np
 import pandas as pd
 
 from luna.app import StageApp
-from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, complete_entries, cache_get, cache_key, cache_put,
-                              open_cache)
+from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, cache_get, cache_key, cache_put, check_cache_folder,
+                              complete_entries, open_cache, remove_cache_folder)
 from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import NA_REP, OutputError, check_writable_dir, describe_os_error, write_tsv
 from luna.progress import format_eta
 from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
-from luna.tables import numeric_column, read_tsv
+from luna.tables import file_line, numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def _check_unique_ids(df: pd.DataFrame, path: Path) -> None:
     repeated = ids.notna() & ids.duplicated(keep=False)
     if repeated.any():
         value = ids[repeated].iloc[0]
-        lines = df.loc[repeated & (ids == value), "line"].tolist()
+        lines = [file_line(path, row) for row in df.loc[repeated & (ids == value), "file_row"].tolist()[:2]]
         raise CropError(f"{path}:{lines[1]}: candidate_id {_cell(value)} repeats line {lines[0]}; candidate ids "
                         "must be unique")
 
@@ -118,7 +117,7 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
     missing = {column: [""] for column in REQUIRED_COLUMNS} | {"is_nodule": ["", NA_REP]}
     df = read_tsv(path, what="candidates table", error=CropError, required=REQUIRED_COLUMNS,
                   dtype={"series_uid": str, "subset": str}, keep_default_na=False, na_values=missing)
-    df["line"] = np.arange(len(df)) + 2
+    df["file_row"] = np.arange(len(df))  # position in the file's table: file_line() names its line on an error
     _check_unique_ids(df, path)
     present = sorted(set(df["subset"].dropna().astype(str)))
     df = df[df["subset"] == subset].reset_index(drop=True)
@@ -126,7 +125,7 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
         has = f"its subsets are {', '.join(present)}" if present else "it has no rows"
         raise CropError(f"{path}: no candidates of subset {subset!r} ({has})")
     for col in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "is_nodule"):
-        values = numeric_column(df, col, path, CropError, allow_missing=col == "is_nodule", lines=df["line"])
+        values = numeric_column(df, col, path, CropError, allow_missing=col == "is_nodule", rows=df["file_row"])
         bad = pd.Series(~np.isfinite(values.fillna(0).to_numpy(dtype=np.float64)), index=values.index)
         if col == "is_nodule":
             bad |= ~values.fillna(-1).isin([-1, 0, 1])
@@ -135,7 +134,8 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
         if bad.any():
             i = int(np.argmax(bad.to_numpy()))
             need = {"is_nodule": "-1, 0, 1 or empty", "candidate_id": "a whole number"}.get(col, "a finite number")
-            raise CropError(f"{path}:{df['line'].iloc[i]}: {col} = {_cell(df[col].iloc[i])}, expected {need}")
+            raise CropError(f"{path}:{file_line(path, df['file_row'].iloc[i])}: {col} = {_cell(df[col].iloc[i])}, "
+                            f"expected {need}")
         df[col] = values
     df["candidate_id"] = df["candidate_id"].astype(np.int64)
     df["is_nodule"] = df["is_nodule"].fillna(-1).astype(np.int8)
@@ -143,7 +143,7 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
     empty_uid = df["series_uid"].isna() | (df["series_uid"].astype(str).str.strip() == "")
     if empty_uid.any():
         i = int(np.argmax(empty_uid.to_numpy()))
-        raise CropError(f"{path}:{df['line'].iloc[i]}: empty series_uid")
+        raise CropError(f"{path}:{file_line(path, df['file_row'].iloc[i])}: empty series_uid")
     return df
 
 
@@ -167,8 +167,8 @@ class CropApp(StageApp):
         parser.add_argument("--skipped", default=None,
                             help="skipped-candidates table; default: <out dir>/<subset>.skipped.tsv")
         parser.add_argument("--cache-dir", default=None,
-                            help="this subset's resume cache (diskcache), removed after success; "
-                                 "default: <out dir>/.<out name>.cache")
+                            help="this subset's resume cache (diskcache): a new or empty folder, or an earlier "
+                                 "run's cache; removed whole after success; default: <out dir>/.<out name>.cache")
         parser.add_argument("--threads", type=int, default=1, help="scans read and cut in parallel threads")
         parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_CROP_SHAPE), metavar=("I", "R", "C"),
                             help="crop shape in voxels, (index, row, col) = (z, y, x)")
@@ -215,6 +215,7 @@ class CropApp(StageApp):
         self.root = Path(a.root)
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
         self._cache_unreadable = False
+        self._cache_is_new = True
         t0 = time.perf_counter()
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
@@ -236,7 +237,7 @@ class CropApp(StageApp):
             self._keep_cache_if_useful()  # the workers are done: the count of cached scans is final
             raise
         self._cache.close()
-        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        remove_cache_folder(self.cache_dir)
         result.seconds = time.perf_counter() - t0
         n_bad = len(result.bad_scans)
         logger.info("wrote %s: %d crops of %d scans (%d scans from cache%s) in %.1f s; removed cache %s",
@@ -254,6 +255,9 @@ class CropApp(StageApp):
             check_writable_dir(self.skipped_path.parent, "folder of the skipped table")
         if self.cache_dir.exists() and not self.cache_dir.is_dir():
             raise OutputError(f"{self.cache_dir}: resume cache folder is a file")
+        check_cache_folder(self.cache_dir, [("data folder", self.root), ("output folder", self.out.parent),
+                                            ("folder of the skipped table", self.skipped_path.parent)])
+        self._cache_is_new = not self.cache_dir.exists()  # only a cache this run made may go when it fails empty
         # the cache folder itself only when it exists (a resumed run): a failed check must not leave one behind
         if self.cache_dir.is_dir():
             check_writable_dir(self.cache_dir, "resume cache folder")
@@ -282,8 +286,8 @@ class CropApp(StageApp):
             self._cache.close()
         if not self.cache_dir.is_dir() or self._cache_unreadable:
             return
-        if n_scans == 0:
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        if n_scans == 0 and self._cache_is_new:
+            remove_cache_folder(self.cache_dir)
             return
         logger.warning("kept the resume cache %s%s: a rerun resumes from it (delete it to start afresh)",
                        self.cache_dir, f" ({n_scans} scans)" if n_scans is not None else "")
@@ -401,7 +405,7 @@ class CropApp(StageApp):
         n_from_cache = n_read = 0
         n_total = len(jobs)
         good = [j for j in jobs if j.error is None]
-        n_done = n_bad_first = n_total - len(good)  # bad scans (skip mode) are done already
+        n_done = n_total - len(good)  # bad scans (skip mode) are done already
         writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
                              compression=a.compression, n_scans=len(good))  # reserves the store's room
         t0 = time.perf_counter()
@@ -451,11 +455,12 @@ class CropApp(StageApp):
                         n_crops += len(job.out_rows)
                     n_done += 1
                     elapsed = time.perf_counter() - t0
-                    eta = elapsed / max(n_done - n_bad_first, 1) * (n_total - n_done)  # from scans read here
+                    # the rate of scans read here (a cached scan takes a fraction of that): unknown until one is
+                    eta = format_eta(elapsed / n_read * (n_total - n_done)) if n_read else "unknown"
                     logger.info("scan %d/%d done (%s) %s: %d crops; %d crops in %.1f s (%.1f crops/s), ETA %s",
                                 n_done, n_total, status, job.series_uid,
                                 0 if job.error else len(job.out_rows), n_crops, elapsed,
-                                n_crops / max(elapsed, 1e-9), format_eta(eta))
+                                n_crops / max(elapsed, 1e-9), eta)
                     submit_next()
             if late_bad:  # a scan failed only when its voxels were read: rows change, rebuild from the cache
                 writer.abort()

@@ -505,8 +505,11 @@ def find_scans(root: str | os.PathLike, subsets: list[str] | None = None) -> dic
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder not found")
-    if subsets:
-        folders = [root / s for s in subsets]
+    if subsets:  # a folder named twice (subset0 ./subset0) is one folder, not each scan found twice
+        unique: dict[Path, Path] = {}
+        for name in subsets:
+            unique.setdefault((root / name).resolve(), root / name)
+        folders = list(unique.values())
         for folder in folders:
             if not folder.is_dir():
                 raise FileNotFoundError(f"{folder}: subset folder not found")

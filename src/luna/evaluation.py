@@ -41,7 +41,7 @@ from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
 from luna.model import CheckpointError, load_checkpoint
 from luna.splits import SplitsError, read_splits_tsv
-from luna.tables import numeric_column, read_tsv
+from luna.tables import file_line, numeric_column, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +121,15 @@ def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> No
     def first_bad(column: str, bad: np.ndarray, expected: str) -> None:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise EvaluationError(f"{path}:{i + 2}: {column} = {frame[column].iloc[i]:g}, expected {expected}")
+            raise EvaluationError(f"{path}:{file_line(path, i)}: {column} = {frame[column].iloc[i]:g}, "
+                                  f"expected {expected}")
 
     unlabelled = frame["is_nodule"].isna().to_numpy()
     if unlabelled.any() and not unlabelled.all():  # within one file: name its line (across files: _labelled)
-        i = int(np.flatnonzero(unlabelled != unlabelled[0])[0])  # the first row unlike line 2
-        raise EvaluationError(f"{path}:{i + 2}: is_nodule is {'empty' if unlabelled[i] else 'given'} here but not "
-                              "on line 2; a file holds the predictions of one candidate list")
+        i = int(np.flatnonzero(unlabelled != unlabelled[0])[0])  # the first row unlike the first
+        raise EvaluationError(f"{path}:{file_line(path, i)}: is_nodule is {'empty' if unlabelled[i] else 'given'} "
+                              f"here but not on line {file_line(path, 0)}; a file holds the predictions of one "
+                              "candidate list")
     probability = frame["probability"].to_numpy(dtype=np.float64)
     first_bad("probability", ~((probability >= 0.0) & (probability <= 1.0)), "a number in [0, 1]")
     for column in ("coord_x", "coord_y", "coord_z", "diameter_mm"):
@@ -142,8 +144,8 @@ def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> No
     if repeated.any():
         i = int(np.flatnonzero(repeated)[0])
         first = int(np.flatnonzero((frame["candidate_id"] == frame["candidate_id"].iloc[i]).to_numpy())[0])
-        raise EvaluationError(f"{path}:{i + 2}: candidate_id {int(frame['candidate_id'].iloc[i])} repeats line "
-                              f"{first + 2}; candidate ids must be unique")
+        raise EvaluationError(f"{path}:{file_line(path, i)}: candidate_id {int(frame['candidate_id'].iloc[i])} "
+                              f"repeats line {file_line(path, first)}; candidate ids must be unique")
 
 
 def check_disjoint_folds(folds: Sequence[FoldPredictions]) -> None:
@@ -151,12 +153,13 @@ def check_disjoint_folds(folds: Sequence[FoldPredictions]) -> None:
     seen: dict[int, tuple[str, int]] = {}
     for fold in folds:
         where = Path(fold.source) / "predictions.tsv"
-        for line, candidate_id in enumerate(fold.predictions["candidate_id"].tolist(), start=2):
+        for row, candidate_id in enumerate(fold.predictions["candidate_id"].tolist()):
             if candidate_id in seen:
-                other, other_line = seen[candidate_id]
-                raise EvaluationError(f"{where}:{line}: candidate_id {candidate_id} is also in {other}:{other_line}; "
-                                      "the folds must come from one candidate list")
-            seen[candidate_id] = (str(where), line)
+                other, other_row = seen[candidate_id]
+                raise EvaluationError(f"{where}:{file_line(where, row)}: candidate_id {candidate_id} is also in "
+                                      f"{other}:{file_line(other, other_row)}; the folds must come from one "
+                                      "candidate list")
+            seen[candidate_id] = (str(where), row)
 
 
 def read_history(path: str | os.PathLike) -> pd.DataFrame:
@@ -186,15 +189,24 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
     predictions = read_predictions_tsv(folder / "predictions.tsv")
     other = predictions["fold"] != fold
     if other.any():
-        raise EvaluationError(f"{folder / 'predictions.tsv'}:{int(np.flatnonzero(other.to_numpy())[0]) + 2}: fold "
+        line = file_line(folder / "predictions.tsv", int(np.flatnonzero(other.to_numpy())[0]))
+        raise EvaluationError(f"{folder / 'predictions.tsv'}:{line}: fold "
                               f"{int(predictions['fold'][other].iloc[0])}, but model.pt was trained for test fold {fold}")
     scans = splits.loc[splits["fold"] == fold, "series_uid"].tolist()
     if not scans:
         raise EvaluationError(f"{splits_path}: test fold {fold} of {folder} has no scans")
     outside = ~predictions["series_uid"].isin(set(scans))
     if outside.any():
-        raise EvaluationError(f"{folder / 'predictions.tsv'}:{int(np.flatnonzero(outside.to_numpy())[0]) + 2}: scan "
+        line = file_line(folder / "predictions.tsv", int(np.flatnonzero(outside.to_numpy())[0]))
+        raise EvaluationError(f"{folder / 'predictions.tsv'}:{line}: scan "
                               f"{predictions['series_uid'][outside].iloc[0]} is not in test fold {fold} of {splits_path}")
+    # the scans the model learned or chose on (a stale or edited splits.tsv): their numbers are not held out
+    seen = {str(uid): role for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
+    leaked = [uid for uid in scans if str(uid) in seen]
+    if leaked:
+        raise EvaluationError(f"{splits_path}: {len(leaked)} of the {len(scans)} scans of test fold {fold} are in "
+                              f"{folder / 'model.pt'}'s {seen[str(leaked[0])]} scans (e.g. {leaked[0]}); evaluate "
+                              "with the splits.tsv the model was trained with")
     history_path = folder / "history.tsv"
     history = read_history(history_path) if history_path.is_file() else None
     return FoldPredictions(fold, predictions, scans, float(checkpoint.get("threshold", 0.5)), int(checkpoint["epoch"]),

@@ -33,6 +33,23 @@ class TableError(ValueError):
     """A LUNA16 table with a bad header or row; the message names the file and line."""
 
 
+def _check_utf8(path: Path) -> None:
+    """A table that is not UTF-8 text, named by its first bad line (UTF-16 from a PowerShell redirect or Excel's
+    "Unicode text" by its byte-order mark): pandas' message gives a byte position only."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return  # the reader below names it
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise TableError(f"{path}: UTF-16 text; save the table as UTF-8 (e.g. Excel's \"CSV UTF-8\")")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TableError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the table as UTF-8 "
+                         "(e.g. Excel's \"CSV UTF-8\")") from None
+
+
 def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (),
                   allow_empty: bool = False) -> pd.DataFrame:
     """Read a LUNA16 CSV, checking the header, the field count of every row and that numbers are numeric.
@@ -42,22 +59,30 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
     error unless ``allow_empty``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise TableError(f"{path}: is a folder, not a CSV file")
     if not path.is_file():
         raise TableError(f"{path}: file not found")
+    _check_utf8(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             header = next(csv.reader(fh), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
-    if not header:
-        raise TableError(f"{path}:1: empty file, expected header {','.join(required)}")
+    if header is None:
+        raise TableError(f"{path}:1: empty file, expected header {','.join((*required, *optional))}")
     header = [h.strip() for h in header]
-    seen: set[str] = set()
-    for name in header:
-        if name in seen:
+    if not any(header):
+        raise TableError(f"{path}:1: blank line where the header {','.join((*required, *optional))} should be "
+                         "(the header must be the first line)")
+    for name in (*required, *optional):  # a column the reader uses, twice; other columns are not read
+        if header.count(name) > 1:
             raise TableError(f"{path}:1: duplicate column {name!r} in header")
-        seen.add(name)
     missing = [c for c in required if c not in header]
+    if missing and len(header) == 1 and ("\t" in header[0] or ";" in header[0]):
+        raise TableError(f"{path}:1: not comma-separated (the header is split by "
+                         f"{'tabs' if chr(9) in header[0] else 'semicolons'}); LUNA16 tables are CSV with the header "
+                         f"{','.join((*required, *optional))}")
     if missing:
         raise TableError(f"{path}:1: missing column {missing[0]!r} (header is {','.join(header)})")
     wanted = [c for c in (*required, *optional) if c in header]

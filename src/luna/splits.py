@@ -21,14 +21,14 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
 from luna.app import StageApp
 from luna.io import OutputError, write_tsv
-from luna.tables import read_tsv
+from luna.tables import file_line, read_tsv
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +55,29 @@ def hash_fold(series_uid: str, n_folds: int) -> int:
 
 
 def subset_number(subset: str) -> int:
-    """The number a subset folder ends in (``subset7`` -> 7): its fold under ``folds: subsets``."""
-    match = re.search(r"(\d+)$", subset)
+    """The number a subset folder's name ends in (``subset7`` -> 7): its fold under ``folds: subsets``. Only the
+    last component of a path counts, and a name with digits before its number (``subset1_v2``) is refused: its
+    fold would be a guess."""
+    name = Path(str(subset)).name
+    match = re.fullmatch(r"\D*(\d+)", name)
     if match is None:
-        raise SplitsError(f"subset {subset!r} does not end in a number; split.folds: subsets needs folders "
+        raise SplitsError(f"subset {subset!r} does not end in its only number; split.folds: subsets needs folders "
                           "named like subset0 ... subset9 (or give a number of folds)")
     return int(match.group(1))
+
+
+def subset_folds(subsets: Iterable[str]) -> dict[str, int]:
+    """``{subset: fold}`` under ``folds: subsets``; two folders with one number (``subset1``, ``subset01``)
+    would merge into one fold and are refused."""
+    folds: dict[str, int] = {}
+    for subset in sorted(set(map(str, subsets))):
+        number = subset_number(subset)
+        twin = next((other for other, fold in folds.items() if fold == number), None)
+        if twin is not None:
+            raise SplitsError(f"subsets {twin!r} and {subset!r} both have number {number}: under split.folds: "
+                              "subsets each fold is one subset folder")
+        folds[subset] = number
+    return folds
 
 
 def parse_folds(value: int | str) -> int | str:
@@ -81,7 +98,8 @@ def make_splits(scans: Mapping[str, str], folds: int | str) -> pd.DataFrame:
     folds = parse_folds(folds)
     uids = sorted(scans)
     if folds == FOLDS_BY_SUBSET:
-        fold = [subset_number(scans[uid]) for uid in uids]
+        by_subset = subset_folds(scans.values())
+        fold = [by_subset[str(scans[uid])] for uid in uids]
     else:
         fold = [hash_fold(uid, int(folds)) for uid in uids]
     return pd.DataFrame({"series_uid": uids, "subset": [scans[uid] for uid in uids],
@@ -130,17 +148,18 @@ def read_splits_tsv(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     frame = read_tsv(path, what="splits file", error=SplitsError, required=SPLITS_TSV_COLUMNS,
                      dtype=str, keep_default_na=False)
-    bad = ~frame["fold"].str.fullmatch(r"\d+")
+    bad = ~frame["fold"].str.fullmatch(r"\d{1,9}")  # a fold number, not one past int64 (an OverflowError)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise SplitsError(f"{path}:{row + 2}: fold {frame['fold'].iloc[row]!r} is not a whole number >= 0")
+        raise SplitsError(f"{path}:{file_line(path, row)}: fold {frame['fold'].iloc[row]!r} is not a fold number "
+                          "(a whole number from 0 to 999999999)")
     empty = frame["series_uid"].str.strip() == ""
     if empty.any():
-        raise SplitsError(f"{path}:{int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty series_uid")
+        raise SplitsError(f"{path}:{file_line(path, int(np.flatnonzero(empty.to_numpy())[0]))}: empty series_uid")
     duplicated = frame["series_uid"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise SplitsError(f"{path}:{row + 2}: series_uid {frame['series_uid'].iloc[row]} listed twice")
+        raise SplitsError(f"{path}:{file_line(path, row)}: series_uid {frame['series_uid'].iloc[row]} listed twice")
     frame["fold"] = frame["fold"].astype(np.int64)
     return frame
 

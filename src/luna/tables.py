@@ -10,6 +10,9 @@ for a table that cannot be used are the same everywhere and name the file (and l
   row's extra field for an index and shift every column by one, silently);
 * ``<path>:<line>: <column> = <value!r> is not a number`` (or ``<column> is empty``): :func:`numeric_column`.
 
+``<line>`` is the file's own line (:func:`file_line`): pandas skips blank lines, so a row's position + 2 is its
+line only in a file without them.
+
 Only pandas and numpy are imported here, so light modules (luna.splits) can use it without torch or SimpleITK.
 """
 
@@ -23,13 +26,32 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["first_line", "long_row_error", "numeric_column", "read_tsv"]
+__all__ = ["file_line", "first_line", "long_row_error", "numeric_column", "read_tsv"]
 
 
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (its class name when the message is empty)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def file_line(path: str | os.PathLike, row: int) -> int:
+    """The line of the file (from 1) that holds data row ``row`` (from 0) of what ``pd.read_csv`` read from it.
+
+    pandas skips blank lines (empty or spaces only, before the header too), so ``row + 2`` is the line only in a
+    file without them; read again here, on error paths only. Falls back to ``row + 2`` if the file is gone."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+            seen = -1  # the header is row -1
+            for number, text in enumerate(fh, start=1):
+                if text.strip(" \r\n") == "":
+                    continue
+                if seen == row:
+                    return number
+                seen += 1
+    except OSError:
+        pass
+    return int(row) + 2
 
 
 def long_row_error(path: str | os.PathLike, frame_or_exc: pd.DataFrame | BaseException,
@@ -78,17 +100,18 @@ def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], requ
 
 def numeric_column(frame: pd.DataFrame, column: str, path: str | os.PathLike, error: type[Exception], *,
                    allow_missing: bool = False,
-                   lines: Sequence[int] | np.ndarray | pd.Series | None = None) -> pd.Series:
+                   rows: Sequence[int] | np.ndarray | pd.Series | None = None) -> pd.Series:
     """``frame[column]`` as numbers; the first value that is not one raises ``error`` naming its file line.
 
-    An empty cell (NA) is an error unless ``allow_missing`` (then it stays NaN). ``lines`` gives each row's line
-    in the file when the frame is not the whole file in order (default: row position + 2, the header is line 1).
+    An empty cell (NA) is an error unless ``allow_missing`` (then it stays NaN). ``rows`` gives each row's
+    position in the table read from the file when the frame is not that whole table in order (default: its
+    own positions); :func:`file_line` turns a position into the file's line.
     """
     values = pd.to_numeric(frame[column], errors="coerce")
     bad = values.isna() if not allow_missing else values.isna() & frame[column].notna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        line = int(np.asarray(lines)[i]) if lines is not None else i + 2
+        line = file_line(path, int(np.asarray(rows)[i]) if rows is not None else i)
         value = frame[column].iloc[i]
         if pd.isna(value):
             raise error(f"{path}:{line}: {column} is empty, expected a number")

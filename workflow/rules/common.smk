@@ -4,7 +4,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import yaml
@@ -23,11 +22,54 @@ def check_config(cfg, schema):
         key=lambda e: list(e.path),
     )
     if errors:
-        lines = [
-            f"config key {'.'.join(str(p) for p in e.path) or '(top level)'}: {e.message}"
-            for e in errors
-        ]
+        lines = [config_error_line(e) for e in errors]
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+def config_error_line(error):
+    """One schema error as a line naming the key; a oneOf/anyOf also says which values it takes."""
+    key = ".".join(str(p) for p in error.path) or "(top level)"
+    expected = ""
+    if error.validator in ("oneOf", "anyOf"):
+        expected = (
+            f"; expected {' or '.join(map(describe_form, error.validator_value))}"
+        )
+    return f"config key {key}: {error.message}{expected}"
+
+
+def describe_form(form):
+    """One alternative of a oneOf/anyOf in words ("'subsets'", "an integer >= 2", "a list of integers >= 0"),
+    so that "is not valid under any of the given schemas" says what is."""
+    if "enum" in form:
+        return " or ".join(repr(v) for v in form["enum"])
+    kind = form.get("type", "value")
+    if kind == "array":
+        parts = ["a list"]
+        if form.get("items"):
+            item = describe_form(form["items"])
+            plural = {
+                "an integer": "integers",
+                "a number": "numbers",
+                "a string": "strings",
+            }
+            for one, many in plural.items():
+                item = item.replace(one, many, 1)
+            parts.append(f"of {item}")
+        if form.get("minItems"):
+            parts.append(f"(at least {form['minItems']})")
+        return " ".join(parts)
+    words = {"integer": "an integer", "number": "a number", "string": "a string"}
+    parts = [
+        words.get(kind, f"a {kind}") if isinstance(kind, str) else " or ".join(kind)
+    ]
+    bounds = {
+        "minimum": ">=",
+        "exclusiveMinimum": ">",
+        "maximum": "<=",
+        "exclusiveMaximum": "<",
+    }
+    parts.extend(f"{sign} {form[key]}" for key, sign in bounds.items() if key in form)
+    return " ".join(parts)
 
 
 def whole_numbers_as_int(value, schema):
@@ -119,9 +161,10 @@ def selected_subsets():
 
 
 def check_dataset():
-    """Fail the dry-run early, naming the key and the path, when a LUNA16 download is not where config says."""
+    """Fail the dry-run early, naming the key and the path, when a LUNA16 download is not where config says;
+    the series UIDs found on disk (None for the synthetic set, made later)."""
     if SYNTHETIC:
-        return
+        return None
     if not Path(DATA_ROOT).is_dir():
         raise WorkflowError(f"dataset.root: data folder {DATA_ROOT} not found")
     for key in ("candidates", "annotations", "annotations_excluded"):
@@ -151,7 +194,7 @@ def check_dataset():
     from luna.ct import find_scans
 
     try:  # a subset folder without scans (.MHD, a nested subsetN/subsetN/) stops here, not after the crops
-        find_scans(DATA_ROOT, list(DATASET["subsets"]) or None)
+        return sorted(find_scans(DATA_ROOT, list(DATASET["subsets"]) or None))
     except (OSError, ValueError) as exc:
         raise WorkflowError(f"dataset.root: {exc}") from exc
 
@@ -196,7 +239,7 @@ def check_values():
             )
 
 
-check_dataset()
+SCAN_UIDS = check_dataset()
 check_values()
 SUBSETS = selected_subsets()
 
@@ -205,16 +248,47 @@ def all_folds():
     """Every fold of the split: the subsets' numbers (split.folds: subsets) or 0 .. k-1."""
     folds = config["split"]["folds"]
     if folds == "subsets":
-        numbers = []
-        for subset in SUBSETS:
-            digits = re.search(r"(\d+)$", subset)
-            if digits is None:
-                raise WorkflowError(
-                    f"split.folds: subsets needs subset folders ending in a number, got {subset!r}"
-                )
-            numbers.append(int(digits.group(1)))
-        return sorted(set(numbers))
+        from luna.splits import SplitsError, subset_folds
+
+        try:
+            numbers = sorted(subset_folds(SUBSETS).values())
+        except SplitsError as exc:
+            raise WorkflowError(f"split.folds: {exc}") from None
+        if (
+            len(numbers) < 2
+        ):  # every scan would be the test fold: training found out after all the crops
+            raise WorkflowError(
+                f"split.folds: subsets with one subset ({', '.join(SUBSETS)}) is one fold, and nothing is "
+                "left to train on; select two subsets or more, or give a number of folds"
+            )
+        return numbers
     return list(range(int(folds)))
+
+
+def check_folds_have_scans(folds):
+    """A test fold without scans fails its training job after every crop: refuse it at the dry run. The scans
+    are known for a LUNA16 folder; for the synthetic set only their number is."""
+    k = config["split"]["folds"]
+    if k == "subsets":
+        return  # each subset folder is a fold, and an empty folder is refused above
+    if SCAN_UIDS is None:
+        n_scans = len(SUBSETS) * config["synthetic"]["scans_per_subset"]
+        if int(k) > n_scans:
+            raise WorkflowError(
+                f"split.folds: {k} folds for the {n_scans} synthetic scans of {len(SUBSETS)} subset(s): some "
+                "folds would hold no scan; use fewer folds"
+            )
+        return
+    from luna.splits import hash_fold
+
+    present = {hash_fold(uid, int(k)) for uid in SCAN_UIDS}
+    empty = [f for f in folds if f not in present]
+    if empty:
+        raise WorkflowError(
+            f"split.folds: fold(s) {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''} of "
+            f"{k} hold no scan (the {len(SCAN_UIDS)} scans under {DATA_ROOT}); use fewer folds or other "
+            "split.run_folds"
+        )
 
 
 def run_folds():
@@ -233,6 +307,7 @@ def run_folds():
 
 
 RUN_FOLDS = run_folds()
+check_folds_have_scans(RUN_FOLDS)
 
 
 def dataset_inputs():
