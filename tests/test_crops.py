@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from hooks import hook_env
 from luna.crop_cache import _BufferReader, cache_get, cache_key, cache_put, open_cache
 from luna.cropping import crop_start, cut_crop, cut_scan_crops
-from luna.crops import CropApp, main
+from luna.crops import CropApp, CropError, main
 from luna.ct import read_scan, write_scan
 from luna.geometry import Geometry, irc_to_xyz
 from luna.io import OutputError
@@ -621,6 +621,27 @@ def test_resume_cache_folder_is_never_one_that_holds_data_or_outputs(tmp_path, m
     assert empty.is_dir()
 
 
+def test_a_rerun_with_bad_input_keeps_the_previous_store(tmp_path):
+    """A mistyped --root (or a bad scan header) in a rerun removed the good store of the run before: hours of
+    crops on LUNA16. The previous outputs go only once the scans' headers are checked."""
+    root = tmp_path / "data"
+    _write_scans(root, {"6.1": ((10, 20, 20), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), np.eye(3))})
+    tsv = tmp_path / "candidates.tsv"
+    _write_candidates(tsv, [dict(candidate_id=1, series_uid="6.1", subset=SUBSET, coord_x=5.0, coord_y=5.0,
+                                 coord_z=5.0, is_nodule=0, diameter_mm=0.0)])
+    out = tmp_path / "out" / f"{SUBSET}.h5"
+    argv = ["--candidates", str(tsv), "--subset", SUBSET, "--out", str(out), "--shape", "8", "12", "16"]
+    CropApp([*argv, "--root", str(root)]).run()
+    store, skipped = out.read_bytes(), (out.parent / f"{SUBSET}.skipped.tsv").read_bytes()
+    with pytest.raises(CropError, match="6.1.mhd"):
+        CropApp([*argv, "--root", str(tmp_path / "typo")]).run()
+    assert out.read_bytes() == store and (out.parent / f"{SUBSET}.skipped.tsv").read_bytes() == skipped
+    # --out naming a folder says so (was "cannot remove the previous output (is a directory)")
+    with pytest.raises(OutputError) as info:
+        CropApp([*argv[:-5], str(out.parent), "--shape", "8", "12", "16", "--root", str(root)]).run()
+    assert str(info.value) == f"{out.parent}: is a folder; --out names a file"
+
+
 def test_cache_key_holds_the_source_digest(monkeypatch):
     """A resume after a luna update cuts afresh: a store never mixes crops of two versions of the code."""
     import luna.provenance
@@ -630,6 +651,38 @@ def test_cache_key_holds_the_source_digest(monkeypatch):
     assert luna.provenance.source_digest() in before
     monkeypatch.setattr(luna.provenance, "source_digest", lambda *a: "other code")
     assert cache_key(ident, (32, 48, 48), (-1000, 1000), centers) != before
+
+
+def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path):
+    """SIGINT to the process group mid-run: exit 130, "interrupted", no store, the finished scans cached. Raised
+    wherever the main thread was, the KeyboardInterrupt was often lost in a thread pool's weakref callback and the
+    run wrote the whole store with exit 0; now Ctrl-C is checked between scans (luna.app.deferred_sigint)."""
+    root = tmp_path / "data"
+    scans = {f"4.{k}": ((20, 30, 40), (float(k), 0.0, 0.0), (0.7, 0.7, 2.5), np.eye(3)) for k in range(6)}
+    paths = _write_scans(root, scans)
+    rows = [dict(candidate_id=i, series_uid=uid, subset=SUBSET, coord_x=float(k), coord_y=5.0, coord_z=20.0,
+                 is_nodule=0, diameter_mm=0.0) for i, (k, uid) in enumerate(zip(range(6), paths))]
+    tsv = tmp_path / "candidates.tsv"
+    _write_candidates(tsv, rows)
+    out = tmp_path / "out" / f"{SUBSET}.h5"
+    cache_dir = tmp_path / "out" / "cache"
+    argv = [sys.executable, "-m", "luna.crops", "--candidates", str(tsv), "--root", str(root), "--subset", SUBSET,
+            "--out", str(out), "--cache-dir", str(cache_dir), "--threads", "2", "--shape", "8", "12", "16"]
+    log = tmp_path / "run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=hook_env(LUNA_TEST_SLOW_SCAN_S="0.5"))
+        deadline = time.monotonic() + 120
+        while len(_done_lines(log.read_text())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 130, text
+    assert text.rstrip().endswith("luna-crops: interrupted") and "Exception ignored" not in text
+    assert 2 <= len(_done_lines(text)) < 6
+    assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+    assert "kept the resume cache" in text and cache_dir.is_dir()
 
 
 def test_killed_job_resumes_from_cache(tmp_path):

@@ -158,6 +158,19 @@ def test_a_file_that_is_not_a_checkpoint_gives_one_clear_error(tmp_path: Path, k
             load_checkpoint(path)
     assert isinstance(info.value, ValueError)
     assert "\n" not in str(info.value)
+    if kind == "text":  # was the unpickler's "(101)": its first byte's opcode
+        assert str(info.value) == f"{path}: not a luna model checkpoint (not a file torch.save wrote: it starts with " \
+                                  "b'epoc')"
+
+
+def test_an_empty_file_or_a_folder_for_a_checkpoint_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "empty.pt")
+    assert str(info.value) == f"{tmp_path / 'empty.pt'}: not a luna model checkpoint (an empty file)"
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a folder, not a model.pt"
 
 
 def test_head_follows_the_crop_shape_and_too_small_shapes_are_refused(tmp_path: Path) -> None:

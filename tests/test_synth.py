@@ -367,7 +367,10 @@ def test_app_options_round_trip_the_config():
 def test_app_bad_value_and_foreign_folder(tmp_path, capsys):
     assert SynthApp(["--out", str(tmp_path / "x"), "--flip-fraction", "2"]).main() == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "synthetic.flip_fraction" in err[0]
+    assert err == ["luna-synth: error: --flip-fraction = 2.0: must be a fraction in [0, 1]"]  # its option, not the key
+    assert SynthApp(["--out", str(tmp_path / "x"), "--size-xy-min", "300", "--size-xy-max", "200"]).main() == 2
+    assert capsys.readouterr().err.strip() == ("luna-synth: error: --size-xy-min = (300, 200): need 32 <= "
+                                               "--size-xy-min <= --size-xy-max <= 2048")
     foreign = tmp_path / "luna16"
     (foreign / "subset0").mkdir(parents=True)
     (foreign / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
@@ -432,3 +435,29 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     while any(running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(running(pid) for pid in workers)
+
+
+def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends) of luna-synth --jobs 2: one line, exit 130, and
+    the queued scans are cancelled (the pool's exit ran every queued scan first: 38 of 40 written)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "d"
+    cmd = [sys.executable, "-m", "luna.synth", "--out", str(out), "--jobs", "2", "--n-subsets", "2",
+           "--scans-per-subset", "20", "--size-xy-min", "132", "--size-xy-max", "140", "--extent-z-mm-min", "60",
+           "--extent-z-mm-max", "80", "--negatives-per-positive", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("subset*/*.mhd"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert output.rstrip().endswith("luna-synth: interrupted")
+    written = len(list(out.glob("subset*/*.mhd")))
+    assert 2 <= written <= 12, written  # the scans done, and those running at the signal (2 workers, 1 queued)
+    assert not (out / "candidates.csv").exists()  # the set is not marked complete

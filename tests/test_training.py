@@ -497,6 +497,15 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    for extra, message in [  # argparse's usage, then the line; it named the type functions ("invalid _positive_int")
+        (["--epochs", "x"], "argument --epochs: must be a whole number >= 1, got 'x'"),
+        (["--test-fold", "1.5"], "argument --test-fold: must be a whole number >= 0, got '1.5'"),
+        (["--selection-fraction", "x"], "argument --selection-fraction: must be a number >= 0 and < 1, got 'x'"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(argv(data, tmp_path / "o2", *extra))
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"luna-train: error: {message}"
     # a test fold whose scans have no candidate in their subset's store (given): nothing to test (luna-predict
     # refused it only after the training, saying the store was not given)
     lines = data["splits"].read_text().splitlines()
@@ -656,3 +665,25 @@ def test_a_refused_resume_names_only_what_differs() -> None:
     old = {"args": {"balanced_schedule": [[2, 1]], "lr": 0.001}, "threads": 2}
     new = {"args": {"balanced_schedule": [(2, 1)], "lr": 0.002}, "threads": 2}
     assert describe_changes(old, new) == "lr 0.001 -> 0.002"
+
+
+def test_a_full_disk_at_the_end_leaves_none_of_the_outputs(data, tmp_path, monkeypatch, capsys):
+    """model.pt could not be written (no space): history.tsv and selection_predictions.tsv, written before it,
+    stayed in --out, a finished-looking part of the outputs; now none of the three is left."""
+    import luna.training
+    from luna.io import OutputError
+
+    real_copy = luna.training.copy_file
+
+    def full_disk(source, target):
+        if Path(target).name == "model.pt":
+            raise OutputError(f"{target}: cannot write (no space left on device)")
+        return real_copy(source, target)
+
+    monkeypatch.setattr(luna.training, "copy_file", full_disk)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, out, "--epochs", "1"))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"{out / 'model.pt'}: cannot write (no space left on device)")
+    assert not [p.name for p in out.iterdir() if p.is_file()]

@@ -319,7 +319,7 @@ def test_batch_size_and_memory_format_do_not_change_predictions(inputs, labelled
 # other modes
 # ----------------------------------------------------------------------------------------------------
 
-def test_nan_written_as_nan_and_no_froc_without_annotations(inputs, tmp_path):
+def test_nan_written_as_nan_and_no_froc_without_annotations(inputs, tmp_path, caplog):
     model = ct_model()
     with torch.no_grad():  # every candidate predicted negative: precision and F1 undefined
         model.head_linear.weight.zero_()
@@ -330,7 +330,9 @@ def test_nan_written_as_nan_and_no_froc_without_annotations(inputs, tmp_path):
     (out / "froc.tsv").write_text("stale\n")
     argv = ["--model", str(checkpoint), "--crops", str(inputs["store0"]), str(inputs["store1"]),
             "--splits", str(inputs["splits"]), "--out", str(out), "--device", "cpu", "--fold", "0"]
-    assert ValidationApp(argv).main() == 0
+    with caplog.at_level(logging.WARNING, logger="luna"):
+        assert ValidationApp(argv).main() == 0
+    assert "--bootstrap" not in caplog.text  # the default is not an option given and ignored (it was warned of)
     header, values, _ = (out / "metrics.tsv").read_text().splitlines()
     row = dict(zip(header.split("\t"), values.split("\t")))
     assert row["precision"] == "NaN" and row["f1"] == "NaN" and row["cpm"] == "NaN"
@@ -483,6 +485,7 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
 
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
                                   "no_fold", "fold_not_in_stores", "fold_without_candidates", "negative_seed",
+                                  "fold_with_selection_scans",
                                   "wrong_hu_window",
                                   "mixed_hu_windows", "mixed_crop_shapes"])
 def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
@@ -504,6 +507,11 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
         argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}))
         expected = (f"{inputs['store0']}: none of the 1 test scans (fold 0) has a candidate in the stores of its "
                     "subset: nothing to predict")
+    elif case == "fold_with_selection_scans":  # --fold was ignored in silence there
+        argv["--scans"] = "selection"
+        argv["--fold"] = "1"
+        expected = (f"--fold 1 does not apply to --scans selection (the scans that chose {inputs['model']}'s epoch "
+                    "and threshold, recorded in it)")
     elif case == "negative_seed":  # numpy's bootstrap generator refused it with a traceback, after predicting
         argv["--seed"] = "-1"
         expected = "--seed must be >= 0, got -1"

@@ -11,9 +11,12 @@ scripts), a rule script (luna.runner) or a notebook, as the book's apps are.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from typing import Any, ClassVar, Sequence
+import threading
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 from luna.io import OutputError
 from luna.runner import setup_logging
@@ -85,6 +88,27 @@ def interrupted(prog: str) -> int:
     half-written is left, and a resumable stage resumes on the next run."""
     print(f"{prog}: interrupted", file=sys.stderr)
     return 130
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """Within the block Ctrl-C sets a flag (yielded: a function that tells whether it came) instead of raising
+    KeyboardInterrupt wherever the main thread happens to be: raised inside a weakref or ``__del__`` callback
+    (thread pools run many) it is printed as "Exception ignored" and lost, and the run went on to the end. The
+    loop checks the flag at its own safe points and raises KeyboardInterrupt there. Outside the main thread,
+    or when SIGINT is not Python's default handler (a caller's own), nothing changes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield lambda: False
+        return
+    came = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: came.set())
+    try:
+        yield came.is_set
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if came.is_set():  # it came after the last check
+        raise KeyboardInterrupt
 
 
 SWITCH_CHOICES = ("auto", "on", "off")

@@ -25,12 +25,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import diskcache
 import numpy as np
 import pandas as pd
 
-from luna.app import StageApp
+from luna.app import StageApp, deferred_sigint
 from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, cache_get, cache_key, cache_put, check_cache_folder,
                               complete_entries, open_cache, remove_cache_folder)
 from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
@@ -216,22 +217,28 @@ class CropApp(StageApp):
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
         self._cache_unreadable = False
         self._cache_is_new = True
+        self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C came (deferred_sigint, in the crop loop)
         t0 = time.perf_counter()
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
         self._check_output_folders()
-        self._remove_old_outputs()
         jobs = self._make_jobs(table)
         if not jobs:
             logger.warning("%s: no candidates of subset %s; writing an empty store", a.candidates, a.subset)
 
         try:
-            with ThreadPoolExecutor(max_workers=a.threads, thread_name_prefix="crops") as pool:
+            # Ctrl-C is checked between scans: raised anywhere, it was often lost in a thread pool's weakref callback
+            with deferred_sigint() as self._interrupted, \
+                    ThreadPoolExecutor(max_workers=a.threads, thread_name_prefix="crops") as pool:
                 for job in pool.map(self._inspect, jobs):  # pre-pass: headers only, fast; bad files found here
+                    self._stop_if_interrupted()
                     if job.error is not None and a.on_bad_scan == "fail":
                         raise CropError(job.error)
                     if job.error is not None:
                         logger.warning("bad scan, its candidates are skipped: %s", job.error)
+                # only now: a rerun with a mistyped --root or a bad scan header keeps the previous store (hours
+                # of work on LUNA16); removed before the new one reserves its room
+                self._remove_old_outputs()
                 result = self._crop_all(pool, table, jobs)
         except BaseException:
             self._keep_cache_if_useful()  # the workers are done: the count of cached scans is final
@@ -248,9 +255,16 @@ class CropApp(StageApp):
 
     # ---- steps
 
+    def _stop_if_interrupted(self) -> None:
+        if self._interrupted():
+            raise KeyboardInterrupt
+
     def _check_output_folders(self) -> None:
         """Every folder the run writes can be written (created if missing), before any scan is read."""
         check_writable_dir(self.out.parent, "output folder")
+        for path, option in ((self.out, "--out"), (self.skipped_path, "--skipped")):
+            if path.is_dir():
+                raise OutputError(f"{path}: is a folder; {option} names a file")
         if self.skipped_path.parent != self.out.parent:
             check_writable_dir(self.skipped_path.parent, "folder of the skipped table")
         if self.cache_dir.exists() and not self.cache_dir.is_dir():
@@ -431,7 +445,8 @@ class CropApp(StageApp):
             for _ in range(max_in_flight):
                 submit_next()
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                self._stop_if_interrupted()
                 for future in done:
                     job = pending.pop(future)
                     try:
@@ -468,9 +483,11 @@ class CropApp(StageApp):
                 writer = StoreWriter(self.out, int(keep.sum()), self.crop_shape, self.hu_window, subset=a.subset,
                                      compression=a.compression, n_scans=len(good) - len(late_bad))
                 for job in jobs:
+                    self._stop_if_interrupted()
                     if job.error is None:
                         crops, _, _ = self._process(job, cache)
                         self._write_scan(writer, job, crops, fields_all)
+            self._stop_if_interrupted()  # the last point before the outputs are written
             skipped = self._skipped_table(table, jobs)
             write_tsv(skipped, self.skipped_path)
             wrote_skipped = True

@@ -37,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from luna.geometry import ORTHONORMAL_TOLERANCE, Geometry, orthonormality_error
+from luna.io import OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,10 @@ def _file_size(path: Path) -> int:
 
 
 def _check_sizes(path: Path, layout: VoxelLayout) -> None:
-    """The data file holds exactly the bytes the header describes (compressed: CompressedDataSize, if given)."""
+    """The data file holds exactly the bytes the header describes (compressed: CompressedDataSize, if given), and
+    can be read (SimpleITK says "No such file or directory" for a file it may not read)."""
+    if not os.access(layout.data, os.R_OK):
+        raise ScanError(f"{layout.data}: cannot read the voxel data (permission denied)")
     actual = _file_size(layout.data) - layout.offset
     if layout.compressed:
         _check_stream_start(layout)
@@ -477,7 +481,10 @@ def write_scan(path: str | os.PathLike, volume_hu: np.ndarray, geometry: Geometr
     tmp_dir.mkdir(exist_ok=True)
     try:
         tmp = tmp_dir / path.name
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as exc:  # ITK's multi-line "ITK ERROR ... No space left on device": one line
+            raise OutputError(f"{path}: cannot write the scan ({_itk_write_reason(str(exc))})") from None
         data_name = read_header(tmp)["ElementDataFile"]
         os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp, path)
@@ -485,6 +492,16 @@ def write_scan(path: str | os.PathLike, volume_hu: np.ndarray, geometry: Geometr
         for leftover in tmp_dir.glob("*"):
             leftover.unlink()
         tmp_dir.rmdir()
+
+
+def _itk_write_reason(message: str) -> str:
+    """The reason in an ITK writer's error, lower case and short."""
+    for needle, reason in (("No space left", "no space left on device"), ("Disk quota", "disk quota exceeded"),
+                           ("Permission denied", "permission denied"), ("Read-only", "read-only file system")):
+        if needle in message:
+            return reason
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else "SimpleITK could not write it"
 
 
 def scan_identity(path: str | os.PathLike) -> tuple:

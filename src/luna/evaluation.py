@@ -53,6 +53,7 @@ PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord
 """predictions.tsv, per fold and pooled: one row per cropped candidate of the scans predicted."""
 SUBMISSION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
 FROC_COLUMNS = ["threshold", "fp_per_scan", "sensitivity"]
+DEFAULT_BOOTSTRAP = 1000  # resamples of the test scans for metrics_ci.tsv
 CI_COLUMNS = ["fold", "metric", "value", "ci_low", "ci_high", "confidence", "n_bootstrap", "seed"]
 HISTORY_REQUIRED = ["epoch", "split", "loss_all", "precision", "recall", "f1"]
 OUTPUT_NAMES = ("predictions.tsv", "metrics.tsv", "froc.tsv", "submission.csv", "metrics_ci.tsv",
@@ -419,8 +420,9 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations-excluded", default=None,
                         help="LUNA16 annotations_excluded.csv: candidates on these findings count as neither hit nor "
                              "false positive")
-    parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="bootstrap samples (test scans resampled) for the CPM intervals in metrics_ci.tsv; 0 = off")
+    parser.add_argument("--bootstrap", type=int, default=None,  # None: not given (no warning without annotations)
+                        help="bootstrap samples (test scans resampled) for the CPM intervals in metrics_ci.tsv; "
+                             f"0 = off; default: {DEFAULT_BOOTSTRAP}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--max-per-scan", type=int, default=100,
                         help="FROC: candidates kept per scan (LUNA16: 100); 0 = all")
@@ -428,6 +430,9 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
 
 def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """Check the shared options and read the annotation tables (before any long work)."""
+    given = args.bootstrap is not None
+    if not given:
+        args.bootstrap = DEFAULT_BOOTSTRAP
     if args.bootstrap < 0:
         raise EvaluationError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     if args.max_per_scan < 0:
@@ -438,7 +443,7 @@ def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None,
     excluded = read_annotations(args.annotations_excluded, excluded=True)
     if excluded is not None and annotations is None:
         raise EvaluationError("--annotations-excluded needs --annotations (the nodules FROC is measured on)")
-    if args.bootstrap and annotations is None:
+    if given and args.bootstrap and annotations is None:
         logger.warning("--bootstrap %d ignored: the bootstrap is of CPM, which needs --annotations", args.bootstrap)
     return annotations, excluded
 

@@ -48,13 +48,28 @@ def describe_os_error(exc: OSError) -> str:
     return reason[:1].lower() + reason[1:]
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """The path an atomic write replaces: ``path``, or a symlink's target; OutputError when something other than
+    a regular file is there (a folder, a FIFO, a device)."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise OutputError(f"{str(path)!r}: an output needs a file name")
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        kind = "a folder" if target.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise OutputError(f"{path}: is {kind}; an output is written to a temp file and renamed onto it")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path to write; on a clean exit it is fsynced and renamed onto ``path``, else removed.
 
-    The parent folder is created. An OSError while writing becomes :class:`OutputError` naming ``path``.
+    The parent folder is created. An OSError while writing becomes :class:`OutputError` naming ``path``. A
+    symlink at ``path`` is written through (its target replaced); anything else that is not a regular file (a
+    folder, a FIFO, a device such as /dev/stdout) is refused: the rename would replace it.
     """
-    path = Path(path)
+    path = check_output_file(path)
     tmp = tmp_path_for(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

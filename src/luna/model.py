@@ -210,6 +210,18 @@ def _model_config_of(model: nn.Module) -> dict[str, int]:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a model.pt with ``weights_only=True``; anything that is not a luna checkpoint raises CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a model.pt")
+    try:
+        with open(path, "rb") as fh:
+            start = fh.read(4)
+    except OSError:
+        start = b"PK\x03\x04"  # torch.load below names the error
+    if not start:
+        raise CheckpointError(f"{path}: not a luna model checkpoint (an empty file)")
+    if start != b"PK\x03\x04" and start[:1] != b"\x80":  # torch.save's zip, or a legacy pickle
+        raise CheckpointError(f"{path}: not a luna model checkpoint (not a file torch.save wrote: it starts "
+                              f"with {start!r})")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError as exc:

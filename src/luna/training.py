@@ -448,12 +448,18 @@ class LunaTrainingApp(StageApp):
         """history.tsv, selection_predictions.tsv and model.pt (each atomic), once the run is complete."""
         if self.best_epoch == 0 or not self._best_path.is_file():
             raise TrainingError(f"{self.state_dir}: no kept model after {self.args.epochs} epochs")
-        write_history(self.out_dir / "history.tsv", self.history)
-        if self._best_selection_path.is_file():
-            copy_file(self._best_selection_path, self.out_dir / "selection_predictions.tsv")
-        else:  # no selection pass (--selection-fraction 0): the table's header, so every declared output exists
-            write_tsv(pd.DataFrame(columns=SELECTION_PREDICTION_COLUMNS), self.out_dir / "selection_predictions.tsv")
-        copy_file(self._best_path, self.out_dir / "model.pt")  # last: its presence marks a finished run
+        outputs = [self.out_dir / name for name in ("history.tsv", "selection_predictions.tsv", "model.pt")]
+        try:
+            write_history(outputs[0], self.history)
+            if self._best_selection_path.is_file():
+                copy_file(self._best_selection_path, outputs[1])
+            else:  # no selection pass (--selection-fraction 0): the table's header, so every declared output exists
+                write_tsv(pd.DataFrame(columns=SELECTION_PREDICTION_COLUMNS), outputs[1])
+            copy_file(self._best_path, outputs[2])  # last: its presence marks a finished run
+        except BaseException:  # a full disk at the end: none of the three, not a finished-looking part of them
+            for path in outputs:
+                path.unlink(missing_ok=True)
+            raise
         logger.info("wrote %s: model.pt (epoch %d), history.tsv, selection_predictions.tsv", self.out_dir,
                     self.best_epoch)
 

@@ -24,15 +24,30 @@ DESCRIPTION = ("Train the book's LunaModel (nodule vs. not) for one test fold on
                "chosen on.")
 
 
+def _whole_number(text: str, what: str) -> int:
+    """int(text); argparse would otherwise say "invalid _positive_int value", naming this module's function."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text, "a whole number >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _nonnegative_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text, "a whole number >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
@@ -43,7 +58,7 @@ def _workers(text: str) -> int | str:
         return "auto"
     try:
         return _nonnegative_int(text)
-    except ValueError:  # argparse would name this function: "invalid _workers value"
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"auto or a whole number >= 0, got {text!r}") from None
 
 
@@ -89,14 +104,14 @@ def _threshold_policy(text: str) -> str:
 
 
 def _unit_interval(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a number >= 0 and < 1")
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be >= 0 and < 1, got {text}")
     return value
 
 
 def _nonnegative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a finite number >= 0")
     if not value >= 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value

@@ -81,6 +81,9 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
     # the scans the model learned or chose on: never held out
     seen = {str(uid): role for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
     if scans == "selection":
+        if fold is not None:  # it was ignored in silence
+            raise ValidationError(f"--fold {fold} does not apply to --scans selection (the scans that chose "
+                                  f"{model_path}'s epoch and threshold, recorded in it)")
         if "selection_series_uids" not in checkpoint:
             raise ValidationError(f"{model_path}: no selection scans recorded (a model from luna-train is needed)")
         uids = list(checkpoint["selection_series_uids"])
@@ -187,7 +190,8 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
                         help="test: the scans of the test fold (model.pt's, or --fold); selection: the scans that chose "
                              "the model's epoch and threshold (as recorded in model.pt); all: every scan of the stores")
     parser.add_argument("--fold", type=int, default=None,
-                        help="with --scans test: predict this fold instead of model.pt's test fold")
+                        help="with --scans test: predict this fold instead of model.pt's test fold; with --scans "
+                             "all: the fold column's value (default: model.pt's test fold)")
     parser.add_argument("--batch-size", type=int, default=64, help="candidates per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available, else the CPU")

@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from luna.app import StageApp
-from luna.synth.config import SynthConfig
+from luna.synth.config import SynthConfig, SynthError
 from luna.synth.dataset import synthesize
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,16 @@ class SynthApp(StageApp):
         add_arguments(parser)
 
     def config(self) -> SynthConfig:
+        """The options as a SynthConfig; its errors name the config keys (synthetic.size_xy_min), said here as
+        this app's options (--size-xy-min)."""
         values = {f.name: getattr(self.args, f.name) for f in fields(SynthConfig)}
-        return SynthConfig.from_dict(values)
+        try:
+            return SynthConfig.from_dict(values)
+        except SynthError as exc:
+            names = "|".join(sorted((name for name in values if "_" in name), key=len, reverse=True))
+            message = re.sub(rf"\bsynthetic\.(\w+)|\b({names})\b",
+                             lambda m: f"--{(m.group(1) or m.group(2)).replace('_', '-')}", str(exc))
+            raise SynthError(message) from None
 
     def run(self) -> dict[str, Any]:
         self.summary = synthesize(Path(self.args.out), self.config(), jobs=self.args.jobs)

@@ -135,17 +135,27 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
     else:
         # fork on Linux: spawn/forkserver re-import the parent's __main__, which re-runs a Snakemake rule script
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(_make_scan_files, str(root), plan, config) for plan in plans]
-            try:
-                for fut in as_completed(futures):
-                    res = fut.result()
-                    results[res["index"]] = res
-                    progress(len(results))
-            except BrokenProcessPool as exc:
-                raise SynthError(f"{root}: a scan worker process died ({exc}); killed, or out of memory? (try fewer "
-                                 "--jobs)") from exc
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))
+        futures = []
+        try:
+            for plan in plans:
+                futures.append(pool.submit(_make_scan_files, str(root), plan, config))
+            for fut in as_completed(futures):
+                res = fut.result()
+                results[res["index"]] = res
+                progress(len(results))
+        except BaseException as exc:  # Ctrl-C or a failed scan: the queued scans are cancelled here, not waited
+            # for (a with-block's exit waited for every one; shutdown's cancel_futures is left to the pool's thread,
+            # which loses it once the pool is collected, and then ran every queued scan before the exit)
+            for fut in futures:
+                fut.cancel()  # a scan not yet running; the few running end with their scan, or with this process
+            pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(exc, BrokenProcessPool):
+                raise SynthError(f"{root}: a scan worker process died ({exc}); killed, or out of memory? (try "
+                                 "fewer --jobs)") from exc
+            raise
+        pool.shutdown(wait=True)
     ordered = [results[p.index] for p in sorted(plans, key=lambda p: p.series_uid)]
     annotations = [row for r in ordered for row in r["annotations"]]
     excluded = [row for r in ordered for row in r["excluded"]]
