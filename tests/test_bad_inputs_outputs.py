@@ -214,3 +214,24 @@ def test_output_folder_under_a_regular_file(tmp_path, data, capsys) -> None:
     assert CandidatesApp(["--root", str(root), "--annotations", "", "--out", str(out)]).main() == 2
     assert capsys.readouterr().err.strip() == f"luna-candidates: error: {out.parent}: cannot write to the output folder (a file is in the way: not a folder)"
     assert blocker.read_text() == "a file where a folder should be\n"
+
+
+def test_an_output_path_that_is_not_a_regular_file(tmp_path) -> None:
+    """The atomic write renames its temp file onto the path: a symlink is written through (the link stays), a
+    FIFO or a folder there is refused (the rename replaced a FIFO, and a device node when run as root), and a
+    symlink loop is one line (was a RuntimeError's traceback)."""
+    from luna.io import OutputError, write_tsv
+
+    frame = pd.DataFrame({"a": [1]})
+    (tmp_path / "real.tsv").write_text("old\n")
+    (tmp_path / "link.tsv").symlink_to("real.tsv")
+    write_tsv(frame, tmp_path / "link.tsv")
+    assert (tmp_path / "link.tsv").is_symlink() and (tmp_path / "real.tsv").read_text() == "a\n1\n"
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to("loop")
+    for name, message in [("fifo", "is not a regular file (a FIFO, socket or device)"), (".", "is a folder"),
+                          ("loop", "cannot follow the symlink")]:
+        with pytest.raises(OutputError) as info:
+            write_tsv(frame, tmp_path / name)
+        assert str(info.value).startswith(f"{tmp_path / name}: {message}"), str(info.value)
+    assert (tmp_path / "fifo").is_fifo()  # not replaced

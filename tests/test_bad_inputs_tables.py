@@ -126,6 +126,7 @@ def test_unreadable_csv_is_one_line(tmp_path) -> None:
     # Excel's trailing empty columns and a repeated column the reader does not use: read (were refused)
     ("excel.csv", (HEADER.strip() + ",,\n1.1,1,2,3,0,,\n").encode(), None),
     ("notes.csv", (HEADER.strip() + ",notes,notes\n1.1,1,2,3,0,a,b\n").encode(), None),
+    ("stripped_twins.csv", (HEADER.strip() + ",note ,note\n1.1,1,2,3,0,a,b\n\n").encode(), None),  # was a traceback
     ("tabs.csv", HEADER.replace(",", "\t").encode() + b"1.1\t1\t2\t3\t0\n",
      "{path}:1: not comma-separated (the header is split by tabs); LUNA16 tables are CSV with the header "
      "seriesuid,coordX,coordY,coordZ,class"),

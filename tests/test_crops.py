@@ -618,7 +618,13 @@ def test_resume_cache_folder_is_never_one_that_holds_data_or_outputs(tmp_path, m
     monkeypatch.setattr(CropApp, "_crop_all", lambda *args: (_ for _ in ()).throw(OutputError("disk gone")))
     with pytest.raises(OutputError, match="disk gone"):
         CropApp([*base, "--cache-dir", str(empty)]).run()
-    assert empty.is_dir()
+    assert empty.is_dir() and not any(empty.iterdir())
+    # ... nor when it fails after opening the cache, before any scan is in it: emptied of luna's files, kept
+    monkeypatch.undo()
+    monkeypatch.setattr(CropApp, "_check_cache_space", lambda *args: (_ for _ in ()).throw(OutputError("full")))
+    with pytest.raises(OutputError, match="full"):
+        CropApp([*base, "--cache-dir", str(empty)]).run()
+    assert empty.is_dir() and not any(empty.iterdir())
 
 
 def test_a_rerun_with_bad_input_keeps_the_previous_store(tmp_path):

@@ -173,6 +173,13 @@ def test_numeric_column_names_the_files_own_line(tmp_path) -> None:
     with pytest.raises(LookupError, match="t.tsv:7: x = 'x1' is not a number"):
         numeric_column(table, "x", path, LookupError)
     assert [file_line(path, row) for row in range(3)] == [3, 5, 7]
+    # a quoted field over two lines is one row (pandas' default quoting); a quote inside a field is a character
+    quoted = tmp_path / "q.tsv"
+    quoted.write_text('uid\tx\na"b\t1\n"c\nd"\t2\n\ne\tx1\n')
+    table = pd.read_csv(quoted, sep="\t", dtype=str)
+    assert table["uid"].tolist() == ['a"b', "c\nd", "e"]
+    with pytest.raises(LookupError, match="q.tsv:6: x = 'x1' is not a number"):
+        numeric_column(table, "x", quoted, LookupError)
     frame = frame.iloc[[0, 1, 3]]
     values = numeric_column(frame, "x", missing, LookupError, allow_missing=True)
     assert values.tolist()[:2] == [1.0, 2.5] and np.isnan(values.iloc[2])

@@ -517,6 +517,13 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
     assert capsys.readouterr().err.strip() == (f"luna-train: error: {no_candidates}: test fold 5 has no candidate in "
                                                f"the stores of its subsets ({data['crops']}): nothing to test, its "
                                                "metrics would be undefined")
+    # a folder where model.pt goes: found before the training (its cleanup's unlink raised after it)
+    (tmp_path / "o4" / "model.pt").mkdir(parents=True)
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o4"))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {tmp_path / 'o4' / 'model.pt'}: is a folder; "
+                                               "luna-train writes its model.pt there")
     # an --out that cannot be a folder fails before any training, naming it
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

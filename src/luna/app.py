@@ -95,8 +95,9 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
     """Within the block Ctrl-C sets a flag (yielded: a function that tells whether it came) instead of raising
     KeyboardInterrupt wherever the main thread happens to be: raised inside a weakref or ``__del__`` callback
     (thread pools run many) it is printed as "Exception ignored" and lost, and the run went on to the end. The
-    loop checks the flag at its own safe points and raises KeyboardInterrupt there. Outside the main thread,
-    or when SIGINT is not Python's default handler (a caller's own), nothing changes."""
+    loop checks the flag at its own safe points and raises KeyboardInterrupt there; one that comes after the
+    last check (as the outputs are committed) lets the work finish. Outside the main thread, or when SIGINT is
+    not Python's default handler (a caller's own), nothing changes."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield lambda: False
@@ -107,8 +108,6 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
         yield came.is_set
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if came.is_set():  # it came after the last check
-        raise KeyboardInterrupt
 
 
 SWITCH_CHOICES = ("auto", "on", "off")

@@ -66,6 +66,17 @@ def check_cache_folder(cache_dir: str | os.PathLike, keep: Sequence[tuple[str, s
                           "or new folder")
 
 
+def clear_cache_folder(cache_dir: str | os.PathLike) -> None:
+    """Empty a resume cache's folder but keep the folder (one the user made); only a cache is touched."""
+    cache_dir = Path(cache_dir)
+    if is_cache_folder(cache_dir):
+        for child in cache_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
 def remove_cache_folder(cache_dir: str | os.PathLike) -> None:
     """Remove a resume cache whole; a folder that is not one (see :func:`is_cache_folder`) is left alone."""
     if is_cache_folder(cache_dir):

@@ -33,7 +33,7 @@ import pandas as pd
 
 from luna.app import StageApp, deferred_sigint
 from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, cache_get, cache_key, cache_put, check_cache_folder,
-                              complete_entries, open_cache, remove_cache_folder)
+                              clear_cache_folder, complete_entries, open_cache, remove_cache_folder)
 from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
@@ -216,7 +216,7 @@ class CropApp(StageApp):
         self.root = Path(a.root)
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
         self._cache_unreadable = False
-        self._cache_is_new = True
+        self._cache_was_empty_folder = False  # --cache-dir: an empty folder of the user's (kept, emptied)
         self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C came (deferred_sigint, in the crop loop)
         t0 = time.perf_counter()
 
@@ -271,7 +271,8 @@ class CropApp(StageApp):
             raise OutputError(f"{self.cache_dir}: resume cache folder is a file")
         check_cache_folder(self.cache_dir, [("data folder", self.root), ("output folder", self.out.parent),
                                             ("folder of the skipped table", self.skipped_path.parent)])
-        self._cache_is_new = not self.cache_dir.exists()  # only a cache this run made may go when it fails empty
+        # an empty folder of the user's stays a folder; a new one, or an earlier run's cache, may go whole
+        self._cache_was_empty_folder = self.cache_dir.is_dir() and not any(self.cache_dir.iterdir())
         # the cache folder itself only when it exists (a resumed run): a failed check must not leave one behind
         if self.cache_dir.is_dir():
             check_writable_dir(self.cache_dir, "resume cache folder")
@@ -292,16 +293,21 @@ class CropApp(StageApp):
                 raise OutputError(f"{path}: cannot remove the previous output ({describe_os_error(exc)})") from exc
 
     def _keep_cache_if_useful(self) -> None:
-        """After a failure: a cache holding finished scans is kept for the next run (and said so); an empty one,
-        created by this run before it failed, is removed."""
+        """After a failure: a cache holding finished scans is kept for the next run (and said so); one without
+        any is removed (an empty folder the user gave as --cache-dir is emptied of luna's files, and stays)."""
         n_scans = None  # not known: the cache was not opened by this run, or cannot be read
+        if self._cache is None and self._cache_was_empty_folder:
+            n_scans = 0  # the user's empty folder, never opened: nothing in it to keep or say
         if self._cache is not None:
             n_scans = complete_entries(self._cache)
             self._cache.close()
         if not self.cache_dir.is_dir() or self._cache_unreadable:
             return
-        if n_scans == 0 and self._cache_is_new:
-            remove_cache_folder(self.cache_dir)
+        if n_scans == 0:
+            if self._cache_was_empty_folder:
+                clear_cache_folder(self.cache_dir)
+            else:
+                remove_cache_folder(self.cache_dir)
             return
         logger.warning("kept the resume cache %s%s: a rerun resumes from it (delete it to start afresh)",
                        self.cache_dir, f" ({n_scans} scans)" if n_scans is not None else "")

@@ -54,7 +54,10 @@ def check_output_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if str(path) in ("", "."):
         raise OutputError(f"{str(path)!r}: an output needs a file name")
-    target = path.resolve() if path.is_symlink() else path
+    try:
+        target = path.resolve(strict=False) if path.is_symlink() else path
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise OutputError(f"{path}: cannot follow the symlink ({exc})") from None
     if target.exists() and not target.is_file():
         kind = "a folder" if target.is_dir() else "not a regular file (a FIFO, socket or device)"
         raise OutputError(f"{path}: is {kind}; an output is written to a temp file and renamed onto it")

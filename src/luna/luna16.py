@@ -101,6 +101,7 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
     if df.empty and not allow_empty:
         raise TableError(f"{path}: no rows, only the header line")
     df.columns = [c.strip() for c in df.columns]
+    df = df.loc[:, ~df.columns.duplicated()]  # unused columns named alike once stripped ("note ", "note"): one
     line = np.arange(len(df)) + 2
     # a blank line of the file (e.g. an editor's last newline) is no row; ",,,," (fields, all empty) stays a row
     blank_line = np.ones(len(df), dtype=bool)

@@ -35,21 +35,24 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def file_line(path: str | os.PathLike, row: int) -> int:
-    """The line of the file (from 1) that holds data row ``row`` (from 0) of what ``pd.read_csv`` read from it.
+def file_line(path: str | os.PathLike, row: int, sep: str = "\t") -> int:
+    """The line of the file (from 1) where data row ``row`` (from 0) of what ``pd.read_csv`` read from it starts.
 
-    pandas skips blank lines (empty or spaces only, before the header too), so ``row + 2`` is the line only in a
-    file without them; read again here, on error paths only. Falls back to ``row + 2`` if the file is gone."""
+    pandas skips blank lines (empty or spaces only, before the header too) and joins a quoted field's lines into
+    one row, so ``row + 2`` is the line only in a file with neither; read again here, with the csv module's
+    quoting (pandas' default), on error paths only. Falls back to ``row + 2`` if the file cannot be read."""
     try:
         with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
-            seen = -1  # the header is row -1
-            for number, text in enumerate(fh, start=1):
-                if text.strip(" \r\n") == "":
-                    continue
+            reader = csv.reader(fh, delimiter=sep)
+            seen, last = -1, 0  # the header is row -1; last: the line the previous record ended on
+            for fields in reader:
+                start, last = last + 1, reader.line_num
+                if not fields or (len(fields) == 1 and not fields[0].strip(" ")):
+                    continue  # a blank line: no row
                 if seen == row:
-                    return number
+                    return start
                 seen += 1
-    except OSError:
+    except (OSError, csv.Error):
         pass
     return int(row) + 2
 

@@ -213,6 +213,8 @@ class LunaTrainingApp(StageApp):
                                     "pass --tb-dir none") from exc
         for name in OUTPUT_NAMES:  # an earlier run's: a failed or killed rerun must not leave them looking finished
             old = self.out_dir / name
+            if old.is_dir():  # found now, not after the training
+                raise OutputError(f"{old}: is a folder; luna-train writes its {name} there")
             try:
                 if old.is_file():
                     logger.info("removing previous %s", old)
@@ -458,7 +460,8 @@ class LunaTrainingApp(StageApp):
             copy_file(self._best_path, outputs[2])  # last: its presence marks a finished run
         except BaseException:  # a full disk at the end: none of the three, not a finished-looking part of them
             for path in outputs:
-                path.unlink(missing_ok=True)
+                if path.is_file():
+                    path.unlink()
             raise
         logger.info("wrote %s: model.pt (epoch %d), history.tsv, selection_predictions.tsv", self.out_dir,
                     self.best_epoch)

@@ -57,6 +57,8 @@ def describe_form(form):
             parts.append(f"of {item}")
         if form.get("minItems"):
             parts.append(f"(at least {form['minItems']})")
+        if form.get("uniqueItems"):
+            parts.append("(each once)")
         return " ".join(parts)
     words = {"integer": "an integer", "number": "a number", "string": "a string"}
     parts = [
@@ -267,27 +269,27 @@ def all_folds():
 
 def check_folds_have_scans(folds):
     """A test fold without scans fails its training job after every crop: refuse it at the dry run. The scans
-    are known for a LUNA16 folder; for the synthetic set only their number is."""
+    are on disk for a LUNA16 folder; the synthetic set's UIDs come from its seed alone (plan_dataset).
+    """
     k = config["split"]["folds"]
     if k == "subsets":
         return  # each subset folder is a fold, and an empty folder is refused above
-    if SCAN_UIDS is None:
-        n_scans = len(SUBSETS) * config["synthetic"]["scans_per_subset"]
-        if int(k) > n_scans:
-            raise WorkflowError(
-                f"split.folds: {k} folds for the {n_scans} synthetic scans of {len(SUBSETS)} subset(s): some "
-                "folds would hold no scan; use fewer folds"
-            )
-        return
     from luna.splits import hash_fold
 
-    present = {hash_fold(uid, int(k)) for uid in SCAN_UIDS}
+    uids = SCAN_UIDS
+    where = f"the {len(uids)} scans under {DATA_ROOT}" if uids is not None else ""
+    if uids is None:
+        from luna.synth.config import SynthConfig, plan_dataset
+
+        plans = plan_dataset(SynthConfig.from_dict(config["synthetic"]))
+        uids = [plan.series_uid for plan in plans if plan.subset in SUBSETS]
+        where = f"the {len(uids)} synthetic scans of {', '.join(SUBSETS)}"
+    present = {hash_fold(uid, int(k)) for uid in uids}
     empty = [f for f in folds if f not in present]
     if empty:
         raise WorkflowError(
             f"split.folds: fold(s) {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''} of "
-            f"{k} hold no scan (the {len(SCAN_UIDS)} scans under {DATA_ROOT}); use fewer folds or other "
-            "split.run_folds"
+            f"{k} hold no scan ({where}); use fewer folds or other split.run_folds"
         )
 
 
