@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from luna.app import DefaultsHelpFormatter
 from luna.io import atomic_path
 
 import quality_sweep as q
@@ -61,7 +62,7 @@ def recalibrated(model: torch.nn.Module, crops: torch.Tensor, labels: np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="quality_sweep.py's scratch folder (holds both data sets)")
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="quality_sweep.py run folders (<run>/0/)")
     p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from luna.app import RawDefaultsHelpFormatter
 from luna.candidates import build_candidates_table
 from luna.cropping import cut_scan_crops
 from luna.crops import DEFAULT_COMPRESSION, CropApp
@@ -418,7 +419,7 @@ def to_markdown(results: list[dict], args, elapsed_s: float) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     p.add_argument("--workdir", default="/tmp/luna-bench-crops", help="scratch folder (removed at the end)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "crops.md"), help="markdown table")
     p.add_argument("--quick", action="store_true", help="tiny sizes, print only (a smoke test of this script)")
@@ -447,7 +448,8 @@ def main() -> None:
             shutil.rmtree(synth_root, ignore_errors=True)
             n, size, slices, cand = (3, 96, (40, 50), 20) if args.quick else (20, 256, (60, 160), 65)
             tsv, _ = make_phantom_subset(synth_root, n, size, slices, cand, seed=1)
-            name = (f"Default-sized synthetic subset (built-in phantom, luna.synth not importable): {n} scans "
+            why = "--quick" if args.quick else "luna.synth not importable"
+            name = (f"Default-sized synthetic subset (built-in phantom, {why}): {n} scans "
                     f"{size}x{size}x{slices[0]}-{slices[1] - 1}, {cand} candidates per scan")
         else:
             tsv = made[0]

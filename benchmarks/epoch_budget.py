@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from luna.app import DefaultsHelpFormatter
 from luna.io import atomic_path
 
 import quality_sweep as q
@@ -68,7 +69,7 @@ def blocks_met(frame, dev: q.DevtestSet, threshold: float) -> int:
     for fold in sorted(dev.splits["fold"].unique()):
         scans = set(dev.splits.loc[dev.splits["fold"] == fold, "series_uid"])
         block = frame[frame["series_uid"].isin(scans)]
-        called = block["probability"].to_numpy() >= threshold
+        called = block["probability"].to_numpy() > threshold  # the project's rule: a positive is p > threshold
         positive = block["is_nodule"].to_numpy() == 1
         recall = (called & positive).sum() / max(positive.sum(), 1)
         precision = (called & positive).sum() / max(called.sum(), 1)
@@ -78,7 +79,7 @@ def blocks_met(frame, dev: q.DevtestSet, threshold: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, type=Path, help="scratch folder: development data and runs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
     p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")

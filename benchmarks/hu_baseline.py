@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from luna.app import RawDefaultsHelpFormatter
 from luna.io import atomic_path
 from luna.metrics import auc_score
 from luna.splits import read_splits_tsv
@@ -39,7 +40,7 @@ def centre_scores(store: CropStore, rows: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--results", default="results", help="a finished run's results/ folder")
     parser.add_argument("--out", default="hu_baseline.md",
                         help="markdown table to write (benchmarks/results/hu_baseline.md gathers several runs' "

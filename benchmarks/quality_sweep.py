@@ -8,15 +8,15 @@ the default run (docs/results.md) come from scans nothing was chosen on. Each ru
 workflow's train + predict + evaluate do for one fold: luna-train (selection set from the other folds),
 luna-predict on the test fold, luna-evaluate.
 
-    python benchmarks/quality_sweep.py --work /tmp/sweep --variants config cosine --seeds 0 1 \\
-        --out benchmarks/results/quality_sweep.md [-- extra luna-train options]
+    python benchmarks/quality_sweep.py --work /tmp/sweep --variants config cos:lr_schedule=cosine --seeds 0 1 \\
+        --devtest-seed 8 --out /tmp/sweep/quality.md [-- extra luna-train options]
 
 Every variant starts from config/config.yaml's `train` section (mapped to flags as the workflow does) and
 overrides some keys. The table records the device, the CPU capability, the wall time of each training run
 and the data set, so rows of one table compare.
 
 One 30-scan test fold is noisy (a CPM interval about +-0.1 wide; three training seeds of one recipe spread
-over 0.06 on the default run's fold). ``--devtest-seed`` adds a second score per run: the model on
+over 0.075-0.106 on the default run's fold, docs/results.md). ``--devtest-seed`` adds a second score per run: the model on
 *every* scan of another synthetic data set of the same size (150 scans, ~210 nodules; no scan of it is trained
 on or chooses anything), without test-time augmentation so the rows compare across TTA settings.
 ``--synthetic scans_per_subset=40`` (any synthetic key) changes the development data's size, not the dev-test
@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 import yaml
 
+from luna.app import DefaultsHelpFormatter
 from luna.runner import config_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +238,7 @@ def write_table(path: Path, rows: list[dict], header: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="scratch folder (data, runs)")
     p.add_argument("--variants", nargs="+", default=["config"],
                    help="variant names (see VARIANTS) or name:key=value,... overriding config/config.yaml's train "

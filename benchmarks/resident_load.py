@@ -30,6 +30,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+from luna.app import DefaultsHelpFormatter
 from luna.cpu_speed import tune_allocator
 from luna.data import CropDataset, ResidentBatches
 from luna.io import atomic_path
@@ -61,7 +62,7 @@ def load(ds: CropDataset, runs: bool) -> tuple[float, int, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--crops", nargs="+", required=True, help="crop stores (results/crops/subset*.h5)")
     p.add_argument("--splits", required=True, help="splits.tsv")
     p.add_argument("--test-fold", type=int, default=0)

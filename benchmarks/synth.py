@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from luna.app import DefaultsHelpFormatter
 from luna.synth import SynthConfig, synthesize
 
 RESULTS = Path(__file__).parent / "results" / "synth.md"
@@ -48,7 +49,7 @@ def _run(label: str, config: SynthConfig, jobs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--default-scans", type=int, default=6, help="scans at the default size (one process)")
     parser.add_argument("--full-scans", type=int, default=2, help="scans at full 512x512 size (one process)")
     parser.add_argument("--jobs", type=int, default=2, help="processes for the whole default data set")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
              SynthConfig(n_subsets=1, scans_per_subset=args.full_scans, full_size=True), 1),
     ]
     if not args.no_dataset:
-        runs.append(_run("whole default data set (3 x 20 scans)", SynthConfig(), args.jobs))
+        runs.append(_run("SynthConfig()'s data set (3 x 20 scans; the pipeline's default is config/config.yaml's "
+                         "5 x 30)", SynthConfig(), args.jobs))
     load_after = os.getloadavg()
 
     lines = [

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from luna.app import DefaultsHelpFormatter
 from luna.metrics import choose_threshold
 from quality_sweep import GOAL  # the operating-point goal, one definition for every benchmark
 
@@ -82,7 +83,7 @@ def policy_rows(run: Path, devtest_name: str | None, policies: list[str], block_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--runs", nargs="+", type=Path, required=True, help="quality_sweep.py run folders (<run>/0/)")
     p.add_argument("--devtest", default=None,
                    help="file name, inside each run's 0/, of its predictions on the dev-test scans (optional)")

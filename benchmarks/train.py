@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from luna.app import RawDefaultsHelpFormatter
 from luna import cpu_speed
 from luna import data as luna_data
 from luna.data import AugmentConfig, CropDataset, EpochSampler, augment_batch, make_loader, random_affine
@@ -486,7 +487,7 @@ def run_group(base: CropDataset, base16: CropDataset, args: argparse.Namespace, 
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     p.add_argument("--crops", nargs="+", help="crop stores (default: a generated store of random crops)")
     p.add_argument("--splits", help="splits.tsv for --crops (default: every crop of the stores trains)")
     p.add_argument("--test-fold", type=int, default=0, help="with --splits: the test fold (its train role is used)")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import quality_sweep as q
+from luna.app import DefaultsHelpFormatter
 
 DIM_NAMES = {2: "depth", 3: "rows", 4: "columns"}
 
@@ -80,7 +81,7 @@ def cached_views(run: Path, dev: q.DevtestSet,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="quality_sweep.py's scratch folder (holds the dev-test data)")
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="quality_sweep.py run folders (<run>/0/)")
     p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")

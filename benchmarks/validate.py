@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 import luna.validation
+from luna.app import RawDefaultsHelpFormatter
 from luna.device import cpu_has_native_bf16, resolve_device
 from luna.geometry import Geometry
 from luna.inference import crops_to_tensor, predict, read_batch, rows_of_scans
@@ -139,7 +140,7 @@ def time_read(store: CropStore, rows: pd.DataFrame, batch_size: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--n", type=int, default=512, help="candidates in the store")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64, 128, 256])
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the format comparison")

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 import luna.training as training_module
+from luna.app import DefaultsHelpFormatter
 from luna.recipe import ema_decay_at
 from quality_sweep import CONFIG, build_data, predict_froc, run_variant, score_devtest
 
@@ -79,7 +80,7 @@ def score_fold(model: Path, data: tuple, test_fold: int, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="scratch folder (data as quality_sweep.py builds it, runs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds, one run each")
     p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")

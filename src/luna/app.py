@@ -35,6 +35,10 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class RawDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """:class:`DefaultsHelpFormatter` that keeps the description's own line breaks (a docstring with a table)."""
+
+
 class StageApp:
     """Base of the stage apps: subclasses set ``prog`` and ``errors``, and define ``add_arguments`` and ``run``."""
 
