@@ -5,8 +5,11 @@ interrupted`` and exit status 130, not a traceback through the import machinery.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from typing import Callable
+
+_CAN_MASK = hasattr(signal, "pthread_sigmask")  # POSIX
 
 # console script -> (module, function) of the stage it runs
 ENTRIES: dict[str, tuple[str, str]] = {
@@ -26,7 +29,14 @@ def _entry(prog: str) -> Callable[[], object]:
 
     def run() -> object:
         try:
-            target = getattr(importlib.import_module(module), function)
+            # SIGINT held back while the modules load: raised inside torch's C++ module init, KeyboardInterrupt
+            # aborted the process now and then (pybind11::error_already_set, SIGABRT); it is delivered just after
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if _CAN_MASK else None
+            try:
+                target = getattr(importlib.import_module(module), function)
+            finally:
+                if blocked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
             sys.exit(130)
