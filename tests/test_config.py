@@ -68,7 +68,7 @@ def test_shipped_config_validates_and_defaults_fill_in() -> None:
                                  {"split": {"run_folds": []}}, {"split": {"run_folds": "some"}},
                                  {"split": {"run_folds": [0, 0]}}, {"split": {"selection_fraction": 1.0}},
                                  {"train": {"threshold": 1.5}}, {"train": {"threshold": "best"}},
-                                 {"train": {"threshold": "recall:2"}}, {"train": {"threshold": "fp_per_scan:0"}},
+                                 {"train": {"threshold": "recall:2"}}, {"train": {"threshold": "fp_per_scan:."}},
                                  {"train": {"threshold": "fp_per_scan:-1"}}, {"train": {"keep": "loss"}},
                                  {"split": {"val_stride": 5}}])
 def test_schema_rejects(bad: dict) -> None:
@@ -80,6 +80,7 @@ def test_schema_rejects(bad: dict) -> None:
 @pytest.mark.parametrize("good", [{"split": {"folds": 10, "run_folds": [0, 3]}}, {"train": {"threshold": "max_f1"}},
                                   {"train": {"threshold": "recall:0.9"}}, {"train": {"threshold": 0.3}},
                                   {"train": {"threshold": "fp_per_scan:2"}}, {"train": {"threshold": "fp_per_scan:0.5"}},
+                                  {"train": {"threshold": "fp_per_scan:0"}},
                                   {"crops": {"shape": [16, 16, 16]}}])
 def test_schema_accepts(good: dict) -> None:
     jsonschema.validate(copy.deepcopy(good), yaml.safe_load(SCHEMA_PATH.read_text()))

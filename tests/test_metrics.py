@@ -424,12 +424,13 @@ def test_choose_threshold_policies():
     assert choose_threshold(labels, probs, "fp_per_scan:1", n_scans=2) == pytest.approx(0.55)  # 2 FP: 0.8, 0.6
     assert choose_threshold(labels, probs, "fp_per_scan:1.5", n_scans=2) == pytest.approx(0.3)  # 3 FP, down to 0.4
     assert choose_threshold(labels, probs, "fp_per_scan:0.25", n_scans=2) == pytest.approx(0.85)  # none past 0.9
+    assert choose_threshold(labels, probs, "fp_per_scan:0", n_scans=2) == pytest.approx(0.85)  # above every negative
     assert choose_threshold(labels, probs, "fp_per_scan:5", n_scans=2) == pytest.approx(0.05)  # every sample
     assert choose_threshold(np.zeros(3), np.array([0.3, 0.3, 0.1]), "fp_per_scan:0.5", n_scans=1) == 0.3  # none
     assert choose_threshold(np.zeros(3), np.array([0.3, 0.2, 0.1]), "fp_per_scan:1", n_scans=1) == pytest.approx(0.25)
     with pytest.raises(MetricsError, match="number of scans"):
         choose_threshold(labels, probs, "fp_per_scan:1")
-    for bad in ("1.5", "0", "recall:0", "recall:x", "best", "fp_per_scan:0", "fp_per_scan:-1", "fp_per_scan:x",
+    for bad in ("1.5", "0", "recall:0", "recall:x", "best", "fp_per_scan:-1", "fp_per_scan:x",
                 "fp_per_scan:inf"):
         with pytest.raises(MetricsError, match="threshold policy"):
             choose_threshold(labels, probs, bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -371,6 +372,11 @@ def test_auto_data_path_follows_the_memory_share() -> None:
 def test_same_seed_twice_gives_identical_history(reference: Path, data: dict[str, Path], tmp_path: Path) -> None:
     assert LunaTrainingApp(argv(data, tmp_path / "again")).main() == 0
     assert (tmp_path / "again" / "history.tsv").read_bytes() == (reference / "history.tsv").read_bytes()
+    # the same run into the same folder: model.pt byte for byte (torch.save named its inner folder after the
+    # temp file, whose name holds the process id)
+    first = (tmp_path / "again" / "model.pt").read_bytes()
+    assert LunaTrainingApp(argv(data, tmp_path / "again")).main() == 0
+    assert (tmp_path / "again" / "model.pt").read_bytes() == first
     assert LunaTrainingApp(argv(data, tmp_path / "seed1", "--seed", "1")).main() == 0
     assert (tmp_path / "seed1" / "history.tsv").read_bytes() != (reference / "history.tsv").read_bytes()
 
@@ -410,6 +416,14 @@ def test_kill_9_mid_epoch_then_resume_continues(reference: Path, data: dict[str,
     assert a["epoch"] == b["epoch"]
     for key in b["model_state"]:
         torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=0)
+    # and every other field but the paths of the two runs: --resume is not recorded (a resumed run's model.pt
+    # differed from an uninterrupted one's there)
+    assert "resume" not in a["args"]
+    for run in (a, b):  # the two runs' own folders (the reference logs to TensorBoard)
+        for key in ("out", "state", "tb_dir"):
+            run["args"].pop(key)
+        run.pop("model_state"), run.pop("tensorboard_runs")
+    assert a == b
 
 
 def test_resume_ignores_a_state_from_other_settings(reference: Path, data: dict[str, Path], tmp_path: Path,
@@ -694,3 +708,33 @@ def test_a_full_disk_at_the_end_leaves_none_of_the_outputs(data, tmp_path, monke
     assert info.value.code == 2
     assert capsys.readouterr().err.strip().endswith(f"{out / 'model.pt'}: cannot write (no space left on device)")
     assert not [p.name for p in out.iterdir() if p.is_file()]
+
+
+def test_a_diverged_training_stops_with_one_line(data, tmp_path, capsys):
+    """NaN probabilities: with a chosen threshold the run failed with "probabilities: NaN value; a curve needs
+    every probability" (no epoch, no cause); with a fixed one a NaN model was kept, exit 0. Now one line naming
+    the epoch, exit 2, and no model."""
+    for threshold in ("max_f1", "0.5"):
+        out = tmp_path / f"o-{threshold}"
+        with pytest.raises(SystemExit) as info:
+            main(argv(data, out, "--lr", "1e8", "--threshold", threshold))
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert re.fullmatch(r"luna-train: error: epoch \d: \d+ of the \d+ (training|selection) probabilities are NaN: "
+                            r"the training diverged; lower --lr, clip the gradients \(--clip-grad-norm\) or warm up "
+                            r"longer \(--lr-warmup-steps\): a --resume with these settings repeats the epoch", err), err
+        assert not (out / "model.pt").exists()
+
+
+def test_a_training_role_of_nodules_only_is_refused_before_training(tmp_path, capsys):
+    """All training crops nodules: --balanced failed after setup ("balanced sampling needs positive and negative
+    training crops"), naming no file; --balanced 0 trained a one-class model, exit 0."""
+    uids = make_store(tmp_path / "subset0.h5", n=40, n_pos=40, n_scans=8, seed=3)
+    nodules_only = {"crops": tmp_path / "subset0.h5", "splits": write_splits(tmp_path / "splits.tsv", uids)}
+    for balanced in ("1", "0"):
+        with pytest.raises(SystemExit) as info:
+            main(argv(nodules_only, tmp_path / f"o{balanced}", "--balanced", balanced))
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            f"luna-train: error: {tmp_path / 'splits.tsv'}: test fold 0 leaves 20 training crops, all nodules, in "
+            f"{tmp_path / 'subset0.h5'}; nothing to tell them from")

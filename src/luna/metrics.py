@@ -250,8 +250,8 @@ def parse_threshold_policy(policy: str | float) -> tuple[str, float]:
                 target = math.nan
             if kind == "recall" and not 0.0 < target <= 1.0:
                 raise MetricsError(f"threshold policy {text!r}: recall target must be in (0, 1]")
-            if kind == "fp_per_scan" and not (0.0 < target and math.isfinite(target)):
-                raise MetricsError(f"threshold policy {text!r}: false positives per scan must be a number > 0")
+            if kind == "fp_per_scan" and not (0.0 <= target and math.isfinite(target)):
+                raise MetricsError(f"threshold policy {text!r}: false positives per scan must be a number >= 0")
             return kind, target
     try:
         value = float(text)

@@ -193,8 +193,8 @@ def save_checkpoint(
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save through luna.io.atomic_path: a temp name in the same folder, fsync, then rename into place (an
     OutputError naming ``path`` when it cannot be written)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)  # through a file object: the archive's inner folder is "archive", not the temp name
 
 
 def _model_config_of(model: nn.Module) -> dict[str, int]:

@@ -27,6 +27,20 @@ SELECTION_PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_
 """selection_predictions.tsv's columns, predictions.tsv's (``fold``: the test fold of the run)."""
 
 
+class DivergedError(ValueError):
+    """The model's outputs are NaN: the training diverged (one line naming the epoch and what to change)."""
+
+
+def check_finite(epoch: int, what: str, probability: np.ndarray) -> None:
+    """DivergedError when an epoch's probabilities are not all finite: the run stops with one line instead of a
+    NaN model kept or a threshold that cannot be chosen (a resume would repeat the same epoch)."""
+    bad = int(np.count_nonzero(~np.isfinite(probability)))
+    if bad:
+        raise DivergedError(f"epoch {epoch}: {bad} of the {len(probability)} {what} probabilities are NaN: the "
+                            "training diverged; lower --lr, clip the gradients (--clip-grad-norm) or warm up "
+                            "longer (--lr-warmup-steps): a --resume with these settings repeats the epoch")
+
+
 @dataclass
 class SelectionPass:
     """One evaluation of the selection set: per-sample values, the chosen threshold and the metric rows."""
@@ -68,6 +82,7 @@ def evaluate_selection(model: torch.nn.Module, dataset: CropDataset, dist_info: 
     labels = dataset.labels
     # metrics from the values as selection_predictions.tsv holds them (float32 -> shortest decimal)
     p64, l64 = probability.astype(np.float64), loss.astype(np.float64)
+    check_finite(epoch, "selection", p64)
     threshold = choose_threshold(labels, p64, threshold_policy, n_scans=int(rows["series_uid"].nunique()))
     row = metric_row(labels, p64, l64, epoch=epoch, split="selection")
     operating = metric_row(labels, p64, l64, epoch=epoch, split="selection", threshold=threshold)

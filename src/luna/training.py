@@ -63,7 +63,8 @@ from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_mode
 from luna.progress import format_duration, with_progress
 from luna.recipe import augment_config, ema_decay_at, ema_update, make_optimizer, scheduled_lr
 from luna.runner import setup_logging
-from luna.selection import (SELECTION_PREDICTION_COLUMNS, SelectionPass, evaluate_selection, selection_frame,
+from luna.selection import (SELECTION_PREDICTION_COLUMNS, DivergedError, SelectionPass, check_finite,
+                            evaluate_selection, selection_frame,
                             selection_key)
 from luna.splits import SplitsError, read_fold_roles, read_splits_tsv, scans_with_role
 from luna.store import CropStore, StoreError, check_distinct_stores
@@ -86,7 +87,7 @@ class TrainingError(ValueError):
 OUTPUT_NAMES = ("model.pt", "history.tsv", "selection_predictions.tsv")
 """What --out receives, written when the run ends (model.pt last)."""
 
-ERRORS = (TrainingError, DataError, SplitsError, StoreError, OutputError, MetricsError, DeviceError)
+ERRORS = (TrainingError, DataError, SplitsError, StoreError, OutputError, MetricsError, DeviceError, DivergedError)
 """What a bad input or an unwritable output raises: reported as one line, exit status 2."""
 
 
@@ -96,7 +97,9 @@ def resolve_amp(choice: str, device: torch.device) -> bool:
 
 
 def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()}
+    """The options model.pt records; not --resume (how the run was started changes no weight, and a resumed
+    run's model.pt must equal an uninterrupted run's byte for byte)."""
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k != "resume"}
 
 
 def _read_config(path: str | None) -> dict[str, Any] | None:
@@ -340,6 +343,9 @@ class LunaTrainingApp(StageApp):
         if len(self.train_ds) == 0 or self.train_ds.n_pos == 0:
             raise TrainingError(f"{args.splits}: test fold {fold} leaves {len(self.train_ds)} training crops with "
                                 f"{self.train_ds.n_pos} nodules in {', '.join(args.crops)}; nothing to learn from")
+        if self.train_ds.n_neg == 0:  # a classifier of one class; balanced sampling failed only after setup
+            raise TrainingError(f"{args.splits}: test fold {fold} leaves {len(self.train_ds)} training crops, all "
+                                f"nodules, in {', '.join(args.crops)}; nothing to tell them from")
         if len(test_ds) == 0:
             splits = read_splits_tsv(args.splits)
             test_subsets = set(splits.loc[splits["fold"] == fold, "subset"])
@@ -534,6 +540,7 @@ class LunaTrainingApp(StageApp):
         return tuple(np.concatenate([g[k] for g in gathered]) for k in range(4))  # type: ignore[return-value]
 
     def _finish_epoch(self, epoch: int, trn: tuple, selection: SelectionPass | None) -> None:
+        check_finite(epoch, "training", trn[1])  # a NaN model is never kept (with a fixed threshold it was)
         trn_row = metric_row(*trn, epoch=epoch, split="train")
         logger.info(format_row(trn_row))
         if selection is not None:

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every luna-train option, in groups: inputs and outputs; fold and selection; training; augmentation;
-    runtime (speed only)."""
+    runtime."""
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--crops", nargs="+", required=True, metavar="H5", help="crop stores (results/crops/*.h5)")
     io.add_argument("--splits", required=True, metavar="TSV", help="splits.tsv: series_uid, subset, fold (luna-split)")
@@ -136,7 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="resumable state folder (optimizer, sampler, RNG, best model); must lie outside the "
                     "declared outputs. Default: OUT/../.<OUT name>.train_state")
     io.add_argument("--resume", action="store_true",
-                    help="continue after the last finished epoch in --state (if its settings and inputs match)")
+                    help="continue after the last finished epoch in --state (if its settings and inputs match); "
+                         "a finished run extended with more --epochs keeps its old last epoch's selection pass, "
+                         "which an uninterrupted longer run has only if that epoch is on --selection-interval")
     io.add_argument("--tb-dir", default=None, metavar="DIR",
                     help="TensorBoard folder (one run = <time>-trn_cls and <time>-val_cls; a resume continues its "
                     "run); 'none' disables. Default: OUT/tensorboard, where a fresh run first removes earlier runs")
@@ -172,7 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr = p.add_argument_group("training")
     tr.add_argument("--epochs", type=_positive_int, default=8, help="number of epochs")
     tr.add_argument("--samples-per-epoch", type=_nonnegative_int, default=4000,
-                    help="training samples per epoch (the book: 200000); 0 = one pass over the train crops")
+                    help="training samples per epoch (the book: 200000); 0 = as many samples as there are train "
+                         "crops (drawn by the sampler: with --balanced, positives repeat and some negatives wait)")
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (per process under torchrun)")
     tr.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                     help="sgd = the book's SGD with --momentum; adam = Adam (betas 0.9, 0.999; --momentum unused)")
@@ -213,13 +216,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     au.add_argument("--augment-noise", type=_nonnegative_float, default=25.0,
                     help="std of Gaussian noise added, HU; 0 = off")
 
-    rt = p.add_argument_group("runtime (speed only)")
+    rt = p.add_argument_group("runtime (speed; --amp and --channels-last also move the numbers slightly)")
     rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto = cuda when available, else cpu")
     add_switch(rt, "--amp", "bf16 autocast of the training steps; auto: on for CUDA, and on the CPU where it "
                "supports bf16 natively (evaluation is always float32)")
     add_switch(rt, "--channels-last", "channels_last_3d memory format of model and batches; auto: on (measured "
-               "faster on the CPU and on CUDA, same results)")
+               "faster on the CPU and on CUDA; the results agree to ~1e-5, not bit for bit)")
     rt.add_argument("--num-workers", type=_workers, default="auto",
                     help="DataLoader worker processes; 0 = load in the main process; auto = 0 on the CPU (workers "
                     "only compete with the model for cores) and min(8, cores - 1) on CUDA, shared by the processes "
