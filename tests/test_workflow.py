@@ -72,8 +72,8 @@ def test_lint_and_snakefmt_clean() -> None:
         # a oneOf says what it takes; a split that leaves a run fold empty stops here, not after every crop
         ({"split": {"folds": 1}}, "config key split.folds: 1 is not valid under any of the given schemas; expected "
                                   "'subsets' or an integer >= 2"),
-        ({"dataset": {"subsets": ["subset1"]}}, "split.folds: subsets with one subset (subset1) is one fold, and "
-                                                "nothing is left to train on"),
+        ({"dataset": {"subsets": ["subset1"]}, "split": {"run_folds": "all"}},
+         "split.folds: subsets with one subset (subset1) is one fold, and nothing is left to train on"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:

@@ -253,26 +253,25 @@ def all_folds():
         from luna.splits import SplitsError, subset_folds
 
         try:
-            numbers = sorted(subset_folds(SUBSETS).values())
+            return sorted(subset_folds(SUBSETS).values())
         except SplitsError as exc:
             raise WorkflowError(f"split.folds: {exc}") from None
-        if (
-            len(numbers) < 2
-        ):  # every scan would be the test fold: training found out after all the crops
+    return list(range(int(folds)))
+
+
+def check_folds_trainable(folds):
+    """A split that fails its training jobs after every crop, refused when the DAG is built (called by the
+    train rule's input, so a run of the tables or the crops alone is not refused): one subset under
+    folds: subsets (every scan the test fold), or a run fold without scans (the scans are on disk for a
+    LUNA16 folder; the synthetic set's UIDs come from its seed alone, plan_dataset).
+    """
+    k = config["split"]["folds"]
+    if k == "subsets":
+        if len(all_folds()) < 2:
             raise WorkflowError(
                 f"split.folds: subsets with one subset ({', '.join(SUBSETS)}) is one fold, and nothing is "
                 "left to train on; select two subsets or more, or give a number of folds"
             )
-        return numbers
-    return list(range(int(folds)))
-
-
-def check_folds_have_scans(folds):
-    """A test fold without scans fails its training job after every crop: refuse it at the dry run. The scans
-    are on disk for a LUNA16 folder; the synthetic set's UIDs come from its seed alone (plan_dataset).
-    """
-    k = config["split"]["folds"]
-    if k == "subsets":
         return  # each subset folder is a fold, and an empty folder is refused above
     from luna.splits import hash_fold
 
@@ -309,7 +308,15 @@ def run_folds():
 
 
 RUN_FOLDS = run_folds()
-check_folds_have_scans(RUN_FOLDS)
+_TRAINABLE = []  # check_folds_trainable ran (once a DAG)
+
+
+def trainable_splits(wildcards):
+    """The train rule's splits.tsv input, once the run folds are known to be trainable."""
+    if not _TRAINABLE:
+        check_folds_trainable(RUN_FOLDS)
+        _TRAINABLE.append(True)
+    return f"{RESULTS}/splits.tsv"
 
 
 def dataset_inputs():

@@ -1,7 +1,7 @@
 rule train:
     input:
         crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
-        splits=f"{RESULTS}/splits.tsv",
+        splits=trainable_splits,  # f"{RESULTS}/splits.tsv", refused at the dry run for a split not trainable
     output:
         model=protected(f"{FOLDS_DIR}/{{fold}}/model.pt"),
         history=f"{FOLDS_DIR}/{{fold}}/history.tsv",
