@@ -650,13 +650,22 @@ def test_a_rerun_with_bad_input_keeps_the_previous_store(tmp_path):
 
 def test_cache_key_holds_the_source_digest(monkeypatch):
     """A resume after a luna update cuts afresh: a store never mixes crops of two versions of the code."""
+    import luna.crop_cache
     import luna.provenance
 
     ident, centers = ("/a.mhd", 10, 1, "/a.raw", 20, 2), np.zeros((2, 3))
     before = cache_key(ident, (32, 48, 48), (-1000, 1000), centers)
     assert luna.provenance.source_digest() in before
-    monkeypatch.setattr(luna.provenance, "source_digest", lambda *a: "other code")
+    monkeypatch.setattr(luna.crop_cache, "source_digest", lambda *a: "other code")
     assert cache_key(ident, (32, 48, 48), (-1000, 1000), centers) != before
+
+
+def _crops_command(tmp_path: Path, tsv: Path, root: Path, threads: int) -> tuple[list[str], Path, Path]:
+    """A luna-crops process for the kill and Ctrl-C tests: its argv, store and resume cache (8x12x16 crops)."""
+    out, cache_dir = tmp_path / "out" / f"{SUBSET}.h5", tmp_path / "out" / "cache"
+    argv = [sys.executable, "-m", "luna.crops", "--candidates", str(tsv), "--root", str(root), "--subset", SUBSET,
+            "--out", str(out), "--cache-dir", str(cache_dir), "--threads", str(threads), "--shape", "8", "12", "16"]
+    return argv, out, cache_dir
 
 
 def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path):
@@ -670,10 +679,7 @@ def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path):
                  is_nodule=0, diameter_mm=0.0) for i, (k, uid) in enumerate(zip(range(6), paths))]
     tsv = tmp_path / "candidates.tsv"
     _write_candidates(tsv, rows)
-    out = tmp_path / "out" / f"{SUBSET}.h5"
-    cache_dir = tmp_path / "out" / "cache"
-    argv = [sys.executable, "-m", "luna.crops", "--candidates", str(tsv), "--root", str(root), "--subset", SUBSET,
-            "--out", str(out), "--cache-dir", str(cache_dir), "--threads", "2", "--shape", "8", "12", "16"]
+    argv, out, cache_dir = _crops_command(tmp_path, tsv, root, threads=2)
     log = tmp_path / "run.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
@@ -706,10 +712,7 @@ def test_killed_job_resumes_from_cache(tmp_path):
         row["candidate_id"] = i
     tsv = tmp_path / "candidates.tsv"
     _write_candidates(tsv, rows)
-    out = tmp_path / "out" / f"{SUBSET}.h5"
-    cache_dir = tmp_path / "out" / "cache"
-    argv = [sys.executable, "-m", "luna.crops", "--candidates", str(tsv), "--root", str(root), "--subset", SUBSET,
-            "--out", str(out), "--cache-dir", str(cache_dir), "--threads", "1", "--shape", "8", "12", "16"]
+    argv, out, cache_dir = _crops_command(tmp_path, tsv, root, threads=1)
 
     log1 = tmp_path / "run1.log"
     env = hook_env(LUNA_TEST_SLOW_SCAN_S="0.8")

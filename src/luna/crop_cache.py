@@ -24,6 +24,7 @@ import diskcache
 import numpy as np
 
 from luna.io import OutputError, describe_os_error
+from luna.provenance import source_digest
 
 CACHE_FORMAT_VERSION = 2  # of a cached per-scan result; bump when cutting or the cached value changes (2: checksum)
 CACHE_SIZE_LIMIT_BYTES = 2**40  # a subset of LUNA16 V2 is ~11 GB of crops; never evict while a job runs
@@ -36,8 +37,6 @@ def cache_key(identity: tuple, crop_shape: Sequence[int], hu_window: Sequence[in
     """The diskcache key of one scan's result: scan file identity, crop parameters, the exact centres, version."""
     centers = np.ascontiguousarray(centers_xyz, dtype=np.float64)
     digest = hashlib.sha256(centers.tobytes()).hexdigest()
-    from luna.provenance import source_digest
-
     # "luna.crops" names the stage, not a module; the source digest: a resume after a luna update cuts afresh
     return ("luna.crops", CACHE_FORMAT_VERSION, source_digest(), tuple(identity), tuple(int(v) for v in crop_shape),
             tuple(int(v) for v in hu_window), len(centers), digest)

@@ -39,7 +39,7 @@ from luna.io import NA_REP, OutputError, check_writable_dir, write_tsv
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
-from luna.model import CheckpointError, load_checkpoint
+from luna.model import CheckpointError, load_checkpoint, not_held_out
 from luna.splits import SplitsError, read_splits_tsv
 from luna.tables import file_line, numeric_column, read_tsv
 
@@ -201,13 +201,10 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
         line = file_line(folder / "predictions.tsv", int(np.flatnonzero(outside.to_numpy())[0]))
         raise EvaluationError(f"{folder / 'predictions.tsv'}:{line}: scan "
                               f"{predictions['series_uid'][outside].iloc[0]} is not in test fold {fold} of {splits_path}")
-    # the scans the model learned or chose on (a stale or edited splits.tsv): their numbers are not held out
-    seen = {str(uid): role for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
-    leaked = [uid for uid in scans if str(uid) in seen]
-    if leaked:
-        raise EvaluationError(f"{splits_path}: {len(leaked)} of the {len(scans)} scans of test fold {fold} are in "
-                              f"{folder / 'model.pt'}'s {seen[str(leaked[0])]} scans (e.g. {leaked[0]}); evaluate "
-                              "with the splits.tsv the model was trained with")
+    leak = not_held_out(scans, checkpoint, model_path=folder / "model.pt", splits_path=splits_path,
+                        fold_name=f"test fold {fold}", verb="evaluate")  # a stale or edited splits.tsv
+    if leak:
+        raise EvaluationError(leak)
     history_path = folder / "history.tsv"
     history = read_history(history_path) if history_path.is_file() else None
     return FoldPredictions(fold, predictions, scans, float(checkpoint.get("threshold", 0.5)), int(checkpoint["epoch"]),

@@ -70,7 +70,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The parent folder is created. An OSError while writing becomes :class:`OutputError` naming ``path``. A
     symlink at ``path`` is written through (its target replaced); anything else that is not a regular file (a
-    folder, a FIFO, a device such as /dev/stdout) is refused: the rename would replace it.
+    folder, a FIFO, a device) is refused: the rename would replace it.
     """
     path = check_output_file(path)
     tmp = tmp_path_for(path)

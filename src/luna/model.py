@@ -261,6 +261,24 @@ def _check_fields(path: Path, ckpt: Mapping[str, Any]) -> None:
             raise bad(key, "a list of series UIDs")
 
 
+def seen_scans(checkpoint: Mapping[str, Any]) -> dict[str, str]:
+    """``{series_uid: role}`` of the scans the model was trained (``train``) or chose on (``selection``), as
+    model.pt records them: never held out."""
+    return {str(uid): role for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
+
+
+def not_held_out(uids: Sequence[str], checkpoint: Mapping[str, Any], *, model_path: str | os.PathLike,
+                 splits_path: str | os.PathLike, fold_name: str, verb: str) -> str | None:
+    """The one-line refusal when some of a fold's ``uids`` are :func:`seen_scans` of the model (a splits.tsv
+    other than the model's), else None: numbers on them would not be held-out numbers."""
+    seen = seen_scans(checkpoint)
+    leaked = [uid for uid in uids if str(uid) in seen]
+    if not leaked:
+        return None
+    return (f"{splits_path}: {len(leaked)} of the {len(uids)} scans of {fold_name} are in {model_path}'s "
+            f"{seen[str(leaked[0])]} scans (e.g. {leaked[0]}); {verb} with the splits.tsv the model was trained with")
+
+
 def checkpoint_crop_shape(ckpt: Mapping[str, Any]) -> tuple[int, ...]:
     """The crop shape a checkpoint was trained on (older checkpoints without one: the book's 32x48x48)."""
     shape = ckpt.get("crop_shape") or ckpt.get("model_config", {}).get("crop_shape") or BOOK_CROP_SHAPE

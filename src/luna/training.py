@@ -456,16 +456,16 @@ class LunaTrainingApp(StageApp):
         """history.tsv, selection_predictions.tsv and model.pt (each atomic), once the run is complete."""
         if self.best_epoch == 0 or not self._best_path.is_file():
             raise TrainingError(f"{self.state_dir}: no kept model after {self.args.epochs} epochs")
-        outputs = [self.out_dir / name for name in ("history.tsv", "selection_predictions.tsv", "model.pt")]
+        out = {name: self.out_dir / name for name in OUTPUT_NAMES}
         try:
-            write_history(outputs[0], self.history)
+            write_history(out["history.tsv"], self.history)
             if self._best_selection_path.is_file():
-                copy_file(self._best_selection_path, outputs[1])
+                copy_file(self._best_selection_path, out["selection_predictions.tsv"])
             else:  # no selection pass (--selection-fraction 0): the table's header, so every declared output exists
-                write_tsv(pd.DataFrame(columns=SELECTION_PREDICTION_COLUMNS), outputs[1])
-            copy_file(self._best_path, outputs[2])  # last: its presence marks a finished run
+                write_tsv(pd.DataFrame(columns=SELECTION_PREDICTION_COLUMNS), out["selection_predictions.tsv"])
+            copy_file(self._best_path, out["model.pt"])  # last: its presence marks a finished run
         except BaseException:  # a full disk at the end: none of the three, not a finished-looking part of them
-            for path in outputs:
+            for path in out.values():
                 if path.is_file():
                     path.unlink()
             raise

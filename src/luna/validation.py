@@ -42,7 +42,7 @@ from luna.inference import TTA_FLIPS, Prediction, predict, rows_of_scans
 from luna.io import OutputError, check_writable_dir, write_tsv
 from luna.luna16 import TableError
 from luna.metrics import MetricsError
-from luna.model import CheckpointError, checkpoint_crop_shape, load_model
+from luna.model import CheckpointError, checkpoint_crop_shape, load_model, not_held_out, seen_scans
 from luna.splits import SplitsError, read_splits_tsv
 from luna.store import CropStore, StoreError, check_distinct_stores, stores_mismatch
 
@@ -78,8 +78,7 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
                      splits_path: str | None, fold: int | None, stores: Sequence[CropStore]) -> tuple[list[str], int]:
     """The scans to predict (each one in the FROC divisor) and the fold label of the rows."""
     model_fold = checkpoint.get("test_fold")
-    # the scans the model learned or chose on: never held out
-    seen = {str(uid): role for role in ("selection", "train") for uid in checkpoint.get(f"{role}_series_uids", [])}
+    seen = seen_scans(checkpoint)  # the scans the model learned or chose on: never held out
     if scans == "selection":
         if fold is not None:  # it was ignored in silence
             raise ValidationError(f"--fold {fold} does not apply to --scans selection (the scans that chose "
@@ -107,11 +106,10 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
     uids = splits.loc[splits["fold"] == int(chosen), "series_uid"].tolist()
     if not uids:
         raise ValidationError(f"{splits_path}: fold {chosen} has no scans")
-    leaked = [uid for uid in uids if str(uid) in seen]
-    if leaked:  # a test fold the model learned or chose on: its numbers would not be held-out numbers
-        raise ValidationError(f"{splits_path}: {len(leaked)} of the {len(uids)} scans of fold {chosen} are in "
-                              f"{model_path}'s {seen[str(leaked[0])]} scans (e.g. {leaked[0]}); predict with the "
-                              "splits.tsv the model was trained with")
+    leak = not_held_out(uids, checkpoint, model_path=model_path, splits_path=str(splits_path),
+                        fold_name=f"fold {chosen}", verb="predict")
+    if leak:  # a test fold the model learned or chose on: its numbers would not be held-out numbers
+        raise ValidationError(leak)
     if model_fold is not None and int(chosen) != int(model_fold):
         logger.warning("predicting fold %s with a model whose test fold is %s (none of its scans was trained or "
                        "chosen on)", chosen, model_fold)

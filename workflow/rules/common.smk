@@ -275,9 +275,10 @@ def check_folds_trainable(folds):
         return  # each subset folder is a fold, and an empty folder is refused above
     from luna.splits import hash_fold
 
-    uids = SCAN_UIDS
-    where = f"the {len(uids)} scans under {DATA_ROOT}" if uids is not None else ""
-    if uids is None:
+    if SCAN_UIDS is not None:
+        uids = SCAN_UIDS
+        where = f"the {len(uids)} scans under {DATA_ROOT}"
+    else:
         from luna.synth.config import SynthConfig, plan_dataset
 
         plans = plan_dataset(SynthConfig.from_dict(config["synthetic"]))
@@ -308,14 +309,12 @@ def run_folds():
 
 
 RUN_FOLDS = run_folds()
-_TRAINABLE = []  # check_folds_trainable ran (once a DAG)
 
 
 def trainable_splits(wildcards):
-    """The train rule's splits.tsv input, once the run folds are known to be trainable."""
-    if not _TRAINABLE:
-        check_folds_trainable(RUN_FOLDS)
-        _TRAINABLE.append(True)
+    """The train rule's splits.tsv input, once the run folds are known to be trainable (a hash per scan and
+    train job: milliseconds)."""
+    check_folds_trainable(RUN_FOLDS)
     return f"{RESULTS}/splits.tsv"
 
 
