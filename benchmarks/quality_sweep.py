@@ -122,6 +122,7 @@ def run_variant(name: str, overrides: dict, seed: int, test_fold: int, data: tup
     argv = ["--crops", *crops, "--splits", splits, "--test-fold", str(test_fold),
             "--selection-fraction", str(overrides.get("selection_fraction", CONFIG["split"]["selection_fraction"])),
             "--out", str(fold), "--state", str(out / "state"), "--tb-dir", "none", "--threads", "2",
+            "--annotations-excluded", excluded,  # what train.skip_excluded reads, as rule train passes it
             *config_argv({k: v for k, v in train.items() if k != "selection_fraction"}), *extra]
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()) as err:

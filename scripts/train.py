@@ -33,6 +33,8 @@ argv = [
     *config_argv(train),
     *config_argv(speed),
 ]
+if sm.params.annotations_excluded:
+    argv += ["--annotations-excluded", sm.params.annotations_excluded]
 if gpus > 1:
     run_rule_torchrun("luna.training", argv, sm.log[0], gpus)
 else:

@@ -172,3 +172,20 @@ def test_candidates_app_with_no_row_on_a_scan_on_disk_exits_2(tmp_path, capsys) 
     assert err.endswith(f"luna-candidates: error: {root / 'other.csv'}: none of its 2 rows names one of the 3 scans "
                         "on disk (the CSV names e.g. 9.8, 9.9; on disk e.g. 1.1, 1.2)\n")
     assert not out.exists()
+
+
+def test_candidates_out_that_is_an_input_is_refused(tmp_path, capsys) -> None:
+    """--out naming the candidate list, the annotations or a file beside the scans overwrote it with the TSV."""
+    root = _data_root(tmp_path)
+    before = {name: (root / name).read_bytes() for name in ("candidates.csv", "annotations.csv")}
+    for out, expected in [
+        (root / "candidates.csv", f"--out {root / 'candidates.csv'} is the input --candidates {root / 'candidates.csv'}"),
+        (root / "annotations.csv", f"--out {root / 'annotations.csv'} is the input --annotations "
+                                   f"{root / 'annotations.csv'}"),
+        (root / "subset0" / "c.tsv", f"--out {root / 'subset0' / 'c.tsv'} lies in the scan folder {root / 'subset0'}"),
+    ]:
+        assert CandidatesApp(["--root", str(root), "--out", str(out)]).main() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert {name: (root / name).read_bytes() for name in before} == before
+    assert not (root / "subset0" / "c.tsv").exists()

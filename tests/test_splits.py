@@ -69,7 +69,7 @@ def test_hash_folds_are_sha256_of_the_uid_and_stable_when_scans_come_and_go() ->
 
 @pytest.mark.parametrize("bad", [1, 0, "two", "3.5", -2])
 def test_bad_fold_counts_are_refused(bad) -> None:
-    with pytest.raises(SplitsError, match="folds must be 'subsets' or a whole number >= 2"):
+    with pytest.raises(SplitsError, match="folds must be 'subsets' or a whole number from 2 to 1000000000"):
         make_splits({"1.1": "subset0"}, bad)
 
 
@@ -162,7 +162,7 @@ def test_split_app_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert not out.exists()
     with pytest.raises(SystemExit):
         SplitApp(["--root", str(root), "--folds", "1", "--out", str(out)])
-    assert "folds must be 'subsets' or a whole number >= 2" in capsys.readouterr().err
+    assert "folds must be 'subsets' or a whole number from 2 to 1000000000" in capsys.readouterr().err
 
 
 def test_splits_frame_round_trips(tmp_path: Path) -> None:
@@ -178,3 +178,29 @@ def test_split_app_warns_of_folds_without_scans(tmp_path: Path, caplog) -> None:
     assert SplitApp(["--root", str(root), "--folds", "9", "--out", str(tmp_path / "s.tsv")]).main() == 0
     empty = sorted(set(range(9)) - {hash_fold(u, 9) for u in ["1.1", "1.2", "1.3", "1.4"]})
     assert f"fold(s) {', '.join(map(str, empty))} of 9 hold no scan (4 scans); use fewer folds" in caplog.text
+
+
+def test_a_billion_folds_is_the_most_and_its_warning_is_quick(tmp_path: Path, caplog, capsys) -> None:
+    """Folds past splits.tsv's nine digits were written and then refused by its own reader; the warning walked
+    every empty fold (minutes for 10^10). A subset numbered past it is refused too."""
+    root = _data_root(tmp_path)  # 4 scans
+    out = tmp_path / "s.tsv"
+    assert SplitApp(["--root", str(root), "--folds", "1000000000", "--out", str(out)]).main() == 0
+    assert len(read_splits_tsv(out)) == 4
+    assert "fold(s) 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 999999986 more of 1000000000 hold no scan (4 scans)" in caplog.text
+    with pytest.raises(SystemExit):
+        SplitApp(["--root", str(root), "--folds", "1000000001", "--out", str(out)])
+    assert "folds must be 'subsets' or a whole number from 2 to 1000000000, got '1000000001'" in capsys.readouterr().err
+    with pytest.raises(SplitsError, match="subset 'subset1000000000': its number 1000000000 is past the highest fold"):
+        subset_number("subset1000000000")
+
+
+def test_split_out_in_a_scan_folder_is_refused(tmp_path: Path, capsys) -> None:
+    """--out naming a scan's header replaced the scan with splits.tsv."""
+    root = _data_root(tmp_path)
+    header = next((root / "subset0").glob("*.mhd"))
+    before = header.read_bytes()
+    assert SplitApp(["--root", str(root), "--folds", "2", "--out", str(header)]).main() == 2
+    assert capsys.readouterr().err.strip() == (f"luna-split: error: --out {header} lies in the scan folder "
+                                               f"{header.parent}; write it elsewhere")
+    assert header.read_bytes() == before

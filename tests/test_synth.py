@@ -369,8 +369,18 @@ def test_app_bad_value_and_foreign_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["luna-synth: error: --flip-fraction = 2.0: must be a fraction in [0, 1]"]  # its option, not the key
     assert SynthApp(["--out", str(tmp_path / "x"), "--size-xy-min", "300", "--size-xy-max", "200"]).main() == 2
-    assert capsys.readouterr().err.strip() == ("luna-synth: error: --size-xy-min = (300, 200): need 32 <= "
-                                               "--size-xy-min <= --size-xy-max <= 2048")
+    assert capsys.readouterr().err.strip() == ("luna-synth: error: --size-xy-min = (300, 200): --size-xy-min is "
+                                               "above --size-xy-max; need 32 <= --size-xy-min <= --size-xy-max <= 2048")
+    # the option out of range is the one named (an infinite maximum named the minimum)
+    assert SynthApp(["--out", str(tmp_path / "x"), "--spacing-xy-max-mm", "inf"]).main() == 2
+    assert capsys.readouterr().err.strip() == ("luna-synth: error: --spacing-xy-max-mm = inf: need 0.1 <= "
+                                               "--spacing-xy-min-mm <= --spacing-xy-max-mm <= 5")
+    # an empty --out wrote the data set into the current folder; --jobs 0 named no option
+    for argv, message in ((["--out", ""], "--out: empty path; name the data folder to write"),
+                          (["--out", str(tmp_path / "y"), "--jobs", "0"], "--jobs 0: must be >= 1")):
+        assert SynthApp(argv).main() == 2
+        assert capsys.readouterr().err.strip() == f"luna-synth: error: {message}"
+    assert not (tmp_path / "y").exists()
     foreign = tmp_path / "luna16"
     (foreign / "subset0").mkdir(parents=True)
     (foreign / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")

@@ -738,3 +738,62 @@ def test_a_training_role_of_nodules_only_is_refused_before_training(tmp_path, ca
         assert capsys.readouterr().err.strip() == (
             f"luna-train: error: {tmp_path / 'splits.tsv'}: test fold 0 leaves 20 training crops, all nodules, in "
             f"{tmp_path / 'subset0.h5'}; nothing to tell them from")
+
+
+def test_on_findings_uses_frocs_hit_rule() -> None:
+    """Strictly inside the radius (a point on the sphere is out), a negative diameter meaning 10 mm, per scan."""
+    from luna.froc import on_findings
+
+    candidates = pd.DataFrame({"series_uid": ["a", "a", "a", "b", "c"],
+                               "coord_x": [1.0, 0.999, 4.9, 0.0, 0.0], "coord_y": 0.0, "coord_z": 0.0})
+    findings = pd.DataFrame({"seriesuid": ["a", "b"], "coordX": [0.0, 0.0], "coordY": 0.0, "coordZ": [0.0, 5.0],
+                             "diameter_mm": [2.0, -1.0]})
+    assert on_findings(candidates, findings).tolist() == [False, True, False, False, False]
+    findings.loc[0, "diameter_mm"] = -1.0  # 10 mm: radius 5 takes in x = 4.9; scan b's finding is 5 mm away: out
+    assert on_findings(candidates, findings).tolist() == [True, True, True, False, False]
+    assert on_findings(candidates, findings.iloc[:0]).tolist() == [False] * 5
+
+
+def test_skip_excluded_leaves_training_negatives_on_findings_out(data: dict[str, Path], tmp_path: Path, caplog,
+                                                                 capsys) -> None:
+    """The training negatives on an excluded finding leave the training set; its positives, the selection set and
+    the test fold stay; the findings' content is part of the run's fingerprint; a missing table is one line."""
+    from luna.train_state import describe_changes, fingerprint_parts
+
+    plain = LunaTrainingApp(argv(data, tmp_path / "plain"))
+    plain.setup()
+    rows = plain.train_ds.rows
+    negatives = rows[rows["is_nodule"] == 0]
+    positive = rows[rows["is_nodule"] == 1].iloc[0]
+    picked = [negatives.iloc[0], negatives.iloc[3], positive]  # a finding on a positive takes nothing away
+    excluded = tmp_path / "annotations_excluded.csv"
+    excluded.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n" + "".join(
+        f"{r['series_uid']},{r['coord_x']},{r['coord_y']},{r['coord_z']},0.001\n" for r in picked))
+    skipping = LunaTrainingApp(argv(data, tmp_path / "skip", "--skip-excluded", "--annotations-excluded",
+                                    str(excluded)))
+    with caplog.at_level("INFO", logger="luna.training"):
+        skipping.setup()
+    kept = set(skipping.train_ds.rows["candidate_id"])
+    assert kept == set(rows["candidate_id"]) - {int(picked[0]["candidate_id"]), int(picked[1]["candidate_id"])}
+    assert skipping.train_ds.n_pos == plain.train_ds.n_pos and len(skipping.train_ds) == len(plain.train_ds) - 2
+    assert skipping.sel_ds.rows["candidate_id"].tolist() == plain.sel_ds.rows["candidate_id"].tolist()
+    assert skipping.train_ds.crops_int16([0]).shape == (1, 32, 48, 48)
+    assert f"--skip-excluded: 2 training negatives on the 3 findings of {excluded} left out" in caplog.text
+    before = fingerprint_parts(skipping.args, False, torch.device("cpu"), 1)
+    excluded.write_text(excluded.read_text().replace("0.001\n", "0.002\n", 1))
+    assert fingerprint_parts(skipping.args, False, torch.device("cpu"), 1) != before
+    assert fingerprint_parts(plain.args, False, torch.device("cpu"), 1)["excluded"] is None
+    assert describe_changes(before, fingerprint_parts(skipping.args, False, torch.device("cpu"), 1)) == \
+        "annotations_excluded.csv's content"
+    assert describe_changes(fingerprint_parts(plain.args, False, torch.device("cpu"), 1), before) == \
+        "skip_excluded False -> True"
+    for extra, message in [
+        (["--skip-excluded"], "--skip-excluded needs --annotations-excluded"),
+        (["--skip-excluded", "--annotations-excluded", str(tmp_path / "nope.csv")],
+         f"--annotations-excluded {tmp_path / 'nope.csv'}: no such file"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(argv(data, tmp_path / "o3", *extra))
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

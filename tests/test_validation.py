@@ -829,3 +829,130 @@ def test_folds_of_different_luna_sources_are_said(caplog) -> None:
     caplog.clear()
     note_mixed_code([fold(0, "a" * 64), fold(1, "a" * 64), fold(2, "")])
     assert caplog.text == ""
+
+
+def two_predicted_folds(inputs, tmp_path) -> tuple[Path, list[Path]]:
+    """Folds 3 and 5 of the inputs, each predicted by its own model: (splits.tsv, fold folders)."""
+    from luna.validation import PredictApp
+
+    splits = write_splits(tmp_path / "splits.tsv", {VAL_A: 3, VAL_B: 5, VAL_EMPTY: 5, TRAIN_A: 1})
+    folds = []
+    for fold in (3, 5):
+        folder = tmp_path / "folds" / str(fold)
+        save_checkpoint(folder / "model.pt", ct_model(fold), epoch=2, extra={"test_fold": fold, "threshold": 0.5})
+        assert PredictApp(["--model", str(folder / "model.pt"), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+                           "--splits", str(splits), "--out", str(folder / "predictions.tsv"),
+                           "--device", "cpu"]).main() == 0
+        folds.append(folder)
+    return splits, folds
+
+
+def test_refused_inputs_leave_an_earlier_report_and_every_input_alone(inputs, tmp_path, capsys):
+    """A refused input (labelled and unlabelled folds pooled, a bad loss) is found before --out is touched: the
+    earlier report stays whole. An output that is an input (--out one of the fold folders; luna-predict --out its
+    own model) is refused in one line and the input stays as it was."""
+    splits, folds = two_predicted_folds(inputs, tmp_path)
+    out = tmp_path / "report"
+    base = ["--splits", str(splits), "--annotations", str(inputs["annotations"]), "--bootstrap", "0"]
+    assert EvaluateApp(["--folds", *map(str, folds), *base, "--out", str(out)]).main() == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "metrics.tsv" in before
+    # fold 5's candidates without a class (a predict-only candidate list) pooled with fold 3's labelled ones
+    unlabelled = tmp_path / "u" / "5"
+    unlabelled.mkdir(parents=True)
+    (unlabelled / "model.pt").write_bytes((folds[1] / "model.pt").read_bytes())
+    frame = pd.read_csv(folds[1] / "predictions.tsv", sep="\t")
+    frame["is_nodule"], frame["loss"] = np.nan, np.nan
+    frame.to_csv(unlabelled / "predictions.tsv", sep="\t", index=False, na_rep="NaN")
+    assert EvaluateApp(["--folds", str(folds[0]), str(unlabelled), *base, "--out", str(out)]).main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"luna-evaluate: error: {unlabelled / 'predictions.tsv'}: the candidates have no class, those of "
+                   f"{folds[0] / 'predictions.tsv'} have one; pool the predictions of one candidate list")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a loss that is not a finite number >= 0 on a labelled row
+    for value in ("-5", "inf", "NaN"):
+        bad = tmp_path / f"loss{value}" / "5"
+        bad.mkdir(parents=True)
+        (bad / "model.pt").write_bytes((folds[1] / "model.pt").read_bytes())
+        frame = pd.read_csv(folds[1] / "predictions.tsv", sep="\t")
+        frame["loss"] = frame["loss"].astype(object)
+        frame.loc[1, "loss"] = value
+        frame.to_csv(bad / "predictions.tsv", sep="\t", index=False)
+        assert EvaluateApp(["--folds", str(bad), *base, "--out", str(out)]).main() == 2
+        assert f"{bad / 'predictions.tsv'}:3: loss = " in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --out one of the folds: its predictions.tsv would become the pooled rows
+    fold_bytes = (folds[1] / "predictions.tsv").read_bytes()
+    assert EvaluateApp(["--folds", *map(str, folds), *base, "--out", str(folds[1])]).main() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"luna-evaluate: error: the report file {folds[1] / 'predictions.tsv'} is the input --folds "
+        f"{folds[1] / 'predictions.tsv'}; write the output elsewhere")
+    assert (folds[1] / "predictions.tsv").read_bytes() == fold_bytes
+    from luna.validation import PredictApp
+
+    model_bytes = (folds[0] / "model.pt").read_bytes()
+    assert PredictApp(["--model", str(folds[0] / "model.pt"), "--crops", str(inputs["store0"]), "--splits",
+                       str(splits), "--out", str(folds[0] / "model.pt"), "--device", "cpu"]).main() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"luna-predict: error: --out {folds[0] / 'model.pt'} is the input --model {folds[0] / 'model.pt'}; write "
+        "the output elsewhere")
+    assert (folds[0] / "model.pt").read_bytes() == model_bytes
+    # a bootstrap past the cap: one line (it was a MemoryError traceback), before --out is touched
+    assert EvaluateApp(["--folds", *map(str, folds), *base[:-2], "--bootstrap", "1000000000000",
+                        "--out", str(out)]).main() == 2
+    assert "--bootstrap must be >= 0 and <= 100000, got 1000000000000" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("case", ["negative_fold", "selection_without_test_fold", "unknown_tta", "nan_threshold",
+                                  "damaged_store", "missing_store"])
+def test_more_bad_inputs_one_line_exit_2_and_no_output_folder(inputs, tmp_path, capsys, case):
+    """Each was a traceback, a fold luna-evaluate refuses later, or an output folder made for a refused input."""
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--out", str(tmp_path / "out"), "--device", "cpu", "--fold", "0"]
+    if case == "negative_fold":
+        argv[argv.index("--fold") + 1] = "-3"
+        expected = "--fold must be >= 0, got -3"
+    elif case == "selection_without_test_fold":
+        model = save_checkpoint(tmp_path / "m.pt", ct_model(), epoch=1, extra={"selection_series_uids": [VAL_A]})
+        argv = [*argv[:argv.index("--fold")], "--model", str(model), "--scans", "selection"]
+        expected = f"{model}: no test fold recorded, the fold column of its selection rows"
+    elif case == "unknown_tta":
+        model = save_checkpoint(tmp_path / "m.pt", ct_model(), epoch=1, extra={"test_fold": 0,
+                                                                               "args": {"tta": "flip99"}})
+        argv += ["--model", str(model)]
+        expected = "the model's selection pass used test-time augmentation 'flip99'"
+    elif case == "nan_threshold":
+        model = save_checkpoint(tmp_path / "m.pt", ct_model(), epoch=1, extra={"test_fold": 0,
+                                                                               "threshold": float("nan")})
+        argv += ["--model", str(model)]
+        expected = "checkpoint field threshold = nan, expected a finite number"
+    elif case == "damaged_store":  # a chunk of a compressed store zeroed: h5py's filter fails on read
+        import h5py
+
+        damaged = tmp_path / "subset0.h5"
+        damaged.write_bytes(inputs["store0"].read_bytes())
+        with h5py.File(inputs["store0"], "r") as f:
+            crops = f["crops"][:]
+        with h5py.File(damaged, "r+") as f:
+            del f["crops"]
+            f.create_dataset("crops", data=crops, chunks=(1, *CROP_SHAPE), compression="gzip")
+        with h5py.File(damaged, "r") as f:
+            offset = f["crops"].id.get_chunk_info(0).byte_offset
+        with open(damaged, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(b"\0" * 64)
+        argv[argv.index(str(inputs["store0"]))] = str(damaged)
+        expected = f"{damaged}: cannot read the crops of rows 0-"
+    else:
+        argv[argv.index(str(inputs["store0"]))] = str(tmp_path / "nope.h5")
+        expected = f"{tmp_path / 'nope.h5'}: no such crop store"
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    if case == "damaged_store":  # found while predicting, once the output folder was checked: left empty
+        assert list((tmp_path / "out").iterdir()) == []
+    else:
+        assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import time
@@ -58,8 +59,9 @@ def test_lint_and_snakefmt_clean() -> None:
                                                             "non-unique elements"),
         ({"dataset": {"subsets": ["subset7"]}}, "dataset.subsets: subset7 not among the synthetic subsets (subset0, "
                                                 "subset1, subset2; synthetic.n_subsets: 3)"),
-        ({"synthetic": {"size_xy_min": 300, "size_xy_max": 200}}, "synthetic.size_xy_min = (300, 200): need 32 <= "
-                                                                  "size_xy_min <= size_xy_max <= 2048"),
+        ({"synthetic": {"size_xy_min": 300, "size_xy_max": 200}}, "synthetic.size_xy_min = (300, 200): size_xy_min "
+                                                                  "is above size_xy_max; need 32 <= size_xy_min <= "
+                                                                  "size_xy_max <= 2048"),
         ({"split": {"selection_fraction": 0}}, "split.selection_fraction: 0 leaves nothing to choose on: set "
                                                "train.keep: last and a fixed train.threshold (got keep last, "
                                                "threshold fp_per_scan:2.5)"),
@@ -219,6 +221,10 @@ def test_tiny_pipeline_outputs(tiny_run: Path) -> None:
     # the rule scripts set OMP_WAIT_POLICY=ACTIVE before torch loads (unless the user set it); the CPU line says so
     expected = os.environ.get("OMP_WAIT_POLICY", "ACTIVE")
     assert f"OMP_WAIT_POLICY={expected})" in (tiny_run / "logs" / "train" / "0.log").read_text()
+    # train.skip_excluded: the rule hands luna-train the synthetic set's own annotations_excluded.csv
+    skipped = re.search(r"--skip-excluded: (\d+) training negatives on the (\d+) findings of data/synthetic/"
+                        r"annotations_excluded.csv left out", (tiny_run / "logs" / "train" / "0.log").read_text())
+    assert skipped is not None and int(skipped.group(2)) > 0
 
 
 @pytest.mark.slow

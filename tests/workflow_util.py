@@ -24,9 +24,10 @@ TINY_CONFIG = {
     "split": {"folds": "subsets", "run_folds": [0, 1], "selection_fraction": 0.34},
     # merged over config/config.yaml (the shipped recipe), with a selection pass after every epoch; 2.0 as YAML
     # writers spell numbers: the workflow passes it on as the integer luna-train takes (also inside
-    # balanced_schedule's pairs: from epoch 2 the shipped 1:1 again, so the recipe is unchanged)
+    # balanced_schedule's pairs: from epoch 2 the shipped 1:1 again, so the recipe is unchanged); skip_excluded
+    # on, so that the rule passes the synthetic annotations_excluded.csv to luna-train
     "train": {"epochs": 2.0, "samples_per_epoch": 64, "batch_size": 16, "selection_interval": 1,
-              "balanced_schedule": [[2.0, 1]]},
+              "balanced_schedule": [[2.0, 1]], "skip_excluded": True},
     "validate": {"batch_size": 32, "bootstrap": 50},
 }
 

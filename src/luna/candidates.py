@@ -18,7 +18,7 @@ import pandas as pd
 
 from luna.app import StageApp
 from luna.ct import ScanError, ScanFile, find_scans
-from luna.io import OutputError, check_writable_dir, write_tsv
+from luna.io import OutputError, check_not_an_input, check_outside_scan_folders, check_writable_dir, write_tsv
 from luna.luna16 import (TableError, drop_duplicate_candidates, match_diameters, read_annotations_csv, read_candidates_csv,
                          resolve_table)
 from luna.tables import read_tsv
@@ -128,6 +128,9 @@ class CandidatesApp(StageApp):
             raise TableError(f"{a.root}: no scans (<series_uid>.mhd) under "
                              f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
         annotations = resolve_table(a.root, a.annotations)
+        check_not_an_input(a.out, {"--candidates": [resolve_table(a.root, a.candidates)],
+                                   "--annotations": [annotations]})
+        check_outside_scan_folders(a.out, [scan.path for scan in scans.values()])
         if annotations is not None and not Path(annotations).exists():  # the default names a file: say how not to
             raise TableError(f"{annotations}: file not found (--annotations '' for a candidate list without "
                              "annotations)")

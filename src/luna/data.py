@@ -104,6 +104,16 @@ class CropDataset(Dataset):
         if mismatch:
             raise DataError(mismatch)
 
+    def drop(self, mask: np.ndarray) -> None:
+        """Leave out the items where ``mask`` is True (e.g. negatives on excluded findings); order kept."""
+        keep = ~np.asarray(mask, dtype=bool)
+        if keep.shape != self.labels.shape:
+            raise ValueError(f"mask of {keep.size} items for a dataset of {len(self.labels)}")
+        self.rows = self.rows.loc[keep].reset_index(drop=True)
+        self.labels = self.labels[keep]
+        self._store_of = self._store_of[keep]
+        self._row_of = self._row_of[keep]
+
     def __len__(self) -> int:
         return len(self.labels)
 

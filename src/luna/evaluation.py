@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
-from luna.io import NA_REP, OutputError, check_writable_dir, write_tsv
+from luna.io import NA_REP, OutputError, check_not_an_input, check_writable_dir, write_tsv
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
@@ -54,6 +54,7 @@ PREDICTION_COLUMNS = ["candidate_id", "series_uid", "coord_x", "coord_y", "coord
 SUBMISSION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
 FROC_COLUMNS = ["threshold", "fp_per_scan", "sensitivity"]
 DEFAULT_BOOTSTRAP = 1000  # resamples of the test scans for metrics_ci.tsv
+MAX_BOOTSTRAP = 100_000  # each resample recomputes every fold's FROC: 1,000 take seconds, this many hours
 CI_COLUMNS = ["fold", "metric", "value", "ci_low", "ci_high", "confidence", "n_bootstrap", "seed"]
 HISTORY_REQUIRED = ["epoch", "split", "loss_all", "precision", "recall", "f1"]
 OUTPUT_NAMES = ("predictions.tsv", "metrics.tsv", "froc.tsv", "submission.csv", "metrics_ci.tsv",
@@ -141,6 +142,9 @@ def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> No
                   "a whole number >= 0")
     is_nodule = frame["is_nodule"].to_numpy(dtype=np.float64)
     first_bad("is_nodule", ~(np.isin(is_nodule, (0.0, 1.0)) | np.isnan(is_nodule)), "0, 1 or empty")
+    loss = frame["loss"].to_numpy(dtype=np.float64)
+    first_bad("loss", ~np.isnan(is_nodule) & ~(np.isfinite(loss) & (loss >= 0.0)),
+              "a finite number >= 0 (empty only with is_nodule)")
     repeated = frame["candidate_id"].duplicated().to_numpy()
     if repeated.any():
         i = int(np.flatnonzero(repeated)[0])
@@ -199,8 +203,11 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
     outside = ~predictions["series_uid"].isin(set(scans))
     if outside.any():
         line = file_line(folder / "predictions.tsv", int(np.flatnonzero(outside.to_numpy())[0]))
-        raise EvaluationError(f"{folder / 'predictions.tsv'}:{line}: scan "
-                              f"{predictions['series_uid'][outside].iloc[0]} is not in test fold {fold} of {splits_path}")
+        uid = predictions["series_uid"][outside].iloc[0]
+        if pd.isna(uid):
+            raise EvaluationError(f"{folder / 'predictions.tsv'}:{line}: series_uid is empty")
+        raise EvaluationError(f"{folder / 'predictions.tsv'}:{line}: scan {uid} is not in test fold {fold} of "
+                              f"{splits_path}")
     leak = not_held_out(scans, checkpoint, model_path=folder / "model.pt", splits_path=splits_path,
                         fold_name=f"test fold {fold}", verb="evaluate")  # a stale or edited splits.tsv
     if leak:
@@ -214,6 +221,20 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
 # ----------------------------------------------------------------------------------------------------
 # the computation
 # ----------------------------------------------------------------------------------------------------
+
+def _folds_labelled(folds: Sequence[FoldPredictions]) -> bool:
+    """True when every fold's candidates have a class, False when none has; a mix names the first fold unlike the
+    first (each file is all one or the other: _check_prediction_values)."""
+    given = [(f, not f.predictions["is_nodule"].isna().all()) for f in folds if not f.predictions.empty]
+    for fold, kind in given[1:]:
+        first, first_kind = given[0]
+        if kind != first_kind:
+            raise EvaluationError(
+                f"{Path(fold.source) / 'predictions.tsv'}: the candidates {'have a class' if kind else 'have no class'}"
+                f", those of {Path(first.source) / 'predictions.tsv'} {'have one' if first_kind else 'have none'}; "
+                "pool the predictions of one candidate list")
+    return _labelled(pd.concat([f.predictions for f in folds], ignore_index=True), "predictions")
+
 
 def _labelled(predictions: pd.DataFrame, what: str) -> bool:
     """True when every row has a class, False when none has; a mix is an error naming the first unlabelled row."""
@@ -328,9 +349,15 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
     folds = sorted(folds, key=lambda f: f.fold)  # the pooled rows, and so the bootstrap draws, in one order
     pooled = pd.concat([f.predictions for f in folds], ignore_index=True)[PREDICTION_COLUMNS]
     result = EvaluationResult(out_dir, [], pooled)
+    # every input check and every number before the output folder is touched: a refused input leaves an earlier
+    # report as it was
+    labelled = _folds_labelled(folds)
+    if labelled or annotations is not None:
+        result.metrics, result.froc, result.intervals = evaluate_rows(
+            folds, annotations, excluded, max_per_scan=max_per_scan, bootstrap=bootstrap, seed=seed)
     check_writable_dir(out_dir, "output folder")
     try:
-        _write_files(result, folds, annotations, excluded, max_per_scan=max_per_scan, bootstrap=bootstrap, seed=seed)
+        _write_files(result, folds, labelled, annotations, bootstrap=bootstrap, seed=seed)
     except BaseException:
         for name in OUTPUT_NAMES:  # no half report (nor an earlier run's files beside this run's): none at all
             (out_dir / name).unlink(missing_ok=True)
@@ -341,14 +368,13 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
     return result
 
 
-def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], annotations: pd.DataFrame | None,
-                 excluded: pd.DataFrame | None, *, max_per_scan: int | None, bootstrap: int, seed: int) -> None:
+def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], labelled: bool,
+                 annotations: pd.DataFrame | None, *, bootstrap: int, seed: int) -> None:
     from luna import plots
 
     out_dir, pooled, written = result.out_dir, result.predictions, result.written
     written.append(write_tsv(pooled, out_dir / "predictions.tsv"))
     written.append(write_tsv(submission_frame(pooled), out_dir / "submission.csv", sep=","))
-    labelled = _labelled(pooled, "predictions")
     if not labelled and annotations is None:
         logger.warning("predict-only: the candidates have no class and no annotations were given, so no "
                        "metrics.tsv, froc.tsv or plots; wrote predictions and submission")
@@ -358,9 +384,7 @@ def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], ann
         if not labelled:
             logger.warning("the candidates have no class: metrics.tsv holds FROC/CPM only, the classification "
                            "columns are NaN; no ROC or precision-recall plot")
-        metrics, frocs, intervals = evaluate_rows(folds, annotations, excluded, max_per_scan=max_per_scan,
-                                                  bootstrap=bootstrap, seed=seed)
-        result.metrics, result.froc, result.intervals = metrics, frocs, intervals
+        metrics, frocs, intervals = result.metrics, result.froc, result.intervals
         written.append(write_tsv(metrics, out_dir / "metrics.tsv"))
         if intervals:
             written.append(write_tsv(ci_frame(metrics, intervals, bootstrap, seed), out_dir / "metrics_ci.tsv"))
@@ -419,7 +443,7 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
                              "false positive")
     parser.add_argument("--bootstrap", type=int, default=None,  # None: not given (no warning without annotations)
                         help="bootstrap samples (test scans resampled) for the CPM intervals in metrics_ci.tsv; "
-                             f"0 = off; default: {DEFAULT_BOOTSTRAP}")
+                             f"0 = off, at most {MAX_BOOTSTRAP}; default: {DEFAULT_BOOTSTRAP}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--max-per-scan", type=int, default=100,
                         help="FROC: candidates kept per scan (LUNA16: 100); 0 = all")
@@ -430,8 +454,8 @@ def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None,
     given = args.bootstrap is not None
     if not given:
         args.bootstrap = DEFAULT_BOOTSTRAP
-    if args.bootstrap < 0:
-        raise EvaluationError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not 0 <= args.bootstrap <= MAX_BOOTSTRAP:
+        raise EvaluationError(f"--bootstrap must be >= 0 and <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
     if args.max_per_scan < 0:
         raise EvaluationError(f"--max-per-scan must be >= 0, got {args.max_per_scan}")
     if args.seed < 0:
@@ -477,13 +501,20 @@ class EvaluateApp(StageApp):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--folds", required=True, nargs="+", metavar="DIR",
-                            help="fold folders, each with model.pt, predictions.tsv and history.tsv (results/folds/N)")
+                            help="fold folders, each with model.pt and predictions.tsv, and history.tsv for "
+                                 "training_curves.png where present (results/folds/N)")
         parser.add_argument("--splits", required=True, help="splits.tsv: each fold's test scans (the FROC divisor)")
         parser.add_argument("--out", required=True, help="output folder")
         add_report_options(parser)
 
     def run(self) -> EvaluationResult:
         a = self.args
+        inputs = {"--folds": [Path(folder) / name for folder in a.folds
+                              for name in ("predictions.tsv", "model.pt", "history.tsv")],
+                  "--splits": [a.splits], "--annotations": [a.annotations],
+                  "--annotations-excluded": [a.annotations_excluded]}
+        for name in OUTPUT_NAMES:  # --out one of the folds: its predictions.tsv replaced by the pooled ones
+            check_not_an_input(Path(a.out) / name, inputs, what="the report file")
         annotations, excluded = check_report_options(a)
         splits = read_splits_tsv(a.splits)
         folds = [read_fold_dir(folder, splits, a.splits) for folder in a.folds]

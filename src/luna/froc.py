@@ -6,7 +6,8 @@ candidates per scan (strictly above the 101st probability), a hit is distance < 
 means 10 mm), a candidate inside two nodules hits both, each nodule scores once with its best probability,
 candidates on excluded findings that hit no nodule are dropped; the seven sensitivities at 1/8 ... 8 FPs per
 scan are linear interpolations (past the end: the last value) and CPM is their mean. A sensitivity with no
-nodules is ``NaN``, never 0.
+nodules is ``NaN``, never 0. One departure: when there are nodules but no candidate hits any, the sensitivities
+and CPM are 0, where the official script's ``roc_curve`` divides 0 by 0 and reports NaN.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 
 from luna.metrics import MetricsError
 
-__all__ = ["FROC_RATES", "SENSITIVITY_COLUMNS", "FrocResult", "froc", "froc_bootstrap"]
+__all__ = ["FROC_RATES", "SENSITIVITY_COLUMNS", "FrocResult", "froc", "froc_bootstrap", "on_findings"]
 
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which LUNA16 reads the sensitivity; CPM is the mean of the seven."""
@@ -37,8 +38,8 @@ EXCLUDED_DEFAULT_DIAMETER_MM = 10.0
 class FrocResult:
     """The FROC analysis of one prediction set.
 
-    ``curve``: columns threshold, fp_per_scan, sensitivity; the first row is (inf, 0, 0), then one row
-    per distinct threshold, descending. ``sensitivities``: keyed ``sens_at_0.125`` ... ``sens_at_8``.
+    ``curve``: columns threshold, fp_per_scan, sensitivity; the first row is (inf, 0, 0) (NaN without nodules),
+    then one row per distinct threshold, descending. ``sensitivities``: keyed ``sens_at_0.125`` ... ``sens_at_8``.
     ``n_nodules``: nodules of the val scans (hit or not); ``n_hit``: nodules hit by a kept candidate;
     ``n_scans``: val scans (the FP divisor); ``n_fp``: kept candidates that hit nothing;
     ``n_candidates``: candidates of val scans after the top-``max_per_scan`` cut;
@@ -132,6 +133,23 @@ def _hits(candidates_xyz: np.ndarray, centres_xyz: np.ndarray, diameters_mm: np.
     # away from the exact product: the side of a point within a rounding step of the sphere can depend on libm)
     squared = delta**2
     return (squared[..., 0] + squared[..., 1]) + squared[..., 2] < radius_squared[None, :]
+
+
+def on_findings(candidates: pd.DataFrame, findings: pd.DataFrame) -> np.ndarray:
+    """Per candidate (series_uid, coord_x/y/z), whether it lies on one of the findings (a LUNA16 annotations
+    table: seriesuid, coordX/Y/Z, diameter_mm) by FROC's own rule: distance < radius, a negative diameter
+    meaning 10 mm. What luna-train's ``--skip-excluded`` leaves out of training."""
+    on = np.zeros(len(candidates), dtype=bool)
+    if candidates.empty or findings.empty:
+        return on
+    xyz = candidates[["coord_x", "coord_y", "coord_z"]].to_numpy(dtype=np.float64)
+    rows_of = candidates.groupby(candidates["series_uid"].astype(str).to_numpy(), sort=False).indices
+    for uid, found in findings.groupby(findings["seriesuid"].astype(str), sort=False):
+        rows = rows_of.get(uid)
+        if rows is not None:
+            centres = found[["coordX", "coordY", "coordZ"]].to_numpy(dtype=np.float64)
+            on[rows] = _hits(xyz[rows], centres, found["diameter_mm"].to_numpy(dtype=np.float64)).any(axis=1)
+    return on
 
 
 def _froc_entries(

@@ -15,7 +15,7 @@ import contextlib
 import errno
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import pandas as pd
 
@@ -62,6 +62,27 @@ def check_output_file(path: str | os.PathLike) -> Path:
         kind = "a folder" if target.is_dir() else "not a regular file (a FIFO, socket or device)"
         raise OutputError(f"{path}: is {kind}; an output is written to a temp file and renamed onto it")
     return target
+
+
+def check_not_an_input(out: str | os.PathLike, inputs: dict[str, Sequence[str | os.PathLike]],
+                       what: str = "--out") -> None:
+    """OutputError when the output ``out`` is (or, through a symlink, points at) one of the ``inputs`` (option
+    name -> paths): the write would replace the input it was computed from."""
+    target = Path(out).resolve()
+    for option, paths in inputs.items():
+        for path in paths:
+            if path is not None and Path(path).resolve() == target:
+                raise OutputError(f"{what} {out} is the input {option} {path}; write the output elsewhere")
+
+
+def check_outside_scan_folders(out: str | os.PathLike, scan_paths: Iterable[str | os.PathLike],
+                               what: str = "--out") -> None:
+    """OutputError when the output ``out`` would land in a folder of scans (a subset folder): a table written
+    there is taken for data, or replaces a scan's header."""
+    parent = Path(out).resolve().parent
+    for path in scan_paths:
+        if Path(path).resolve().parent == parent:
+            raise OutputError(f"{what} {out} lies in the scan folder {Path(path).parent}; write it elsewhere")
 
 
 @contextlib.contextmanager

@@ -246,8 +246,9 @@ def _check_fields(path: Path, ckpt: Mapping[str, Any]) -> None:
     for key in ("epoch", "test_fold"):
         if key in ckpt and (isinstance(ckpt[key], bool) or not isinstance(ckpt[key], int) or ckpt[key] < 0):
             raise bad(key, "a whole number >= 0")
-    if "threshold" in ckpt and (isinstance(ckpt["threshold"], bool) or not isinstance(ckpt["threshold"], (int, float))):
-        raise bad("threshold", "a number")
+    if "threshold" in ckpt and (isinstance(ckpt["threshold"], bool) or not isinstance(ckpt["threshold"], (int, float))
+                                or not math.isfinite(ckpt["threshold"])):
+        raise bad("threshold", "a finite number")  # NaN would call every candidate negative
     if not isinstance(ckpt["model_config"], dict):
         raise bad("model_config", "a dict")
     if "args" in ckpt and not isinstance(ckpt["args"], dict):

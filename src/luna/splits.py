@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from luna.app import StageApp
-from luna.io import OutputError, write_tsv
+from luna.io import OutputError, check_outside_scan_folders, write_tsv
 from luna.tables import file_line, read_tsv
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def hash_fold(series_uid: str, n_folds: int) -> int:
     return _hash64(series_uid) % int(n_folds)
 
 
+MAX_FOLD = 999_999_999
+"""The highest fold number splits.tsv holds (nine digits: never past int64 where it is read)."""
+
+
 def subset_number(subset: str) -> int:
     """The number a subset folder's name ends in (``subset7`` -> 7): its fold under ``folds: subsets``. Only the
     last component of a path counts, and a name with digits before its number (``subset1_v2``) is refused: its
@@ -63,7 +67,10 @@ def subset_number(subset: str) -> int:
     if match is None:
         raise SplitsError(f"subset {subset!r} does not end in its only number; split.folds: subsets needs folders "
                           "named like subset0 ... subset9 (or give a number of folds)")
-    return int(match.group(1))
+    number = int(match.group(1))
+    if number > MAX_FOLD:
+        raise SplitsError(f"subset {subset!r}: its number {number} is past the highest fold, {MAX_FOLD}")
+    return number
 
 
 def subset_folds(subsets: Iterable[str]) -> dict[str, int]:
@@ -87,9 +94,9 @@ def parse_folds(value: int | str) -> int | str:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise SplitsError(f"folds must be 'subsets' or a whole number >= 2, got {value!r}") from None
-    if k < 2 or str(k) != str(value).strip():
-        raise SplitsError(f"folds must be 'subsets' or a whole number >= 2, got {value!r}")
+        raise SplitsError(f"folds must be 'subsets' or a whole number from 2 to {MAX_FOLD + 1}, got {value!r}") from None
+    if k < 2 or k > MAX_FOLD + 1 or str(k) != str(value).strip():
+        raise SplitsError(f"folds must be 'subsets' or a whole number from 2 to {MAX_FOLD + 1}, got {value!r}")
     return k
 
 
@@ -152,7 +159,7 @@ def read_splits_tsv(path: str | os.PathLike) -> pd.DataFrame:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise SplitsError(f"{path}:{file_line(path, row)}: fold {frame['fold'].iloc[row]!r} is not a fold number "
-                          "(a whole number from 0 to 999999999)")
+                          f"(a whole number from 0 to {MAX_FOLD})")
     empty = frame["series_uid"].str.strip() == ""
     if empty.any():
         raise SplitsError(f"{path}:{file_line(path, int(np.flatnonzero(empty.to_numpy())[0]))}: empty series_uid")
@@ -209,16 +216,20 @@ class SplitApp(StageApp):
         if not scans:
             raise SplitsError(f"{a.root}: no scans (<series_uid>.mhd) under "
                               f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
+        check_outside_scan_folders(a.out, [scan.path for scan in scans.values()])
         splits = make_splits({uid: scan.subset for uid, scan in scans.items()}, a.folds)
         write_splits_tsv(splits, a.out)
         counts = splits["fold"].value_counts().sort_index()
         logger.info("wrote %s: %d scans in %d folds (%s)", a.out, len(splits), len(counts),
                     ", ".join(f"fold {fold}: {n}" for fold, n in counts.items()))
         if a.folds != FOLDS_BY_SUBSET:
-            empty = [k for k in range(int(a.folds)) if k not in counts.index]
-            if empty:  # too few scans for k folds: a run of such a fold has nothing to test on
-                logger.warning("fold(s) %s of %s hold no scan (%d scans); use fewer folds",
-                               ", ".join(map(str, empty)), a.folds, len(splits))
+            n_empty = int(a.folds) - len(counts)
+            if n_empty:  # too few scans for k folds: a run of such a fold has nothing to test on
+                # the first ten (never a walk over all k: k may be a billion)
+                empty = [k for k in range(min(int(a.folds), len(counts) + 10)) if k not in counts.index][:10]
+                logger.warning("fold(s) %s%s of %s hold no scan (%d scans); use fewer folds",
+                               ", ".join(map(str, empty)), f" and {n_empty - len(empty)} more" if n_empty > len(empty)
+                               else "", a.folds, len(splits))
         return splits
 
 

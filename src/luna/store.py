@@ -311,6 +311,10 @@ class CropStore:
         self.path = Path(path)
         self._file: h5py.File | None = None
         self._pid: int | None = None
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such crop store")
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, not a crop store (luna-crops writes one .h5 file a subset)")
         try:
             with h5py.File(self.path, "r") as f:
                 version = int(f.attrs.get("format_version", -1))
@@ -378,7 +382,11 @@ class CropStore:
         """
         ds = self._handle()["crops"]
         if indices is None:
-            return ds[:]
+            try:
+                return ds[:]
+            except OSError as exc:  # a damaged chunk (h5py: "filter returned failure during read")
+                raise StoreError(f"{self.path}: cannot read the crops ({exc}); the store is damaged: make it "
+                                 "again (luna-crops)") from None
         idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
         out = np.empty((len(idx), *self.crop_shape), dtype=np.int16)
         if not len(idx):
@@ -394,7 +402,11 @@ class CropStore:
         breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(order) != 1)) + 1
         for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist()):
             row, position = int(rows[lo]), int(order[lo])
-            ds.read_direct(out, np.s_[row:row + hi - lo], np.s_[position:position + hi - lo])
+            try:
+                ds.read_direct(out, np.s_[row:row + hi - lo], np.s_[position:position + hi - lo])
+            except OSError as exc:  # a damaged chunk (h5py: "filter returned failure during read")
+                raise StoreError(f"{self.path}: cannot read the crops of rows {row}-{row + hi - lo - 1} ({exc}); the "
+                                 "store is damaged: make it again (luna-crops)") from None
         return out
 
     def close(self) -> None:

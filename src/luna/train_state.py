@@ -24,7 +24,7 @@ STATE_FORMAT = "luna-train-state-v2"
 FINGERPRINT_ARGS = (
     "test_fold", "selection_fraction", "keep", "threshold", "selection_interval", "tta",
     "batch_size", "optimizer", "lr", "momentum", "balanced", "balanced_schedule", "hard_negatives", "samples_per_epoch",
-    "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay",
+    "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay", "skip_excluded",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
 
@@ -55,6 +55,9 @@ def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device,
         "augment": bool(args.augment),
         "crops": [_file_identity(p) for p in args.crops],
         "splits": hashlib.sha256(Path(args.splits).read_bytes()).hexdigest(),
+        # the findings whose negatives leave the training set, when they do
+        "excluded": (hashlib.sha256(Path(args.annotations_excluded).read_bytes()).hexdigest()
+                     if args.skip_excluded else None),
         "amp": amp,
         "device": device.type,
         "world_size": world_size,
@@ -84,6 +87,9 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
             changes.append("the crop stores (path, size or modification time)")
         elif key == "splits":
             changes.append("splits.tsv's content")
+        elif key == "excluded":  # switched on or off: the skip_excluded argument says so
+            if old.get(key) and new.get(key):
+                changes.append("annotations_excluded.csv's content")
         else:
             changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
     return "; ".join(changes)

@@ -57,7 +57,9 @@ from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
                          strict_fp32, use_bf16)
+from luna.froc import on_findings
 from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
+from luna.luna16 import TableError, read_annotations_csv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_model
 from luna.progress import format_duration, with_progress
@@ -163,6 +165,11 @@ class LunaTrainingApp(StageApp):
             if not Path(path).is_file():
                 raise TrainingError(f"{path}: no such file")
         check_distinct_stores(args.crops)
+        if args.skip_excluded and args.annotations_excluded is None:
+            raise TrainingError("--skip-excluded needs --annotations-excluded (LUNA16's annotations_excluded.csv: the "
+                                "findings whose negatives leave the training set)")
+        if args.annotations_excluded is not None and not Path(args.annotations_excluded).is_file():
+            raise TrainingError(f"--annotations-excluded {args.annotations_excluded}: no such file")
         if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
             raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "
                                 f"--threshold (got --keep {args.keep} --threshold {args.threshold})")
@@ -251,6 +258,8 @@ class LunaTrainingApp(StageApp):
         self.train_ds = CropDataset(stores, self.roles, "train", int16=True)
         self.sel_ds = CropDataset(stores, self.roles, "selection", int16=True)
         test_ds = CropDataset(stores, self.roles, "test", int16=True)
+        if args.skip_excluded:
+            self._skip_excluded(args.annotations_excluded)
         self._check_roles(test_ds)
         in_stores = {uid for store in stores for uid in store.geometries}
         for role in ("train", "selection"):
@@ -315,6 +324,17 @@ class LunaTrainingApp(StageApp):
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _skip_excluded(self, path: str) -> None:
+        """--skip-excluded: the training negatives on excluded findings leave the training set."""
+        try:
+            excluded = read_annotations_csv(path, allow_negative=True)
+        except (TableError, OSError) as exc:
+            raise TrainingError(f"--annotations-excluded: {exc}") from exc
+        on = on_findings(self.train_ds.rows, excluded) & (self.train_ds.labels == 0)
+        self.train_ds.drop(on)
+        logger.info("--skip-excluded: %d training negatives on the %d findings of %s left out (%d training crops "
+                    "remain)", int(on.sum()), len(excluded), path, len(self.train_ds))
 
     def _make_batches(self) -> None:
         """Training batches resident on the device or streamed by the loader (--data-on-device), and the

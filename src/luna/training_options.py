@@ -200,6 +200,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--hard-negatives", type=_unit_interval, default=0.0, metavar="SHARE",
                     help="from epoch 2 on, fill this share of each epoch's negative slots with negatives drawn by "
                     "the training loss they last had (hard-negative mining; balanced orders only); 0 = off (the book)")
+    tr.add_argument("--skip-excluded", action=argparse.BooleanOptionalAction, default=False,
+                    help="leave out of training the negative candidates on the findings of --annotations-excluded "
+                    "(FROC/CPM ignores them; many are small or disputed nodules, which would teach the model "
+                    "that such a nodule is not one); the selection set keeps them. Off: train on every candidate "
+                    "(the book)")
+    tr.add_argument("--annotations-excluded", default=None, metavar="CSV",
+                    help="LUNA16's annotations_excluded.csv, the findings --skip-excluded reads")
     tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
 
     au = p.add_argument_group("augmentation (training only; the book's Chapter 12)")

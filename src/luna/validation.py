@@ -30,6 +30,7 @@ from luna.cpu_speed import tune_allocator
 from luna.device import DeviceError, resolve_device
 from luna.evaluation import (
     PREDICTION_COLUMNS,
+    OUTPUT_NAMES,
     EvaluationError,
     EvaluationResult,
     FoldPredictions,
@@ -39,7 +40,7 @@ from luna.evaluation import (
     write_report,
 )
 from luna.inference import TTA_FLIPS, Prediction, predict, rows_of_scans
-from luna.io import OutputError, check_writable_dir, write_tsv
+from luna.io import OutputError, check_not_an_input, check_writable_dir, write_tsv
 from luna.luna16 import TableError
 from luna.metrics import MetricsError
 from luna.model import CheckpointError, checkpoint_crop_shape, load_model, not_held_out, seen_scans
@@ -88,6 +89,8 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
         uids = list(checkpoint["selection_series_uids"])
         if not uids:
             raise ValidationError(f"{model_path}: the model was trained without a selection set")
+        if model_fold is None:
+            raise ValidationError(f"{model_path}: no test fold recorded, the fold column of its selection rows")
         return uids, int(model_fold)
     if scans == "all":
         uids = list(dict.fromkeys([uid for store in stores for uid in store.geometries]
@@ -183,13 +186,14 @@ class PredictResult:
 def add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model.pt written by luna-train")
     parser.add_argument("--crops", required=True, nargs="+", metavar="H5", help="crop stores (luna-crops)")
-    parser.add_argument("--splits", default=None, help="splits.tsv (luna-split): which scans form a fold")
+    parser.add_argument("--splits", default=None, help="splits.tsv (luna-split): which scans form a fold; needed "
+                        "with --scans test")
     parser.add_argument("--scans", choices=SCAN_CHOICES, default="test",
                         help="test: the scans of the test fold (model.pt's, or --fold); selection: the scans that chose "
                              "the model's epoch and threshold (as recorded in model.pt); all: every scan of the stores")
     parser.add_argument("--fold", type=int, default=None,
                         help="with --scans test: predict this fold instead of model.pt's test fold; with --scans "
-                             "all: the fold column's value (default: model.pt's test fold)")
+                             "all: the fold column's value (default: model.pt's test fold, or 0 for a model without one)")
     parser.add_argument("--batch-size", type=int, default=64, help="candidates per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available, else the CPU")
@@ -200,6 +204,11 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation; auto: as the model's selection pass (model.pt's args)")
 
 
+def predict_inputs(args: argparse.Namespace) -> dict[str, list[str | None]]:
+    """The input files of a prediction, by option (for :func:`luna.io.check_not_an_input`)."""
+    return {"--model": [args.model], "--crops": list(args.crops), "--splits": [args.splits]}
+
+
 def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> PredictResult:
     """Read and check every input and that ``out_dir`` can be written, then predict; raises a ValueError
     subclass (or OutputError) with a one-line message."""
@@ -208,6 +217,8 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
         raise ValidationError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads < 0:
         raise ValidationError(f"--threads must be >= 0, got {args.threads}")
+    if args.fold is not None and args.fold < 0:
+        raise ValidationError(f"--fold must be >= 0, got {args.fold}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -246,16 +257,16 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
     if n_absent:
         logger.warning("%d of the %d scans to predict are in none of the given crop stores (no candidates cropped); "
                        "they count in the FROC divisor as scans without candidates", n_absent, len(scans))
+    trained_tta = str(checkpoint.get("args", {}).get("tta", "none"))
+    if trained_tta not in TTA_FLIPS:
+        raise ValidationError(f"{args.model}: the model's selection pass used test-time augmentation {trained_tta!r}, "
+                              f"which this version does not know ({', '.join(TTA_FLIPS)})")
     channels_last = use_channels_last(args.channels_last, checkpoint)
     check_writable_dir(out_dir, "output folder")  # the inputs are good: before the long part, the output
     logger.info("predicting %d candidates of %d %s scans (fold %d, %s) with %s (epoch %d) on %s, float32, %s",
                 len(rows), len(scans), args.scans, fold,
                 "unlabelled" if labels is None else f"{int(labels.sum())} positive", args.model,
                 int(checkpoint["epoch"]), device, "channels_last_3d" if channels_last else "contiguous")
-    trained_tta = str(checkpoint.get("args", {}).get("tta", "none"))
-    if trained_tta not in TTA_FLIPS:
-        raise ValidationError(f"{args.model}: the model's selection pass used test-time augmentation {trained_tta!r}, "
-                              f"which this version does not know ({', '.join(TTA_FLIPS)})")
     if args.tta not in ("auto", trained_tta):
         logger.warning("--tta %s differs from the model's selection pass (%s): these probabilities are not the ones "
                        "its threshold was chosen on", args.tta, trained_tta)
@@ -280,6 +291,7 @@ class PredictApp(StageApp):
     def run(self) -> PredictResult:
         if Path(self.args.out).is_dir():  # found now, not after predicting every candidate
             raise ValidationError(f"{self.args.out}: is a folder; --out names the predictions.tsv file to write")
+        check_not_an_input(self.args.out, predict_inputs(self.args))
         result = run_predict(self.args, Path(self.args.out).parent)
         write_tsv(result.predictions, self.args.out)
         logger.info("wrote %s: %d candidates of %d scans in %.1f s", self.args.out, len(result.predictions),
@@ -302,6 +314,10 @@ class ValidationApp(StageApp):
 
     def run(self) -> EvaluationResult:
         a = self.args
+        inputs = {**predict_inputs(a), "--history": [a.history], "--annotations": [a.annotations],
+                  "--annotations-excluded": [a.annotations_excluded]}
+        for name in OUTPUT_NAMES:
+            check_not_an_input(Path(a.out) / name, inputs, what="the report file")
         annotations, excluded = check_report_options(a)
         history = read_history(a.history) if a.history else None
         predicted = run_predict(a, a.out)

@@ -136,6 +136,9 @@ if DATASET["annotations"] is None:
     # predict-only: excluded findings only qualify a FROC, and without annotations there is none (the shipped
     # annotations_excluded would otherwise reach luna-evaluate, which refuses it, after all the training)
     DATASET["annotations_excluded"] = None
+if DATASET["annotations_excluded"] is None:
+    # no excluded findings: nothing to skip, the same model either way
+    config["train"]["skip_excluded"] = False
 DATA_ROOT = DATASET["root"]
 SYNTHETIC = DATASET["source"] == "synthetic"
 RESULTS = "results"
@@ -389,6 +392,21 @@ def training_data_settings():
     if SYNTHETIC:
         shaping["synthetic"] = config["synthetic"]
     return shaping
+
+
+def training_excluded():
+    """The annotations_excluded.csv that train.skip_excluded reads; None when off."""
+    if not config["train"]["skip_excluded"]:
+        return None
+    return table_path(DATASET["annotations_excluded"])
+
+
+def training_excluded_files(wildcards):
+    """Rule train's input for train.skip_excluded: a LUNA16 download's annotations_excluded.csv, so that an
+    edit retrains (the synthetic one comes with the scans the crops already depend on).
+    """
+    path = training_excluded()
+    return [] if SYNTHETIC or path is None else [path]
 
 
 def fold_files(name):

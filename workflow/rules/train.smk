@@ -2,6 +2,7 @@ rule train:
     input:
         crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
         splits=trainable_splits,  # f"{RESULTS}/splits.tsv", refused at the dry run for a split not trainable
+        excluded=training_excluded_files,
     output:
         model=protected(f"{FOLDS_DIR}/{{fold}}/model.pt"),
         history=f"{FOLDS_DIR}/{{fold}}/history.tsv",
@@ -24,6 +25,8 @@ rule train:
         train=settings("train"),
         speed_keys=SPEED_KEYS["train"],
         selection_fraction=config["split"]["selection_fraction"],
+        # train.skip_excluded's findings (synthetic: written with the scans the crops are made from)
+        annotations_excluded=training_excluded(),
         # resumable state (optimizer, sampler, RNG) lives outside the declared outputs, which Snakemake
         # deletes before a job starts; keyed by the config and the fold, so a changed hyper-parameter
         # starts afresh

@@ -81,6 +81,10 @@ class SynthApp(StageApp):
             raise SynthError(message) from None
 
     def run(self) -> dict[str, Any]:
+        if not str(self.args.out).strip():  # Path("") is the current folder
+            raise SynthError("--out: empty path; name the data folder to write")
+        if self.args.jobs < 1:
+            raise SynthError(f"--jobs {self.args.jobs}: must be >= 1")
         self.summary = synthesize(Path(self.args.out), self.config(), jobs=self.args.jobs)
         logger.info("summary: %s", json.dumps(self.summary))
         return self.summary

@@ -43,7 +43,8 @@ class SynthConfig:
         1.4, "mean nodules per scan (LUNA16: 1.34); round(mean x scans) nodules are spread over the scans "
         "at random (multinomial), so some scans have none")
     negatives_per_positive: float = _knob(
-        50.0, "negative candidates per positive candidate (LUNA16 has ~400)")
+        50.0, "negative candidates per expected positive candidate of a scan (nodules_per_scan x (1 + "
+        "two_candidate_fraction)), those on excluded findings included (LUNA16 has ~400)")
     two_candidate_fraction: float = _knob(
         0.3, "fraction of nodules with two positive candidates instead of one")
     excluded_per_scan: float = _knob(
@@ -53,9 +54,12 @@ class SynthConfig:
         f"{FULL_EXTENT_Z_MM[0]:g}-{FULL_EXTENT_Z_MM[1]:g} mm in z (overrides the size knobs)")
     size_xy_min: int = _knob(192, "smallest in-plane size in voxels (square slices)")
     size_xy_max: int = _knob(256, "largest in-plane size in voxels")
-    extent_z_mm_min: float = _knob(100.0, "shortest scan length in z, mm (a slab of the chest)")
+    extent_z_mm_min: float = _knob(100.0, "shortest scan length in z, mm (a slab of the chest; a scan has at least 8 "
+                                          "slices, so a short range with thick slices comes out longer)")
     extent_z_mm_max: float = _knob(200.0, "longest scan length in z, mm")
-    spacing_xy_min_mm: float = _knob(0.46, "smallest in-plane voxel spacing, mm")
+    spacing_xy_min_mm: float = _knob(0.46, "smallest in-plane voxel spacing, mm (as scanners reconstruct: a field of "
+                                            "view of whole mm / 512, so a multiple of 1/512 mm; the next one above "
+                                            "when none lies in the range)")
     spacing_xy_max_mm: float = _knob(0.98, "largest in-plane voxel spacing, mm")
     slice_thicknesses_mm: tuple[float, ...] = _knob(
         (1.0, 1.25, 2.0, 2.5), "slice thicknesses (= z spacing) drawn uniformly, mm")
@@ -80,7 +84,8 @@ class SynthConfig:
         (0.30, 0.15, 0.15, 0.20, 0.20), "relative weights of negative candidates on: vessels, nodule-sized "
         "vessel cross-sections (radius >= 1.5 mm), vessel branchings, the chest wall, random parenchyma")
     uid_prefix: str = _knob(
-        "1.3.6.1.4.1.14519.5.2.1.6279.6001.", "series UID root; a 30-digit random number follows (as LUNA16)")
+        "1.3.6.1.4.1.14519.5.2.1.6279.6001.", "series UID root, ending in '.', at most 34 characters; a 30-digit "
+        "random number follows (as LUNA16)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slice_thicknesses_mm", tuple(float(v) for v in self.slice_thicknesses_mm))
@@ -88,6 +93,17 @@ class SynthConfig:
 
         def bad(key: str, value: Any, why: str) -> SynthError:
             return SynthError(f"synthetic.{key} = {value!r}: {why}")
+
+        def check_range(low_key: str, high_key: str, lowest: float, highest: float) -> None:
+            """A (min, max) pair: the error names the key that is out of range, or both when min > max."""
+            low, high = getattr(self, low_key), getattr(self, high_key)
+            need = f"need {lowest:g} <= {low_key} <= {high_key} <= {highest:g}"
+            if not lowest <= low <= highest:
+                raise bad(low_key, low, need)
+            if not lowest <= high <= highest:
+                raise bad(high_key, high, need)
+            if low > high:
+                raise bad(low_key, (low, high), f"{low_key} is above {high_key}; {need}")
 
         for f in fields(self):  # YAML/JSON give 50 for 50.0: store floats as floats, reject strings
             value = getattr(self, f.name)
@@ -109,15 +125,9 @@ class SynthConfig:
                       min(self.n_subsets, self.scans_per_subset), "must be >= 1")
         if self.seed < 0:
             raise bad("seed", self.seed, "must be >= 0")
-        if not 32 <= self.size_xy_min <= self.size_xy_max <= 2048:
-            raise bad("size_xy_min", (self.size_xy_min, self.size_xy_max),
-                      "need 32 <= size_xy_min <= size_xy_max <= 2048")
-        if not 10 <= self.extent_z_mm_min <= self.extent_z_mm_max <= 1000:
-            raise bad("extent_z_mm_min", (self.extent_z_mm_min, self.extent_z_mm_max),
-                      "need 10 <= extent_z_mm_min <= extent_z_mm_max <= 1000")
-        if not 0.1 <= self.spacing_xy_min_mm <= self.spacing_xy_max_mm <= 5:
-            raise bad("spacing_xy_min_mm", (self.spacing_xy_min_mm, self.spacing_xy_max_mm),
-                      "need 0.1 <= spacing_xy_min_mm <= spacing_xy_max_mm <= 5")
+        check_range("size_xy_min", "size_xy_max", 32, 2048)
+        check_range("extent_z_mm_min", "extent_z_mm_max", 10, 1000)
+        check_range("spacing_xy_min_mm", "spacing_xy_max_mm", 0.1, 5)
         if not self.full_size and self.size_xy_min * self.spacing_xy_min_mm < MIN_FOV_MM:
             raise bad("size_xy_min", self.size_xy_min,
                       f"with spacing_xy_min_mm = {self.spacing_xy_min_mm:g} the field of view can be "

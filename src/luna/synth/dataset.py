@@ -160,6 +160,12 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
     annotations = [row for r in ordered for row in r["annotations"]]
     excluded = [row for r in ordered for row in r["excluded"]]
     candidates = [row for r in ordered for row in r["candidates"]]
+    if not annotations:  # LUNA16's annotations.csv always lists nodules: said now, not by the next stage
+        dropped = sum(r["stats"]["nodules_dropped"] for r in ordered)
+        logger.warning("%s: no nodule in any of the %d scans (%s): annotations.csv lists none, which luna-candidates "
+                       "refuses unless given --annotations ''; nothing here can be trained or scored", root,
+                       len(plans), f"{dropped} found no room: use smaller nodules or larger scans" if dropped
+                       else "raise nodules_per_scan or make more scans")
     _write_csv_atomic(root / "annotations.csv", ANNOTATIONS_HEADER, annotations)
     _write_csv_atomic(root / "annotations_excluded.csv", ANNOTATIONS_HEADER, excluded)
     uids = sorted(p.series_uid for p in plans)
