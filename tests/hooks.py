@@ -15,3 +15,12 @@ def hook_env(base: dict[str, str] | None = None, **hooks: str) -> dict[str, str]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOKS), env.get("PYTHONPATH", "")) if p)
     env.update({key: str(value) for key, value in hooks.items()})
     return env
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test sends SIGINT: SIGINT back to its default, so that Python installs its
+    KeyboardInterrupt handler even when the test runs in a shell's background job (which starts with SIGINT
+    ignored, and Python then leaves it ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from hooks import hook_env
+from hooks import default_sigint, hook_env
 from luna.crop_cache import _BufferReader, cache_get, cache_key, cache_put, open_cache
 from luna.cropping import crop_start, cut_crop, cut_scan_crops
 from luna.crops import CropApp, CropError, main
@@ -683,7 +683,7 @@ def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path):
     log = tmp_path / "run.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=hook_env(LUNA_TEST_SLOW_SCAN_S="0.5"))
+                                env=hook_env(LUNA_TEST_SLOW_SCAN_S="0.5"), preexec_fn=default_sigint)
         deadline = time.monotonic() + 120
         while len(_done_lines(log.read_text())) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -194,7 +194,8 @@ def test_head_follows_the_crop_shape_and_too_small_shapes_are_refused(tmp_path: 
 @pytest.mark.parametrize("key, value, expected", [
     ("epoch", "x", "a whole number >= 0"),
     ("test_fold", 1.5, "a whole number >= 0"),
-    ("threshold", "high", "a number"),
+    ("threshold", "high", "a finite number"),
+    ("threshold", float("inf"), "a finite number"),
     ("crop_shape", "abc", "three whole numbers"),
     ("args", ["tta"], "a dict"),
     ("train_series_uids", "1.2.3", "a list of series UIDs"),

@@ -456,11 +456,14 @@ def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path):
     import sys
     import time
 
+    from hooks import default_sigint
+
     out = tmp_path / "d"
     cmd = [sys.executable, "-m", "luna.synth", "--out", str(out), "--jobs", "2", "--n-subsets", "2",
            "--scans-per-subset", "20", "--size-xy-min", "132", "--size-xy-max", "140", "--extent-z-mm-min", "60",
            "--extent-z-mm-max", "80", "--negatives-per-positive", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while len(list(out.glob("subset*/*.mhd"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
