@@ -76,6 +76,16 @@ def test_lint_and_snakefmt_clean() -> None:
                                   "'subsets' or an integer >= 2"),
         ({"dataset": {"subsets": ["subset1"]}, "split": {"run_folds": "all"}},
          "split.folds: subsets with one subset (subset1) is one fold, and nothing is left to train on"),
+        # each failed its training job after every crop (the fold's 6 other scans: none selects, all select)
+        ({"split": {"selection_fraction": 0.01}}, "split.selection_fraction: 0.01 leaves test fold 0 no scan in its "
+                                                  "selection set (of its 6 other scans, 0 select)"),
+        ({"split": {"selection_fraction": 0.9}}, "split.selection_fraction: 0.9 leaves test fold 0 no scan to train on "
+                                                 "(of its 6 other scans, 6 select); lower it"),
+        # a table the synthetic set does not write failed its job late (evaluate: after every training)
+        ({"dataset": {"annotations_excluded": "other.csv"}}, "dataset.annotations_excluded: the synthetic set writes "
+                                                             "annotations_excluded.csv, not other.csv"),
+        ({"dataset": {"root": "results/data"}}, "dataset.root: results/data holds or lies in the workflow's results/"),
+        ({"crops": {"cache": ""}}, "config key crops.cache: '' should be non-empty"),  # was a cache under /
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:
@@ -156,7 +166,14 @@ def test_a_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:
     assert (f"split.folds: fold(s) {', '.join(map(str, empty))} of 5 hold no scan (the 3 scans under {root}); use "
             "fewer folds or other split.run_folds") in proc.stdout + proc.stderr
     full = sorted({hash_fold(uid, 5) for uid in uids})
-    config["split"]["run_folds"] = full  # the folds that have scans: planned
+    config["split"]["run_folds"] = full  # the folds that have scans, but two other scans: none selects
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    assert proc.returncode != 0
+    assert f"split.selection_fraction: 0.1 leaves test fold {full[0]} no scan in its selection set (of its 2 other " \
+           "scans, 0 select); raise it, or use 0 with train.keep: last and a fixed train.threshold" in \
+           proc.stdout + proc.stderr
+    config["split"]["selection_fraction"] = 0  # then: planned
+    config["train"] = {"threshold": 0.5}
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -221,6 +238,8 @@ def test_tiny_pipeline_outputs(tiny_run: Path) -> None:
     # the rule scripts set OMP_WAIT_POLICY=ACTIVE before torch loads (unless the user set it); the CPU line says so
     expected = os.environ.get("OMP_WAIT_POLICY", "ACTIVE")
     assert f"OMP_WAIT_POLICY={expected})" in (tiny_run / "logs" / "train" / "0.log").read_text()
+    # model.pt stays writable by its owner: a protected() output made every retrain fail for a non-root user
+    assert (results / "folds" / "0" / "model.pt").stat().st_mode & 0o200
     # train.skip_excluded: the rule hands luna-train the synthetic set's own annotations_excluded.csv
     skipped = re.search(r"--skip-excluded: (\d+) training negatives on the (\d+) findings of data/synthetic/"
                         r"annotations_excluded.csv left out", (tiny_run / "logs" / "train" / "0.log").read_text())
@@ -249,9 +268,11 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     other.write_text(__import__("yaml").safe_dump(changed))
     dry = snakemake(tiny_run, "-n", configfile=other)
     assert job_stats(dry.stdout + dry.stderr) == {"evaluate": 1, "all": 1}
-    # crops.cache is where the resume cache lives: it changes no crop (it reran every stage but synthesis)
+    # crops.cache is where the resume cache lives: it changes no crop (it reran every stage but synthesis); the
+    # default subsets spelled out are the same subsets (they retrained every fold)
     for section, key, value in (("train", "num_workers", 1), ("validate", "batch_size", 16),
-                                ("crops", "cache", "results/.cache/elsewhere")):
+                                ("crops", "cache", "results/.cache/elsewhere"),
+                                ("dataset", "subsets", ["subset0", "subset1", "subset2"])):
         changed = copy.deepcopy(TINY_CONFIG)
         changed.setdefault(section, {})[key] = value
         other.write_text(__import__("yaml").safe_dump(changed))

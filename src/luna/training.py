@@ -77,9 +77,10 @@ from luna.training_options import DESCRIPTION, add_arguments, resolve_workers
 logger = logging.getLogger(__name__)
 
 CPU_AMP_AUTO = True
-"""``--amp auto`` on CPU: bf16 autocast measured ~1.5x faster than fp32 on this repo's 2-core (AVX512-BF16)
-box with the same validation metrics (benchmarks/results/train.md); on CPUs without native bf16 it is
-slower, so auto turns it on only where ``torch.backends.mkldnn`` reports bf16 support (see resolve_amp)."""
+"""``--amp auto`` on CPU: bf16 autocast where the CPU runs it natively (the project's brief quotes ~80 samples/s
+bf16 with channels_last_3d on an AVX512-BF16 box against ~18-19 fp32 on AVX2; not measured in this repo, which
+had no such CPU: docs/results.md); emulated bf16 is slower than fp32, so auto turns it on only where
+``torch.backends.mkldnn`` reports native bf16 support (see resolve_amp)."""
 
 
 class TrainingError(ValueError):

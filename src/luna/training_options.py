@@ -226,8 +226,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt = p.add_argument_group("runtime (speed; --amp and --channels-last also move the numbers slightly)")
     rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto = cuda when available, else cpu")
-    add_switch(rt, "--amp", "bf16 autocast of the training steps; auto: on for CUDA, and on the CPU where it "
-               "supports bf16 natively (evaluation is always float32)")
+    add_switch(rt, "--amp", "bf16 autocast of the training steps; auto: on a GPU that runs bf16 natively (not a V100 "
+               "or T4) and on a CPU that does (AVX512-BF16 or AMX); evaluation is always float32")
     add_switch(rt, "--channels-last", "channels_last_3d memory format of model and batches; auto: on (measured "
                "faster on the CPU and on CUDA; the results agree to ~1e-5, not bit for bit)")
     rt.add_argument("--num-workers", type=_workers, default="auto",

@@ -132,11 +132,11 @@ def sorted_tree(value):
 config.update(sorted_tree(config))
 
 DATASET = config["dataset"]
-if DATASET["annotations"] is None:
+if not DATASET["annotations"]:  # null, or "" (luna.luna16.resolve_table: no table)
     # predict-only: excluded findings only qualify a FROC, and without annotations there is none (the shipped
     # annotations_excluded would otherwise reach luna-evaluate, which refuses it, after all the training)
     DATASET["annotations_excluded"] = None
-if DATASET["annotations_excluded"] is None:
+if not DATASET["annotations_excluded"]:
     # no excluded findings: nothing to skip, the same model either way
     config["train"]["skip_excluded"] = False
 DATA_ROOT = DATASET["root"]
@@ -167,7 +167,8 @@ def selected_subsets():
 
 def check_dataset():
     """Fail the dry-run early, naming the key and the path, when a LUNA16 download is not where config says;
-    the series UIDs found on disk (None for the synthetic set, made later)."""
+    the scans found on disk, {series UID: subset} (None for the synthetic set, made later).
+    """
     if SYNTHETIC:
         return None
     if not Path(DATA_ROOT).is_dir():
@@ -199,7 +200,8 @@ def check_dataset():
     from luna.ct import find_scans
 
     try:  # a subset folder without scans (.MHD, a nested subsetN/subsetN/) stops here, not after the crops
-        return sorted(find_scans(DATA_ROOT, list(DATASET["subsets"]) or None))
+        found = find_scans(DATA_ROOT, list(DATASET["subsets"]) or None)
+        return {uid: found[uid].subset for uid in sorted(found)}
     except (OSError, ValueError) as exc:
         raise WorkflowError(f"dataset.root: {exc}") from exc
 
@@ -235,6 +237,31 @@ def check_values():
             raise WorkflowError(
                 message if message.startswith("synthetic.") else f"synthetic: {message}"
             ) from exc
+        for key, written in (
+            ("candidates", "candidates.csv"),
+            ("annotations", "annotations.csv"),
+            ("annotations_excluded", "annotations_excluded.csv"),
+        ):
+            name = DATASET[key]
+            if (
+                name
+                and Path(table_path(name)).resolve()
+                != (Path(DATA_ROOT) / written).resolve()
+            ):
+                # found only by the job that reads it, after the scans (and for evaluate every training)
+                raise WorkflowError(
+                    f"dataset.{key}: the synthetic set writes {written}, not {name}"
+                    + ("" if key == "candidates" else " (or set null to go without)")
+                )
+        root = Path(DATA_ROOT).resolve()
+        here = Path.cwd().resolve()
+        for folder in (RESULTS, "logs", "benchmarks"):
+            out = (here / folder).resolve()
+            if root == out or out in root.parents or root in out.parents:
+                raise WorkflowError(
+                    f"dataset.root: {DATA_ROOT} holds or lies in the workflow's {folder}/; the synthetic set "
+                    "needs a folder of its own (e.g. data/synthetic)"
+                )
         made = [f"subset{k}" for k in range(config["synthetic"]["n_subsets"])]
         unknown = [s for s in DATASET["subsets"] if s not in made]
         if unknown:
@@ -244,7 +271,7 @@ def check_values():
             )
 
 
-SCAN_UIDS = check_dataset()
+SCANS = check_dataset()
 check_values()
 SUBSETS = selected_subsets()
 
@@ -265,35 +292,57 @@ def all_folds():
 def check_folds_trainable(folds):
     """A split that fails its training jobs after every crop, refused when the DAG is built (called by the
     train rule's input, so a run of the tables or the crops alone is not refused): one subset under
-    folds: subsets (every scan the test fold), or a run fold without scans (the scans are on disk for a
-    LUNA16 folder; the synthetic set's UIDs come from its seed alone, plan_dataset).
+    folds: subsets (every scan the test fold), a run fold without scans, or one whose other scans give no
+    training or (split.selection_fraction > 0) no selection scan. The scans are on disk for a LUNA16 folder;
+    the synthetic set's UIDs come from its seed alone (plan_dataset).
     """
-    k = config["split"]["folds"]
-    if k == "subsets":
-        if len(all_folds()) < 2:
-            raise WorkflowError(
-                f"split.folds: subsets with one subset ({', '.join(SUBSETS)}) is one fold, and nothing is "
-                "left to train on; select two subsets or more, or give a number of folds"
-            )
-        return  # each subset folder is a fold, and an empty folder is refused above
-    from luna.splits import hash_fold
+    from luna.splits import hash_fold, is_selection, subset_number
 
-    if SCAN_UIDS is not None:
-        uids = SCAN_UIDS
-        where = f"the {len(uids)} scans under {DATA_ROOT}"
+    k = config["split"]["folds"]
+    if k == "subsets" and len(all_folds()) < 2:
+        raise WorkflowError(
+            f"split.folds: subsets with one subset ({', '.join(SUBSETS)}) is one fold, and nothing is "
+            "left to train on; select two subsets or more, or give a number of folds"
+        )
+    if SCANS is not None:
+        scans = {uid: subset for uid, subset in SCANS.items() if subset in SUBSETS}
+        where = f"the {len(scans)} scans under {DATA_ROOT}"
     else:
         from luna.synth.config import SynthConfig, plan_dataset
 
         plans = plan_dataset(SynthConfig.from_dict(config["synthetic"]))
-        uids = [plan.series_uid for plan in plans if plan.subset in SUBSETS]
-        where = f"the {len(uids)} synthetic scans of {', '.join(SUBSETS)}"
-    present = {hash_fold(uid, int(k)) for uid in uids}
+        scans = {
+            plan.series_uid: plan.subset for plan in plans if plan.subset in SUBSETS
+        }
+        where = f"the {len(scans)} synthetic scans of {', '.join(SUBSETS)}"
+    fold_of = {
+        uid: subset_number(subset) if k == "subsets" else hash_fold(uid, int(k))
+        for uid, subset in scans.items()
+    }
+    present = set(fold_of.values())
     empty = [f for f in folds if f not in present]
     if empty:
         raise WorkflowError(
             f"split.folds: fold(s) {', '.join(map(str, empty[:10]))}{' ...' if len(empty) > 10 else ''} of "
             f"{k} hold no scan ({where}); use fewer folds or other split.run_folds"
         )
+    fraction = config["split"]["selection_fraction"]
+    for fold in folds:
+        others = [uid for uid, f in fold_of.items() if f != fold]
+        n_selection = sum(is_selection(uid, fold, fraction) for uid in others)
+        if n_selection == len(others) or (fraction > 0 and n_selection == 0):
+            what = (
+                "to train on" if n_selection == len(others) else "in its selection set"
+            )
+            raise WorkflowError(
+                f"split.selection_fraction: {fraction} leaves test fold {fold} no scan {what} (of its "
+                f"{len(others)} other scans, {n_selection} select); "
+                + (
+                    "lower it"
+                    if n_selection
+                    else "raise it, or use 0 with train.keep: last and a fixed train.threshold"
+                )
+            )
 
 
 def run_folds():
@@ -387,7 +436,10 @@ def training_data_settings():
     """The dataset settings that shape a model (the state folder's key): not annotations_excluded (FROC only),
     not the synthetic section when the data is a LUNA16 download."""
     shaping = {
-        "dataset": {k: v for k, v in DATASET.items() if k != "annotations_excluded"}
+        "dataset": {
+            **{k: v for k, v in DATASET.items() if k != "annotations_excluded"},
+            "subsets": SUBSETS,  # resolved: spelling out the default subsets retrains nothing
+        }
     }
     if SYNTHETIC:
         shaping["synthetic"] = config["synthetic"]
