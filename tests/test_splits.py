@@ -204,3 +204,18 @@ def test_split_out_in_a_scan_folder_is_refused(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err.strip() == (f"luna-split: error: --out {header} lies in the scan folder "
                                                f"{header.parent}; write it elsewhere")
     assert header.read_bytes() == before
+
+
+def test_a_subset_folder_of_symlinks_is_the_scan_folder(tmp_path: Path, capsys) -> None:
+    """Subset folders of links to a shared copy: the folder holding the links is the scan folder (the links'
+    targets were taken for it: --out in the subset folder passed, --out beside the shared copy was refused)."""
+    store = _data_root(tmp_path / "store")
+    root = tmp_path / "root"
+    (root / "subset0").mkdir(parents=True)
+    for name in ("1.1.mhd", "1.1.raw", "1.3.mhd", "1.3.raw"):
+        (root / "subset0" / name).symlink_to(store / "subset0" / name)
+    assert SplitApp(["--root", str(root), "--folds", "2", "--out", str(store / "subset0" / "s.tsv")]).main() == 0
+    out = root / "subset0" / "s.tsv"
+    assert SplitApp(["--root", str(root), "--folds", "2", "--out", str(out)]).main() == 2
+    assert f"--out {out} lies in the scan folder {root / 'subset0'}" in capsys.readouterr().err
+    assert not out.exists()

@@ -916,7 +916,7 @@ def test_more_bad_inputs_one_line_exit_2_and_no_output_folder(inputs, tmp_path, 
     elif case == "selection_without_test_fold":
         model = save_checkpoint(tmp_path / "m.pt", ct_model(), epoch=1, extra={"selection_series_uids": [VAL_A]})
         argv = [*argv[:argv.index("--fold")], "--model", str(model), "--scans", "selection"]
-        expected = f"{model}: no test fold recorded, the fold column of its selection rows"
+        expected = f"{model}: no test fold recorded (the fold column of its selection rows)"
     elif case == "unknown_tta":
         model = save_checkpoint(tmp_path / "m.pt", ct_model(), epoch=1, extra={"test_fold": 0,
                                                                                "args": {"tta": "flip99"}})
@@ -943,7 +943,7 @@ def test_more_bad_inputs_one_line_exit_2_and_no_output_folder(inputs, tmp_path, 
             fh.seek(offset)
             fh.write(b"\0" * 64)
         argv[argv.index(str(inputs["store0"]))] = str(damaged)
-        expected = f"{damaged}: cannot read the crops of rows 0-"
+        expected = f"{damaged}: cannot read the crops of row"
     else:
         argv[argv.index(str(inputs["store0"]))] = str(tmp_path / "nope.h5")
         expected = f"{tmp_path / 'nope.h5'}: no such crop store"

@@ -144,7 +144,7 @@ def _check_prediction_values(frame: pd.DataFrame, path: str | os.PathLike) -> No
     first_bad("is_nodule", ~(np.isin(is_nodule, (0.0, 1.0)) | np.isnan(is_nodule)), "0, 1 or empty")
     loss = frame["loss"].to_numpy(dtype=np.float64)
     first_bad("loss", ~np.isnan(is_nodule) & ~(np.isfinite(loss) & (loss >= 0.0)),
-              "a finite number >= 0 (empty only with is_nodule)")
+              "a finite number >= 0 (it may be empty only where is_nodule is)")
     repeated = frame["candidate_id"].duplicated().to_numpy()
     if repeated.any():
         i = int(np.flatnonzero(repeated)[0])

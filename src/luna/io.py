@@ -79,10 +79,11 @@ def check_outside_scan_folders(out: str | os.PathLike, scan_paths: Iterable[str 
                                what: str = "--out") -> None:
     """OutputError when the output ``out`` would land in a folder of scans (a subset folder): a table written
     there is taken for data, or replaces a scan's header."""
-    parent = Path(out).resolve().parent
-    for path in scan_paths:
-        if Path(path).resolve().parent == parent:
-            raise OutputError(f"{what} {out} lies in the scan folder {Path(path).parent}; write it elsewhere")
+    # folders, not files, resolved: a subset folder of symlinks to a shared copy is still the subset folder
+    parents = {Path(out).parent.resolve(), Path(out).resolve().parent}
+    for folder in {Path(path).parent for path in scan_paths}:
+        if folder.resolve() in parents:
+            raise OutputError(f"{what} {out} lies in the scan folder {folder}; write it elsewhere")
 
 
 @contextlib.contextmanager

@@ -405,8 +405,9 @@ class CropStore:
             try:
                 ds.read_direct(out, np.s_[row:row + hi - lo], np.s_[position:position + hi - lo])
             except OSError as exc:  # a damaged chunk (h5py: "filter returned failure during read")
-                raise StoreError(f"{self.path}: cannot read the crops of rows {row}-{row + hi - lo - 1} ({exc}); the "
-                                 "store is damaged: make it again (luna-crops)") from None
+                rows_read = f"row {row}" if hi - lo == 1 else f"rows {row}-{row + hi - lo - 1}"
+                raise StoreError(f"{self.path}: cannot read the crops of {rows_read} ({exc}); the store is damaged: "
+                                 "make it again (luna-crops)") from None
         return out
 
     def close(self) -> None:

@@ -90,7 +90,7 @@ def scans_to_predict(scans: str, checkpoint: dict[str, Any], model_path: str, sp
         if not uids:
             raise ValidationError(f"{model_path}: the model was trained without a selection set")
         if model_fold is None:
-            raise ValidationError(f"{model_path}: no test fold recorded, the fold column of its selection rows")
+            raise ValidationError(f"{model_path}: no test fold recorded (the fold column of its selection rows)")
         return uids, int(model_fold)
     if scans == "all":
         uids = list(dict.fromkeys([uid for store in stores for uid in store.geometries]

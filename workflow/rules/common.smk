@@ -1,6 +1,7 @@
 """Config validation and helpers shared by the rules: data locations, subsets, folds, state folders."""
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -329,6 +330,11 @@ def check_folds_trainable(folds):
     fraction = config["split"]["selection_fraction"]
     for fold in folds:
         others = [uid for uid, f in fold_of.items() if f != fold]
+        if not others:  # every scan is in this fold: no share of the others can help
+            raise WorkflowError(
+                f"split.folds: all {len(fold_of)} scans ({where}) are in test fold {fold}, and nothing is left "
+                "to train on; use fewer folds or more scans"
+            )
         n_selection = sum(is_selection(uid, fold, fraction) for uid in others)
         if n_selection == len(others) or (fraction > 0 and n_selection == 0):
             what = (
@@ -363,10 +369,17 @@ def run_folds():
 RUN_FOLDS = run_folds()
 
 
-def trainable_splits(wildcards):
-    """The train rule's splits.tsv input, once the run folds are known to be trainable (a hash per scan and
-    train job: milliseconds)."""
+@functools.cache
+def run_folds_trainable():
+    """check_folds_trainable(RUN_FOLDS), once per DAG (it hashes every scan for every run fold: with hundreds
+    of folds, once per train job took minutes)."""
     check_folds_trainable(RUN_FOLDS)
+    return True
+
+
+def trainable_splits(wildcards):
+    """The train rule's splits.tsv input, once the run folds are known to be trainable."""
+    run_folds_trainable()
     return f"{RESULTS}/splits.tsv"
 
 
