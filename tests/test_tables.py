@@ -206,6 +206,10 @@ def test_rows_longer_than_the_header_name_the_line(tmp_path: Path, name: str) ->
     assert _raises_one_line(reader, path) == f":2: {n + 1} fields where the header has {n}"
     path.write_text(f"{header}\n{row}\n{row}\n{row}\t9\t9\n")
     assert _raises_one_line(reader, path) == f":4: {n + 2} fields where the header has {n}"
+    # a short row: pandas filled its missing fields with NaN, and the error named a column "empty"
+    short = "\t".join(row.split("\t")[: n // 2])
+    path.write_text(f"{header}\n{row}\n\n{short}\n{row}\n")
+    assert _raises_one_line(reader, path) == f":4: {n // 2} fields where the header has {n}"
 
 
 PREDICTION_ROW = {"candidate_id": "7", "series_uid": "1.2.3", "coord_x": "1.5", "coord_y": "-2", "coord_z": "30",

@@ -78,6 +78,18 @@ def long_row_error(path: str | os.PathLike, frame_or_exc: pd.DataFrame | BaseExc
     return f"{path}: rows longer than the header"
 
 
+def short_row_error(path: str | os.PathLike, sep: str) -> str | None:
+    """``"<path>:<line>: <n> fields where the header has <m>"`` for the first non-blank row shorter than the
+    header (pandas fills the missing fields with NaN, and the error named a column "empty"), else None."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        rows = csv.reader(fh, delimiter=sep)
+        n_header = len(next(rows, []))
+        for row in rows:
+            if 0 < len(row) < n_header:
+                return f"{path}:{rows.line_num}: {len(row)} fields where the header has {n_header}"
+    return None
+
+
 def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], required: Sequence[str] = (),
              **read_csv_kwargs: Any) -> pd.DataFrame:
     """``pd.read_csv(path, sep="\\t", **read_csv_kwargs)`` with its failures raised as ``error`` (one line).
@@ -93,6 +105,10 @@ def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], requ
     except (OSError, ValueError, TypeError) as exc:  # ParserError, EmptyDataError, UnicodeDecodeError are ValueErrors
         raise error(long_row_error(path, exc, "\t") or f"{path}: not a readable TSV ({first_line(exc)})") from exc
     message = long_row_error(path, frame, "\t") if "index_col" not in read_csv_kwargs else None
+    # a short row's missing fields are NaN (or "" without NA parsing): only then look for one
+    if message is None and (frame.isna().to_numpy().any() or (read_csv_kwargs.get("keep_default_na") is False
+                                                              and (frame == "").to_numpy().any())):
+        message = short_row_error(path, "\t")
     if message:
         raise error(message)
     missing = [column for column in required if column not in frame.columns]
