@@ -189,3 +189,12 @@ def test_candidates_out_that_is_an_input_is_refused(tmp_path, capsys) -> None:
         assert len(err) == 1 and expected in err[0], err
     assert {name: (root / name).read_bytes() for name in before} == before
     assert not (root / "subset0" / "c.tsv").exists()
+
+
+def test_an_unclosed_quote_names_its_line(tmp_path) -> None:
+    """pandas said "EOF inside string starting at row 4", no line of the file (rows count every line from 0)."""
+    path = write(tmp_path, 'seriesuid,coordX,coordY,coordZ,class\n\n1.1,1,1,1,0\n\n1.2,"2,2,2,0\n1.3,3,3,3,0\n')
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(path)
+    assert str(info.value) == (f"{path}:5: a quoted field is not closed (a '\"' without its pair: the field runs to "
+                               "the end of the file)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -92,6 +93,10 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
             skipinitialspace=True, on_bad_lines="error", engine="c",
         )
     except pd.errors.ParserError as exc:  # "Expected 5 fields in line 7, saw 6": the line is the file's line
+        unclosed = re.search(r"EOF inside string starting at row (\d+)", str(exc))  # rows from 0, every line
+        if unclosed:
+            raise TableError(f"{path}:{int(unclosed[1]) + 1}: a quoted field is not closed (a '\"' without its "
+                             "pair: the field runs to the end of the file)") from exc
         raise TableError(long_row_error(path, exc, ",") or f"{path}: not a readable CSV ({first_line(exc)})") from exc
     except (OSError, ValueError) as exc:  # UnicodeDecodeError, EmptyDataError
         raise TableError(f"{path}: not a readable CSV ({first_line(exc)})") from exc
