@@ -222,9 +222,9 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
 # the computation
 # ----------------------------------------------------------------------------------------------------
 
-def _folds_labelled(folds: Sequence[FoldPredictions]) -> bool:
+def _folds_labelled(folds: Sequence[FoldPredictions], pooled: pd.DataFrame) -> bool:
     """True when every fold's candidates have a class, False when none has; a mix names the first fold unlike the
-    first (each file is all one or the other: _check_prediction_values)."""
+    first (each file is all one or the other: _check_prediction_values). ``pooled``: the folds' rows together."""
     given = [(f, not f.predictions["is_nodule"].isna().all()) for f in folds if not f.predictions.empty]
     for fold, kind in given[1:]:
         first, first_kind = given[0]
@@ -233,7 +233,7 @@ def _folds_labelled(folds: Sequence[FoldPredictions]) -> bool:
                 f"{Path(fold.source) / 'predictions.tsv'}: the candidates {'have a class' if kind else 'have no class'}"
                 f", those of {Path(first.source) / 'predictions.tsv'} {'have one' if first_kind else 'have none'}; "
                 "pool the predictions of one candidate list")
-    return _labelled(pd.concat([f.predictions for f in folds], ignore_index=True), "predictions")
+    return _labelled(pooled, "predictions")
 
 
 def _labelled(predictions: pd.DataFrame, what: str) -> bool:
@@ -351,7 +351,7 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
     result = EvaluationResult(out_dir, [], pooled)
     # every input check and every number before the output folder is touched: a refused input leaves an earlier
     # report as it was
-    labelled = _folds_labelled(folds)
+    labelled = _folds_labelled(folds, pooled)
     if labelled or annotations is not None:
         result.metrics, result.froc, result.intervals = evaluate_rows(
             folds, annotations, excluded, max_per_scan=max_per_scan, bootstrap=bootstrap, seed=seed)
@@ -449,6 +449,14 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
                         help="FROC: candidates kept per scan (LUNA16: 100); 0 = all")
 
 
+def check_report_not_an_input(out_dir: str | os.PathLike,
+                              inputs: dict[str, Sequence[str | os.PathLike | None]]) -> None:
+    """No report file in ``out_dir`` may be one of the ``inputs`` (option -> paths): --out a fold folder would
+    replace its predictions.tsv by the pooled rows (:func:`luna.io.check_not_an_input`)."""
+    for name in OUTPUT_NAMES:
+        check_not_an_input(Path(out_dir) / name, inputs, what="the report file")
+
+
 def check_report_options(args: argparse.Namespace) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """Check the shared options and read the annotation tables (before any long work)."""
     given = args.bootstrap is not None
@@ -513,8 +521,7 @@ class EvaluateApp(StageApp):
                               for name in ("predictions.tsv", "model.pt", "history.tsv")],
                   "--splits": [a.splits], "--annotations": [a.annotations],
                   "--annotations-excluded": [a.annotations_excluded]}
-        for name in OUTPUT_NAMES:  # --out one of the folds: its predictions.tsv replaced by the pooled ones
-            check_not_an_input(Path(a.out) / name, inputs, what="the report file")
+        check_report_not_an_input(a.out, inputs)
         annotations, excluded = check_report_options(a)
         splits = read_splits_tsv(a.splits)
         folds = [read_fold_dir(folder, splits, a.splits) for folder in a.folds]

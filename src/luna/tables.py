@@ -21,7 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,23 +69,23 @@ def long_row_error(path: str | os.PathLike, frame_or_exc: pd.DataFrame | BaseExc
         return f"{path}:{match[2]}: {match[3]} fields where the header has {match[1]}" if match else None
     if isinstance(frame_or_exc.index, pd.RangeIndex):
         return None
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        rows = csv.reader(fh, delimiter=sep)
-        n_header = len(next(rows, []))
-        for row in rows:
-            if len(row) > n_header:
-                return f"{path}:{rows.line_num}: {len(row)} fields where the header has {n_header}"
-    return f"{path}: rows longer than the header"
+    return _first_row_error(path, sep, lambda n, n_header: n > n_header) or f"{path}: rows longer than the header"
 
 
 def short_row_error(path: str | os.PathLike, sep: str) -> str | None:
     """``"<path>:<line>: <n> fields where the header has <m>"`` for the first non-blank row shorter than the
     header (pandas fills the missing fields with NaN, and the error named a column "empty"), else None."""
+    return _first_row_error(path, sep, lambda n, n_header: 0 < n < n_header)
+
+
+def _first_row_error(path: str | os.PathLike, sep: str, wrong: Callable[[int, int], bool]) -> str | None:
+    """The file's first row whose field count is ``wrong(n_fields, n_header)``, as a one-line message naming its
+    line; None when there is none."""
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         rows = csv.reader(fh, delimiter=sep)
         n_header = len(next(rows, []))
         for row in rows:
-            if 0 < len(row) < n_header:
+            if wrong(len(row), n_header):
                 return f"{path}:{rows.line_num}: {len(row)} fields where the header has {n_header}"
     return None
 

@@ -30,11 +30,11 @@ from luna.cpu_speed import tune_allocator
 from luna.device import DeviceError, resolve_device
 from luna.evaluation import (
     PREDICTION_COLUMNS,
-    OUTPUT_NAMES,
     EvaluationError,
     EvaluationResult,
     FoldPredictions,
     add_report_options,
+    check_report_not_an_input,
     check_report_options,
     read_history,
     write_report,
@@ -316,8 +316,7 @@ class ValidationApp(StageApp):
         a = self.args
         inputs = {**predict_inputs(a), "--history": [a.history], "--annotations": [a.annotations],
                   "--annotations-excluded": [a.annotations_excluded]}
-        for name in OUTPUT_NAMES:
-            check_not_an_input(Path(a.out) / name, inputs, what="the report file")
+        check_report_not_an_input(a.out, inputs)
         annotations, excluded = check_report_options(a)
         history = read_history(a.history) if a.history else None
         predicted = run_predict(a, a.out)

@@ -297,7 +297,7 @@ def check_folds_trainable(folds):
     training or (split.selection_fraction > 0) no selection scan. The scans are on disk for a LUNA16 folder;
     the synthetic set's UIDs come from its seed alone (plan_dataset).
     """
-    from luna.splits import hash_fold, is_selection, subset_number
+    from luna.splits import fold_roles, make_splits
 
     k = config["split"]["folds"]
     if k == "subsets" and len(all_folds()) < 2:
@@ -316,11 +316,10 @@ def check_folds_trainable(folds):
             plan.series_uid: plan.subset for plan in plans if plan.subset in SUBSETS
         }
         where = f"the {len(scans)} synthetic scans of {', '.join(SUBSETS)}"
-    fold_of = {
-        uid: subset_number(subset) if k == "subsets" else hash_fold(uid, int(k))
-        for uid, subset in scans.items()
-    }
-    present = set(fold_of.values())
+    splits = make_splits(
+        scans, k
+    )  # the split luna-split writes, and the roles luna-train gives
+    present = set(splits["fold"].tolist())
     empty = [f for f in folds if f not in present]
     if empty:
         raise WorkflowError(
@@ -329,20 +328,20 @@ def check_folds_trainable(folds):
         )
     fraction = config["split"]["selection_fraction"]
     for fold in folds:
-        others = [uid for uid, f in fold_of.items() if f != fold]
-        if not others:  # every scan is in this fold: no share of the others can help
+        roles = list(fold_roles(splits, fold, fraction).values())
+        n_others, n_selection = len(roles) - roles.count("test"), roles.count(
+            "selection"
+        )
+        if not n_others:  # every scan is in this fold: no share of the others can help
             raise WorkflowError(
-                f"split.folds: all {len(fold_of)} scans ({where}) are in test fold {fold}, and nothing is left "
+                f"split.folds: all {len(roles)} scans ({where}) are in test fold {fold}, and nothing is left "
                 "to train on; use fewer folds or more scans"
             )
-        n_selection = sum(is_selection(uid, fold, fraction) for uid in others)
-        if n_selection == len(others) or (fraction > 0 and n_selection == 0):
-            what = (
-                "to train on" if n_selection == len(others) else "in its selection set"
-            )
+        if n_selection == n_others or (fraction > 0 and n_selection == 0):
+            what = "to train on" if n_selection == n_others else "in its selection set"
             raise WorkflowError(
                 f"split.selection_fraction: {fraction} leaves test fold {fold} no scan {what} (of its "
-                f"{len(others)} other scans, {n_selection} select); "
+                f"{n_others} other scans, {n_selection} select); "
                 + (
                     "lower it"
                     if n_selection
