@@ -317,6 +317,58 @@ def test_smallest_nodule_centre_voxel_is_dense(kind):
         assert occ[at] == pytest.approx(1.0) and hu[at] > threshold
 
 
+@pytest.mark.parametrize("box_step", [1, 2, 5])
+def test_batched_vessel_occupancy_equals_segment_by_segment(monkeypatch, box_step):
+    """_vessel_occupancy (boxes grown to shared shapes, batched) gives exactly the maximum of _capsule_occupancy
+    over each segment's own box, clipped to the region: the scans stay byte-identical to the per-segment code."""
+    from luna.synth import rendering as r
+    from luna.synth.anatomy import _grow_vessels, _sample_anatomy
+
+    monkeypatch.setattr(r, "_BOX_STEP", box_step)
+    config = SynthConfig(seed=16)
+    plan = plan_dataset(config)[0]
+    rng, _ = r._scan_rngs(config, plan.index)
+    a = _sample_anatomy(rng, plan, config)
+    segments = _grow_vessels(rng, a).segments
+    z, n, _ = a.shape
+    lo, hi = r._segment_boxes(a, segments)
+    for region_lo, region_hi in [((0, 0, 0), (z, n, n)), ((z // 3, n // 5, n // 4), (z // 3 + 7, n - 9, n // 2))]:
+        region_lo, region_hi = np.array(region_lo), np.array(region_hi)
+        k0, k1 = region_lo[0], region_hi[0]
+        expected = np.zeros(tuple(region_hi - region_lo), np.float32)
+        for seg in segments:
+            reach = np.linalg.norm(seg[3:6] - seg[:3]) / 2 + max(seg[6], seg[7]) + r._EDGE_MM
+            box = _box(a, (seg[:3] + seg[3:6]) / 2, reach, k0, k1)
+            if box is None:
+                continue
+            rows = slice(max(box[1].start, region_lo[1]), min(box[1].stop, region_hi[1]))
+            cols = slice(max(box[2].start, region_lo[2]), min(box[2].stop, region_hi[2]))
+            if rows.stop <= rows.start or cols.stop <= cols.start:
+                continue
+            local = (box[0], slice(rows.start - region_lo[1], rows.stop - region_lo[1]),
+                     slice(cols.start - region_lo[2], cols.stop - region_lo[2]))
+            np.maximum(expected[local], r._capsule_occupancy(a, seg, (box[0], rows, cols), k0), out=expected[local])
+        got = r._vessel_occupancy(a, segments, lo, hi, region_lo, region_hi)
+        assert (expected > 0).sum() > 500
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_centreline_samples_equal_segment_by_segment():
+    """The vessel samples (negative candidates' pool), built per group of equal counts, are the per-segment
+    linspace points exactly, in segment order."""
+    from luna.synth.anatomy import _centreline_samples
+
+    rng = np.random.default_rng(5)
+    segments = rng.uniform(-50, 50, (40, 8))
+    counts = rng.integers(2, 9, 40)
+    expected = []
+    for seg, n in zip(segments, counts):
+        t = np.linspace(0, 1, n)[:, None]
+        p0, p1, r0, r1 = seg[:3], seg[3:6], seg[6], seg[7]
+        expected.append(np.hstack([p0 + t * (p1 - p0), r0 + t * (r1 - r0)]))
+    np.testing.assert_array_equal(_centreline_samples(segments, counts), np.vstack(expected))
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(SynthError, match=r"synthetic\.flip_fraction"):
         SynthConfig(flip_fraction=1.5)

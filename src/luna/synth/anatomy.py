@@ -276,7 +276,7 @@ class _Vessels:
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-9)
+    return v / max(math.sqrt(float(v.dot(v))), 1e-9)  # np.linalg.norm's own sum for a vector, without its overhead
 
 
 def _perpendicular(rng: np.random.Generator, d: np.ndarray) -> np.ndarray:
@@ -293,7 +293,7 @@ def _grow_vessels(rng: np.random.Generator, a: _Anatomy, max_segments: int = 120
     (the best of a few random turns) and ends only when no turn keeps it inside.
     """
     segments: list[tuple[float, ...]] = []
-    samples: list[np.ndarray] = []
+    n_samples: list[int] = []  # centreline samples of each segment, every <= 1.5 mm
     branches: list[np.ndarray] = []
     queue: deque = deque()
     extent = a.extent_w
@@ -343,9 +343,7 @@ def _grow_vessels(rng: np.random.Generator, a: _Anatomy, max_segments: int = 120
             p1 = ends[i, j]
             r1 = r * 0.95
             segments.append((*p, *p1, r, r1))
-            n_s = max(2, int(math.ceil(lengths[i] / 1.5)))
-            t = np.linspace(0, 1, n_s)[:, None]
-            samples.append(np.hstack([p + t * (p1 - p), r + t * (r1 - r)]))
+            n_samples.append(max(2, int(math.ceil(lengths[i] / 1.5))))
             if r1 < 0.55 or not -10 <= p1[2] <= extent + 10:
                 continue
             outward = _unit(p1 - root)
@@ -360,8 +358,21 @@ def _grow_vessels(rng: np.random.Generator, a: _Anatomy, max_segments: int = 120
                         queue.append((p1, dc, rc, root))
             else:
                 queue.append((p1, _unit(d + 0.1 * outward), r1, root))
-    return _Vessels(
-        np.asarray(segments, dtype=np.float64).reshape(-1, 8),
-        np.vstack(samples) if samples else np.zeros((0, 4)),
-        np.asarray(branches, dtype=np.float64).reshape(-1, 3),
-    )
+    segs = np.asarray(segments, dtype=np.float64).reshape(-1, 8)
+    return _Vessels(segs, _centreline_samples(segs, np.asarray(n_samples, dtype=np.intp)),
+                    np.asarray(branches, dtype=np.float64).reshape(-1, 3))
+
+
+def _centreline_samples(segments: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(M, 4) points u v w r along each segment, ``counts[s]`` evenly spaced from its start to its end inclusive,
+    segment after segment (per segment: ``p0 + t (p1 - p0)``, ``r0 + t (r1 - r0)``, t = linspace(0, 1, n))."""
+    out = np.zeros((int(counts.sum()), 4))
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)
+    p0, p1, r0, r1 = segments[:, :3], segments[:, 3:6], segments[:, 6:7], segments[:, 7:8]
+    for n in np.unique(counts):
+        idx = np.flatnonzero(counts == n)
+        t = np.linspace(0, 1, n)[None, :, None]
+        rows = offsets[idx, None] + np.arange(n)
+        out[rows, :3] = p0[idx, None] + t * (p1[idx] - p0[idx])[:, None]
+        out[rows, 3:] = r0[idx, None] + t * (r1[idx] - r0[idx])[:, None]
+    return out

@@ -64,6 +64,75 @@ def _capsule_occupancy(a: _Anatomy, seg: np.ndarray, box, k0: int) -> np.ndarray
     return np.clip((radius - dist) * np.float32(1 / _EDGE_MM) + np.float32(0.5), 0, 1)
 
 
+def _segment_boxes(a: _Anatomy, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel boxes [lo, hi) (canonical (i, r, c), clipped to the scan; (S, 3) int arrays) holding every voxel that
+    each vessel segment occupies: a cube of half-size reach (half its length + its larger radius + the edge) around
+    its midpoint, as :func:`_box`."""
+    d = segments[:, 3:6] - segments[:, :3]
+    reach = np.sqrt((d * d).sum(axis=1)) / 2 + np.maximum(segments[:, 6], segments[:, 7]) + _EDGE_MM
+    irc = a.irc_from_uvw((segments[:, :3] + segments[:, 3:6]) / 2)
+    half = reach[:, None] / np.array([a.sz, a.sp, a.sp])
+    lo = np.maximum(np.floor(irc - half).astype(int), 0)
+    hi = np.minimum(np.ceil(irc + half).astype(int) + 1, np.array(a.shape))
+    return lo, hi
+
+
+_BOX_STEP = 2  # vessel boxes are rounded up to multiples of this many voxels, so that most share a few shapes
+_BATCH_VOXELS = 1 << 21  # voxels of one batch of same-shape boxes
+
+
+def _vessel_occupancy(a: _Anatomy, segments: np.ndarray, lo: np.ndarray, hi: np.ndarray, region_lo: np.ndarray,
+                      region_hi: np.ndarray) -> np.ndarray:
+    """Maximum occupancy of the vessel segments over the voxel region [region_lo, region_hi) (canonical index).
+
+    The same numbers as :func:`_capsule_occupancy` segment by segment, computed for many segments at once: each
+    box (``lo``, ``hi`` from :func:`_segment_boxes`, clipped to the region) is grown to a multiple of _BOX_STEP
+    voxels and moved back inside the region where it would leave it. The added voxels lie outside the segment's
+    full box, where its occupancy is 0, so the maximum is unchanged; batches of equal shape share each numpy call
+    (one call per segment cost ~0.1 ms, a third of a default scan's time)."""
+    out = np.zeros(tuple(region_hi - region_lo), dtype=np.float32)
+    lo_c, hi_c = np.maximum(lo, region_lo), np.minimum(hi, region_hi)
+    keep = np.all(hi_c > lo_c, axis=1)
+    if not keep.any():
+        return out
+    segments, lo_c, hi_c = segments[keep], lo_c[keep], hi_c[keep]
+    size = np.minimum(-(-(hi_c - lo_c) // _BOX_STEP) * _BOX_STEP, region_hi - region_lo)
+    start = np.minimum(lo_c, region_hi - size)
+    shapes, group = np.unique(size, axis=0, return_inverse=True)
+    for g, shape in enumerate(shapes):
+        members = np.flatnonzero(group.ravel() == g)
+        per_batch = max(1, _BATCH_VOXELS // int(np.prod(shape)))
+        for b in range(0, len(members), per_batch):
+            idx = members[b:b + per_batch]
+            occ = _capsules_occupancy(a, segments[idx], start[idx], shape)
+            local = start[idx] - region_lo
+            for j, (i0, r0, c0) in enumerate(local.tolist()):
+                view = out[i0:i0 + shape[0], r0:r0 + shape[1], c0:c0 + shape[2]]
+                np.maximum(view, occ[j], out=view)
+    return out
+
+
+def _capsules_occupancy(a: _Anatomy, segments: np.ndarray, start: np.ndarray, shape: np.ndarray) -> np.ndarray:
+    """:func:`_capsule_occupancy` of S segments on S voxel boxes of one shape starting at ``start`` ((S, 3) canonical
+    (i, r, c)): (S, *shape) float32, element for element the same operations, so the same numbers."""
+    f32 = np.float32
+    p0 = segments[:, :3]
+    steps = [np.arange(int(m)) for m in shape]
+    du = (((start[:, 2, None] + steps[2]) - a.cc) * a.sp - p0[:, 0, None]).astype(f32)[:, None, None, :]
+    dv = (((start[:, 1, None] + steps[1]) - a.rc) * a.sp - p0[:, 1, None]).astype(f32)[:, None, :, None]
+    dw = ((start[:, 0, None] + steps[0]) * a.sz - p0[:, 2, None]).astype(f32)[:, :, None, None]
+    d = (segments[:, 3:6] - p0).astype(f32)
+    inv_l2 = np.array([f32(1 / max(float(v.dot(v)), 1e-9)) for v in d], dtype=f32)[:, None, None, None]
+    d0, d1, d2 = (d[:, k, None, None, None] for k in range(3))
+    t = np.clip((du * d0 + dv * d1 + dw * d2) * inv_l2, 0, 1)
+    ex, ey, ez = du - t * d0, dv - t * d1, dw - t * d2
+    dist = np.sqrt(ex * ex + ey * ey + ez * ez)
+    r0 = segments[:, 6].astype(f32)[:, None, None, None]
+    dr = (segments[:, 7] - segments[:, 6]).astype(f32)[:, None, None, None]
+    radius = r0 + t * dr
+    return np.clip((radius - dist) * f32(1 / _EDGE_MM) + f32(0.5), 0, 1)
+
+
 def _blob_fields(a: _Anatomy, blob: _Blob, box, k0: int) -> tuple[np.ndarray, np.ndarray]:
     """Occupancy (0..1) and density (HU) of a blob on a voxel box."""
     f32 = np.float32
@@ -130,6 +199,7 @@ def _render(a: _Anatomy, vessels: _Vessels, blobs: list[_Blob], texture: _Textur
         s = vessels.segments
         rmax = np.maximum(s[:, 6], s[:, 7]) + _EDGE_MM
         seg_w = np.stack([np.minimum(s[:, 2], s[:, 5]) - rmax, np.maximum(s[:, 2], s[:, 5]) + rmax], 1) / a.sz
+        seg_lo, seg_hi = _segment_boxes(a, s)
     yy, xx = np.meshgrid(np.arange(n) - (n - 1) / 2, np.arange(n) - (n - 1) / 2, indexing="ij")
     outside_fov = (yy * yy + xx * xx > (n / 2) ** 2) if a.circular_fov else None
 
@@ -167,20 +237,9 @@ def _render(a: _Anatomy, vessels: _Vessels, blobs: list[_Blob], texture: _Textur
         hs += locc * (lung_hu - hs)
         del lung_hu, locc, g
         if len(seg_w):
-            vocc = np.zeros_like(hs)
-            box_origin = (k0, rs.start, cs.start)
-            for si in np.flatnonzero((seg_w[:, 1] >= k0) & (seg_w[:, 0] < k1)):
-                seg = vessels.segments[si]
-                reach = np.linalg.norm(seg[3:6] - seg[:3]) / 2 + max(seg[6], seg[7]) + _EDGE_MM
-                box = _box(a, (seg[:3] + seg[3:6]) / 2, reach, k0, k1)
-                if box is None:
-                    continue
-                local = (box[0], _shift(box[1], rs), _shift(box[2], cs))
-                if any(s.stop <= s.start for s in local):
-                    continue
-                absbox = (box[0], slice(local[1].start + box_origin[1], local[1].stop + box_origin[1]),
-                          slice(local[2].start + box_origin[2], local[2].stop + box_origin[2]))
-                np.maximum(vocc[local], _capsule_occupancy(a, seg, absbox, k0), out=vocc[local])
+            sel = np.flatnonzero((seg_w[:, 1] >= k0) & (seg_w[:, 0] < k1))
+            vocc = _vessel_occupancy(a, vessels.segments[sel], seg_lo[sel], seg_hi[sel],
+                                     np.array([k0, rs.start, cs.start]), np.array([k1, rs.stop, cs.stop]))
             vocc *= lung
             hs += vocc * (f32(a.vessel_hu) - hs)
             del vocc
@@ -203,13 +262,6 @@ def _render(a: _Anatomy, vessels: _Vessels, blobs: list[_Blob], texture: _Textur
         np.rint(hu, out=hu)
         volume[k0:k1] = np.clip(hu, -32768, 32767).astype(np.int16)
     return volume, lung_mask, wall_mask
-
-
-def _shift(s: slice, within: slice) -> slice:
-    """Slice ``s`` (absolute) expressed relative to ``within`` and clipped to it."""
-    start = max(s.start, within.start) - within.start
-    stop = min(s.stop, within.stop) - within.start
-    return slice(start, max(start, stop))
 
 
 def _add_ribs(a: _Anatomy, hu: np.ndarray, depth: np.ndarray, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> None:
