@@ -235,3 +235,27 @@ def test_an_output_path_that_is_not_a_regular_file(tmp_path) -> None:
             write_tsv(frame, tmp_path / name)
         assert str(info.value).startswith(f"{tmp_path / name}: {message}"), str(info.value)
     assert (tmp_path / "fifo").is_fifo()  # not replaced
+
+
+def test_crops_outputs_that_are_inputs_or_in_the_scan_folder_are_refused(tmp_path, data, capsys) -> None:
+    """--out or --skipped naming the candidates table replaced it, --skipped naming a scan header deleted the scan,
+    and one file for both lost the store: each is one line now, and every input is as it was."""
+    root, tsv = data
+    scan = root / SUBSET / "1.0.mhd"
+    before = {p: p.read_bytes() for p in (tsv, scan)}
+    out = tmp_path / "crops" / f"{SUBSET}.h5"
+    cases = [
+        (["--out", str(tsv)], f"--out {tsv} is the input --candidates {tsv}; write the output elsewhere"),
+        (["--skipped", str(tsv)], f"--skipped {tsv} is the input --candidates {tsv}; write the output elsewhere"),
+        (["--skipped", str(scan)], f"--skipped {scan} lies in the scan folder {root / SUBSET}; write it elsewhere"),
+        (["--out", str(root / SUBSET / "s.h5")],
+         f"--out {root / SUBSET / 's.h5'} lies in the scan folder {root / SUBSET}; write it elsewhere"),
+        (["--skipped", str(out)], f"--out {out} and --skipped {out} are one file; name two"),
+    ]
+    for extra, message in cases:
+        assert CropApp(_argv(data, out, tmp_path / "cache") + extra).main() == 2, extra
+        assert _error_line(capsys.readouterr().err) == message
+    assert {p: p.read_bytes() for p in (tsv, scan)} == before
+    assert sorted(p.name for p in (root / SUBSET).iterdir()) == sorted(
+        [f"1.{k}.{ext}" for k in range(N_SCANS) for ext in ("mhd", "raw")])
+    assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -224,14 +224,16 @@ def test_metaio_header_forms_that_read_as_simpleitk_reads_them(tmp_path) -> None
         np.testing.assert_allclose(read_scan(path)[1].spacing_xyz, spacing)
 
 
-def test_nan_voxels_of_a_float_scan_are_an_error(tmp_path) -> None:
+def test_nan_or_infinite_voxels_of_a_float_scan_are_an_error(tmp_path) -> None:
+    """An infinite voxel was clipped to +-32768 silently (then the HU window's edge); NaN was refused."""
     path = _scan(tmp_path)
-    values = np.zeros(SHAPE, "<f4")
-    values[2, 3, 4:7] = np.nan
     _edit_header(path, ElementType="MET_FLOAT")
-    path.with_suffix(".raw").write_bytes(values.tobytes())
-    assert _one_line_error(read_scan, path) == (f"{path}: 3 voxel(s) are NaN (ElementType MET_FLOAT); HU values "
-                                                "must be numbers")
+    for bad, n in ([np.nan], 3), ([np.inf, -np.inf], 2):
+        values = np.zeros(SHAPE, "<f4")
+        values[2, 3, 4:4 + n] = (bad * n)[:n]
+        path.with_suffix(".raw").write_bytes(values.tobytes())
+        assert _one_line_error(read_scan, path) == (f"{path}: {n} voxel(s) are NaN or infinite (ElementType "
+                                                    "MET_FLOAT); HU values must be finite numbers")
 
 
 def test_data_file_name_with_a_space_is_read(tmp_path) -> None:

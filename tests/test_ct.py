@@ -188,6 +188,38 @@ def test_scan_identity_changes_with_content_even_when_the_mtime_is_put_back(tmp_
     assert scan_identity(path) != before
 
 
+def test_scan_identity_of_a_symlinked_header_is_the_data_the_reader_reads(tmp_path) -> None:
+    """A subset folder of header links with the data beside the links (where MetaIO looks): the identity named
+    the data file beside the link's target, which does not exist there ('scan file vanished' in luna-crops)."""
+    import os
+
+    from luna.ct import scan_identity
+
+    write_scan(tmp_path / "headers" / "1.2.3.mhd", np.zeros((4, 5, 6), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
+    (tmp_path / "subset0").mkdir()
+    (tmp_path / "headers" / "1.2.3.raw").rename(tmp_path / "subset0" / "1.2.3.raw")
+    link = tmp_path / "subset0" / "1.2.3.mhd"
+    link.symlink_to(os.path.join("..", "headers", "1.2.3.mhd"))
+    identity = scan_identity(link)
+    assert identity[0] == str(tmp_path / "headers" / "1.2.3.mhd")
+    assert identity[5] == str(tmp_path / "subset0" / "1.2.3.raw")
+    np.testing.assert_array_equal(read_scan(link)[0], np.zeros((4, 5, 6), np.int16))
+
+
+def test_find_scans_refuses_a_subset_that_is_a_path(tmp_path) -> None:
+    """The tables record a subset by its folder's name: batch1/subset0 was found, recorded as subset0, and then
+    luna-crops looked for <root>/subset0. './subset0' and 'subset0/' are the folder's name."""
+    write_scan(tmp_path / "batch1" / "subset0" / "1.1.mhd", np.zeros((2, 2, 2), np.int16),
+               Geometry([0, 0, 0], [1, 1, 1]))
+    for name in ("batch1/subset0", "..", "."):
+        with pytest.raises(ValueError) as info:
+            find_scans(tmp_path, [name])
+        assert str(info.value) == (f"subset {name!r}: a subset is the name of a folder directly under {tmp_path} "
+                                   "(like subset0), not a path")
+    root = tmp_path / "batch1"
+    assert {uid: s.subset for uid, s in find_scans(root, ["./subset0", "subset0/"]).items()} == {"1.1": "subset0"}
+
+
 def test_find_scans_skips_hidden_files_and_explains_an_empty_subset(tmp_path) -> None:
     """macOS copies leave ._<uid>.mhd beside each scan: not scans (they would join splits.tsv and the FROC
     divisor). A subset folder without scans stops with how downloads are usually mangled."""

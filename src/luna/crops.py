@@ -37,7 +37,8 @@ from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, cache_get, cache
 from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
-from luna.io import NA_REP, OutputError, check_writable_dir, describe_os_error, write_tsv
+from luna.io import (NA_REP, OutputError, check_not_an_input, check_outside_scan_folders, check_writable_dir,
+                     describe_os_error, write_tsv)
 from luna.progress import format_eta
 from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import file_line, numeric_column, read_tsv
@@ -260,7 +261,14 @@ class CropApp(StageApp):
             raise KeyboardInterrupt
 
     def _check_output_folders(self) -> None:
-        """Every folder the run writes can be written (created if missing), before any scan is read."""
+        """Every folder the run writes can be written (created if missing), and no output is an input or lies in
+        the subset's scan folder, before any scan is read or any earlier output removed."""
+        a = self.args
+        for path, option in ((self.out, "--out"), (self.skipped_path, "--skipped")):
+            check_not_an_input(path, {"--candidates": [a.candidates]}, what=option)
+            check_outside_scan_folders(path, [self.root / a.subset / "scan.mhd"], what=option)
+        if self.out.resolve() == self.skipped_path.resolve():
+            raise OutputError(f"--out {self.out} and --skipped {self.skipped_path} are one file; name two")
         check_writable_dir(self.out.parent, "output folder")
         for path, option in ((self.out, "--out"), (self.skipped_path, "--skipped")):
             if path.is_dir():

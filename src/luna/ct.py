@@ -455,10 +455,10 @@ def read_scan(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         volume = voxels.astype(np.int16)
     else:
         if voxels.dtype.kind == "f":
-            n_nan = int(np.isnan(voxels).sum())
-            if n_nan:
-                raise ScanError(f"{path}: {n_nan} voxel(s) are NaN (ElementType {header['ElementType']}); HU "
-                                "values must be numbers")
+            n_bad = int(voxels.size - np.isfinite(voxels).sum())
+            if n_bad:
+                raise ScanError(f"{path}: {n_bad} voxel(s) are NaN or infinite (ElementType "
+                                f"{header['ElementType']}); HU values must be finite numbers")
         volume = np.clip(np.rint(voxels), -32768, 32767).astype(np.int16)  # as the reader always converted
     volume.flags.writeable = False
     return volume, geometry
@@ -508,10 +508,10 @@ def scan_identity(path: str | os.PathLike) -> tuple:
     """What identifies a scan's content for caching: resolved paths, sizes, inodes, mtimes and ctimes of header
     and data. The ctime too: an edit whose mtime was put back (``cp -p``, ``rsync -a``, ``tar -x``) still changes
     it, and no tool can set it; a scan copied or restored elsewhere is a new identity (re-cropped, never stale)."""
-    path = Path(path).resolve()
-    data = data_file(path)
-    parts: list = []
-    for p in (path, data):
+    path = Path(path)
+    data = data_file(path)  # beside the path as given, where the reader looks (a symlinked header's data is beside
+    parts: list = []        # the link, not beside its target)
+    for p in (path.resolve(), data.resolve()):
         st = p.stat()
         parts.extend([str(p), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
     return tuple(parts)
@@ -525,6 +525,10 @@ def find_scans(root: str | os.PathLike, subsets: list[str] | None = None) -> dic
     if subsets:  # a folder named twice (subset0 ./subset0) is one folder, not each scan found twice
         unique: dict[Path, Path] = {}
         for name in subsets:
+            plain = os.path.normpath(name)  # the tables record the folder's name alone
+            if plain in (".", "..") or Path(plain).name != plain:
+                raise ValueError(f"subset {name!r}: a subset is the name of a folder directly under {root} (like "
+                                 "subset0), not a path")
             unique.setdefault((root / name).resolve(), root / name)
         folders = list(unique.values())
         for folder in folders:
