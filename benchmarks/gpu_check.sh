@@ -22,6 +22,10 @@
 # on the CPU with tiny sizes: only to test this script; GPU_CHECK_SCALING_ON_CPU=1 then also runs the scaling
 # step as gloo processes). Exits 0 with a message when no CUDA.
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header above, without the shebang and the #s
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi

@@ -47,6 +47,9 @@ def main() -> None:
                         "tables and notes by hand: copy the new table there, do not overwrite it)")
     a = parser.parse_args()
     results = Path(a.results)
+    out = Path(a.out).resolve()
+    if out.suffix != ".md" or results.resolve() in out.parents:
+        parser.error(f"--out {a.out}: a markdown file (.md) outside --results {a.results}, whose files it reads")
     splits = read_splits_tsv(results / "splits.tsv")
     metrics = pd.read_csv(results / "validation" / "metrics.tsv", sep="\t", dtype={"fold": str})
     folds = [int(f) for f in metrics["fold"] if f != "all"]

@@ -19,7 +19,7 @@ One 30-scan test fold is noisy (a CPM interval about +-0.1 wide; three training 
 over 0.075-0.106 on the default run's fold, docs/results.md). ``--devtest-seed`` adds a second score per run: the model on
 *every* scan of another synthetic data set of the same size (150 scans, ~210 nodules; no scan of it is trained
 on or chooses anything), without test-time augmentation so the rows compare across TTA settings.
-``--synthetic scans_per_subset=40`` (any synthetic key) changes the development data's size, not the dev-test
+``--synthetic scans_per_subset=40`` (a key of config.yaml's ``synthetic:`` section) changes the development data's size, not the dev-test
 set's, so that the dev-test column still compares.
 """
 
@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devtest-seed", type=int, default=None,
                    help="also score every run on all scans of a data set generated with this seed (e.g. 8), no TTA")
     p.add_argument("--synthetic", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="the development data's synthetic settings over config/config.yaml's (e.g. "
-                        "scans_per_subset=40: a larger training set); the dev-test set keeps the config's size")
+                   help="the development data's synthetic settings over config/config.yaml's, keys of its synthetic: "
+                        "section (e.g. scans_per_subset=40: a larger training set); the dev-test set keeps the "
+                        "config's size")
     p.add_argument("--test-fold", type=int, default=0, help="the development data's test fold")
     p.add_argument("--out", required=True, help="markdown table, rewritten after every run")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes for synthesis and crops")

@@ -822,11 +822,16 @@ def run_size(n: int, args: argparse.Namespace, work: Path, logs: Path) -> dict[s
                                                      args.samples_per_epoch)
 
     # predict every candidate of the subset with the fold's model; evaluate needs a fold folder and a splits
-    # table in which every predicted scan belongs to the model's test fold
+    # table in which every predicted scan belongs to the model's test fold, and refuses scans the model.pt
+    # records as trained or chosen on: its copy here lists none (a timing rehearsal; no metric is reported)
     eval_in = res / "eval_in" / str(fold)
     eval_in.mkdir(parents=True)
-    for name in ("model.pt", "history.tsv"):
-        os.symlink(fold_dir / name, eval_in / name)
+    os.symlink(fold_dir / "history.tsv", eval_in / "history.tsv")
+    from luna.model import atomic_torch_save, load_checkpoint
+
+    ckpt = load_checkpoint(fold_dir / "model.pt")
+    ckpt["train_series_uids"], ckpt["selection_series_uids"] = [], []
+    atomic_torch_save(ckpt, eval_in / "model.pt")
     if not args.warm:
         drop_page_cache([store])
     st["predict"] = measure("predict (--scans all)", [

@@ -50,19 +50,23 @@ def _run(label: str, config: SynthConfig, jobs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
-    parser.add_argument("--default-scans", type=int, default=6, help="scans at the default size (one process)")
-    parser.add_argument("--full-scans", type=int, default=2, help="scans at full 512x512 size (one process)")
+    parser.add_argument("--default-scans", type=int, default=6, help="scans at the default size (one process; 0: no such row)")
+    parser.add_argument("--full-scans", type=int, default=2, help="scans at full 512x512 size (one process; 0: no such row)")
     parser.add_argument("--jobs", type=int, default=2, help="processes for the whole default data set")
     parser.add_argument("--no-dataset", action="store_true", help="skip the whole default data set")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
-    runs = [
-        _run(f"default size, {args.default_scans} scans", SynthConfig(n_subsets=1, scans_per_subset=args.default_scans), 1),
-        _run(f"full size 512x512, {args.full_scans} scans",
-             SynthConfig(n_subsets=1, scans_per_subset=args.full_scans, full_size=True), 1),
-    ]
+    if min(args.default_scans, args.full_scans) < 0:
+        parser.error("--default-scans and --full-scans must be >= 0 (0 leaves the row out)")
+    runs = []
+    if args.default_scans:
+        runs.append(_run(f"default size, {args.default_scans} scans",
+                         SynthConfig(n_subsets=1, scans_per_subset=args.default_scans), 1))
+    if args.full_scans:
+        runs.append(_run(f"full size 512x512, {args.full_scans} scans",
+                         SynthConfig(n_subsets=1, scans_per_subset=args.full_scans, full_size=True), 1))
     if not args.no_dataset:
         runs.append(_run("SynthConfig()'s data set (3 x 20 scans; the pipeline's default is config/config.yaml's "
                          "5 x 30)", SynthConfig(), args.jobs))

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-scans", type=int, default=30, help="scans per dev-test block (a test fold's size)")
     p.add_argument("--out", type=Path, required=True, help="markdown table to write")
     args = p.parse_args(argv)
+    out = args.out.resolve()
+    if out.suffix != ".md" or any(run.resolve() in out.parents for run in args.runs):
+        p.error(f"--out {args.out}: a markdown file (.md) outside the --runs folders, whose files it reads")
     rows = [row for run in args.runs for row in policy_rows(run, args.devtest, args.policies, args.block_scans)]
     frame = pd.DataFrame(rows)
     lines = ["# Operating-threshold policies on development runs (benchmarks/threshold_policies.py)", "",

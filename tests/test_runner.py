@@ -64,4 +64,6 @@ def test_an_argparse_error_is_in_the_log(tmp_path: Path) -> None:
         run_rule(EvaluateApp, ["--bootstrap", "many"], log)
     assert "failed (exit 2)" in str(info.value.code) and "argument --bootstrap: invalid int value: 'many'" in \
         str(info.value.code)
-    assert "usage: luna-evaluate" in log.read_text()
+    assert "luna-evaluate: error: argument --bootstrap: invalid int value: 'many' (see luna-evaluate --help)" in \
+        log.read_text()
+    assert "usage:" not in log.read_text()  # one line, not argparse's usage block above it

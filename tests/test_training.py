@@ -511,15 +511,27 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
-    for extra, message in [  # argparse's usage, then the line; it named the type functions ("invalid _positive_int")
+    import os
+
+    limit = 4 * (os.cpu_count() or 1)
+    for extra, message in [  # one line, not argparse's 30-line usage above it; it named the type functions
         (["--epochs", "x"], "argument --epochs: must be a whole number >= 1, got 'x'"),
         (["--test-fold", "1.5"], "argument --test-fold: must be a whole number >= 0, got '1.5'"),
         (["--selection-fraction", "x"], "argument --selection-fraction: must be a number >= 0 and < 1, got 'x'"),
+        # a seed past 64 bits was a traceback after the previous outputs were removed; past 32 bits it repeated a
+        # smaller seed's batches and augmentation
+        (["--seed", str(2**64)], f"argument --seed: must be from 0 to 4294967295 (2^32 - 1), got {2**64}"),
+        (["--seed", "-1"], "argument --seed: must be from 0 to 4294967295 (2^32 - 1), got -1"),
+        (["--threads", "99999"], f"argument --threads: must be <= {limit} (4 per CPU of this machine), got 99999"),
+        (["--momentum", "7"], "argument --momentum: must be >= 0 and < 1, got 7"),
+        (["--augment-scale", "1.5"], "argument --augment-scale: must be >= 0 and < 1, got 1.5"),
+        (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(argv(data, tmp_path / "o2", *extra))
         assert info.value.code == 2
-        assert capsys.readouterr().err.strip().splitlines()[-1] == f"luna-train: error: {message}"
+        assert capsys.readouterr().err.strip() == f"luna-train: error: {message} (see luna-train --help)"
+    assert build_parser().parse_args([*BASE, "--seed", str(2**32 - 1)]).seed == 2**32 - 1
     # a test fold whose scans have no candidate in their subset's store (given): nothing to test (luna-predict
     # refused it only after the training, saying the store was not given)
     lines = data["splits"].read_text().splitlines()
@@ -538,6 +550,15 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (f"luna-train: error: {tmp_path / 'o4' / 'model.pt'}: is a folder; "
                                                "luna-train writes its model.pt there")
+    # a FIFO there: found before the training too (it was found when the model was written, after it)
+    (tmp_path / "o5").mkdir()
+    os.mkfifo(tmp_path / "o5" / "history.tsv")
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o5"))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {tmp_path / 'o5' / 'history.tsv'}: is not a "
+                                               "regular file (a FIFO, socket or device); an output is written to a "
+                                               "temp file and renamed onto it")
     # an --out that cannot be a folder fails before any training, naming it
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

@@ -905,7 +905,7 @@ def test_refused_inputs_leave_an_earlier_report_and_every_input_alone(inputs, tm
 
 
 @pytest.mark.parametrize("case", ["negative_fold", "selection_without_test_fold", "unknown_tta", "nan_threshold",
-                                  "damaged_store", "missing_store"])
+                                  "damaged_store", "missing_store", "threads"])
 def test_more_bad_inputs_one_line_exit_2_and_no_output_folder(inputs, tmp_path, capsys, case):
     """Each was a traceback, a fold luna-evaluate refuses later, or an output folder made for a refused input."""
     argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
@@ -913,6 +913,11 @@ def test_more_bad_inputs_one_line_exit_2_and_no_output_folder(inputs, tmp_path, 
     if case == "negative_fold":
         argv[argv.index("--fold") + 1] = "-3"
         expected = "--fold must be >= 0, got -3"
+    elif case == "threads":  # 99999 OpenMP threads crashed the process (segfault)
+        import os
+
+        argv += ["--threads", "99999"]
+        expected = f"--threads must be from 0 to {4 * (os.cpu_count() or 1)} (4 per CPU of this machine), got 99999"
     elif case == "selection_without_test_fold":
         model = save_checkpoint(tmp_path / "m.pt", ct_model(), epoch=1, extra={"selection_series_uids": [VAL_A]})
         argv = [*argv[:argv.index("--fold")], "--model", str(model), "--scans", "selection"]

@@ -2,7 +2,8 @@
 scripts), a rule script (luna.runner) or a notebook, as the book's apps are.
 
 * ``App(argv)`` builds the argparse parser (``prog``, the class docstring as description, defaults shown) and
-  parses ``argv`` (``sys.argv[1:]`` when None); ``--help`` exits there;
+  parses ``argv`` (``sys.argv[1:]`` when None); ``--help`` exits there, and so does a bad option value, in one
+  line (:class:`OneLineErrorParser`, exit status 2);
 * ``main()`` sets up logging once, logs "Starting <App>, <arguments>", calls ``run()`` and turns the app's
   bad-input and bad-output errors (``errors``) into one line on stderr, ``<prog>: error: <message>``, and exit
   status 2; Ctrl-C is one line too (exit status 130); anything else is a bug and keeps its traceback.
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, NoReturn, Sequence
 
 from luna.io import OutputError
 from luna.runner import setup_logging
@@ -39,6 +41,14 @@ class RawDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHel
     """:class:`DefaultsHelpFormatter` that keeps the description's own line breaks (a docstring with a table)."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, ``<prog>: error: <message> (see <prog> --help)``, exit status
+    2: argparse prints the whole usage first (30 lines for luna-train) above the one line that matters."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class StageApp:
     """Base of the stage apps: subclasses set ``prog`` and ``errors``, and define ``add_arguments`` and ``run``."""
 
@@ -49,8 +59,8 @@ class StageApp:
     """Exceptions whose one-line message is the whole story (bad input, an output that cannot be written)."""
 
     def __init__(self, argv: Sequence[Any] | None = None) -> None:
-        self.parser = argparse.ArgumentParser(prog=self.prog, description=self.description or self.__doc__,
-                                              formatter_class=DefaultsHelpFormatter)
+        self.parser = OneLineErrorParser(prog=self.prog, description=self.description or self.__doc__,
+                                         formatter_class=DefaultsHelpFormatter)
         self.add_arguments(self.parser)
         self.args = self.parser.parse_args(None if argv is None else [str(a) for a in argv])
 
@@ -112,6 +122,12 @@ def deferred_sigint() -> Iterator[Callable[[], bool]]:
         yield came.is_set
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def thread_limit() -> int:
+    """The most torch CPU threads an app accepts: 4 per CPU of the machine (more never helped, and OpenMP crashes
+    on some thousands)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 SWITCH_CHOICES = ("auto", "on", "off")

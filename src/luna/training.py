@@ -58,7 +58,7 @@ from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, aug
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
                          strict_fp32, use_bf16)
 from luna.froc import on_findings
-from luna.io import OutputError, check_writable_dir, copy_file, write_tsv
+from luna.io import OutputError, check_output_file, check_writable_dir, copy_file, write_tsv
 from luna.luna16 import TableError, read_annotations_csv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_model
@@ -226,6 +226,7 @@ class LunaTrainingApp(StageApp):
             old = self.out_dir / name
             if old.is_dir():  # found now, not after the training
                 raise OutputError(f"{old}: is a folder; luna-train writes its {name} there")
+            check_output_file(old)  # a FIFO or a device there: found now too
             try:
                 if old.is_file():
                     logger.info("removing previous %s", old)

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from luna.app import add_switch
+from luna.app import OneLineErrorParser, add_switch, thread_limit
 from luna.data import whole_if_integral
 from luna.inference import TTA_FLIPS
 from luna.metrics import MetricsError, parse_threshold_policy
@@ -50,6 +50,23 @@ def _nonnegative_int(text: str) -> int:
     value = _whole_number(text, "a whole number >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # the samplers' and augmentation's seeds are 32-bit: a larger one would repeat a smaller one's
+
+
+def _seed(text: str) -> int:
+    value = _whole_number(text, f"a whole number from 0 to {SEED_MAX}")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_MAX} (2^32 - 1), got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value > thread_limit():
+        raise argparse.ArgumentTypeError(f"must be <= {thread_limit()} (4 per CPU of this machine), got {value}")
     return value
 
 
@@ -110,6 +127,13 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _number(text, "a finite number > 0")
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     value = _number(text, "a finite number >= 0")
     if not value >= 0 or math.isinf(value):
@@ -119,8 +143,8 @@ def _nonnegative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """luna-train's parser on its own (what LunaTrainingApp parses with)."""
-    parser = argparse.ArgumentParser(prog="luna-train", description=DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(prog="luna-train", description=DESCRIPTION,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     return parser
 
@@ -179,8 +203,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (per process under torchrun)")
     tr.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                     help="sgd = the book's SGD with --momentum; adam = Adam (betas 0.9, 0.999; --momentum unused)")
-    tr.add_argument("--lr", type=_nonnegative_float, default=0.001, help="learning rate")
-    tr.add_argument("--momentum", type=_nonnegative_float, default=0.99, help="SGD momentum")
+    tr.add_argument("--lr", type=_positive_float, default=0.001, help="learning rate")
+    tr.add_argument("--momentum", type=_unit_interval, default=0.99, help="SGD momentum (< 1)")
     tr.add_argument("--lr-warmup-steps", type=_nonnegative_int, default=0, metavar="STEPS",
                     help="raise the learning rate linearly from lr/STEPS to lr over the first STEPS optimizer "
                          "steps; 0 = off (the book)")
@@ -207,7 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "(the book)")
     tr.add_argument("--annotations-excluded", default=None, metavar="CSV",
                     help="LUNA16's annotations_excluded.csv, the findings --skip-excluded reads")
-    tr.add_argument("--seed", type=int, default=0, help="seed of init, sampling and augmentation")
+    tr.add_argument("--seed", type=_seed, default=0, help="seed of init, sampling and augmentation (0 to 2^32 - 1)")
 
     au = p.add_argument_group("augmentation (training only; the book's Chapter 12)")
     au.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -216,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="random flip per axis (p 0.5)")
     au.add_argument("--augment-offset", type=_nonnegative_float, default=0.1,
                     help="random offset per axis up to +-this (normalised grid units); 0 = off")
-    au.add_argument("--augment-scale", type=_nonnegative_float, default=0.2,
+    au.add_argument("--augment-scale", type=_unit_interval, default=0.2,
                     help="random scale per axis 1 +- this; 0 = off")
     au.add_argument("--augment-rotate", action=argparse.BooleanOptionalAction, default=True,
                     help="random in-plane rotation (0..2pi about the slice axis)")
@@ -235,7 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "only compete with the model for cores) and min(8, cores - 1) on CUDA, shared by the processes "
                     "of a torchrun job (an H100 trains ~3,000 samples/s, more than 4 workers deliver: "
                     "benchmarks/results/gpu_check_h100.txt)")
-    rt.add_argument("--threads", type=_nonnegative_int, default=0,
+    rt.add_argument("--threads", type=_threads, default=0,
                     help="torch CPU threads; 0 = torch's default")
     rt.add_argument("--data-on-device", choices=("auto", "always", "never"), default="auto",
                     help="hold the training (and selection) crops in one int16 tensor on the training device and "

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from luna.app import StageApp, add_switch
+from luna.app import StageApp, add_switch, thread_limit
 from luna.cpu_speed import tune_allocator
 from luna.device import DeviceError, resolve_device
 from luna.evaluation import (
@@ -215,8 +215,9 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
     t0 = time.perf_counter()
     if args.batch_size < 1:
         raise ValidationError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads < 0:
-        raise ValidationError(f"--threads must be >= 0, got {args.threads}")
+    if not 0 <= args.threads <= thread_limit():
+        raise ValidationError(f"--threads must be from 0 to {thread_limit()} (4 per CPU of this machine), got "
+                              f"{args.threads}")
     if args.fold is not None and args.fold < 0:
         raise ValidationError(f"--fold must be >= 0, got {args.fold}")
     if args.threads:

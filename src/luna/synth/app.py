@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from luna.app import StageApp
+from luna.app import OneLineErrorParser, StageApp
 from luna.synth.config import SynthConfig, SynthError
 from luna.synth.dataset import synthesize
 
@@ -32,8 +32,8 @@ def _option(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """luna-synth's argparse parser (what :class:`SynthApp` parses with)."""
-    parser = argparse.ArgumentParser(prog="luna-synth", description=SynthApp.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(prog="luna-synth", description=SynthApp.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     return parser
 
