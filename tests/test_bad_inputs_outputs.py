@@ -255,6 +255,19 @@ def test_crops_outputs_that_are_inputs_or_in_the_scan_folder_are_refused(tmp_pat
     for extra, message in cases:
         assert CropApp(_argv(data, out, tmp_path / "cache") + extra).main() == 2, extra
         assert _error_line(capsys.readouterr().err) == message
+    # another subset's folder (not cropped by this run) and a symlink loop
+    other = root / "subset9"
+    other.mkdir()
+    (other / "9.9.mhd").write_text("ObjectType = Image\n")
+    (tmp_path / "loop").symlink_to("loop")
+    for extra, message in [
+        (["--skipped", str(other / "9.9.mhd")], f"--skipped {other / '9.9.mhd'} lies in the scan folder {other}; "
+                                                 "write it elsewhere"),
+        (["--skipped", str(tmp_path / "loop")], f"--skipped {tmp_path / 'loop'}: cannot follow the symlink"),
+    ]:
+        assert CropApp(_argv(data, out, tmp_path / "cache") + extra).main() == 2, extra
+        assert _error_line(capsys.readouterr().err).startswith(message)
+    assert (other / "9.9.mhd").read_text() == "ObjectType = Image\n"
     assert {p: p.read_bytes() for p in (tsv, scan)} == before
     assert sorted(p.name for p in (root / SUBSET).iterdir()) == sorted(
         [f"1.{k}.{ext}" for k in range(N_SCANS) for ext in ("mhd", "raw")])

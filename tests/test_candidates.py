@@ -189,6 +189,18 @@ def test_candidates_out_that_is_an_input_is_refused(tmp_path, capsys) -> None:
         assert len(err) == 1 and expected in err[0], err
     assert {name: (root / name).read_bytes() for name in before} == before
     assert not (root / "subset0" / "c.tsv").exists()
+    # a subset the run does not select is a scan folder too (its scan header was replaced by the table); and a
+    # symlink loop at --out is one line (a RuntimeError's traceback)
+    header = root / "subset1" / "1.2.mhd"
+    header_bytes = header.read_bytes()
+    (tmp_path / "loop").symlink_to("loop")
+    for out, expected in [(header, f"--out {header} lies in the scan folder {root / 'subset1'}"),
+                          (tmp_path / "loop", f"--out {tmp_path / 'loop'}: cannot follow the symlink")]:
+        assert CandidatesApp(["--root", str(root), "--subsets", "subset0", "--annotations", "",
+                              "--out", str(out)]).main() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+    assert header.read_bytes() == header_bytes
 
 
 def test_an_unclosed_quote_names_its_line(tmp_path) -> None:

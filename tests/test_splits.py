@@ -204,6 +204,12 @@ def test_split_out_in_a_scan_folder_is_refused(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err.strip() == (f"luna-split: error: --out {header} lies in the scan folder "
                                                f"{header.parent}; write it elsewhere")
     assert header.read_bytes() == before
+    other = next((root / "subset1").glob("*.mhd"))  # a subset this run does not split: its header was replaced
+    other_bytes = other.read_bytes()
+    assert SplitApp(["--root", str(root), "--subsets", "subset0", "--folds", "2", "--out", str(other)]).main() == 2
+    assert capsys.readouterr().err.strip() == (f"luna-split: error: --out {other} lies in the scan folder "
+                                               f"{other.parent}; write it elsewhere")
+    assert other.read_bytes() == other_bytes
 
 
 def test_a_subset_folder_of_symlinks_is_the_scan_folder(tmp_path: Path, capsys) -> None:

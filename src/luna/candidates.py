@@ -130,7 +130,7 @@ class CandidatesApp(StageApp):
         annotations = resolve_table(a.root, a.annotations)
         check_not_an_input(a.out, {"--candidates": [resolve_table(a.root, a.candidates)],
                                    "--annotations": [annotations]})
-        check_outside_scan_folders(a.out, [scan.path for scan in scans.values()])
+        check_outside_scan_folders(a.out, [scan.path for scan in scans.values()], root=a.root)
         if annotations is not None and not Path(annotations).exists():  # the default names a file: say how not to
             raise TableError(f"{annotations}: file not found (--annotations '' for a candidate list without "
                              "annotations)")

@@ -266,7 +266,7 @@ class CropApp(StageApp):
         a = self.args
         for path, option in ((self.out, "--out"), (self.skipped_path, "--skipped")):
             check_not_an_input(path, {"--candidates": [a.candidates]}, what=option)
-            check_outside_scan_folders(path, [self.root / a.subset / "scan.mhd"], what=option)
+            check_outside_scan_folders(path, [self.root / a.subset / "scan.mhd"], what=option, root=self.root)
         if self.out.resolve() == self.skipped_path.resolve():
             raise OutputError(f"--out {self.out} and --skipped {self.skipped_path} are one file; name two")
         check_writable_dir(self.out.parent, "output folder")

@@ -64,26 +64,56 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return target
 
 
+def _resolved_output(out: str | os.PathLike, what: str) -> Path:
+    """``out`` resolved; a symlink loop is OutputError naming the option (Path.resolve raises RuntimeError)."""
+    try:
+        return Path(out).resolve()
+    except (RuntimeError, OSError) as exc:
+        raise OutputError(f"{what} {out}: cannot follow the symlink ({exc})") from None
+
+
+def _resolved_input(path: str | os.PathLike) -> Path | None:
+    """An input resolved, or None when it cannot be (a symlink loop: its reader says so)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
 def check_not_an_input(out: str | os.PathLike, inputs: dict[str, Sequence[str | os.PathLike]],
                        what: str = "--out") -> None:
     """OutputError when the output ``out`` is (or, through a symlink, points at) one of the ``inputs`` (option
     name -> paths): the write would replace the input it was computed from."""
-    target = Path(out).resolve()
+    target = _resolved_output(out, what)
     for option, paths in inputs.items():
         for path in paths:
-            if path is not None and Path(path).resolve() == target:
+            if path is not None and _resolved_input(path) == target:
                 raise OutputError(f"{what} {out} is the input {option} {path}; write the output elsewhere")
 
 
 def check_outside_scan_folders(out: str | os.PathLike, scan_paths: Iterable[str | os.PathLike],
-                               what: str = "--out") -> None:
-    """OutputError when the output ``out`` would land in a folder of scans (a subset folder): a table written
-    there is taken for data, or replaces a scan's header."""
+                               what: str = "--out", root: str | os.PathLike | None = None) -> None:
+    """OutputError when the output ``out`` would land in a folder of scans (the folders of ``scan_paths``, and
+    with ``root`` every :func:`scan_folders` of that data folder, selected or not): a table written there is
+    taken for data, or replaces a scan's header."""
     # folders, not files, resolved: a subset folder of symlinks to a shared copy is still the subset folder
-    parents = {Path(out).parent.resolve(), Path(out).resolve().parent}
-    for folder in {Path(path).parent for path in scan_paths}:
-        if folder.resolve() in parents:
+    parents = {_resolved_output(Path(out).parent, what), _resolved_output(out, what).parent}
+    folders = {Path(path).parent for path in scan_paths} | set(scan_folders(root) if root is not None else [])
+    for folder in sorted(folders):
+        if _resolved_input(folder) in parents:
             raise OutputError(f"{what} {out} lies in the scan folder {folder}; write it elsewhere")
+
+
+def scan_folders(root: str | os.PathLike) -> list[Path]:
+    """Every folder directly under the data folder ``root`` that is a subset (``subset*``) or holds ``.mhd``
+    headers: where no output may go, whichever subsets a run selects (a table written over another subset's
+    scan header destroyed it)."""
+    root = Path(root)
+    try:
+        folders = [p for p in sorted(root.iterdir()) if p.is_dir()]
+    except OSError:
+        return []
+    return [f for f in folders if f.name.startswith("subset") or next(f.glob("*.mhd"), None) is not None]
 
 
 @contextlib.contextmanager

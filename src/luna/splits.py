@@ -216,7 +216,7 @@ class SplitApp(StageApp):
         if not scans:
             raise SplitsError(f"{a.root}: no scans (<series_uid>.mhd) under "
                               f"{', '.join(a.subsets) if a.subsets else 'any subset* folder'}")
-        check_outside_scan_folders(a.out, [scan.path for scan in scans.values()])
+        check_outside_scan_folders(a.out, [scan.path for scan in scans.values()], root=a.root)
         splits = make_splits({uid: scan.subset for uid, scan in scans.items()}, a.folds)
         write_splits_tsv(splits, a.out)
         counts = splits["fold"].value_counts().sort_index()
