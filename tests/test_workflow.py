@@ -86,6 +86,11 @@ def test_lint_and_snakefmt_clean() -> None:
                                                              "annotations_excluded.csv, not other.csv"),
         ({"dataset": {"root": "results/data"}}, "dataset.root: results/data holds or lies in the workflow's results/"),
         ({"crops": {"cache": ""}}, "config key crops.cache: '' should be non-empty"),  # was a cache under /
+        # YAML's .nan and .inf pass the schema's bounds: they failed the train job after every crop
+        ({"train": {"lr": float("nan")}}, "config key train.lr: nan is not a finite number"),
+        ({"train": {"clip_grad_norm": float("inf")}}, "config key train.clip_grad_norm: inf is not a finite number"),
+        ({"split": {"selection_fraction": float("nan")}}, "config key split.selection_fraction: nan is not a finite "
+                                                          "number"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:
@@ -95,6 +100,22 @@ def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) 
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
     assert proc.returncode != 0
     assert expected in proc.stdout + proc.stderr
+
+
+def test_a_synthetic_root_holding_other_files_stops_the_dry_run(tmp_path) -> None:
+    """Snakemake deletes the synthesize rule's directory() output before the job, so luna-synth's own refusal of a
+    folder it did not write came after the user's files were gone (root set to one's LUNA16 copy, source left
+    synthetic, with --forceall)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important\n")
+    config = copy.deepcopy(TINY_CONFIG)
+    config["dataset"] = {**config.get("dataset", {}), "root": "mine/"}
+    proc = snakemake(tmp_path, "-n", "--forceall", configfile=write_config(tmp_path, config), check=False)
+    assert proc.returncode != 0
+    assert ("dataset.root: mine holds files not written by luna-synth (no .luna-synth.json); the synthetic set would "
+            "replace them: for data of your own set dataset.source: luna16") in proc.stdout + proc.stderr
+    assert (mine / "notes.txt").read_text() == "important\n"
 
 
 def test_a_synthetic_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:

@@ -4,6 +4,7 @@ import csv
 import functools
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,9 +23,27 @@ def check_config(cfg, schema):
         jsonschema.Draft202012Validator(schema).iter_errors(cfg),
         key=lambda e: list(e.path),
     )
-    if errors:
-        lines = [config_error_line(e) for e in errors]
+    lines = [config_error_line(e) for e in errors]
+    lines += [
+        f"config key {key}: {value} is not a finite number"
+        for key, value in non_finite_values(cfg)
+    ]
+    if lines:
         raise WorkflowError("invalid configuration:\n  " + "\n  ".join(lines))
+
+
+def non_finite_values(value, path=()):
+    """(key, value) of every NaN or infinite number: YAML's .nan and .inf pass the schema's bounds, and failed
+    only in the job that got them (train.lr: .nan after the synthesis and every crop).
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from non_finite_values(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from non_finite_values(item, (*path, index))
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield ".".join(map(str, path)), value
 
 
 def config_error_line(error):
@@ -140,7 +159,8 @@ if not DATASET["annotations"]:  # null, or "" (luna.luna16.resolve_table: no tab
 if not DATASET["annotations_excluded"]:
     # no excluded findings: nothing to skip, the same model either way
     config["train"]["skip_excluded"] = False
-DATA_ROOT = DATASET["root"]
+# data/synthetic/ and ./data/synthetic are data/synthetic: the same folder, the same state key
+DATA_ROOT = os.path.normpath(DATASET["root"])
 SYNTHETIC = DATASET["source"] == "synthetic"
 RESULTS = "results"
 CROPS_DIR = f"{RESULTS}/crops"
@@ -255,6 +275,15 @@ def check_values():
                     + ("" if key == "candidates" else " (or set null to go without)")
                 )
         root = Path(DATA_ROOT).resolve()
+        from luna.synth.dataset import MARKER_NAME
+
+        if root.is_dir() and any(root.iterdir()) and not (root / MARKER_NAME).is_file():
+            # Snakemake deletes a directory() output before its job: luna-synth's own refusal came too late
+            raise WorkflowError(
+                f"dataset.root: {DATA_ROOT} holds files not written by luna-synth (no {MARKER_NAME}); the "
+                "synthetic set would replace them: for data of your own set dataset.source: luna16, else "
+                "choose an empty or new folder"
+            )
         here = Path.cwd().resolve()
         for folder in (RESULTS, "logs", "benchmarks"):
             out = (here / folder).resolve()
