@@ -86,6 +86,11 @@ def test_lint_and_snakefmt_clean() -> None:
                                                              "annotations_excluded.csv, not other.csv"),
         ({"dataset": {"root": "results/data"}}, "dataset.root: results/data holds or lies in the workflow's results/"),
         ({"crops": {"cache": ""}}, "config key crops.cache: '' should be non-empty"),  # was a cache under /
+        ({"train": {"threshold": "0.5"}}, "config key train.threshold: '0.5' is a quoted number; write it without "
+                                          "quotes"),
+        # a cache over the scans: luna-crops refused it, after the synthesis
+        ({"crops": {"cache": "data/synthetic"}}, "crops.cache: data/synthetic/subset0 (the resume cache of subset0's "
+                                                 "crop job, removed whole after it) overlaps"),
         # YAML's .nan and .inf pass the schema's bounds: they failed the train job after every crop
         ({"train": {"lr": float("nan")}}, "config key train.lr: nan is not a finite number"),
         ({"train": {"clip_grad_norm": float("inf")}}, "config key train.clip_grad_norm: inf is not a finite number"),

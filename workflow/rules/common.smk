@@ -49,6 +49,15 @@ def non_finite_values(value, path=()):
 def config_error_line(error):
     """One schema error as a line naming the key; a oneOf/anyOf also says which values it takes."""
     key = ".".join(str(p) for p in error.path) or "(top level)"
+    if error.validator == "pattern" and isinstance(error.instance, str):
+        try:
+            float(error.instance)
+            return (
+                f"config key {key}: {error.instance!r} is a quoted number; write it without quotes "
+                "(config/README.md lists the forms the key takes)"
+            )
+        except ValueError:
+            return f"config key {key}: {error.message} (config/README.md lists the forms the key takes)"
     expected = ""
     if error.validator in ("oneOf", "anyOf"):
         expected = (
@@ -304,6 +313,33 @@ def check_values():
 SCANS = check_dataset()
 check_values()
 SUBSETS = selected_subsets()
+
+
+def check_crop_cache():
+    """A crop job's resume cache ({crops.cache}/{subset}) that is or holds the data root, or is, holds or lies in
+    a subset's scan folder: luna-crops refuses it (the cache is removed whole), but only after the synthesis.
+    """
+    cache = Path(config["crops"]["cache"])
+    root = Path(DATA_ROOT).resolve()
+    for subset in SUBSETS:
+        where = (cache / subset).resolve()
+        scans = root / subset
+        for what, place, inside in (
+            ("dataset.root", root, False),
+            ("the scan folder", scans, True),
+        ):
+            if (
+                where == place
+                or where in place.parents
+                or (inside and place in where.parents)
+            ):
+                raise WorkflowError(
+                    f"crops.cache: {cache}/{subset} (the resume cache of {subset}'s crop job, removed whole after "
+                    f"it) overlaps {what} {place}; give the cache a folder of its own (e.g. results/.cache/crops)"
+                )
+
+
+check_crop_cache()
 
 
 def all_folds():
