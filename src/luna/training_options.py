@@ -256,8 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                "faster on the CPU and on CUDA; the results agree to ~1e-5, not bit for bit)")
     rt.add_argument("--num-workers", type=_workers, default="auto",
                     help="DataLoader worker processes; 0 = load in the main process; auto = 0 on the CPU (workers "
-                    "only compete with the model for cores) and min(8, cores - 1) on CUDA, shared by the processes "
-                    "of a torchrun job (an H100 trains ~3,000 samples/s, more than 4 workers deliver: "
+                    "only compete with the model for cores) and min(8, (cores - 1) // processes) per process on "
+                    "CUDA, the cores but one shared by the processes of a torchrun job (an H100 trains ~3,000 samples/s, more than 4 workers deliver: "
                     "benchmarks/results/gpu_check_h100.txt)")
     rt.add_argument("--threads", type=_threads, default=0,
                     help="torch CPU threads; 0 = torch's default")

@@ -564,8 +564,27 @@ def print_summary():
             else f" -s {snakefile} --directory {here}"
         )
         print(
-            f"luna: build the report with: snakemake --report report.html{where}{extra}"
+            f"luna: build the report with: {snakemake_command()} --report report.html{where}{extra}"
         )
+
+
+def snakemake_command():
+    """How to call this Snakemake again from the working folder: "snakemake" when that is the one on PATH, else
+    the venv's own (.venv/bin/snakemake, as the README runs it without activating the venv).
+    """
+    import shutil
+    import sys
+
+    mine = Path(sys.executable).parent / "snakemake"
+    on_path = shutil.which("snakemake")
+    if not mine.is_file() or (
+        on_path is not None and Path(on_path).resolve() == mine.resolve()
+    ):
+        return "snakemake"
+    try:
+        return str(mine.absolute().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(mine.absolute())
 
 
 def validation_tables():
