@@ -296,10 +296,12 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     dry = snakemake(tiny_run, "-n", configfile=other)
     assert job_stats(dry.stdout + dry.stderr) == {"evaluate": 1, "all": 1}
     # crops.cache is where the resume cache lives: it changes no crop (it reran every stage but synthesis); the
-    # default subsets spelled out are the same subsets (they retrained every fold)
+    # default subsets spelled out are the same subsets (they retrained every fold); the root spelled otherwise is
+    # the same folder (it reran every stage but synthesis)
     for section, key, value in (("train", "num_workers", 1), ("validate", "batch_size", 16),
                                 ("crops", "cache", "results/.cache/elsewhere"),
-                                ("dataset", "subsets", ["subset0", "subset1", "subset2"])):
+                                ("dataset", "subsets", ["subset0", "subset1", "subset2"]),
+                                ("dataset", "root", "data/synthetic/"), ("dataset", "root", "./data/synthetic")):
         changed = copy.deepcopy(TINY_CONFIG)
         changed.setdefault(section, {})[key] = value
         other.write_text(__import__("yaml").safe_dump(changed))

@@ -516,6 +516,7 @@ def training_data_settings():
         "dataset": {
             **{k: v for k, v in DATASET.items() if k != "annotations_excluded"},
             "subsets": SUBSETS,  # resolved: spelling out the default subsets retrains nothing
+            "root": DATA_ROOT,  # normalised: data/synthetic/ retrains nothing either
         }
     }
     if SYNTHETIC:
