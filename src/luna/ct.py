@@ -509,8 +509,10 @@ def scan_identity(path: str | os.PathLike) -> tuple:
     and data. The ctime too: an edit whose mtime was put back (``cp -p``, ``rsync -a``, ``tar -x``) still changes
     it, and no tool can set it; a scan copied or restored elsewhere is a new identity (re-cropped, never stale)."""
     path = Path(path)
-    data = data_file(path)  # beside the path as given, where the reader looks (a symlinked header's data is beside
-    parts: list = []        # the link, not beside its target)
+    # the data file beside the path as given, where the reader looks: a symlinked header's data is beside the link,
+    # not beside its target
+    data = data_file(path)
+    parts: list = []
     for p in (path.resolve(), data.resolve()):
         st = p.stat()
         parts.extend([str(p), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])

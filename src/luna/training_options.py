@@ -257,8 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("--num-workers", type=_workers, default="auto",
                     help="DataLoader worker processes; 0 = load in the main process; auto = 0 on the CPU (workers "
                     "only compete with the model for cores) and min(8, (cores - 1) // processes) per process on "
-                    "CUDA, the cores but one shared by the processes of a torchrun job (an H100 trains ~3,000 samples/s, more than 4 workers deliver: "
-                    "benchmarks/results/gpu_check_h100.txt)")
+                    "CUDA, the cores but one shared by the processes of a torchrun job (an H100 trains ~3,000 "
+                    "samples/s, more than 4 workers deliver: benchmarks/results/gpu_check_h100.txt)")
     rt.add_argument("--threads", type=_threads, default=0,
                     help="torch CPU threads; 0 = torch's default")
     rt.add_argument("--data-on-device", choices=("auto", "always", "never"), default="auto",

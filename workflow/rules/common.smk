@@ -317,8 +317,9 @@ SUBSETS = selected_subsets()
 
 def check_crop_cache():
     """A crop job's resume cache ({crops.cache}/{subset}) that is or holds the data root, or is, holds or lies in
-    a subset's scan folder: luna-crops refuses it (the cache is removed whole), but only after the synthesis.
-    """
+    a subset's scan folder. The cache is removed whole after the job; luna-crops refuses a cache that is or holds
+    the data root, or an existing folder that is not a cache (a scan folder, but only once the synthesis made
+    it); a cache inside a scan folder is refused here only, as no output goes there."""
     cache = Path(config["crops"]["cache"])
     root = Path(DATA_ROOT).resolve()
     for subset in SUBSETS:
@@ -381,9 +382,8 @@ def check_folds_trainable(folds):
             plan.series_uid: plan.subset for plan in plans if plan.subset in SUBSETS
         }
         where = f"the {len(scans)} synthetic scans of {', '.join(SUBSETS)}"
-    splits = make_splits(
-        scans, k
-    )  # the split luna-split writes, and the roles luna-train gives
+    # the split luna-split writes, and the roles luna-train gives
+    splits = make_splits(scans, k)
     present = set(splits["fold"].tolist())
     empty = [f for f in folds if f not in present]
     if empty:
@@ -394,9 +394,8 @@ def check_folds_trainable(folds):
     fraction = config["split"]["selection_fraction"]
     for fold in folds:
         roles = list(fold_roles(splits, fold, fraction).values())
-        n_others, n_selection = len(roles) - roles.count("test"), roles.count(
-            "selection"
-        )
+        n_others = len(roles) - roles.count("test")
+        n_selection = roles.count("selection")
         if not n_others:  # every scan is in this fold: no share of the others can help
             raise WorkflowError(
                 f"split.folds: all {len(roles)} scans ({where}) are in test fold {fold}, and nothing is left "

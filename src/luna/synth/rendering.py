@@ -1,9 +1,9 @@
 """From parameters to a scan: rendering an anatomy with its vessels, nodules and excluded findings into an int16
 volume (vectorised numpy in slabs of slices, vessels and blobs on small bounding boxes, so memory stays bounded
-at full size; the vessel segments in batches of one box shape, :func:`_vessel_occupancy`), and one whole scan (:func:`synthesize_scan`: anatomy, vessels, nodules, volume, annotation rows
-and CAD-like candidates). Every scan is built from its own seed-derived RNGs
-(``SeedSequence(seed, spawn_key=(1, index))``, and ``(2, index)`` for the image noise), so scans can be made in
-any order or in parallel and are byte-identical for the same config. Pure: no files are written here.
+at full size; the vessel segments in batches of one box shape, :func:`_vessel_occupancy`), and one whole scan
+(:func:`synthesize_scan`: anatomy, vessels, nodules, volume, annotation rows and CAD-like candidates). Every scan
+is built from its own seed-derived RNGs (``SeedSequence(seed, spawn_key=(1, index))``, and ``(2, index)`` for the
+image noise), so scans can be made in any order or in parallel and are byte-identical for the same config. Pure: no files are written here.
 """
 
 from __future__ import annotations
@@ -52,16 +52,11 @@ def _box_coords(a: _Anatomy, box: tuple[slice, slice, slice], k0: int, origin_uv
 
 
 def _capsule_occupancy(a: _Anatomy, seg: np.ndarray, box, k0: int) -> np.ndarray:
-    """Partial-volume occupancy (0..1) of a tapered tube from p0 (radius r0) to p1 (radius r1)."""
-    p0, p1, r0, r1 = seg[:3], seg[3:6], seg[6], seg[7]
-    du, dv, dw = _box_coords(a, box, k0, p0)
-    d = (p1 - p0).astype(np.float32)
-    l2 = max(float(d.dot(d)), 1e-9)
-    t = np.clip((du * d[0] + dv * d[1] + dw * d[2]) * np.float32(1 / l2), 0, 1)
-    ex, ey, ez = du - t * d[0], dv - t * d[1], dw - t * d[2]
-    dist = np.sqrt(ex * ex + ey * ey + ez * ez)
-    radius = np.float32(r0) + t * np.float32(r1 - r0)
-    return np.clip((radius - dist) * np.float32(1 / _EDGE_MM) + np.float32(0.5), 0, 1)
+    """Partial-volume occupancy (0..1) of a tapered tube from p0 (radius r0) to p1 (radius r1) on a voxel box
+    (chunk-relative z): :func:`_capsules_occupancy` of this one segment."""
+    start = np.array([[box[0].start + k0, box[1].start, box[2].start]])
+    shape = np.array([s.stop - s.start for s in box])
+    return _capsules_occupancy(a, seg[None], start, shape)[0]
 
 
 def _segment_boxes(a: _Anatomy, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +108,9 @@ def _vessel_occupancy(a: _Anatomy, segments: np.ndarray, lo: np.ndarray, hi: np.
 
 
 def _capsules_occupancy(a: _Anatomy, segments: np.ndarray, start: np.ndarray, shape: np.ndarray) -> np.ndarray:
-    """:func:`_capsule_occupancy` of S segments on S voxel boxes of one shape starting at ``start`` ((S, 3) canonical
-    (i, r, c)): (S, *shape) float32, element for element the same operations, so the same numbers."""
+    """Partial-volume occupancy (0..1) of S tapered tubes (p0, p1, r0, r1 per row) on S voxel boxes of one shape
+    starting at ``start`` ((S, 3) canonical (i, r, c)): (S, *shape) float32, every element computed by the same
+    float32 operations whatever the batch, so a segment's numbers do not depend on its box or batch."""
     f32 = np.float32
     p0 = segments[:, :3]
     steps = [np.arange(int(m)) for m in shape]
