@@ -20,7 +20,7 @@ import torch
 from hooks import hook_env
 from luna.evaluation import PREDICTION_COLUMNS
 from luna.metrics import HISTORY_COLUMNS
-from luna.model import load_model
+from luna.model import LunaModel, load_model
 from luna.recipe import ema_decay_at, ema_update, make_optimizer, warmup_lr
 from luna.train_state import default_state_dir
 from luna.training import LunaTrainingApp, main
@@ -75,7 +75,7 @@ def test_help_lists_every_option(capsys) -> None:
                  "--seed", "--augment-flip", "--augment-offset", "--augment-scale", "--augment-rotate",
                  "--augment-noise", "--device", "--amp", "--channels-last", "--no-channels-last",
                  "--num-workers", "--threads", "--lr-warmup-steps", "--clip-grad-norm", "--ema-decay",
-                 "--optimizer", "--balanced-schedule"]:
+                 "--optimizer", "--weight-decay", "--balanced-schedule"]:
         assert flag in text, flag
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
@@ -135,8 +135,30 @@ def test_optimizer_is_the_books_sgd_unless_asked() -> None:
     adam = make_optimizer(build_parser().parse_args([*base, "--optimizer", "adam", "--lr", "0.0003"]), model)
     assert type(adam) is torch.optim.Adam
     assert adam.defaults["lr"] == 0.0003 and adam.defaults["betas"] == (0.9, 0.999)
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([*base, "--optimizer", "lbfgs"])
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.0]  # the book: no weight decay
+    model = LunaModel()
+    adamw = make_optimizer(build_parser().parse_args([*base, "--optimizer", "adamw", "--weight-decay", "0.05"]), model)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["lr"] == 0.001
+    decayed, rest = adamw.param_groups
+    assert decayed["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    # conv and linear weights decay; biases and BatchNorm's scale and shift do not
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1)
+    assert any("batchnorm" in names[id(p)] for p in rest["params"])
+    assert len(decayed["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    sgd_wd = make_optimizer(build_parser().parse_args([*base, "--weight-decay", "1e-4"]), model)
+    assert [g["weight_decay"] for g in sgd_wd.param_groups] == [1e-4, 0.0]
+    # decoupled: one AdamW step on zero gradients shrinks a decayed weight by lr * wd and leaves a bias alone
+    layer = torch.nn.Linear(3, 2)
+    before_w, before_b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = make_optimizer(build_parser().parse_args([*base, "--optimizer", "adamw", "--weight-decay", "0.5"]), layer)
+    layer.weight.grad, layer.bias.grad = torch.zeros_like(layer.weight), torch.zeros_like(layer.bias)
+    opt.step()
+    assert torch.allclose(layer.weight, before_w * (1 - 0.001 * 0.5)) and torch.equal(layer.bias, before_b)
+    for bad in (["--optimizer", "lbfgs"], ["--weight-decay", "-0.1"], ["--weight-decay", "nan"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
 
 
 def test_balanced_schedule_option_parses_epoch_ratio_pairs(data: dict[str, Path], tmp_path: Path) -> None:

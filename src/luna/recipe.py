@@ -33,10 +33,22 @@ def scheduled_lr(lr: float, step: int, warmup_steps: int, schedule: str = "const
 
 
 def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The book's SGD (lr, momentum) or Adam (lr, torch's default betas)."""
+    """The book's SGD (lr, momentum), Adam or AdamW (lr, torch's default betas).
+
+    ``weight_decay`` (default 0, the book) applies to the conv and linear weights only, not to biases or
+    BatchNorm's scale and shift (as torchvision's ``--norm-weight-decay 0``): for sgd and adam it is the L2
+    term added to the gradient, for adamw the decoupled decay ``w <- w - lr * weight_decay * w``."""
+    weight_decay = float(getattr(args, "weight_decay", 0.0))
+    params: object = model.parameters()
+    if weight_decay > 0:
+        decayed = [p for p in model.parameters() if p.ndim > 1]
+        rest = [p for p in model.parameters() if p.ndim <= 1]
+        params = [{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=weight_decay)
     if args.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=args.lr)
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=weight_decay)
 
 
 def ema_decay_at(decay: float, step: int) -> float:

@@ -201,8 +201,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="training samples per epoch (the book: 200000); 0 = as many samples as there are train "
                          "crops (drawn by the sampler: with --balanced, positives repeat and some negatives wait)")
     tr.add_argument("--batch-size", type=_positive_int, default=32, help="batch size (per process under torchrun)")
-    tr.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
-                    help="sgd = the book's SGD with --momentum; adam = Adam (betas 0.9, 0.999; --momentum unused)")
+    tr.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd",
+                    help="sgd = the book's SGD with --momentum; adam = Adam (betas 0.9, 0.999; --momentum unused); "
+                    "adamw = Adam with --weight-decay decoupled from the gradient")
+    tr.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, metavar="WD",
+                    help="weight decay of the conv and linear weights (not biases or BatchNorm): an L2 term for sgd "
+                    "and adam, decoupled (w -= lr * WD * w) for adamw; 0 = off (the book)")
     tr.add_argument("--lr", type=_positive_float, default=0.001, help="learning rate")
     tr.add_argument("--momentum", type=_unit_interval, default=0.99, help="SGD momentum (< 1)")
     tr.add_argument("--lr-warmup-steps", type=_nonnegative_int, default=0, metavar="STEPS",
