@@ -176,7 +176,7 @@ def devtest_scores(predictions: pd.DataFrame, nodules: pd.DataFrame, scans: list
     from luna.froc import froc, froc_bootstrap
     from luna.metrics import auc_score
 
-    low, high = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
+    low, high, _ = froc_bootstrap(predictions, nodules, scans, ignored, n_bootstrap=200)["cpm"]
     return {"dt_cpm": froc(predictions, nodules, scans, ignored).cpm, "dt_low": low, "dt_high": high,
             "dt_auc": auc_score(predictions["is_nodule"].to_numpy(), predictions["probability"].to_numpy())}
 

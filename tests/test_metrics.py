@@ -265,8 +265,9 @@ def test_froc_interpolation_past_the_end_is_the_last_value():
     assert result.cpm == pytest.approx(0.5)
     # a rising curve: hits at 0.9 and 0.2, FPs at 0.5 and 0.4 on two scans:
     # (0,0), 0.9 (0, 0.5), 0.5 (0.5, 0.5), 0.4 (1, 0.5), 0.2 (1, 1.0);
-    # at 0.125, 0.25, 0.5: 0.5; at 1 the duplicate x = 1 reads the later point (1.0), as numpy.interp
-    # does in the official script; 2, 4, 8 past the end -> 1.0.  CPM = (3 * 0.5 + 4 * 1.0) / 7 = 5.5 / 7
+    # at 0.125, 0.25, 0.5: 0.5; at 1 the duplicate x = 1 reads the later point (1.0), as numpy.interp does on
+    # exact FP counts (the official script's fpr * negatives / scans may round past 1 and read 0.5 there:
+    # froc.py's departures); 2, 4, 8 past the end -> 1.0.  CPM = (3 * 0.5 + 4 * 1.0) / 7 = 5.5 / 7
     rows = [("S", 0, 0, 0, 0.9), ("S", 50, 0, 0, 0.5), ("S", 60, 0, 0, 0.4), ("T", 1, 0, 0, 0.2)]
     result = froc(_predictions(rows), annotations, ["S", "T"])
     assert list(result.sensitivities.values()) == pytest.approx([0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
@@ -354,10 +355,43 @@ def test_froc_bootstrap_is_deterministic_and_brackets_the_estimate():
     second = froc_bootstrap(predictions, annotations, val, excluded, n_bootstrap=200, seed=7)
     assert first == second
     assert list(first) == ["cpm"] + SENSITIVITY_COLUMNS
-    for low, high in first.values():
+    for low, high, n_samples in first.values():
         assert 0.0 <= low <= high <= 1.0
-    assert first["cpm"][0] < 4.1 / 7 < first["cpm"][1]
+        assert n_samples == 200  # every scan but one holds a nodule: all 200 samples drew one
+    assert first["cpm"].low < 4.1 / 7 < first["cpm"].high
     assert froc_bootstrap(predictions, annotations, val, excluded, n_bootstrap=200, seed=8) != first
+
+
+def test_froc_bootstrap_counts_the_samples_without_nodules_it_leaves_out():
+    # One nodule among five scans: a sample draws none of its scan with probability (4/5)^5 = 0.328; those
+    # samples have no sensitivity, are left out of the percentiles and out of n_samples.
+    scans = [f"s{k}" for k in range(5)]
+    annotations = pd.DataFrame({"seriesuid": ["s0"], "coordX": [0.0], "coordY": [0.0], "coordZ": [0.0],
+                                "diameter_mm": [6.0]})
+    predictions = pd.DataFrame({"series_uid": ["s0", "s1", "s2"], "coord_x": [0.0, 50.0, 50.0],
+                                "coord_y": [0.0, 0.0, 0.0], "coord_z": [0.0, 0.0, 0.0],
+                                "probability": [0.6, 0.9, 0.3]})
+    n_bootstrap, seed = 2000, 5
+    result = froc_bootstrap(predictions, annotations, scans, None, n_bootstrap=n_bootstrap, seed=seed)
+    rng = np.random.default_rng(seed)
+    drew_nodule = sum(int(0 in rng.integers(0, 5, size=5)) for _ in range(n_bootstrap))
+    assert result["cpm"].n_samples == drew_nodule
+    assert 0.60 * n_bootstrap < drew_nodule < 0.74 * n_bootstrap  # 1 - 0.328 = 0.672 expected
+    assert all(interval.n_samples == drew_nodule for interval in result.values())
+    # no scan holds a nodule: nothing is defined
+    empty = froc_bootstrap(predictions, annotations.iloc[:0], scans, None, n_bootstrap=50, seed=seed)
+    assert all(math.isnan(i.low) and math.isnan(i.high) and i.n_samples == 0 for i in empty.values())
+
+
+@pytest.mark.parametrize("value, shown", [(float("-inf"), "-inf"), (float("inf"), "inf"), (float("nan"), "nan"),
+                                          ("x", "'x'")])
+def test_froc_refuses_a_probability_that_is_not_finite(value: object, shown: str) -> None:
+    predictions, annotations, excluded, val = hand_case()
+    predictions = predictions.astype({"probability": object})
+    predictions.iloc[2, predictions.columns.get_loc("probability")] = value
+    with pytest.raises(MetricsError) as info:
+        froc(predictions, annotations, val, excluded)
+    assert str(info.value) == f"predictions: row 2: probability = {shown} is not a finite number"
 
 
 def test_froc_bootstrap_single_draw_pattern_equals_froc_on_duplicated_scans():
@@ -377,9 +411,9 @@ def test_froc_bootstrap_single_draw_pattern_equals_froc_on_duplicated_scans():
         new_val.append(f"{uid}#{k}")
     expected = froc(pd.concat(copies_p), pd.concat(copies_a), new_val, pd.concat(copies_x))
     interval = froc_bootstrap(predictions, annotations, val, excluded, n_bootstrap=1, seed=seed)
-    assert interval["cpm"][0] == pytest.approx(expected.cpm)
+    assert interval["cpm"].low == interval["cpm"].high == pytest.approx(expected.cpm)
     for name in SENSITIVITY_COLUMNS:
-        assert interval[name][0] == pytest.approx(expected.sensitivities[name])
+        assert interval[name].low == pytest.approx(expected.sensitivities[name])
 
 
 def test_metrics_columns_and_combine():

@@ -37,7 +37,7 @@ import pandas as pd
 from luna.luna16 import TableError, read_annotations_csv
 from luna.io import NA_REP, OutputError, check_not_an_input, check_writable_dir, write_tsv
 from luna.app import StageApp
-from luna.froc import SENSITIVITY_COLUMNS, FrocResult, froc, froc_bootstrap
+from luna.froc import SENSITIVITY_COLUMNS, BootstrapInterval, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
 from luna.model import CheckpointError, load_checkpoint, not_held_out
 from luna.splits import SplitsError, read_splits_tsv
@@ -92,7 +92,7 @@ class EvaluationResult:
     predictions: pd.DataFrame
     metrics: pd.DataFrame | None = None
     froc: dict[str, FrocResult] = field(default_factory=dict)
-    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    intervals: dict[str, dict[str, BootstrapInterval]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -289,6 +289,10 @@ def evaluate_rows(folds: Sequence[FoldPredictions], annotations: pd.DataFrame | 
             if bootstrap > 0:
                 intervals[name] = froc_bootstrap(frame, annotations, scans, excluded, cut, n_bootstrap=bootstrap,
                                                  seed=seed, confidence=CONFIDENCE)
+                used = intervals[name]["cpm"].n_samples
+                if result.n_nodules and used < bootstrap:
+                    logger.warning("fold %s: %d of %d bootstrap samples drew no nodule and are left out of its "
+                                   "intervals (metrics_ci.tsv n_bootstrap %d)", name, bootstrap - used, bootstrap, used)
         rows.append(combine_metrics(row, result, fold=name, threshold=threshold))
     metrics = pd.DataFrame(rows)[METRICS_COLUMNS]
     metrics["epoch"] = metrics["epoch"].astype("Int64")  # whole numbers; NaN in a pooled row of differing folds
@@ -319,16 +323,17 @@ def submission_frame(predictions: pd.DataFrame) -> pd.DataFrame:
     })[SUBMISSION_COLUMNS]
 
 
-def ci_frame(metrics: pd.DataFrame, intervals: dict[str, dict[str, tuple[float, float]]], n_bootstrap: int,
-             seed: int) -> pd.DataFrame:
-    """metrics_ci.tsv: per fold and pooled, one row per FROC metric (cpm, sens_at_*) with its bootstrap interval."""
+def ci_frame(metrics: pd.DataFrame, intervals: dict[str, dict[str, BootstrapInterval]], seed: int) -> pd.DataFrame:
+    """metrics_ci.tsv: per fold and pooled, one row per FROC metric (cpm, sens_at_*) with its bootstrap interval
+    and the number of samples it rests on (``n_bootstrap``: those that drew a nodule)."""
     records = []
     for _, row in metrics.iterrows():
         fold = str(row["fold"])
         for name in ["cpm", *SENSITIVITY_COLUMNS]:
-            low, high = intervals[fold][name]
-            records.append({"fold": fold, "metric": name, "value": float(row[name]), "ci_low": low, "ci_high": high,
-                            "confidence": CONFIDENCE, "n_bootstrap": int(n_bootstrap), "seed": int(seed)})
+            interval = intervals[fold][name]
+            records.append({"fold": fold, "metric": name, "value": float(row[name]), "ci_low": interval.low,
+                            "ci_high": interval.high, "confidence": CONFIDENCE, "n_bootstrap": interval.n_samples,
+                            "seed": int(seed)})
     return pd.DataFrame(records, columns=CI_COLUMNS)
 
 
@@ -387,7 +392,7 @@ def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], lab
         metrics, frocs, intervals = result.metrics, result.froc, result.intervals
         written.append(write_tsv(metrics, out_dir / "metrics.tsv"))
         if intervals:
-            written.append(write_tsv(ci_frame(metrics, intervals, bootstrap, seed), out_dir / "metrics_ci.tsv"))
+            written.append(write_tsv(ci_frame(metrics, intervals, seed), out_dir / "metrics_ci.tsv"))
         pooled_row = metrics.iloc[-1].to_dict()
         if "all" in frocs:
             written.append(write_tsv(frocs["all"].curve[FROC_COLUMNS], out_dir / "froc.tsv"))

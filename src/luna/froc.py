@@ -6,8 +6,16 @@ candidates per scan (strictly above the 101st probability), a hit is distance < 
 means 10 mm), a candidate inside two nodules hits both, each nodule scores once with its best probability,
 candidates on excluded findings that hit no nodule are dropped; the seven sensitivities at 1/8 ... 8 FPs per
 scan are linear interpolations (past the end: the last value) and CPM is their mean. A sensitivity with no
-nodules is ``NaN``, never 0. One departure: when there are nodules but no candidate hits any, the sensitivities
-and CPM are 0, where the official script's ``roc_curve`` divides 0 by 0 and reports NaN.
+nodules is ``NaN``, never 0. Departures:
+
+* when there are nodules but no candidate hits any, the sensitivities and CPM are 0, where the official
+  script's ``roc_curve`` divides 0 by 0 and reports NaN;
+* FPs per scan are counted exactly (false positives / scans): where the curve steps up at exactly one of the
+  seven rates, the top of the step is read. The official script's ``fpr * negatives / scans`` lands a float
+  rounding off the rate for some counts and then reads the step's bottom (~1e-4 of CPM on LUNA16);
+* the official script reads its sensitivities off a 10,001-point grid (its forks compute CPM from it); the
+  seven rates are interpolated directly here;
+* bootstrap samples that draw no nodule are left out and counted (:func:`froc_bootstrap`).
 """
 
 from __future__ import annotations
@@ -15,13 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from luna.metrics import MetricsError
 
-__all__ = ["FROC_RATES", "SENSITIVITY_COLUMNS", "FrocResult", "froc", "froc_bootstrap", "on_findings"]
+__all__ = ["FROC_RATES", "SENSITIVITY_COLUMNS", "BootstrapInterval", "FrocResult", "froc", "froc_bootstrap",
+           "on_findings"]
 
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which LUNA16 reads the sensitivity; CPM is the mean of the seven."""
@@ -81,12 +91,12 @@ def _check_frame(frame: pd.DataFrame, name: str, columns: Sequence[str], numeric
     frame = frame.loc[:, list(columns)].copy()
     for column in numeric:
         values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna()  # a missing or non-numeric value
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))  # missing, non-numeric, NaN or infinite
         if bad.any():
-            position = int(np.flatnonzero(bad.to_numpy())[0])
-            raise MetricsError(
-                f"{name}: row {position}: {column} = {frame[column].iloc[position]!r} is not a number"
-            )
+            position = int(np.flatnonzero(bad)[0])
+            value = frame[column].iloc[position]
+            shown = repr(value) if isinstance(value, str) else str(value)  # 'abc', nan, inf (not np.float64(nan))
+            raise MetricsError(f"{name}: row {position}: {column} = {shown} is not a finite number")
         frame[column] = values.astype(np.float64)
     first = list(columns)[0]
     frame[first] = frame[first].astype(str)
@@ -303,6 +313,16 @@ def froc(
     )
 
 
+class BootstrapInterval(NamedTuple):
+    """One metric's bootstrap interval and the number of samples it rests on."""
+
+    low: float
+    high: float
+    n_samples: int
+    """Samples in which the metric is defined: those that drew at least one nodule (a sample of nodule-free
+    scans has no sensitivity); fewer than requested only when some test scans have no nodules."""
+
+
 def froc_bootstrap(
     predictions: pd.DataFrame,
     annotations: pd.DataFrame,
@@ -313,14 +333,17 @@ def froc_bootstrap(
     n_bootstrap: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, BootstrapInterval]:
     """Bootstrap confidence intervals of CPM and the seven sensitivities, resampling val scans.
 
     As the official script: each sample draws the val scans with replacement (a scan drawn twice brings
     its nodules and false positives twice); the FP divisor stays the number of val scans. Deterministic
-    for a given ``seed``. Returns ``{"cpm": (low, high), "sens_at_0.125": (low, high), ...}``, the
-    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles (2.5 / 97.5 by default); NaN where
-    every sample lacks nodules.
+    for a given ``seed``. Returns ``{"cpm": (low, high, n_samples), "sens_at_0.125": ..., ...}``: the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles (2.5 / 97.5 by default, numpy's linear
+    interpolation) of the samples that drew a nodule, and their number. Unlike the official script, which
+    sorts the undefined sensitivities of nodule-free samples last and reads fixed positions, such samples
+    are left out (the interval is conditional on drawing a nodule) and ``n_samples`` says how many remain;
+    NaN when none does.
     """
     if n_bootstrap < 1:
         raise MetricsError(f"n_bootstrap: must be >= 1, got {n_bootstrap}")
@@ -339,12 +362,12 @@ def froc_bootstrap(
         values[sample] = _sensitivities(fp_per_scan, sensitivity)
     cpm = values.mean(axis=1)
     percentiles = [50.0 * (1.0 - confidence), 50.0 * (1.0 + confidence)]
-    result: dict[str, tuple[float, float]] = {}
+    result: dict[str, BootstrapInterval] = {}
     for name, column in [("cpm", cpm)] + [(n, values[:, i]) for i, n in enumerate(SENSITIVITY_COLUMNS)]:
         finite = column[~np.isnan(column)]
         if finite.size:
             low, high = np.percentile(finite, percentiles)
-            result[name] = (float(low), float(high))
+            result[name] = BootstrapInterval(float(low), float(high), int(finite.size))
         else:
-            result[name] = (math.nan, math.nan)
+            result[name] = BootstrapInterval(math.nan, math.nan, 0)
     return result
