@@ -123,6 +123,30 @@ def test_a_synthetic_root_holding_other_files_stops_the_dry_run(tmp_path) -> Non
     assert (mine / "notes.txt").read_text() == "important\n"
 
 
+def test_a_fold_named_by_its_path_is_checked_as_run_folds_are(tmp_path) -> None:
+    """results/folds/N/... as a target: a fold that does not exist, or one without a selection scan, stops the
+    dry run as it does in split.run_folds (it failed the train job after the synthesis and every crop)."""
+    config_path = write_config(tmp_path, TINY_CONFIG)
+    proc = snakemake(tmp_path, "-n", targets=("results/folds/7/predictions.tsv",), configfile=config_path,
+                     check=False)
+    assert proc.returncode != 0
+    assert ("results/folds/7: fold 7 does not exist; the split has folds 0, 1, 2 (split.folds: subsets)"
+            in proc.stdout + proc.stderr)
+    proc = snakemake(tmp_path, "-n", targets=("results/folds/2/model.pt",), configfile=config_path, check=False)
+    assert proc.returncode == 0 and job_stats(proc.stdout + proc.stderr)["train"] == 1, proc.stdout + proc.stderr
+    # a selection share of 0.2 selects one of fold 0's and fold 2's six other scans, none of fold 1's
+    config = copy.deepcopy(TINY_CONFIG)
+    config["split"] = {**config["split"], "selection_fraction": 0.2, "run_folds": [0]}
+    config_path = write_config(tmp_path, config)
+    assert snakemake(tmp_path, "-n", configfile=config_path, check=False).returncode == 0
+    proc = snakemake(tmp_path, "-n", targets=("results/folds/1/model.pt",), configfile=config_path, check=False)
+    assert proc.returncode != 0
+    assert ("split.selection_fraction: 0.2 leaves test fold 1 no scan in its selection set (of its 6 other scans, 0 "
+            "select); raise it, or use 0 with train.keep: last and a fixed train.threshold") in proc.stdout + proc.stderr
+    proc = snakemake(tmp_path, "-n", targets=("results/folds/2/model.pt",), configfile=config_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_a_synthetic_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:
     """The synthetic UIDs come from the seed alone: a run fold of the hash split without scans is known at the dry
     run (it failed its training job after every crop); a fold with scans of such a split still runs."""
@@ -257,7 +281,12 @@ def test_tiny_pipeline_outputs(tiny_run: Path) -> None:
     for name in ("roc.png", "pr.png", "froc.png", "training_curves.png"):
         assert (val / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ci = pd.read_csv(val / "metrics_ci.tsv", sep="\t")
-    assert ci["fold"].astype(str).unique().tolist() == ["0", "1", "all"] and set(ci["n_bootstrap"]) == {50}
+    assert ci["fold"].astype(str).unique().tolist() == ["0", "1", "all"]
+    # fold 0's three scans include one without nodules: one of the 50 samples drew only it, has no sensitivity
+    # and is left out (and counted) rather than sorted last as the official script does
+    assert ci.groupby(ci["fold"].astype(str))["n_bootstrap"].agg(set).to_dict() == {"0": {49}, "1": {50}, "all": {50}}
+    assert ("fold 0: 1 of 50 bootstrap samples drew no nodule and are left out of its intervals (metrics_ci.tsv "
+            "n_bootstrap 49)") in (tiny_run / "logs" / "evaluate.log").read_text()
     for log in ("synthesize", "candidates", "split", "train/0", "train/1", "predict/0", "predict/1", "evaluate"):
         assert (tiny_run / "logs" / f"{log}.log").stat().st_size > 0
         assert (tiny_run / "benchmarks" / "runs" / f"{log}.tsv").exists()
@@ -296,11 +325,13 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     dry = snakemake(tiny_run, "-n", configfile=other)
     assert job_stats(dry.stdout + dry.stderr) == {"evaluate": 1, "all": 1}
     # crops.cache is where the resume cache lives: it changes no crop (it reran every stage but synthesis); the
-    # default subsets spelled out are the same subsets (they retrained every fold); the root spelled otherwise is
-    # the same folder (it reran every stage but synthesis)
+    # default subsets spelled out, in any order, are the same subsets (they retrained every fold; listed in
+    # another order they also trained other models: the crop stores' order is the samples'); the root spelled
+    # otherwise is the same folder (it reran every stage but synthesis)
     for section, key, value in (("train", "num_workers", 1), ("validate", "batch_size", 16),
                                 ("crops", "cache", "results/.cache/elsewhere"),
                                 ("dataset", "subsets", ["subset0", "subset1", "subset2"]),
+                                ("dataset", "subsets", ["subset2", "subset0", "subset1"]),
                                 ("dataset", "root", "data/synthetic/"), ("dataset", "root", "./data/synthetic")):
         changed = copy.deepcopy(TINY_CONFIG)
         changed.setdefault(section, {})[key] = value

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -183,13 +184,26 @@ def table_path(name):
     return None if path is None else str(path)
 
 
+def subset_order(name):
+    """Sort key of a subset folder: its numbers as numbers (subset2 before subset10)."""
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", name)
+    ]
+
+
 def selected_subsets():
-    """Subsets the run uses: the configured ones, else all the synthetic set makes, else every subset* on disk."""
+    """Subsets the run uses, in one order however they are listed (the order of the crop stores is the
+    order of luna-train's samples: [subset1, subset0] must train what [subset0, subset1] does): the
+    configured ones, else all the synthetic set makes, else every subset* on disk."""
     if DATASET["subsets"]:
-        return list(DATASET["subsets"])
+        return sorted(DATASET["subsets"], key=subset_order)
     if SYNTHETIC:
         return [f"subset{k}" for k in range(config["synthetic"]["n_subsets"])]
-    found = sorted(p.name for p in Path(DATA_ROOT).glob("subset*") if p.is_dir())
+    found = sorted(
+        (p.name for p in Path(DATA_ROOT).glob("subset*") if p.is_dir()),
+        key=subset_order,
+    )
     if not found:
         raise WorkflowError(f"dataset.root: no subset* folders under {DATA_ROOT}")
     return found
@@ -441,9 +455,27 @@ def run_folds_trainable():
 
 
 def trainable_splits(wildcards):
-    """The train rule's splits.tsv input, once the run folds are known to be trainable."""
+    """The train rule's splits.tsv input, once the run folds, and a fold asked for by its path
+    (results/folds/N/model.pt), are known to exist and to be trainable."""
     run_folds_trainable()
+    fold = int(wildcards.fold)
+    if fold not in RUN_FOLDS:
+        fold_trainable(fold)
     return f"{RESULTS}/splits.tsv"
+
+
+@functools.cache
+def fold_trainable(fold):
+    """A fold outside split.run_folds, named by a target path: the checks run_folds and
+    check_folds_trainable make for the run folds, once per DAG."""
+    folds = all_folds()
+    if fold not in folds:
+        raise WorkflowError(
+            f"{RESULTS}/folds/{fold}: fold {fold} does not exist; the split has folds "
+            f"{', '.join(map(str, folds))} (split.folds: {config['split']['folds']})"
+        )
+    check_folds_trainable([fold])
+    return True
 
 
 def dataset_inputs():
