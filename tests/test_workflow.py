@@ -147,6 +147,27 @@ def test_a_fold_named_by_its_path_is_checked_as_run_folds_are(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("seed, run_folds, message", [
+    (1, [2], "the test fold 2 (3 scans) is planned no nodule"),
+    (10, [0], "the train set of test fold 0 (3 scans) is planned no nodule"),
+    (1, [0], "the selection set of test fold 0 (1 scan) is planned no nodule"),
+    (17, "all", None),
+])
+def test_a_synthetic_role_planned_no_nodule_stops_the_dry_run(tmp_path, seed, run_folds, message) -> None:
+    """The synthetic plan knows each scan's nodules before any file exists: a test fold, training set or
+    selection set without one failed luna-train after the synthesis and every crop."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["synthetic"] = {**config["synthetic"], "seed": seed, "nodules_per_scan": 0.4}
+    config["split"] = {**config["split"], "run_folds": run_folds}
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    if message is None:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0
+        assert f"synthetic.nodules_per_scan: {message} (the 9 synthetic scans of subset0, subset1, subset2)" in (
+            proc.stdout + proc.stderr)
+
+
 def test_a_synthetic_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:
     """The synthetic UIDs come from the seed alone: a run fold of the hash split without scans is known at the dry
     run (it failed its training job after every crop); a fold with scans of such a split still runs."""

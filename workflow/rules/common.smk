@@ -385,6 +385,7 @@ def check_folds_trainable(folds):
             f"split.folds: subsets with one subset ({', '.join(SUBSETS)}) is one fold, and nothing is "
             "left to train on; select two subsets or more, or give a number of folds"
         )
+    nodules = None  # per scan, where known before any file exists: the synthetic plan's
     if SCANS is not None:
         scans = {uid: subset for uid, subset in SCANS.items() if subset in SUBSETS}
         where = f"the {len(scans)} scans under {DATA_ROOT}"
@@ -395,6 +396,8 @@ def check_folds_trainable(folds):
         scans = {
             plan.series_uid: plan.subset for plan in plans if plan.subset in SUBSETS
         }
+        # at most: a nodule that finds no room in its scan is left out
+        nodules = {plan.series_uid: plan.n_nodules for plan in plans}
         where = f"the {len(scans)} synthetic scans of {', '.join(SUBSETS)}"
     # the split luna-split writes, and the roles luna-train gives
     splits = make_splits(scans, k)
@@ -407,7 +410,8 @@ def check_folds_trainable(folds):
         )
     fraction = config["split"]["selection_fraction"]
     for fold in folds:
-        roles = list(fold_roles(splits, fold, fraction).values())
+        by_uid = fold_roles(splits, fold, fraction)
+        roles = list(by_uid.values())
         n_others = len(roles) - roles.count("test")
         n_selection = roles.count("selection")
         if not n_others:  # every scan is in this fold: no share of the others can help
@@ -425,6 +429,29 @@ def check_folds_trainable(folds):
                     if n_selection
                     else "raise it, or use 0 with train.keep: last and a fixed train.threshold"
                 )
+            )
+        if nodules is not None:
+            check_roles_hold_nodules(fold, by_uid, nodules, fraction, where)
+
+
+def check_roles_hold_nodules(fold, roles, nodules, fraction, where):
+    """The synthetic plan's nodules per role of one run fold: a test fold, training set or (fraction > 0)
+    selection set whose scans are planned no nodule fails luna-train after the synthesis and every crop.
+    """
+    for role, fix in (
+        ("test", "use fewer folds, more scans or a higher synthetic.nodules_per_scan"),
+        ("train", "use more scans or a higher synthetic.nodules_per_scan"),
+        ("selection", "raise split.selection_fraction or synthetic.nodules_per_scan"),
+    ):
+        uids = [uid for uid, r in roles.items() if r == role]
+        if role == "selection" and not (fraction > 0 and uids):
+            continue
+        if not sum(nodules[uid] for uid in uids):
+            what = "test fold" if role == "test" else f"{role} set of test fold"
+            raise WorkflowError(
+                f"synthetic.nodules_per_scan: the {what} {fold} ({len(uids)} "
+                f"scan{'s' if len(uids) != 1 else ''}) is planned no nodule ({where}): its metrics "
+                f"and choices would be undefined; {fix}"
             )
 
 
