@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import csv
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -378,8 +381,30 @@ def test_config_errors_name_the_key():
         SynthConfig(size_xy_min=64, size_xy_max=64)  # 64 x 0.46 mm = 29 mm field of view
     with pytest.raises(SynthError, match=r"synthetic\.negative_mix"):
         SynthConfig(negative_mix=(1.0, 2.0))
-    with pytest.raises(SynthError, match=r"synthetic\.negative_mix .*finite weights"):
+    with pytest.raises(SynthError, match=r"synthetic\.negative_mix .*weights from 0 to 1e\+06"):
         SynthConfig(negative_mix=(1.0, 1.0, 1.0, 1.0, math.inf))  # was numpy's "pvals < 0, ..." after writing
+    # values that passed and then overflowed, ran out of memory or hung, after the output folder existed
+    for knobs, message in (
+        ({"negatives_per_positive": 1e308}, "negatives_per_positive = 1e+308: must be a number from 0 to 2000"),
+        ({"excluded_per_scan": 1e5}, "excluded_per_scan = 100000.0: must be a number from 0 to 200"),
+        ({"noise_hu": 1e308}, "noise_hu = 1e+308: must be a number from 0 to 500"),
+        ({"negative_mix": (1e308, 1e308, 1, 1, 1)}, "negative_mix = (1e+308, 1e+308, 1.0, 1.0, 1.0): need 5 weights"),
+        ({"n_subsets": 10**20}, "n_subsets = 100000000000000000000: must be from 1 to 100"),
+        ({"scans_per_subset": 10_001}, "scans_per_subset = 10001: must be from 1 to 10,000"),
+        ({"nodules_per_scan": 0.0}, "nodules_per_scan = 0.0: must be a number > 0 and <= 20"),
+        ({"size_xy_min": 2048, "size_xy_max": 2048, "extent_z_mm_min": 1000, "extent_z_mm_max": 1000,
+          "slice_thicknesses_mm": (0.1,)},
+         "size_xy_max = 2048: a scan can be 2048 x 2048 x 10000 = 4.19e+10 voxels"),
+        ({"full_size": True, "slice_thicknesses_mm": (0.1,)},
+         "slice_thicknesses_mm = (0.1,): a scan can be 512 x 512 x 3800 = 9.96e+08 voxels"),
+        # full_size has 512 voxels in-plane: 512 x 0.1 mm = 51 mm is no chest either
+        ({"full_size": True, "spacing_xy_min_mm": 0.1, "spacing_xy_max_mm": 0.1},
+         "spacing_xy_min_mm = 0.1: with full_size (512 voxels) and spacing_xy_min_mm = 0.1 the field of view can be 51 mm"),
+    ):
+        with pytest.raises(SynthError) as info:
+            SynthConfig(**knobs)
+        assert str(info.value).startswith(f"synthetic.{message}"), str(info.value)
+    assert SynthConfig(full_size=True, slice_thicknesses_mm=(0.5,)).size_ranges()[0] == 512  # 760 slices: fine
     # diameters no draw can reach (sample_diameters_mm redrew forever: the synthesize job hung)
     with pytest.raises(SynthError, match=r"synthetic\.diameter_log_mu = 10.0: .* probability 3.1e-44, need >= 0.001"):
         SynthConfig(diameter_log_mu=10.0)
@@ -416,29 +441,59 @@ def test_app_options_round_trip_the_config():
     assert SynthApp(["--out", "x"]).config() == SynthConfig()
 
 
+def _console(argv: list[str]) -> int:
+    """luna-synth's exit status, as the console script gives it (a bad value is found in the constructor)."""
+    with pytest.raises(SystemExit) as info:
+        SynthApp.console(argv)
+    return info.value.code
+
+
 def test_app_bad_value_and_foreign_folder(tmp_path, capsys):
-    assert SynthApp(["--out", str(tmp_path / "x"), "--flip-fraction", "2"]).main() == 2
+    assert _console(["--out", str(tmp_path / "x"), "--flip-fraction", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["luna-synth: error: --flip-fraction = 2.0: must be a fraction in [0, 1]"]  # its option, not the key
-    assert SynthApp(["--out", str(tmp_path / "x"), "--size-xy-min", "300", "--size-xy-max", "200"]).main() == 2
+    assert _console(["--out", str(tmp_path / "x"), "--size-xy-min", "300", "--size-xy-max", "200"]) == 2
     assert capsys.readouterr().err.strip() == ("luna-synth: error: --size-xy-min = (300, 200): --size-xy-min is "
                                                "above --size-xy-max; need 32 <= --size-xy-min <= --size-xy-max <= 2048")
     # the option out of range is the one named (an infinite maximum named the minimum)
-    assert SynthApp(["--out", str(tmp_path / "x"), "--spacing-xy-max-mm", "inf"]).main() == 2
+    assert _console(["--out", str(tmp_path / "x"), "--spacing-xy-max-mm", "inf"]) == 2
     assert capsys.readouterr().err.strip() == ("luna-synth: error: --spacing-xy-max-mm = inf: need 0.1 <= "
                                                "--spacing-xy-min-mm <= --spacing-xy-max-mm <= 5")
-    # an empty --out wrote the data set into the current folder; --jobs 0 named no option
+    # an empty --out wrote the data set into the current folder; --jobs 0 named no option; --jobs 200 forked 200
+    # workers for 2 scans
+    limit = 4 * (os.cpu_count() or 1)
     for argv, message in ((["--out", ""], "--out: empty path; name the data folder to write"),
-                          (["--out", str(tmp_path / "y"), "--jobs", "0"], "--jobs 0: must be >= 1")):
-        assert SynthApp(argv).main() == 2
+                          (["--out", str(tmp_path / "y"), "--jobs", "0"],
+                           f"--jobs 0: must be from 1 to {limit} (4 per CPU of this machine)"),
+                          (["--out", str(tmp_path / "y"), "--jobs", str(limit + 1)],
+                           f"--jobs {limit + 1}: must be from 1 to {limit} (4 per CPU of this machine)")):
+        assert _console(argv) == 2
         assert capsys.readouterr().err.strip() == f"luna-synth: error: {message}"
-    assert not (tmp_path / "y").exists()
+    assert not (tmp_path / "y").exists() and not (tmp_path / "x").exists()
     foreign = tmp_path / "luna16"
     (foreign / "subset0").mkdir(parents=True)
     (foreign / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n")
     assert SynthApp(["--out", str(foreign), "--n-subsets", "1", "--scans-per-subset", "1"]).main() == 2
     assert "not written by luna.synth" in capsys.readouterr().err
     assert (foreign / "candidates.csv").exists()  # untouched
+    # any folder with files of its own: a project, a scan folder (only subset* and *.csv were looked for)
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "README.md").write_text("mine\n")
+    assert SynthApp(["--out", str(project), "--n-subsets", "1", "--scans-per-subset", "1"]).main() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"luna-synth: error: {project}: folder holds README.md and 1 more but was not written by luna.synth (no "
+        ".luna-synth.json); refusing to write into it: give a new or empty folder")
+    assert sorted(p.name for p in project.iterdir()) == ["README.md", "src"]
+
+
+def test_a_bad_value_is_one_line_on_the_console(tmp_path):
+    """The start-up log line (all options, ~1,000 characters) came before the error: two lines for one mistake."""
+    proc = subprocess.run([sys.executable, "-m", "luna.synth", "--out", str(tmp_path / "x"), "--flip-fraction", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["luna-synth: error: --flip-fraction = 2.0: must be a fraction in [0, 1]"]
+    assert not (tmp_path / "x").exists()
 
 
 def test_app_writes_and_rerun_drops_stale_scans(tmp_path):
@@ -464,10 +519,7 @@ def test_app_writes_and_rerun_drops_stale_scans(tmp_path):
 def test_workers_die_with_a_killed_parent(tmp_path):
     """kill -9 of luna-synth --jobs 2 takes its worker processes with it (they went on writing scans from the
     killed run's config into the folder a rerun was filling, after the rerun had finished)."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     cmd = [sys.executable, "-m", "luna.synth", "--out", str(tmp_path / "d"), "--jobs", "2", "--n-subsets", "2",
@@ -502,10 +554,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path):
     """Ctrl-C (SIGINT to the process group, as a terminal sends) of luna-synth --jobs 2: one line, exit 130, and
     the queued scans are cancelled (the pool's exit ran every queued scan first: 38 of 40 written)."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     from hooks import default_sigint

@@ -10,12 +10,11 @@ import argparse
 import json
 import logging
 import re
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from luna.app import OneLineErrorParser, StageApp
+from luna.app import OneLineErrorParser, StageApp, thread_limit
 from luna.synth.config import SynthConfig, SynthError
 from luna.synth.dataset import synthesize
 
@@ -64,6 +63,13 @@ class SynthApp(StageApp):
     def __init__(self, argv: list[str] | None = None) -> None:
         super().__init__(argv)
         self.summary: dict[str, Any] | None = None
+        # checked now, before anything is logged or written: a bad value is one line (SynthApp.console)
+        if not str(self.args.out).strip():  # Path("") is the current folder
+            raise SynthError("--out: empty path; name the data folder to write")
+        if not 1 <= self.args.jobs <= thread_limit():
+            raise SynthError(f"--jobs {self.args.jobs}: must be from 1 to {thread_limit()} (4 per CPU of this "
+                             "machine)")
+        self.synth_config = self.config()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_arguments(parser)
@@ -81,18 +87,14 @@ class SynthApp(StageApp):
             raise SynthError(message) from None
 
     def run(self) -> dict[str, Any]:
-        if not str(self.args.out).strip():  # Path("") is the current folder
-            raise SynthError("--out: empty path; name the data folder to write")
-        if self.args.jobs < 1:
-            raise SynthError(f"--jobs {self.args.jobs}: must be >= 1")
-        self.summary = synthesize(Path(self.args.out), self.config(), jobs=self.args.jobs)
+        self.summary = synthesize(Path(self.args.out), self.synth_config, jobs=self.args.jobs)
         logger.info("summary: %s", json.dumps(self.summary))
         return self.summary
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``luna-synth``."""
-    sys.exit(SynthApp(argv).main())
+    SynthApp.console(argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ ANNOTATIONS_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 FULL_SIZE_XY = 512
 FULL_EXTENT_Z_MM = (300.0, 380.0)
 MIN_FOV_MM = 60.0  # smallest in-plane field of view (size x spacing) that holds two lungs
+MAX_SCAN_VOXELS = 2**28  # largest scan (LUNA16's largest: 512 x 512 x 764, ~2e8); a worker needs ~13 bytes a voxel
+MAX_SCANS_PER_SUBSET = 10_000  # LUNA16: ~89
+MAX_SUBSETS = 100  # LUNA16: 10
+MAX_NEGATIVES_PER_POSITIVE = 2000.0  # LUNA16: ~400 (candidates.csv), ~640 (candidates_V2.csv)
+MAX_EXCLUDED_PER_SCAN = 200.0  # LUNA16: ~40 (35,192 findings in 888 scans)
+MAX_NOISE_HU = 500.0
+MAX_MIX_WEIGHT = 1e6
 MIN_DIAMETER_MASS = 1e-3  # least share of ln-normal diameter draws inside [diameter_min_mm, diameter_max_mm]
 NODULE_KINDS = ("solid", "part_solid", "ground_glass", "calcified")
 NEGATIVE_KINDS = ("vessel", "large_vessel", "branching", "wall", "parenchyma")
@@ -120,21 +127,31 @@ class SynthConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise bad(key, value, "must be an integer")
-        if self.n_subsets < 1 or self.scans_per_subset < 1:
-            raise bad("n_subsets" if self.n_subsets < 1 else "scans_per_subset",
-                      min(self.n_subsets, self.scans_per_subset), "must be >= 1")
+        for key, highest in (("n_subsets", MAX_SUBSETS), ("scans_per_subset", MAX_SCANS_PER_SUBSET)):
+            if not 1 <= getattr(self, key) <= highest:
+                raise bad(key, getattr(self, key), f"must be from 1 to {highest:,}")
         if self.seed < 0:
             raise bad("seed", self.seed, "must be >= 0")
         check_range("size_xy_min", "size_xy_max", 32, 2048)
         check_range("extent_z_mm_min", "extent_z_mm_max", 10, 1000)
         check_range("spacing_xy_min_mm", "spacing_xy_max_mm", 0.1, 5)
-        if not self.full_size and self.size_xy_min * self.spacing_xy_min_mm < MIN_FOV_MM:
-            raise bad("size_xy_min", self.size_xy_min,
-                      f"with spacing_xy_min_mm = {self.spacing_xy_min_mm:g} the field of view can be "
-                      f"{self.size_xy_min * self.spacing_xy_min_mm:.0f} mm, too small for a chest "
-                      f"(need >= {MIN_FOV_MM:g} mm)")
+        size_min, size_max, _, extent_max = self.size_ranges()
+        if size_min * self.spacing_xy_min_mm < MIN_FOV_MM:
+            key, value = ("spacing_xy_min_mm", self.spacing_xy_min_mm) if self.full_size else ("size_xy_min", size_min)
+            raise bad(key, value,
+                      f"with {'full_size (512 voxels)' if self.full_size else 'size_xy_min'} and spacing_xy_min_mm = "
+                      f"{self.spacing_xy_min_mm:g} the field of view can be {size_min * self.spacing_xy_min_mm:.0f} "
+                      f"mm, too small for a chest (need >= {MIN_FOV_MM:g} mm)")
         if not self.slice_thicknesses_mm or not all(0.1 <= t <= 10 for t in self.slice_thicknesses_mm):
             raise bad("slice_thicknesses_mm", self.slice_thicknesses_mm, "need one or more values in [0.1, 10]")
+        slices = max(8, math.ceil(extent_max / min(self.slice_thicknesses_mm)))
+        if size_max * size_max * slices > MAX_SCAN_VOXELS:
+            key, value = ("slice_thicknesses_mm", self.slice_thicknesses_mm) if self.full_size else (
+                "size_xy_max", size_max)
+            raise bad(key, value,
+                      f"a scan can be {size_max} x {size_max} x {slices} = {size_max * size_max * slices:.2e} voxels "
+                      f"(in-plane size, longest extent_z_mm_max / thinnest slice_thicknesses_mm); need <= "
+                      f"{MAX_SCAN_VOXELS:.2e} (LUNA16's largest: 512 x 512 x 764)")
         for key in ("two_candidate_fraction", "flip_fraction", "fov_fraction", "contrast_fraction",
                     "part_solid_fraction", "ground_glass_fraction", "calcified_fraction",
                     "juxtapleural_fraction", "juxtavascular_fraction"):
@@ -146,12 +163,13 @@ class SynthConfig:
         if self.juxtapleural_fraction + self.juxtavascular_fraction > 1.0 + 1e-9:
             raise bad("juxtapleural_fraction", self.juxtapleural_fraction,
                       "juxtapleural + juxtavascular fractions add up to more than 1")
-        for key in ("nodules_per_scan", "negatives_per_positive", "excluded_per_scan", "noise_hu"):
+        for key, highest in (("negatives_per_positive", MAX_NEGATIVES_PER_POSITIVE),
+                             ("excluded_per_scan", MAX_EXCLUDED_PER_SCAN), ("noise_hu", MAX_NOISE_HU)):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
-                raise bad(key, value, "must be a finite number >= 0")
-        if self.nodules_per_scan > 20:
-            raise bad("nodules_per_scan", self.nodules_per_scan, "must be <= 20")
+            if not 0 <= value <= highest:  # NaN too
+                raise bad(key, value, f"must be a number from 0 to {highest:g}")
+        if not 0 < self.nodules_per_scan <= 20:  # none: nothing to train or score (the schema says so too)
+            raise bad("nodules_per_scan", self.nodules_per_scan, "must be a number > 0 and <= 20")
         if not -1000 <= self.lung_hu <= -500:
             raise bad("lung_hu", self.lung_hu, "must lie in [-1000, -500]")
         if not 0 < self.diameter_min_mm < self.diameter_max_mm <= 60:
@@ -168,11 +186,11 @@ class SynthConfig:
                       f"with diameter_log_sigma = {self.diameter_log_sigma:g} a diameter falls in [diameter_min_mm, "
                       f"diameter_max_mm] = [{self.diameter_min_mm:g}, {self.diameter_max_mm:g}] mm with probability "
                       f"{mass:.1e}, need >= {MIN_DIAMETER_MASS:g}")
-        if (len(self.negative_mix) != len(NEGATIVE_KINDS) or not all(math.isfinite(w) for w in self.negative_mix)
-                or min(self.negative_mix) < 0 or sum(self.negative_mix) <= 0):
+        if (len(self.negative_mix) != len(NEGATIVE_KINDS) or not all(0 <= w <= MAX_MIX_WEIGHT for w in self.negative_mix)
+                or sum(self.negative_mix) <= 0):
             raise bad("negative_mix", self.negative_mix,
-                      f"need {len(NEGATIVE_KINDS)} finite weights >= 0 ({', '.join(NEGATIVE_KINDS)}) with a "
-                      "positive sum")
+                      f"need {len(NEGATIVE_KINDS)} weights from 0 to {MAX_MIX_WEIGHT:g} ({', '.join(NEGATIVE_KINDS)}) "
+                      "with a positive sum")
         if not re.fullmatch(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.", self.uid_prefix) or len(self.uid_prefix) > 34:
             raise bad("uid_prefix", self.uid_prefix,
                       "must be a DICOM UID root ending in '.', at most 34 characters (UIDs are <= 64)")

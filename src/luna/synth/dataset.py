@@ -71,10 +71,11 @@ def _prepare_root(root: Path, plans: list[ScanPlan], config: SynthConfig) -> Non
         raise SynthError(f"{root}: output path exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
     ours = marker.is_file()
-    luna_like = [p for p in root.iterdir() if p.name.startswith("subset") or p.suffix == ".csv"]
-    if luna_like and not ours:
-        raise SynthError(f"{root}: folder holds {luna_like[0].name} but was not written by luna.synth "
-                         f"(no {MARKER_NAME}); refusing to write into it")
+    held = sorted(p.name for p in root.iterdir())
+    if held and not ours:  # a LUNA16 copy, a project, a scan folder: nothing of it is luna.synth's to replace
+        raise SynthError(f"{root}: folder holds {held[0]}{f' and {len(held) - 1} more' if len(held) > 1 else ''} "
+                         f"but was not written by luna.synth (no {MARKER_NAME}); refusing to write into it: give "
+                         "a new or empty folder")
     (root / "candidates.csv").unlink(missing_ok=True)  # an interrupted run must not look complete
     meta = {"generator": "luna.synth", "version": __version__, "config": config.to_dict()}
     write_bytes((json.dumps(meta, indent=1, sort_keys=True) + "\n").encode(), marker)
@@ -135,7 +136,7 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
     else:
         # fork on Linux: spawn/forkserver re-import the parent's __main__, which re-runs a Snakemake rule script
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_die_with_parent,
+        pool = ProcessPoolExecutor(max_workers=min(jobs, len(plans)), mp_context=ctx, initializer=_die_with_parent,
                                    initargs=(os.getpid(),))
         futures = []
         try:
