@@ -281,7 +281,7 @@ def test_outputs_follow_the_design(reference: Path, data: dict[str, Path]) -> No
     assert chosen.fold.eq(0).all() and chosen.is_nodule.sum() == 4
     state = default_state_dir(reference)
     assert state == reference.parent / ".model.train_state"
-    assert sorted(p.name for p in state.iterdir()) == [f"best_model.e{raw['epoch']}.pt",
+    assert sorted(p.name for p in state.iterdir()) == [".lock", f"best_model.e{raw['epoch']}.pt",
                                                        f"best_selection.e{raw['epoch']}.tsv", "last.pt"]
     assert not list(reference.glob(".*tmp"))
 
@@ -737,14 +737,14 @@ def test_a_full_disk_at_the_end_leaves_none_of_the_outputs(data, tmp_path, monke
     import luna.training
     from luna.io import OutputError
 
-    real_copy = luna.training.copy_file
+    real_save = luna.training.atomic_torch_save
 
-    def full_disk(source, target):
-        if Path(target).name == "model.pt":
+    def full_disk(obj, target):
+        if Path(target).name == "model.pt" and Path(target).parent.name == "o":
             raise OutputError(f"{target}: cannot write (no space left on device)")
-        return real_copy(source, target)
+        return real_save(obj, target)
 
-    monkeypatch.setattr(luna.training, "copy_file", full_disk)
+    monkeypatch.setattr(luna.training, "atomic_torch_save", full_disk)
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as info:
         main(argv(data, out, "--epochs", "1"))
@@ -840,3 +840,103 @@ def test_skip_excluded_leaves_training_negatives_on_findings_out(data: dict[str,
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys):
+    """Two runs on one state folder (one --out shares the default one): the second one's cleanup deleted the
+    first's kept model, and the first copied the second's model.pt, exit 0. The folder is locked now."""
+    from luna.train_state import lock_state_folder
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"the running run's")
+    state = default_state_dir(out.resolve())
+    held = lock_state_folder(state)  # as a run in progress holds it
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(argv(data, out, "--epochs", "1"))
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip() == (
+            f"luna-train: error: {state}: the state folder is in use by another luna-train run ({state / '.lock'} "
+            "is locked); wait for it, or give this run its own --out or --state")
+        assert (out / "model.pt").read_bytes() == b"the running run's"  # not removed as a previous output
+    finally:
+        held.close()
+    assert LunaTrainingApp(argv(data, out, "--epochs", "1")).main() == 0  # released: the next run goes ahead
+    assert LunaTrainingApp(argv(data, out, "--epochs", "1", "--resume")).main() == 0  # twice in one process too
+
+
+def test_symlinked_outputs_are_written_through(data, tmp_path):
+    """design.md: a symlink at an output is written through. luna-train removed the links as previous outputs and
+    wrote plain files: the link targets kept the old model."""
+    out, shared = tmp_path / "o", tmp_path / "shared"
+    out.mkdir()
+    shared.mkdir()
+    for name in ("model.pt", "history.tsv"):
+        (shared / name).write_text("old\n")
+        (out / name).symlink_to(shared / name)
+    assert LunaTrainingApp(argv(data, out, "--epochs", "1")).main() == 0
+    assert (out / "model.pt").is_symlink() and (out / "history.tsv").is_symlink()
+    assert torch.load(shared / "model.pt", weights_only=True)["epoch"] == 1
+    assert pd.read_csv(shared / "history.tsv", sep="\t")["epoch"].tolist() == [1, 1]
+
+
+def test_an_input_at_an_output_path_is_refused_untouched(data, tmp_path, capsys):
+    """--splits o/history.tsv --out o: the splits file was removed as a previous output, then not found."""
+    out = tmp_path / "o"
+    out.mkdir()
+    splits = out / "history.tsv"
+    splits.write_bytes(data["splits"].read_bytes())
+    args = argv(data, out, "--epochs", "1")
+    args[args.index("--splits") + 1] = str(splits)
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: --out {out}: {splits} is the input --splits "
+                                               f"{splits}; write the output elsewhere")
+    assert splits.read_bytes() == data["splits"].read_bytes()
+
+
+def test_state_problems_found_before_training(data, tmp_path, capsys, caplog):
+    """A folder at the state's last.pt failed after a whole epoch ("no state" logged first); a kept epoch's
+    selection predictions gone from the state gave a header-only selection_predictions.tsv, exit 0; a malformed
+    --config gave a three-line error."""
+    out, state = tmp_path / "o", tmp_path / "s"
+    (state / "last.pt").mkdir(parents=True)
+    with caplog.at_level("INFO", logger="luna.training"), pytest.raises(SystemExit) as info:
+        main(argv(data, out, "--state", str(state), "--epochs", "1"))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {state / 'last.pt'}: is a folder; luna-train "
+                                               "keeps its resumable state there")
+    assert "Epoch 1 of 1" not in caplog.text
+    (state / "last.pt").rmdir()
+    assert LunaTrainingApp(argv(data, out, "--state", str(state), "--epochs", "1")).main() == 0
+    for lost in state.glob("best_selection.e*.tsv"):
+        lost.unlink()
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, out, "--state", str(state), "--epochs", "1", "--resume"))
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"luna-train: error: {state}/best_selection.e1.tsv: the kept epoch's selection predictions "
+                          "are missing from the state folder; rerun without --resume"), err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o2", "--config", str(bad), "--epochs", "1"))
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"luna-train: error: {bad}: cannot read config (while parsing")
+
+
+def test_model_pt_records_the_options_of_the_run_that_wrote_it(data, tmp_path):
+    """A resumed run wrote the kept epoch as the first process had saved it: its --epochs, --out and --state."""
+    state = tmp_path / "s"
+    first, second = tmp_path / "o1", tmp_path / "o2"
+    assert LunaTrainingApp(argv(data, first, "--state", str(state), "--epochs", "1")).main() == 0
+    assert LunaTrainingApp(argv(data, second, "--state", str(state), "--epochs", "1", "--resume")).main() == 0
+    one = torch.load(first / "model.pt", weights_only=True)
+    two = torch.load(second / "model.pt", weights_only=True)
+    assert one["args"]["out"] == str(first) and two["args"]["out"] == str(second)
+    assert {k: v for k, v in one.items() if k != "args"}.keys() == {k: v for k, v in two.items() if k != "args"}.keys()
+    for name, tensor in one["model_state"].items():
+        assert torch.equal(tensor, two["model_state"][name])

@@ -10,10 +10,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+from luna.io import OutputError
 from luna.model import atomic_torch_save
 from luna.provenance import code_version
 
@@ -27,6 +28,26 @@ FINGERPRINT_ARGS = (
     "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay", "skip_excluded",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )
+
+
+def lock_state_folder(folder: Path) -> IO[bytes] | None:
+    """Hold an exclusive lock on ``folder/.lock`` for this process's life (the open file it returns): a second
+    luna-train on the same state folder is refused at once, not left to delete the first one's kept model and
+    copy another run's. None where the OS has no ``fcntl`` (no lock, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / ".lock"
+    handle = open(path, "a+b")  # noqa: SIM115 - held open until the process ends
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise OutputError(f"{folder}: the state folder is in use by another luna-train run ({path} is locked); "
+                          "wait for it, or give this run its own --out or --state") from exc
+    return handle
 
 
 def default_state_dir(out: Path) -> Path:

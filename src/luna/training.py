@@ -44,7 +44,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -58,11 +58,12 @@ from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, aug
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
                          strict_fp32, use_bf16)
 from luna.froc import on_findings
-from luna.io import OutputError, check_output_file, check_writable_dir, copy_file, write_tsv
+from luna.io import OutputError, check_not_an_input, check_output_file, check_writable_dir, copy_file, write_tsv
 from luna.luna16 import TableError, read_annotations_csv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
-from luna.model import LunaModel, check_crop_shape, save_checkpoint, unwrap_model
+from luna.model import LunaModel, atomic_torch_save, check_crop_shape, save_checkpoint, unwrap_model
 from luna.progress import format_duration, with_progress
+from luna.provenance import plain, provenance
 from luna.recipe import augment_config, ema_decay_at, ema_update, make_optimizer, scheduled_lr
 from luna.runner import setup_logging
 from luna.selection import (SELECTION_PREDICTION_COLUMNS, DivergedError, SelectionPass, check_finite,
@@ -71,7 +72,7 @@ from luna.selection import (SELECTION_PREDICTION_COLUMNS, DivergedError, Selecti
 from luna.splits import SplitsError, read_fold_roles, read_splits_tsv, scans_with_role
 from luna.store import CropStore, StoreError, check_distinct_stores
 from luna.tensorboard_log import TensorBoardLog
-from luna.train_state import StateFolder, default_state_dir, fingerprint_parts
+from luna.train_state import StateFolder, default_state_dir, fingerprint_parts, lock_state_folder
 from luna.training_options import DESCRIPTION, add_arguments, resolve_workers
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,12 @@ def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items() if k != "resume"}
 
 
+def _remove_output(path: Path) -> None:
+    """Remove an output file; through a symlink, its target (the link stays and is written through later, as
+    every output is: luna.io.atomic_path)."""
+    (path.resolve() if path.is_symlink() else path).unlink(missing_ok=True)
+
+
 def _read_config(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
@@ -113,8 +120,8 @@ def _read_config(path: str | None) -> dict[str, Any] | None:
     try:
         with open(path) as fh:
             value = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError) as exc:
-        raise TrainingError(f"{path}: cannot read config ({exc})") from exc
+    except (OSError, yaml.YAMLError) as exc:  # PyYAML's messages span lines: one line here
+        raise TrainingError(f"{path}: cannot read config ({' '.join(str(exc).split())})") from exc
     return value if isinstance(value, dict) else {"value": value}
 
 
@@ -139,6 +146,7 @@ class LunaTrainingApp(StageApp):
         super().__init__(sys_argv)
         self.args.channels_last = self.args.channels_last != "off"  # auto: on (faster on CPU and CUDA alike)
         self.time_str = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
+        self._state_lock: IO[bytes] | None = None  # held from the output checks to the end of main()
         self.out_dir = Path(self.args.out)
         self.state_dir = Path(self.args.state) if self.args.state else default_state_dir(self.out_dir.resolve())
         if self.args.tb_dir is None:
@@ -203,6 +211,9 @@ class LunaTrainingApp(StageApp):
         try:
             return self._main()
         finally:
+            if self._state_lock is not None:  # the next run in this process (a notebook, a test) may take it
+                self._state_lock.close()
+                self._state_lock = None
             self.tensorboard.close()
             if self.dist.enabled and dist.is_initialized():
                 dist.destroy_process_group()
@@ -222,15 +233,26 @@ class LunaTrainingApp(StageApp):
             except ImportError as exc:
                 raise TrainingError(f"TensorBoard logging needs the tensorboard package ({exc}): install it, or "
                                     "pass --tb-dir none") from exc
+        # one run at a time per state folder (two runs with one --out share the default one): the second one's
+        # cleanup deleted the first's kept model, and each copied whatever file had the kept name
+        self._state_lock = lock_state_folder(self.state_dir)
+        last = self.state_dir / "last.pt"
+        if last.is_dir():  # found now, not after the first epoch
+            raise OutputError(f"{last}: is a folder; luna-train keeps its resumable state there")
+        check_output_file(last)
+        inputs = {"--crops": list(self.args.crops), "--splits": [self.args.splits],
+                  "--annotations-excluded": [self.args.annotations_excluded],
+                  "--config": [self.args.config]}
         for name in OUTPUT_NAMES:  # an earlier run's: a failed or killed rerun must not leave them looking finished
             old = self.out_dir / name
             if old.is_dir():  # found now, not after the training
                 raise OutputError(f"{old}: is a folder; luna-train writes its {name} there")
             check_output_file(old)  # a FIFO or a device there: found now too
+            check_not_an_input(old, inputs, what=f"--out {self.out_dir}:")  # removed below, then read: gone
             try:
                 if old.is_file():
                     logger.info("removing previous %s", old)
-                    old.unlink()
+                    _remove_output(old)
             except OSError as exc:
                 raise OutputError(f"{old}: cannot remove the previous output ({exc.strerror or exc})") from exc
 
@@ -479,17 +501,26 @@ class LunaTrainingApp(StageApp):
         if self.best_epoch == 0 or not self._best_path.is_file():
             raise TrainingError(f"{self.state_dir}: no kept model after {self.args.epochs} epochs")
         out = {name: self.out_dir / name for name in OUTPUT_NAMES}
+        selected = self.args.selection_fraction > 0
+        if selected and not self._best_selection_path.is_file():  # removed by hand or by another run
+            raise TrainingError(f"{self._best_selection_path}: the kept epoch's selection predictions are missing "
+                                "from the state folder; rerun without --resume")
+        # the kept model as this run's options say (a resumed run's kept epoch was saved under the first
+        # process's: --epochs, --out, --state may have changed since)
+        kept = torch.load(self._best_path, map_location="cpu", weights_only=True)
+        kept["args"] = plain(_plain_args(self.args))
+        kept["provenance"] = provenance(self.device, self.config)
         try:
             write_history(out["history.tsv"], self.history)
-            if self._best_selection_path.is_file():
+            if selected:
                 copy_file(self._best_selection_path, out["selection_predictions.tsv"])
             else:  # no selection pass (--selection-fraction 0): the table's header, so every declared output exists
                 write_tsv(pd.DataFrame(columns=SELECTION_PREDICTION_COLUMNS), out["selection_predictions.tsv"])
-            copy_file(self._best_path, out["model.pt"])  # last: its presence marks a finished run
+            atomic_torch_save(kept, out["model.pt"])  # last: its presence marks a finished run
         except BaseException:  # a full disk at the end: none of the three, not a finished-looking part of them
             for path in out.values():
-                if path.is_file():
-                    path.unlink()
+                if path.resolve().is_file():
+                    _remove_output(path)
             raise
         logger.info("wrote %s: model.pt (epoch %d), history.tsv, selection_predictions.tsv", self.out_dir,
                     self.best_epoch)
