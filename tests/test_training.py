@@ -940,3 +940,19 @@ def test_model_pt_records_the_options_of_the_run_that_wrote_it(data, tmp_path):
     assert {k: v for k, v in one.items() if k != "args"}.keys() == {k: v for k, v in two.items() if k != "args"}.keys()
     for name, tensor in one["model_state"].items():
         assert torch.equal(tensor, two["model_state"][name])
+
+
+def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, caplog):
+    """Some network file systems refuse flock (ENOLCK): that is no other run holding the folder."""
+    import errno
+    import fcntl
+
+    from luna.train_state import lock_state_folder
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="luna.training"):
+        assert lock_state_folder(tmp_path / "s") is None
+    assert f"{tmp_path / 's'}: cannot lock the state folder (No locks available)" in caplog.text

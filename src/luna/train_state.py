@@ -5,6 +5,7 @@ which Snakemake deletes before a job starts (docs/design.md)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -45,6 +46,10 @@ def lock_state_folder(folder: Path) -> IO[bytes] | None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         handle.close()
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without locks (some NFS)
+            logger.warning("%s: cannot lock the state folder (%s); two runs on it at once would not be refused",
+                           folder, exc.strerror or exc)
+            return None
         raise OutputError(f"{folder}: the state folder is in use by another luna-train run ({path} is locked); "
                           "wait for it, or give this run its own --out or --state") from exc
     return handle
