@@ -845,14 +845,17 @@ def test_skip_excluded_leaves_training_negatives_on_findings_out(data: dict[str,
 def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys):
     """Two runs on one state folder (one --out shares the default one): the second one's cleanup deleted the
     first's kept model, and the first copied the second's model.pt, exit 0. The folder is locked now."""
-    from luna.train_state import lock_state_folder
-
     out = tmp_path / "o"
     out.mkdir()
     (out / "model.pt").write_bytes(b"the running run's")
     state = default_state_dir(out.resolve())
-    held = lock_state_folder(state)  # as a run in progress holds it
+    # a run in progress, in another process (a POSIX record lock is per process)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from luna.train_state import lock_state_folder\n"
+                               "held = lock_state_folder(Path(sys.argv[1]))\nprint('held', flush=True)\n"
+                               "time.sleep(120)\n", str(state)], stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SystemExit) as info:
             main(argv(data, out, "--epochs", "1"))
         assert info.value.code == 2
@@ -861,9 +864,15 @@ def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys
             "is locked); wait for it, or give this run its own --out or --state")
         assert (out / "model.pt").read_bytes() == b"the running run's"  # not removed as a previous output
     finally:
-        held.close()
+        holder.kill()
+        holder.wait()
     assert LunaTrainingApp(argv(data, out, "--epochs", "1")).main() == 0  # released: the next run goes ahead
-    assert LunaTrainingApp(argv(data, out, "--epochs", "1", "--resume")).main() == 0  # twice in one process too
+    # the app object kept, with DataLoader workers that inherited the lock file (a flock stayed held by them):
+    # the next run in the same process, as in a notebook, goes ahead
+    app = LunaTrainingApp(argv(data, out, "--epochs", "1", "--num-workers", "1", "--data-on-device", "never"))
+    assert app.main() == 0
+    assert LunaTrainingApp(argv(data, out, "--epochs", "1", "--resume")).main() == 0
+    del app
 
 
 def test_symlinked_outputs_are_written_through(data, tmp_path):
@@ -952,7 +961,7 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capl
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
     with caplog.at_level("WARNING", logger="luna.training"):
         assert lock_state_folder(tmp_path / "s") is None
     assert f"{tmp_path / 's'}: cannot lock the state folder (No locks available)" in caplog.text

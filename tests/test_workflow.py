@@ -148,9 +148,10 @@ def test_a_fold_named_by_its_path_is_checked_as_run_folds_are(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("seed, run_folds, message", [
-    (1, [2], "the test fold 2 (3 scans) is planned no nodule"),
-    (10, [0], "the train set of test fold 0 (3 scans) is planned no nodule"),
-    (1, [0], "the selection set of test fold 0 (1 scan) is planned no nodule"),
+    (1, [2], "the test fold 2 (3 scans) is planned no nodule (where): its metrics would be undefined"),
+    (10, [0], "the train set of test fold 0 (3 scans) is planned no nodule (where): nothing to learn from"),
+    (1, [0], "the selection set of test fold 0 (1 scan) is planned no nodule (where): its threshold and kept "
+             "epoch could not be chosen"),
     (17, "all", None),
 ])
 def test_a_synthetic_role_planned_no_nodule_stops_the_dry_run(tmp_path, seed, run_folds, message) -> None:
@@ -164,8 +165,8 @@ def test_a_synthetic_role_planned_no_nodule_stops_the_dry_run(tmp_path, seed, ru
         assert proc.returncode == 0, proc.stdout + proc.stderr
     else:
         assert proc.returncode != 0
-        assert f"synthetic.nodules_per_scan: {message} (the 9 synthetic scans of subset0, subset1, subset2)" in (
-            proc.stdout + proc.stderr)
+        where = "the 9 synthetic scans of subset0, subset1, subset2"
+        assert f"synthetic.nodules_per_scan: {message.replace('where', where)}; " in proc.stdout + proc.stderr
 
 
 def test_a_synthetic_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:

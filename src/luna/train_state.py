@@ -32,9 +32,11 @@ FINGERPRINT_ARGS = (
 
 
 def lock_state_folder(folder: Path) -> IO[bytes] | None:
-    """Hold an exclusive lock on ``folder/.lock`` for this process's life (the open file it returns): a second
-    luna-train on the same state folder is refused at once, not left to delete the first one's kept model and
-    copy another run's. None where the OS has no ``fcntl`` (no lock, as before)."""
+    """Hold an exclusive lock on ``folder/.lock`` until the returned file is closed (or the process ends): a
+    second luna-train on the same state folder is refused at once, not left to delete the first one's kept
+    model and copy another run's. A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do
+    not inherit it, so an orphaned worker of a killed run, or a finished app object still holding its workers,
+    cannot keep the next run out. None where the OS has no ``fcntl`` (no lock, as before)."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -43,7 +45,7 @@ def lock_state_folder(folder: Path) -> IO[bytes] | None:
     path = Path(folder) / ".lock"
     handle = open(path, "a+b")  # noqa: SIM115 - held open until the process ends
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         handle.close()
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without locks (some NFS)

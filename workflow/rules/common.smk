@@ -438,10 +438,22 @@ def check_roles_hold_nodules(fold, roles, nodules, fraction, where):
     """The synthetic plan's nodules per role of one run fold: a test fold, training set or (fraction > 0)
     selection set whose scans are planned no nodule fails luna-train after the synthesis and every crop.
     """
-    for role, fix in (
-        ("test", "use fewer folds, more scans or a higher synthetic.nodules_per_scan"),
-        ("train", "use more scans or a higher synthetic.nodules_per_scan"),
-        ("selection", "raise split.selection_fraction or synthetic.nodules_per_scan"),
+    for role, why, fix in (
+        (
+            "test",
+            "its metrics would be undefined",
+            "use fewer folds, more scans or a higher synthetic.nodules_per_scan",
+        ),
+        (
+            "train",
+            "nothing to learn from",
+            "use more scans or a higher synthetic.nodules_per_scan",
+        ),
+        (
+            "selection",
+            "its threshold and kept epoch could not be chosen",
+            "raise split.selection_fraction or synthetic.nodules_per_scan",
+        ),
     ):
         uids = [uid for uid, r in roles.items() if r == role]
         if role == "selection" and not (fraction > 0 and uids):
@@ -450,8 +462,7 @@ def check_roles_hold_nodules(fold, roles, nodules, fraction, where):
             what = "test fold" if role == "test" else f"{role} set of test fold"
             raise WorkflowError(
                 f"synthetic.nodules_per_scan: the {what} {fold} ({len(uids)} "
-                f"scan{'s' if len(uids) != 1 else ''}) is planned no nodule ({where}): its metrics "
-                f"and choices would be undefined; {fix}"
+                f"scan{'s' if len(uids) != 1 else ''}) is planned no nodule ({where}): {why}; {fix}"
             )
 
 
