@@ -753,3 +753,32 @@ def test_killed_job_resumes_from_cache(tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert not cache_dir.exists()
     assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("held", ["store", "cache"])
+def test_a_second_run_on_a_store_or_cache_in_use_is_refused(tmp_path, synthetic_scans, held):
+    """Two luna-crops on one --out: the second deleted the first's live temp store, and the first then removed
+    the second's skipped table; on one cache, the first to finish removed it under the other, leaving an orphaned
+    half that refused every later run. Each is locked now; the lock files go when the run ends."""
+    root, tsv, _, _ = synthetic_scans
+    app, out = _run(tmp_path, tsv, root)  # a finished store, then a run in progress holding the lock
+    before = out.read_bytes()
+    cache = tmp_path / "out" / "cache"
+    target = out if held == "store" else cache
+    lock = target.parent / f".{target.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom luna.io import lock_path\n"
+                               "held = lock_path(sys.argv[1], 'busy')\nprint('held', flush=True)\ntime.sleep(120)\n",
+                               str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError) as info:
+            _run(tmp_path, tsv, root)
+        what = "crop store" if held == "store" else "resume cache"
+        assert str(info.value) == (f"{target}: the {what} is in use by another luna-crops run ({lock} is locked); "
+                                   "wait for it, or give this run its own --out and --cache-dir")
+        assert out.read_bytes() == before  # not removed as a previous output
+    finally:
+        holder.kill()
+        holder.wait()
+    _run(tmp_path, tsv, root)  # released: the next run goes ahead and leaves no lock file
+    assert not list(out.parent.glob(".*.lock")) and not cache.exists()

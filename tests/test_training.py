@@ -962,6 +962,7 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capl
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
-    with caplog.at_level("WARNING", logger="luna.training"):
+    with caplog.at_level("WARNING", logger="luna.io"):
         assert lock_state_folder(tmp_path / "s") is None
-    assert f"{tmp_path / 's'}: cannot lock the state folder (No locks available)" in caplog.text
+    assert (f"{tmp_path / 's' / '.lock'}: cannot lock (No locks available); two runs at once would not be "
+            "refused") in caplog.text

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import diskcache
 import numpy as np
@@ -38,7 +38,7 @@ from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, c
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import (NA_REP, OutputError, check_not_an_input, check_outside_scan_folders, check_writable_dir,
-                     describe_os_error, write_tsv)
+                     describe_os_error, lock_path, release_lock, write_tsv)
 from luna.progress import format_eta
 from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import file_line, numeric_column, read_tsv
@@ -223,6 +223,33 @@ class CropApp(StageApp):
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
         self._check_output_folders()
+        locks = self._lock_store_and_cache()
+        try:
+            return self._run_locked(table, t0)
+        finally:
+            for handle, path in reversed(locks):
+                release_lock(handle, path)
+
+    def _lock_store_and_cache(self) -> list[tuple[Any, Path]]:
+        """One luna-crops at a time per store and per resume cache: a second run on one --out deleted the
+        first's live temp store, and the first then removed the second's skipped table; two on one cache left
+        an orphaned half of it that refused every later run. Hidden lock files beside them, removed at the end."""
+        locks: list[tuple[Any, Path]] = []
+        try:
+            for target, what in ((self.out, "crop store"), (self.cache_dir, "resume cache")):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path = target.parent / f".{target.name}.lock"
+                handle = lock_path(path, f"{target}: the {what} is in use by another luna-crops run ({path} is "
+                                         "locked); wait for it, or give this run its own --out and --cache-dir")
+                locks.append((handle, path))
+        except BaseException:
+            for handle, path in reversed(locks):
+                release_lock(handle, path)
+            raise
+        return locks
+
+    def _run_locked(self, table: pd.DataFrame, t0: float) -> CropResult:
+        a = self.args
         jobs = self._make_jobs(table)
         if not jobs:
             logger.warning("%s: no candidates of subset %s; writing an empty store", a.candidates, a.subset)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 import pandas as pd
 
@@ -178,3 +179,38 @@ def check_writable_dir(folder: str | os.PathLike, what: str = "output folder") -
         with contextlib.suppress(OSError):
             probe.unlink()
     return folder
+
+
+def lock_path(path: str | os.PathLike, busy: str) -> IO[bytes] | None:
+    """Take an exclusive, non-blocking POSIX record lock (``lockf``) on ``path`` (created) and return its open
+    file, which holds the lock until closed (or the process ends): :class:`OutputError` ``busy`` when another
+    process holds it. A record lock, not ``flock``: forked workers do not inherit it, so an orphaned worker of
+    a killed run cannot keep the next run out. None where the OS has no ``fcntl``, or the file system no locks
+    (some NFS: a warning; two runs at once are then not refused)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    path = Path(path)
+    handle = open(path, "a+b")  # noqa: SIM115 - held open while the lock is
+    try:
+        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            logging.getLogger("luna.io").warning("%s: cannot lock (%s); two runs at once would not be refused",
+                                                 path, exc.strerror or exc)
+            return None
+        raise OutputError(busy) from exc
+    return handle
+
+
+def release_lock(handle: IO[bytes] | None, path: str | os.PathLike | None = None) -> None:
+    """Close a :func:`lock_path` file; with ``path``, remove the lock file first (while still held)."""
+    if handle is None:
+        return
+    if path is not None:
+        with contextlib.suppress(OSError):
+            Path(path).unlink()
+    handle.close()
+

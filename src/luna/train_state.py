@@ -5,7 +5,6 @@ which Snakemake deletes before a job starts (docs/design.md)."""
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import logging
@@ -15,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-from luna.io import OutputError
+from luna.io import lock_path
 from luna.model import atomic_torch_save
 from luna.provenance import code_version
 
@@ -32,29 +31,13 @@ FINGERPRINT_ARGS = (
 
 
 def lock_state_folder(folder: Path) -> IO[bytes] | None:
-    """Hold an exclusive lock on ``folder/.lock`` until the returned file is closed (or the process ends): a
-    second luna-train on the same state folder is refused at once, not left to delete the first one's kept
-    model and copy another run's. A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do
-    not inherit it, so an orphaned worker of a killed run, or a finished app object still holding its workers,
-    cannot keep the next run out. None where the OS has no ``fcntl`` (no lock, as before)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return None
+    """Hold an exclusive lock on ``folder/.lock`` until the returned file is closed (:func:`luna.io.lock_path`):
+    a second luna-train on the same state folder is refused at once, not left to delete the first one's kept
+    model and copy another run's."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     path = Path(folder) / ".lock"
-    handle = open(path, "a+b")  # noqa: SIM115 - held open until the process ends
-    try:
-        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without locks (some NFS)
-            logger.warning("%s: cannot lock the state folder (%s); two runs on it at once would not be refused",
-                           folder, exc.strerror or exc)
-            return None
-        raise OutputError(f"{folder}: the state folder is in use by another luna-train run ({path} is locked); "
-                          "wait for it, or give this run its own --out or --state") from exc
-    return handle
+    return lock_path(path, f"{folder}: the state folder is in use by another luna-train run ({path} is locked); "
+                           "wait for it, or give this run its own --out or --state")
 
 
 def default_state_dir(out: Path) -> Path:
