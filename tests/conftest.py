@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,24 @@ def env_with_bin() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+@contextlib.contextmanager
+def _lock_held_elsewhere(path: Path) -> Iterator[None]:
+    """luna.io.lock_path(path) held by another process (a POSIX record lock is per process) while inside."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom luna.io import lock_path\n"
+                               "held = lock_path(sys.argv[1], 'busy')\nprint('held', flush=True)\ntime.sleep(120)\n",
+                               str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.fixture()
+def lock_held_elsewhere() -> Callable[[Path], contextlib.AbstractContextManager[None]]:
+    """A run in progress, as another process holding a luna lock file: ``with lock_held_elsewhere(path): ...``."""
+    return _lock_held_elsewhere
+

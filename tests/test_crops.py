@@ -756,7 +756,7 @@ def test_killed_job_resumes_from_cache(tmp_path):
 
 
 @pytest.mark.parametrize("held", ["store", "cache"])
-def test_a_second_run_on_a_store_or_cache_in_use_is_refused(tmp_path, synthetic_scans, held):
+def test_a_second_run_on_a_store_or_cache_in_use_is_refused(tmp_path, synthetic_scans, held, lock_held_elsewhere):
     """Two luna-crops on one --out: the second deleted the first's live temp store, and the first then removed
     the second's skipped table; on one cache, the first to finish removed it under the other, leaving an orphaned
     half that refused every later run. Each is locked now; the lock files go when the run ends."""
@@ -766,19 +766,12 @@ def test_a_second_run_on_a_store_or_cache_in_use_is_refused(tmp_path, synthetic_
     cache = tmp_path / "out" / "cache"
     target = out if held == "store" else cache
     lock = target.parent / f".{target.name}.lock"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom luna.io import lock_path\n"
-                               "held = lock_path(sys.argv[1], 'busy')\nprint('held', flush=True)\ntime.sleep(120)\n",
-                               str(lock)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(lock):
         with pytest.raises(OutputError) as info:
             _run(tmp_path, tsv, root)
         what = "crop store" if held == "store" else "resume cache"
         assert str(info.value) == (f"{target}: the {what} is in use by another luna-crops run ({lock} is locked); "
                                    "wait for it, or give this run its own --out and --cache-dir")
         assert out.read_bytes() == before  # not removed as a previous output
-    finally:
-        holder.kill()
-        holder.wait()
     _run(tmp_path, tsv, root)  # released: the next run goes ahead and leaves no lock file
     assert not list(out.parent.glob(".*.lock")) and not cache.exists()

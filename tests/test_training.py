@@ -842,20 +842,15 @@ def test_skip_excluded_leaves_training_negatives_on_findings_out(data: dict[str,
         assert len(err) == 1 and message in err[0], err
 
 
-def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys):
+def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys, lock_held_elsewhere):
     """Two runs on one state folder (one --out shares the default one): the second one's cleanup deleted the
     first's kept model, and the first copied the second's model.pt, exit 0. The folder is locked now."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "model.pt").write_bytes(b"the running run's")
     state = default_state_dir(out.resolve())
-    # a run in progress, in another process (a POSIX record lock is per process)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from luna.train_state import lock_state_folder\n"
-                               "held = lock_state_folder(Path(sys.argv[1]))\nprint('held', flush=True)\n"
-                               "time.sleep(120)\n", str(state)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    state.mkdir(parents=True)
+    with lock_held_elsewhere(state / ".lock"):  # a run in progress, in another process
         with pytest.raises(SystemExit) as info:
             main(argv(data, out, "--epochs", "1"))
         assert info.value.code == 2
@@ -863,9 +858,6 @@ def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys
             f"luna-train: error: {state}: the state folder is in use by another luna-train run ({state / '.lock'} "
             "is locked); wait for it, or give this run its own --out or --state")
         assert (out / "model.pt").read_bytes() == b"the running run's"  # not removed as a previous output
-    finally:
-        holder.kill()
-        holder.wait()
     assert LunaTrainingApp(argv(data, out, "--epochs", "1")).main() == 0  # released: the next run goes ahead
     # the app object kept, with DataLoader workers that inherited the lock file (a flock stayed held by them):
     # the next run in the same process, as in a notebook, goes ahead
@@ -966,3 +958,8 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capl
         assert lock_state_folder(tmp_path / "s") is None
     assert (f"{tmp_path / 's' / '.lock'}: cannot lock (No locks available); two runs at once would not be "
             "refused") in caplog.text
+    from luna.io import lock_path, release_lock
+
+    lock = tmp_path / ".store.lock"  # luna-crops' lock files go at the end there too, though no lock was held
+    release_lock(lock_path(lock, "busy"), lock)
+    assert not lock.exists()

@@ -17,6 +17,7 @@ same one line; no store, skipped table or temp file is left at the declared path
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sqlite3
@@ -25,7 +26,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import diskcache
 import numpy as np
@@ -223,30 +224,17 @@ class CropApp(StageApp):
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
         self._check_output_folders()
-        locks = self._lock_store_and_cache()
-        try:
-            return self._run_locked(table, t0)
-        finally:
-            for handle, path in reversed(locks):
-                release_lock(handle, path)
-
-    def _lock_store_and_cache(self) -> list[tuple[Any, Path]]:
-        """One luna-crops at a time per store and per resume cache: a second run on one --out deleted the
-        first's live temp store, and the first then removed the second's skipped table; two on one cache left
-        an orphaned half of it that refused every later run. Hidden lock files beside them, removed at the end."""
-        locks: list[tuple[Any, Path]] = []
-        try:
+        # one luna-crops at a time per store and per resume cache: a second run on one --out deleted the first's
+        # live temp store, and the first then removed the second's skipped table; two on one cache left an
+        # orphaned half of it that refused every later run. Hidden lock files beside them, removed at the end
+        with contextlib.ExitStack() as locks:
             for target, what in ((self.out, "crop store"), (self.cache_dir, "resume cache")):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 path = target.parent / f".{target.name}.lock"
                 handle = lock_path(path, f"{target}: the {what} is in use by another luna-crops run ({path} is "
                                          "locked); wait for it, or give this run its own --out and --cache-dir")
-                locks.append((handle, path))
-        except BaseException:
-            for handle, path in reversed(locks):
-                release_lock(handle, path)
-            raise
-        return locks
+                locks.callback(release_lock, handle, path)
+            return self._run_locked(table, t0)
 
     def _run_locked(self, table: pd.DataFrame, t0: float) -> CropResult:
         a = self.args

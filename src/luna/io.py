@@ -206,11 +206,11 @@ def lock_path(path: str | os.PathLike, busy: str) -> IO[bytes] | None:
 
 
 def release_lock(handle: IO[bytes] | None, path: str | os.PathLike | None = None) -> None:
-    """Close a :func:`lock_path` file; with ``path``, remove the lock file first (while still held)."""
-    if handle is None:
-        return
+    """Close a :func:`lock_path` file; with ``path``, remove the lock file first (while still held; also when
+    the file system gave no lock and ``handle`` is None)."""
     if path is not None:
         with contextlib.suppress(OSError):
             Path(path).unlink()
-    handle.close()
+    if handle is not None:
+        handle.close()
 

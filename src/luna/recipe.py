@@ -38,7 +38,7 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.op
     ``weight_decay`` (default 0, the book) applies to the conv and linear weights only, not to biases or
     BatchNorm's scale and shift (as torchvision's ``--norm-weight-decay 0``): for sgd and adam it is the L2
     term added to the gradient, for adamw the decoupled decay ``w <- w - lr * weight_decay * w``."""
-    weight_decay = float(getattr(args, "weight_decay", 0.0))
+    weight_decay = float(args.weight_decay)
     params: object = model.parameters()
     if weight_decay > 0:
         decayed = [p for p in model.parameters() if p.ndim > 1]

@@ -24,7 +24,8 @@ STATE_FORMAT = "luna-train-state-v2"
 # settings that change what is trained or kept; a state written under others is not resumed
 FINGERPRINT_ARGS = (
     "test_fold", "selection_fraction", "keep", "threshold", "selection_interval", "tta",
-    "batch_size", "optimizer", "weight_decay", "lr", "momentum", "balanced", "balanced_schedule", "hard_negatives", "samples_per_epoch",
+    "batch_size", "optimizer", "weight_decay", "lr", "momentum", "balanced", "balanced_schedule", "hard_negatives",
+    "samples_per_epoch",
     "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay", "skip_excluded",
     "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
 )

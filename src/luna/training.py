@@ -58,7 +58,8 @@ from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, aug
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
                          strict_fp32, use_bf16)
 from luna.froc import on_findings
-from luna.io import OutputError, check_not_an_input, check_output_file, check_writable_dir, copy_file, write_tsv
+from luna.io import (OutputError, check_not_an_input, check_output_file, check_writable_dir, copy_file, release_lock,
+                     write_tsv)
 from luna.luna16 import TableError, read_annotations_csv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, atomic_torch_save, check_crop_shape, save_checkpoint, unwrap_model
@@ -211,9 +212,8 @@ class LunaTrainingApp(StageApp):
         try:
             return self._main()
         finally:
-            if self._state_lock is not None:  # the next run in this process (a notebook, a test) may take it
-                self._state_lock.close()
-                self._state_lock = None
+            release_lock(self._state_lock)  # the next run in this process (a notebook, a test) may take it
+            self._state_lock = None
             self.tensorboard.close()
             if self.dist.enabled and dist.is_initialized():
                 dist.destroy_process_group()

@@ -431,12 +431,13 @@ def check_folds_trainable(folds):
                 )
             )
         if nodules is not None:
-            check_roles_hold_nodules(fold, by_uid, nodules, fraction, where)
+            check_roles_hold_nodules(fold, by_uid, nodules, where)
 
 
-def check_roles_hold_nodules(fold, roles, nodules, fraction, where):
-    """The synthetic plan's nodules per role of one run fold: a test fold, training set or (fraction > 0)
-    selection set whose scans are planned no nodule fails luna-train after the synthesis and every crop.
+def check_roles_hold_nodules(fold, roles, nodules, where):
+    """The synthetic plan's nodules per role of one run fold: a test fold, training set or selection set
+    (when there is one: a selection_fraction above 0 that selects no scan is refused before) whose scans are
+    planned no nodule fails luna-train after the synthesis and every crop.
     """
     for role, why, fix in (
         (
@@ -456,7 +457,7 @@ def check_roles_hold_nodules(fold, roles, nodules, fraction, where):
         ),
     ):
         uids = [uid for uid, r in roles.items() if r == role]
-        if role == "selection" and not (fraction > 0 and uids):
+        if role == "selection" and not uids:
             continue
         if not sum(nodules[uid] for uid in uids):
             what = "test fold" if role == "test" else f"{role} set of test fold"
@@ -464,6 +465,11 @@ def check_roles_hold_nodules(fold, roles, nodules, fraction, where):
                 f"synthetic.nodules_per_scan: the {what} {fold} ({len(uids)} "
                 f"scan{'s' if len(uids) != 1 else ''}) is planned no nodule ({where}): {why}; {fix}"
             )
+
+
+def the_folds(folds):
+    """The folds there are, for a message naming a fold that does not exist."""
+    return f"the split has folds {', '.join(map(str, folds))} (split.folds: {config['split']['folds']})"
 
 
 def run_folds():
@@ -475,8 +481,7 @@ def run_folds():
     unknown = [f for f in chosen if f not in folds]
     if unknown:
         raise WorkflowError(
-            f"split.run_folds: fold(s) {', '.join(map(str, unknown))} do not exist; the split has folds "
-            f"{', '.join(map(str, folds))} (split.folds: {config['split']['folds']})"
+            f"split.run_folds: fold(s) {', '.join(map(str, unknown))} do not exist; {the_folds(folds)}"
         )
     return sorted(set(chosen))
 
@@ -509,8 +514,7 @@ def fold_trainable(fold):
     folds = all_folds()
     if fold not in folds:
         raise WorkflowError(
-            f"{RESULTS}/folds/{fold}: fold {fold} does not exist; the split has folds "
-            f"{', '.join(map(str, folds))} (split.folds: {config['split']['folds']})"
+            f"{RESULTS}/folds/{fold}: fold {fold} does not exist; {the_folds(folds)}"
         )
     check_folds_trainable([fold])
     return True

@@ -138,10 +138,10 @@ class SynthConfig:
         size_min, size_max, _, extent_max = self.size_ranges()
         if size_min * self.spacing_xy_min_mm < MIN_FOV_MM:
             key, value = ("spacing_xy_min_mm", self.spacing_xy_min_mm) if self.full_size else ("size_xy_min", size_min)
+            size = f"full_size ({FULL_SIZE_XY} voxels)" if self.full_size else "size_xy_min"
             raise bad(key, value,
-                      f"with {'full_size (512 voxels)' if self.full_size else 'size_xy_min'} and spacing_xy_min_mm = "
-                      f"{self.spacing_xy_min_mm:g} the field of view can be {size_min * self.spacing_xy_min_mm:.0f} "
-                      f"mm, too small for a chest (need >= {MIN_FOV_MM:g} mm)")
+                      f"with {size} and spacing_xy_min_mm = {self.spacing_xy_min_mm:g} the field of view can be "
+                      f"{size_min * self.spacing_xy_min_mm:.0f} mm, too small for a chest (need >= {MIN_FOV_MM:g} mm)")
         if not self.slice_thicknesses_mm or not all(0.1 <= t <= 10 for t in self.slice_thicknesses_mm):
             raise bad("slice_thicknesses_mm", self.slice_thicknesses_mm, "need one or more values in [0.1, 10]")
         slices = max(8, math.ceil(extent_max / min(self.slice_thicknesses_mm)))
@@ -186,8 +186,8 @@ class SynthConfig:
                       f"with diameter_log_sigma = {self.diameter_log_sigma:g} a diameter falls in [diameter_min_mm, "
                       f"diameter_max_mm] = [{self.diameter_min_mm:g}, {self.diameter_max_mm:g}] mm with probability "
                       f"{mass:.1e}, need >= {MIN_DIAMETER_MASS:g}")
-        if (len(self.negative_mix) != len(NEGATIVE_KINDS) or not all(0 <= w <= MAX_MIX_WEIGHT for w in self.negative_mix)
-                or sum(self.negative_mix) <= 0):
+        if (len(self.negative_mix) != len(NEGATIVE_KINDS)
+                or not all(0 <= w <= MAX_MIX_WEIGHT for w in self.negative_mix) or sum(self.negative_mix) <= 0):
             raise bad("negative_mix", self.negative_mix,
                       f"need {len(NEGATIVE_KINDS)} weights from 0 to {MAX_MIX_WEIGHT:g} ({', '.join(NEGATIVE_KINDS)}) "
                       "with a positive sum")

@@ -3,7 +3,8 @@ volume (vectorised numpy in slabs of slices, vessels and blobs on small bounding
 at full size; the vessel segments in batches of one box shape, :func:`_vessel_occupancy`), and one whole scan
 (:func:`synthesize_scan`: anatomy, vessels, nodules, volume, annotation rows and CAD-like candidates). Every scan
 is built from its own seed-derived RNGs (``SeedSequence(seed, spawn_key=(1, index))``, and ``(2, index)`` for the
-image noise), so scans can be made in any order or in parallel and are byte-identical for the same config. Pure: no files are written here.
+image noise), so scans can be made in any order or in parallel and are byte-identical for the same config. Pure:
+no files are written here.
 """
 
 from __future__ import annotations
