@@ -668,10 +668,13 @@ def _crops_command(tmp_path: Path, tsv: Path, root: Path, threads: int) -> tuple
     return argv, out, cache_dir
 
 
-def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path, signum, code, said):
     """SIGINT to the process group mid-run: exit 130, "interrupted", no store, the finished scans cached. Raised
     wherever the main thread was, the KeyboardInterrupt was often lost in a thread pool's weakref callback and the
-    run wrote the whole store with exit 0; now Ctrl-C is checked between scans (luna.app.deferred_sigint)."""
+    run wrote the whole store with exit 0; now Ctrl-C is checked between scans (luna.app.deferred_sigint). SIGTERM
+    (Snakemake stopping its jobs, SLURM's time limit) the same, exit 143: it ended the process on the spot, leaving
+    the temp store and the cache's lock file behind."""
     root = tmp_path / "data"
     scans = {f"4.{k}": ((20, 30, 40), (float(k), 0.0, 0.0), (0.7, 0.7, 2.5), np.eye(3)) for k in range(6)}
     paths = _write_scans(root, scans)
@@ -687,13 +690,13 @@ def test_ctrl_c_between_scans_stops_with_one_line_and_keeps_the_cache(tmp_path):
         deadline = time.monotonic() + 120
         while len(_done_lines(log.read_text())) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signum)
         proc.wait(timeout=120)
     text = log.read_text()
-    assert proc.returncode == 130, text
-    assert text.rstrip().endswith("luna-crops: interrupted") and "Exception ignored" not in text
+    assert proc.returncode == code, text
+    assert text.rstrip().endswith(f"luna-crops: {said}") and "Exception ignored" not in text
     assert 2 <= len(_done_lines(text)) < 6
-    assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+    assert not out.exists() and not list(out.parent.glob(".*.tmp")) and not list(out.parent.glob(".*.lock"))
     assert "kept the resume cache" in text and cache_dir.is_dir()
 
 

@@ -551,9 +551,11 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     assert not any(running(pid) for pid in workers)
 
 
-def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path):
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path, signame, code, said):
     """Ctrl-C (SIGINT to the process group, as a terminal sends) of luna-synth --jobs 2: one line, exit 130, and
-    the queued scans are cancelled (the pool's exit ran every queued scan first: 38 of 40 written)."""
+    the queued scans are cancelled (the pool's exit ran every queued scan first: 38 of 40 written). SIGTERM to the
+    group (Snakemake stopping its jobs) the same, exit 143 (it ended the process on the spot)."""
     import signal
     import time
 
@@ -568,10 +570,10 @@ def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path):
     deadline = time.monotonic() + 120
     while len(list(out.glob("subset*/*.mhd"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, signame))
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
-    assert output.rstrip().endswith("luna-synth: interrupted")
+    assert proc.returncode == code, output
+    assert output.rstrip().endswith(f"luna-synth: {said}")
     written = len(list(out.glob("subset*/*.mhd")))
     assert 2 <= written <= 12, written  # the scans done, and those running at the signal (2 workers, 1 queued)
     assert not (out / "candidates.csv").exists()  # the set is not marked complete

@@ -8,6 +8,7 @@ Tiny crop stores are written with StoreWriter; the model is a seeded LunaModel s
 from __future__ import annotations
 
 import logging
+import os
 import math
 from pathlib import Path
 
@@ -480,6 +481,60 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
     assert capsys.readouterr().err.strip() == (f"luna-validate: error: {out / 'froc.png'}: cannot write (no space "
                                                "left on device)")
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_sigterm_midway_leaves_no_report(inputs, labelled_run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (Snakemake stopping its jobs, SLURM's time limit) at the FROC plot: one line, exit status 143, and no
+    report file nor temp file in --out, an earlier run's included (killed by default, it left the earlier run's
+    files beside this run's first ones)."""
+    import signal
+
+    from luna import plots
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.tsv").write_text("an earlier run\n")
+    (out / "roc.png").write_bytes(b"an earlier run")
+
+    def terminated(figure, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(plots, "save_figure", terminated)
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
+            "--fold", "0", "--bootstrap", "0"]
+    assert ValidationApp(argv).main() == 143
+    assert capsys.readouterr().err.strip() == "luna-validate: terminated"
+    assert sorted(p.name for p in out.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the run
+
+
+def test_one_report_writer_per_folder_and_killed_runs_swept(inputs, labelled_run, tmp_path, capsys,
+                                                              lock_held_elsewhere):
+    """Two runs on one --out mixed their files: the second is refused in one line while the first holds the
+    folder's lock. A killed run's temp files are removed by the next run (with the lock held, no live run writes
+    them); other hidden files are left alone, and the lock file does not outlive the run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
+            "--fold", "0", "--bootstrap", "0"]
+    (out / "metrics.tsv").write_text("an earlier run\n")
+    with lock_held_elsewhere(out / ".luna-evaluate.lock"):
+        assert ValidationApp(argv).main() == 2
+    assert capsys.readouterr().err.strip() == (
+        f"luna-validate: error: {out}: another luna-evaluate run is writing its report there "
+        f"({out / '.luna-evaluate.lock'} is locked); wait for it, or give this run its own --out")
+    assert (out / "metrics.tsv").read_text() == "an earlier run\n"  # the running one's, left as it was
+    stale = [out / ".metrics.tsv.999999.tmp", out / ".froc.png.12.tmp"]
+    for path in stale:
+        path.write_text("half")
+    (out / ".notes.tmp").write_text("mine")
+    assert ValidationApp(argv).main() == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert ".notes.tmp" in names and "metrics.tsv" in names and "froc.png" in names
+    assert not [name for name in names if name.startswith((".metrics", ".froc", ".luna-evaluate"))]
+    assert (out / "metrics.tsv").read_text().startswith("fold\t")
 
 
 # ----------------------------------------------------------------------------------------------------

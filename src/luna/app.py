@@ -6,7 +6,9 @@ scripts), a rule script (luna.runner) or a notebook, as the book's apps are.
   line (:class:`OneLineErrorParser`, exit status 2);
 * ``main()`` sets up logging once, logs "Starting <App>, <arguments>", calls ``run()`` and turns the app's
   bad-input and bad-output errors (``errors``) into one line on stderr, ``<prog>: error: <message>``, and exit
-  status 2; Ctrl-C is one line too (exit status 130); anything else is a bug and keeps its traceback.
+  status 2; Ctrl-C is one line too (exit status 130), and so is SIGTERM (``kill``, Snakemake stopping its jobs,
+  SLURM's time limit: exit status 143), which unwinds the same way, so temp files are removed and no output is
+  left half-written; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ class StageApp:
         setup_logging()
         logger.info("Starting %s, %s", type(self).__name__, vars(self.args))
         try:
-            self.run()
+            with sigterm_unwinds():
+                self.run()
         except self.errors as exc:
             print(f"{self.prog}: error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            return interrupted(self.prog)
+        except KeyboardInterrupt as exc:
+            return interrupted(self.prog, exc)
         return 0
 
     @classmethod
@@ -97,31 +100,73 @@ class StageApp:
         sys.exit(app.main())
 
 
-def interrupted(prog: str) -> int:
-    """Ctrl-C: one line, exit status 130 (the shell's for SIGINT); outputs are written atomically, so nothing
-    half-written is left, and a resumable stage resumes on the next run."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is (:func:`sigterm_unwinds`), so the same
+    ``finally`` and ``except BaseException`` blocks clean up."""
+
+
+def interrupted(prog: str, exc: BaseException | None = None) -> int:
+    """Ctrl-C or SIGTERM: one line, exit status 130 or 143 (the shell's for SIGINT and SIGTERM); outputs are
+    written atomically, so nothing half-written is left, and a resumable stage resumes on the next run."""
+    if isinstance(exc, Terminated):
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(f"{prog}: interrupted", file=sys.stderr)
     return 130
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 @contextlib.contextmanager
-def deferred_sigint() -> Iterator[Callable[[], bool]]:
-    """Within the block Ctrl-C sets a flag (yielded: a function that tells whether it came) instead of raising
-    KeyboardInterrupt wherever the main thread happens to be: raised inside a weakref or ``__del__`` callback
-    (thread pools run many) it is printed as "Exception ignored" and lost, and the run went on to the end. The
-    loop checks the flag at its own safe points and raises KeyboardInterrupt there; one that comes after the
-    last check (as the outputs are committed) lets the work finish. Outside the main thread, or when SIGINT is
-    not Python's default handler (a caller's own), nothing changes."""
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` instead of ending the process on the spot: killed by
+    default, a stage left its temp files behind, and luna-evaluate a report of two runs' files. Only in the main
+    thread and where SIGTERM has its default action (a caller's own handler is kept)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[Callable[[], int]]:
+    """Within the block Ctrl-C sets a flag (yielded: a function that returns the signal that came, 0 if none)
+    instead of raising KeyboardInterrupt wherever the main thread happens to be: raised inside a weakref or
+    ``__del__`` callback (thread pools run many) it is printed as "Exception ignored" and lost, and the run went on
+    to the end. The loop checks the flag at its own safe points and calls :func:`raise_for` there; one that comes
+    after the last check (as the outputs are committed) lets the work finish. SIGTERM is deferred the same way
+    where :func:`sigterm_unwinds` set it to raise. Outside the main thread, or when SIGINT is not Python's default
+    handler (a caller's own), nothing changes."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield lambda: False
+        yield lambda: 0
         return
-    came = threading.Event()
-    signal.signal(signal.SIGINT, lambda signum, frame: came.set())
+    came: list[int] = []
+    deferred = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is _raise_terminated else [])
+    previous = {signum: signal.getsignal(signum) for signum in deferred}
+    for signum in deferred:
+        signal.signal(signum, lambda signum, frame: came.append(signum))
     try:
-        yield came.is_set
+        yield lambda: came[0] if came else 0
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def raise_for(signum: int) -> None:
+    """Raise what :func:`deferred_sigint` held back, if anything: :class:`Terminated` for SIGTERM, else
+    KeyboardInterrupt."""
+    if signum == signal.SIGTERM:
+        raise Terminated
+    if signum:
+        raise KeyboardInterrupt
 
 
 def thread_limit() -> int:

@@ -32,7 +32,7 @@ import diskcache
 import numpy as np
 import pandas as pd
 
-from luna.app import StageApp, deferred_sigint
+from luna.app import StageApp, deferred_sigint, raise_for
 from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, cache_get, cache_key, cache_put, check_cache_folder,
                               clear_cache_folder, complete_entries, open_cache, remove_cache_folder)
 from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
@@ -219,7 +219,7 @@ class CropApp(StageApp):
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved
         self._cache_unreadable = False
         self._cache_was_empty_folder = False  # --cache-dir: an empty folder of the user's (kept, emptied)
-        self._interrupted: Callable[[], bool] = lambda: False  # Ctrl-C came (deferred_sigint, in the crop loop)
+        self._interrupted: Callable[[], int] = lambda: 0  # Ctrl-C/SIGTERM came (deferred_sigint, in the crop loop)
         t0 = time.perf_counter()
 
         table = read_subset_candidates(a.candidates, a.subset, allow_empty=a.allow_empty_subset)
@@ -272,8 +272,7 @@ class CropApp(StageApp):
     # ---- steps
 
     def _stop_if_interrupted(self) -> None:
-        if self._interrupted():
-            raise KeyboardInterrupt
+        raise_for(self._interrupted())
 
     def _check_output_folders(self) -> None:
         """Every folder the run writes can be written (created if missing), and no output is an input or lies in

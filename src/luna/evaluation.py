@@ -23,6 +23,8 @@ annotations give FROC/CPM; with neither only the pooled predictions and the subm
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import logging
 import math
 import os
@@ -35,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
-from luna.io import NA_REP, OutputError, check_not_an_input, check_writable_dir, write_tsv
+from luna.io import (NA_REP, OutputError, check_not_an_input, check_output_file, check_writable_dir, lock_path,
+                     release_lock, write_tsv)
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, BootstrapInterval, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
@@ -57,6 +60,7 @@ DEFAULT_BOOTSTRAP = 1000  # resamples of the test scans for metrics_ci.tsv
 MAX_BOOTSTRAP = 100_000  # each resample recomputes every fold's FROC: 1,000 take seconds, this many hours
 CI_COLUMNS = ["fold", "metric", "value", "ci_low", "ci_high", "confidence", "n_bootstrap", "seed"]
 HISTORY_REQUIRED = ["epoch", "split", "loss_all", "precision", "recall", "f1"]
+LOCK_NAME = ".luna-evaluate.lock"
 OUTPUT_NAMES = ("predictions.tsv", "metrics.tsv", "froc.tsv", "submission.csv", "metrics_ci.tsv",
                 "roc.png", "pr.png", "froc.png", "training_curves.png")
 """Every file evaluation may write; one that a run does not write is removed, so no stale result survives."""
@@ -341,8 +345,9 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
                  excluded: pd.DataFrame | None, *, max_per_scan: int | None = 100, bootstrap: int = 0,
                  seed: int = 0) -> EvaluationResult:
     """Pool the folds and write every report file into ``out_dir`` (see the module docstring). Each file is written
-    atomically; on a failure (a full disk, say) no report file is left in ``out_dir``, of this run or an earlier
-    one, so nothing there mixes two runs."""
+    atomically, and the earlier report's files are removed before the first is written: on a failure (a full disk,
+    SIGTERM) no report file is left in ``out_dir``, and a run killed outright leaves some of this run's files but
+    none of an earlier one, so nothing there mixes two runs. One run at a time per ``out_dir`` (a lock file)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     seen: dict[int, str] = {}
@@ -361,16 +366,47 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
         result.metrics, result.froc, result.intervals = evaluate_rows(
             folds, annotations, excluded, max_per_scan=max_per_scan, bootstrap=bootstrap, seed=seed)
     check_writable_dir(out_dir, "output folder")
+    lock = out_dir / LOCK_NAME
+    handle = lock_path(lock, f"{out_dir}: another luna-evaluate run is writing its report there ({lock} is locked); "
+                             "wait for it, or give this run its own --out")
     try:
-        _write_files(result, folds, labelled, annotations, bootstrap=bootstrap, seed=seed)
-    except BaseException:
-        for name in OUTPUT_NAMES:  # no half report (nor an earlier run's files beside this run's): none at all
-            (out_dir / name).unlink(missing_ok=True)
-        raise
-    _remove_stale(out_dir, result.written)
+        _sweep_temp_files(out_dir)
+        if _remove_report(out_dir):
+            logger.info("removed the earlier report's files from %s", out_dir)
+        try:
+            _write_files(result, folds, labelled, annotations, bootstrap=bootstrap, seed=seed)
+        except BaseException:
+            _remove_report(out_dir)  # no half report: none at all
+            raise
+    finally:
+        release_lock(handle, lock)
     result.seconds = time.perf_counter() - t0
     _log_summary(result, folds)
     return result
+
+
+def _remove_report(out_dir: Path) -> int:
+    """Remove every report file of ``out_dir`` (a symlinked one's target, so that the link stays for the new
+    file to be written through, as :func:`luna.io.atomic_path` does); returns how many there were."""
+    removed = 0
+    for name in OUTPUT_NAMES:
+        path = out_dir / name
+        with contextlib.suppress(OutputError):
+            path = check_output_file(path)  # something not a file there: the write names it
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _sweep_temp_files(out_dir: Path) -> None:
+    """Remove the temp files a killed run left (``.<name>.<pid>.tmp``, :func:`luna.io.tmp_path_for`): with the
+    folder's lock held no other run is writing them."""
+    for name in OUTPUT_NAMES:
+        for tmp in out_dir.glob(f".{glob.escape(name)}.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                logger.info("removing %s, left by a run that was killed", tmp)
+                tmp.unlink()
 
 
 def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], labelled: bool,
@@ -405,15 +441,6 @@ def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], lab
         curves = [(f.fold, f.history, f.epoch) for f in folds if f.history is not None]
         if curves:
             written.append(plots.plot_training_curves(curves, out_dir / "training_curves.png"))
-
-
-def _remove_stale(out_dir: Path, written: list[Path]) -> None:
-    keep = {path.name for path in written}
-    for name in OUTPUT_NAMES:
-        path = out_dir / name
-        if name not in keep and path.exists():
-            logger.info("removing %s of an earlier run (not produced by this one)", path)
-            path.unlink()
 
 
 def _log_summary(result: EvaluationResult, folds: Sequence[FoldPredictions]) -> None:

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from luna.app import StageApp, interrupted
+from luna.app import StageApp, interrupted, sigterm_unwinds
 from luna.cpu_speed import cpu_report, speed_up_training, tune_allocator
 from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, augment_batch, make_loader
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
@@ -191,12 +191,13 @@ class LunaTrainingApp(StageApp):
         (StageApp.main's contract, with the "Starting" line logged by rank 0 only)."""
         setup_logging()
         try:
-            return self._run_dist()
+            with sigterm_unwinds():
+                return self._run_dist()
         except self.errors as exc:
             print(f"{self.prog}: error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            return interrupted(self.prog)
+        except KeyboardInterrupt as exc:
+            return interrupted(self.prog, exc)
 
     def _run_dist(self) -> int:
         args = self.args

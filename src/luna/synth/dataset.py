@@ -107,6 +107,9 @@ def _die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:
         os._exit(1)
+    # SIGTERM to the process group is the parent's to act on (luna.app.sigterm_unwinds: it cancels the queued
+    # scans); a worker ended by it first made the parent's error a misleading "a scan worker process died"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]:
