@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import subprocess
@@ -577,3 +578,18 @@ def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path, signame, code, said
     written = len(list(out.glob("subset*/*.mhd")))
     assert 2 <= written <= 12, written  # the scans done, and those running at the signal (2 workers, 1 queued)
     assert not (out / "candidates.csv").exists()  # the set is not marked complete
+
+
+def test_excluded_findings_without_room_are_counted_and_warned(tmp_path, caplog):
+    """More excluded findings than a small scan's lungs hold: those left out are counted in the summary and said in
+    a warning (they were left out silently, so annotations_excluded.csv listed fewer than asked without a word)."""
+    import dataclasses
+
+    config = dataclasses.replace(TINY, n_subsets=1, scans_per_subset=1, excluded_per_scan=80.0, flip_fraction=0.0)
+    with caplog.at_level(logging.WARNING, logger="luna.synth"):
+        summary = synthesize(tmp_path / "d", config, jobs=1)
+    listed = len(_read_csv(tmp_path / "d" / "annotations_excluded.csv")) - 1
+    assert summary["n_excluded"] == listed > 0
+    assert summary["n_excluded_dropped"] > 0
+    assert (f"{summary['n_excluded_dropped']} excluded finding(s) found no room in their scan and were left out "
+            f"(annotations_excluded.csv lists {listed})") in caplog.text

@@ -206,6 +206,7 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
         "n_contrast": sum(p.contrast for p in plans),
         "n_nodules_shrunk": sum(r["stats"]["nodules_shrunk"] for r in ordered),
         "n_nodules_dropped": sum(r["stats"]["nodules_dropped"] for r in ordered),
+        "n_excluded_dropped": sum(r["stats"]["excluded_dropped"] for r in ordered),
         "mean_shape_zyx": [round(float(np.mean([r["shape"][i] for r in ordered])), 1) for i in range(3)],
         "voxels": sum(r["voxels"] for r in ordered),
         "bytes": sum(r["bytes"] for r in ordered),
@@ -217,4 +218,7 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
                 summary["negatives_per_positive"] or 0.0, summary["bytes"] / 1e6, summary["seconds"])
     if summary["n_nodules_dropped"]:
         logger.warning("%d nodule(s) found no room in their scan and were left out", summary["n_nodules_dropped"])
+    if summary["n_excluded_dropped"]:
+        logger.warning("%d excluded finding(s) found no room in their scan and were left out (annotations_excluded.csv "
+                       "lists %d)", summary["n_excluded_dropped"], summary["n_excluded"])
     return summary

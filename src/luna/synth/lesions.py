@@ -116,7 +116,7 @@ def _snap(a: _Anatomy, rng: np.random.Generator, uvw: np.ndarray) -> np.ndarray:
 def _place_blobs(rng: np.random.Generator, a: _Anatomy, config: SynthConfig, n_nodules: int,
                  vessels: _Vessels) -> tuple[list[_Blob], list[_Blob], dict[str, int]]:
     """Nodules (inside the lungs and the scan, apart from each other) and excluded findings."""
-    stats = {"nodules_shrunk": 0, "nodules_dropped": 0}
+    stats = {"nodules_shrunk": 0, "nodules_dropped": 0, "excluded_dropped": 0}
     placed: list[_Blob] = []
     z, n, _ = a.shape
     big_vessels = vessels.samples[vessels.samples[:, 3] >= 0.8] if len(vessels.samples) else np.zeros((0, 4))
@@ -189,5 +189,7 @@ def _place_blobs(rng: np.random.Generator, a: _Anatomy, config: SynthConfig, n_n
             blob = place(-1.0, "scar", "", False, radius=float(rng.uniform(1.5, 3.0)))
         if blob is not None:
             excluded.append(blob)
+        else:
+            stats["excluded_dropped"] += 1
     order = sorted(range(len(nodules)), key=lambda i: tuple(nodules[i].centre_uvw[::-1]))
     return [nodules[i] for i in order], excluded, stats
