@@ -403,8 +403,11 @@ def test_same_seed_twice_gives_identical_history(reference: Path, data: dict[str
     assert (tmp_path / "seed1" / "history.tsv").read_bytes() != (reference / "history.tsv").read_bytes()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_kill_9_mid_epoch_then_resume_continues(reference: Path, data: dict[str, Path], tmp_path: Path,
-                                                env_with_bin: dict[str, str]) -> None:
+                                                env_with_bin: dict[str, str], signum: int) -> None:
+    """kill -9 mid-epoch, then the same command resumes and ends where an uninterrupted run does. SIGTERM
+    (Snakemake stopping its jobs, SLURM's time limit) unwinds: one line, exit status 143, no temp file left."""
     out, state = tmp_path / "results" / "model", tmp_path / "results" / ".state" / "train"
     cmd = [str(BIN / "luna-train"), *argv(data, out, "--state", str(state), "--resume")]
     env = hook_env(env_with_bin, LUNA_TEST_SLOW_BATCH_S="0.3")
@@ -417,13 +420,20 @@ def test_kill_9_mid_epoch_then_resume_continues(reference: Path, data: dict[str,
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signum)
     finally:
         proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    if signum == signal.SIGTERM:
+        assert proc.returncode == 143, log.read_text()
+        assert log.read_text().rstrip().endswith("luna-train: terminated")
+        assert not [p for p in tmp_path.rglob("*.tmp")]
+    else:
+        assert proc.returncode == -signal.SIGKILL
     # nothing at --out looks finished: the outputs are written when the run ends, the state holds epoch 1
     assert not (out / "history.tsv").exists() and not (out / "model.pt").exists()
     assert torch.load(state / "last.pt", weights_only=True)["epoch"] == 1
+    if signum == signal.SIGTERM:
+        return  # the resume below is the same as after kill -9
     second = subprocess.run(cmd, capture_output=True, text=True, env=env_with_bin, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "Resuming after epoch 1" in second.stderr
