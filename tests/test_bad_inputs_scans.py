@@ -209,6 +209,18 @@ def test_no_spacing_line_is_one_mm_with_one_warning(tmp_path, caplog) -> None:
     assert caplog.text.count(f"{path}: no ElementSpacing line; 1 mm voxels assumed") == 1
 
 
+def test_no_offset_line_is_the_zero_origin_with_one_warning(tmp_path, caplog) -> None:
+    """No Offset line is MetaIO's origin (0, 0, 0): said, since every candidate of such a scan may then lie outside
+    it (it was silent, and the crop stage skipped them all)."""
+    path = _scan(tmp_path)
+    _edit_header(path, Offset=None)
+    with caplog.at_level("WARNING", logger="luna.ct"):
+        geometry, _ = read_geometry(path)
+        read_scan(path)
+    np.testing.assert_array_equal(geometry.origin_xyz, [0.0, 0.0, 0.0])
+    assert caplog.text.count(f"{path}: no Offset line; origin (0, 0, 0) mm assumed") == 1
+
+
 def test_metaio_header_forms_that_read_as_simpleitk_reads_them(tmp_path) -> None:
     """What MetaIO accepts stays accepted: values past the third are ignored, and ElementSize is not checked when
     ElementSpacing (the one used) is there; ElementSize alone is the spacing."""

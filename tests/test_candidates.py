@@ -210,3 +210,14 @@ def test_an_unclosed_quote_names_its_line(tmp_path) -> None:
         read_candidates_csv(path)
     assert str(info.value) == (f"{path}:5: a quoted field is not closed (a '\"' without its pair: the field runs to "
                                "the end of the file)")
+
+
+def test_a_quoted_field_over_several_lines_keeps_the_file_lines(tmp_path) -> None:
+    """A quoted note over lines 2-4: the next rows' lines (and so their candidate_id, line - 2) were counted as if
+    every record took one line, and an error named line 5 for a value on line 7."""
+    text = ('seriesuid,coordX,coordY,coordZ,class,note\n1.1,1,1,1,0,"a note\nover\nthree lines"\n1.2,2,2,2,1,\n'
+            '\n1.3,abc,3,3,0,\n')
+    with pytest.raises(TableError, match=r"candidates\.csv:7: column coordX is not a finite number: 'abc'"):
+        read_candidates_csv(write(tmp_path, text))
+    table = read_candidates_csv(write(tmp_path, text.replace("abc", "3")))
+    assert table["line"].tolist() == [2, 5, 7]

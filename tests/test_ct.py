@@ -80,6 +80,7 @@ def test_find_scans(tmp_path) -> None:
     for subset, uid in [("subset0", "1.1"), ("subset0", "1.2"), ("subset1", "2.1")]:
         write_scan(tmp_path / subset / f"{uid}.mhd", np.zeros((2, 2, 2), np.int16), Geometry([0, 0, 0], [1, 1, 1]))
     (tmp_path / "other").mkdir()
+    (tmp_path / "subset1" / "3.1.mhd").mkdir()  # a folder is no scan (it counted as one, then failed to read)
     scans = find_scans(tmp_path)
     assert {u: s.subset for u, s in scans.items()} == {"1.1": "subset0", "1.2": "subset0", "2.1": "subset1"}
     assert list(find_scans(tmp_path, ["subset1"])) == ["2.1"]
@@ -152,6 +153,19 @@ def test_header_size_and_local_data_match_simpleitk(tmp_path) -> None:
         mha = tmp_path / f"local{int(compress)}.mha"
         sitk.WriteImage(sitk.GetImageFromArray(VALUES), str(mha), useCompression=compress)
         np.testing.assert_array_equal(read_scan(mha)[0], VALUES)
+    # LOCAL data with a HeaderSize: MetaIO counts it from the start of the file (it was added to the header's end,
+    # which refused a valid file); pointing inside the header text is refused (both readers read the text)
+    text = "".join(f"{k} = {v}\n" for k, v in {"ObjectType": "Image", "NDims": "3", "Offset": "0 0 0",
+                                                "ElementSpacing": "1 1 1", "DimSize": "4 3 2", "HeaderSize": "300",
+                                                "ElementType": "MET_SHORT", "ElementDataFile": "LOCAL"}.items())
+    local = tmp_path / "local_skip.mhd"
+    local.write_bytes(text.encode() + b"\x01" * (300 - len(text)) + VALUES.astype("<i2").tobytes())
+    np.testing.assert_array_equal(_sitk_volume(local), VALUES)
+    np.testing.assert_array_equal(read_scan(local)[0], VALUES)
+    local.write_bytes(text.replace("300", "50").encode() + b"\x01" * 250 + VALUES.astype("<i2").tobytes())
+    with pytest.raises(ScanError, match=f"HeaderSize = 50 points inside the header text, which ends at byte "
+                                        f"{len(text) - 1}"):
+        read_scan(local)
 
 
 @pytest.mark.parametrize("element_type, dtype", [("MET_UCHAR", "u1"), ("MET_FLOAT", "<f4"), ("MET_INT", "<i4")])

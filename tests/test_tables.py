@@ -135,7 +135,21 @@ def test_crops_numeric_check_names_the_file_line(tmp_path: Path) -> None:
     path = _candidates(tmp_path / "class.tsv", [{"is_nodule": 2}])
     assert _raises_one_line(READERS["crops"], path) == ":2: is_nodule = 2, expected -1, 0, 1 or empty"
     path = _candidates(tmp_path / "id.tsv", [{"candidate_id": 1.5}])
-    assert _raises_one_line(READERS["crops"], path) == ":2: candidate_id = 1.5, expected a whole number"
+    assert _raises_one_line(READERS["crops"], path) == ":2: candidate_id = 1.5, expected a whole number >= 0"
+    # negative: refused here, not by luna-evaluate after the training
+    path = _candidates(tmp_path / "negative.tsv", [{}, {"candidate_id": -7}])
+    assert _raises_one_line(READERS["crops"], path) == ":3: candidate_id = -7, expected a whole number >= 0"
+
+
+def test_crops_subset_cell_with_spaces_is_its_subset(tmp_path: Path) -> None:
+    """"subset0 " (a hand-edited table) matched no --subset: its rows were in neither the store nor the skipped
+    table, without a word."""
+    from luna.crops import read_subset_candidates
+
+    path = _candidates(tmp_path / "spaces.tsv", [{"candidate_id": 1}, {"candidate_id": 2, "subset": "subset0 "},
+                                                 {"candidate_id": 3, "subset": " subset1"}])
+    assert read_subset_candidates(path, "subset0")["candidate_id"].tolist() == [1, 2]
+    assert read_subset_candidates(path, "subset1")["candidate_id"].tolist() == [3]
 
 
 def test_crops_candidate_ids_must_be_unique_in_the_whole_table(tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
                   dtype={"series_uid": str, "subset": str}, keep_default_na=False, na_values=missing)
     df["file_row"] = np.arange(len(df))  # position in the file's table: file_line() names its line on an error
     _check_unique_ids(df, path)
+    df["subset"] = df["subset"].str.strip()  # "subset0 " (an edited table) matched no --subset: rows lost silently
     present = sorted(set(df["subset"].dropna().astype(str)))
     df = df[df["subset"] == subset].reset_index(drop=True)
     if df.empty and not allow_empty:  # a typo in --subset must not give an empty store
@@ -132,11 +133,11 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
         bad = pd.Series(~np.isfinite(values.fillna(0).to_numpy(dtype=np.float64)), index=values.index)
         if col == "is_nodule":
             bad |= ~values.fillna(-1).isin([-1, 0, 1])
-        if col == "candidate_id":
-            bad |= values.fillna(0) != np.floor(values.fillna(0))
+        if col == "candidate_id":  # >= 0 as luna-evaluate requires, said now rather than after the training
+            bad |= (values.fillna(0) != np.floor(values.fillna(0))) | (values.fillna(0) < 0)
         if bad.any():
             i = int(np.argmax(bad.to_numpy()))
-            need = {"is_nodule": "-1, 0, 1 or empty", "candidate_id": "a whole number"}.get(col, "a finite number")
+            need = {"is_nodule": "-1, 0, 1 or empty", "candidate_id": "a whole number >= 0"}.get(col, "a finite number")
             raise CropError(f"{path}:{file_line(path, df['file_row'].iloc[i])}: {col} = {_cell(df[col].iloc[i])}, "
                             f"expected {need}")
         df[col] = values
@@ -531,8 +532,11 @@ class CropApp(StageApp):
             raise
         n_outside = int((skipped["reason"].str.startswith("outside scan")).sum())
         bad_scans = [str(j.path) for j in jobs if j.error is not None]
-        logger.info("%d candidates skipped (outside scan: %d, bad scan: %d); wrote %s",
-                    len(skipped), n_outside, len(skipped) - n_outside, self.skipped_path)
+        n_nodules = int(table.loc[table["candidate_id"].isin(skipped["candidate_id"]), "is_nodule"].eq(1).sum())
+        # a warning when any is: a wrong origin in a header puts every candidate of its scan outside
+        (logger.warning if len(skipped) else logger.info)(
+            "%d candidates skipped (outside scan: %d, bad scan: %d; %d of them nodules); listed in %s",
+            len(skipped), n_outside, len(skipped) - n_outside, n_nodules, self.skipped_path)
         logger.info("%d of %d scans from cache, %d read", n_from_cache, n_total, n_read)
         logger.info("time per phase (s, summed over threads): %s",
                     ", ".join(f"{k} {v:.2f}" for k, v in sorted(phase_s.items())))

@@ -213,8 +213,11 @@ def _header_and_layout(path: Path) -> tuple[dict[str, str], VoxelLayout]:
             raise ScanError(f"{data}: truncated voxel data, {_file_size(data) - layout.offset} bytes where "
                             f"{layout.nbytes} are needed")
         return header, VoxelLayout(data, offset, layout.shape_irc, dtype, compressed, compressed_size)
-    return header, VoxelLayout(data, layout.offset + header_size, layout.shape_irc, dtype, compressed,
-                               compressed_size)
+    if local and 0 < header_size < header_end:  # MetaIO counts HeaderSize from the file's start, LOCAL data too
+        raise ScanError(f"{path}: HeaderSize = {header_size} points inside the header text, which ends at byte "
+                        f"{header_end} (with ElementDataFile = LOCAL it counts from the start of the file)")
+    offset = header_size if local and header_size > 0 else layout.offset + header_size
+    return header, VoxelLayout(data, offset, layout.shape_irc, dtype, compressed, compressed_size)
 
 
 def _file_size(path: Path) -> int:
@@ -328,6 +331,9 @@ def _check_header_geometry(path: Path, header: dict[str, str]) -> None:
             raise ScanError(f"{path}: unreadable header, {key} = {header[key]!r} (spacing must be positive)")
     if spacing_key is None and _first_time(path, "no spacing"):
         logger.warning("%s: no ElementSpacing line; 1 mm voxels assumed (MetaIO's default)", path)
+    if not any(k in header for k in _ORIGIN_KEYS) and _first_time(path, "no origin"):
+        logger.warning("%s: no Offset line; origin (0, 0, 0) mm assumed (MetaIO's default): world coordinates of "
+                       "candidates and annotations may then lie outside the scan", path)
     _check_header_direction(path, header)
 
 
@@ -541,8 +547,8 @@ def find_scans(root: str | os.PathLike, subsets: list[str] | None = None) -> dic
     scans: dict[str, ScanFile] = {}
     for folder in folders:
         # not hidden files: a copy through macOS leaves a ._<uid>.mhd beside each scan (AppleDouble), which would
-        # count as a scan (splits.tsv, the FROC divisor) and be read by nothing
-        found = sorted(mhd for mhd in folder.glob("*.mhd") if not mhd.name.startswith("."))
+        # count as a scan (splits.tsv, the FROC divisor) and be read by nothing; nor a folder named <uid>.mhd
+        found = sorted(mhd for mhd in folder.glob("*.mhd") if not mhd.name.startswith(".") and mhd.is_file())
         if not found:
             raise FileNotFoundError(f"{folder}: no <series_uid>.mhd scan in this subset folder{_why_no_scans(folder)}")
         for mhd in found:

@@ -51,6 +51,21 @@ def _check_utf8(path: Path) -> None:
                          "(e.g. Excel's \"CSV UTF-8\")") from None
 
 
+def _record_lines(path: str | os.PathLike, n_rows: int) -> np.ndarray:
+    """The file line (from 1) where each of the first ``n_rows`` records after the header starts, a blank line
+    counting as a record (as ``pd.read_csv(skip_blank_lines=False)`` reads it) and a quoted field's lines as one."""
+    starts: list[int] = []
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        last = 0
+        for _ in reader:
+            starts.append(last + 1)
+            last = reader.line_num
+            if len(starts) > n_rows:
+                break
+    return np.array(starts[1:n_rows + 1], dtype=np.int64)
+
+
 def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (),
                   allow_empty: bool = False) -> pd.DataFrame:
     """Read a LUNA16 CSV, checking the header, the field count of every row and that numbers are numeric.
@@ -108,6 +123,8 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
     df.columns = [c.strip() for c in df.columns]
     df = df.loc[:, ~df.columns.duplicated()]  # unused columns named alike once stripped ("note ", "note"): one
     line = np.arange(len(df)) + 2
+    if any(df[c].str.contains("\n|\r", regex=True).any() for c in df.columns):
+        line = _record_lines(path, len(df))  # a quoted field over several lines: row + 2 is not its line
     # a blank line of the file (e.g. an editor's last newline) is no row; ",,,," (fields, all empty) stays a row
     blank_line = np.ones(len(df), dtype=bool)
     for c in df.columns:  # column by column over the rows still blank: one pass over the table, not one a column
