@@ -272,3 +272,28 @@ def test_crops_outputs_that_are_inputs_or_in_the_scan_folder_are_refused(tmp_pat
     assert sorted(p.name for p in (root / SUBSET).iterdir()) == sorted(
         [f"1.{k}.{ext}" for k in range(N_SCANS) for ext in ("mhd", "raw")])
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_an_empty_out_is_one_line_in_every_stage(tmp_path, capsys, monkeypatch) -> None:
+    """``--out ""`` (an unset shell variable) is the current folder to Path: luna-evaluate and luna-validate wrote
+    their report there after removing the report files they found, luna-predict said ": is a folder", luna-crops
+    ".: is a folder", luna-train wrote model.pt into it."""
+    from luna.evaluation import EvaluateApp
+    from luna.io import OutputError
+    from luna.training import LunaTrainingApp
+    from luna.validation import PredictApp, ValidationApp
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics.tsv").write_text("mine\n")
+    missing = str(tmp_path / "missing")
+    cases = [(EvaluateApp, ["--folds", missing, "--splits", missing], "report folder"),
+             (ValidationApp, ["--model", missing, "--crops", missing, "--splits", missing], "report folder"),
+             (PredictApp, ["--model", missing, "--crops", missing], "predictions.tsv file to write"),
+             (CropApp, ["--candidates", missing, "--root", missing, "--subset", "subset0"],
+              "crop store to write (crops/subset0.h5)")]
+    for app, argv, what in cases:
+        assert app([*argv, "--out", " "]).main() == 2, app
+        assert capsys.readouterr().err.strip() == f"{app.prog}: error: --out: empty path; name the {what}"
+    with pytest.raises(OutputError, match="^--out: empty path; name the output folder$"):
+        LunaTrainingApp(["--crops", missing, "--splits", missing, "--test-fold", "0", "--out", ""])
+    assert (tmp_path / "metrics.tsv").read_text() == "mine\n"

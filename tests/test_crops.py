@@ -781,3 +781,14 @@ def test_a_second_run_on_a_store_or_cache_in_use_is_refused(tmp_path, synthetic_
         assert out.read_bytes() == before  # not removed as a previous output
     _run(tmp_path, tsv, root)  # released: the next run goes ahead and leaves no lock file
     assert not list(out.parent.glob(".*.lock")) and not cache.exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, synthetic_scans):
+    """A folder where the lock file goes (or another user's lock file in a shared folder): a traceback and exit 1
+    from open(); now the path and the reason in one line, exit 2."""
+    root, tsv, _, _ = synthetic_scans
+    lock = tmp_path / "out" / f".{SUBSET}.h5.lock"
+    lock.mkdir(parents=True)
+    with pytest.raises(OutputError) as info:
+        _run(tmp_path, tsv, root)
+    assert str(info.value) == f"{lock}: cannot open the lock file (is a directory)"

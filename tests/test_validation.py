@@ -543,6 +543,7 @@ def test_one_report_writer_per_folder_and_killed_runs_swept(inputs, labelled_run
 
 @pytest.mark.parametrize("case", ["missing_model", "no_test_scans", "mixed_labels", "wrong_crop_shape", "bad_history",
                                   "no_fold", "fold_not_in_stores", "fold_without_candidates", "negative_seed",
+                                  "fold_store_forgotten",
                                   "fold_with_selection_scans",
                                   "wrong_hu_window",
                                   "mixed_hu_windows", "mixed_crop_shapes"])
@@ -561,6 +562,13 @@ def test_bad_input_one_line_exit_2(inputs, tmp_path, capsys, case):
     elif case == "fold_not_in_stores":
         argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}, subset="subset7"))
         expected = "subset0.h5: none of the 1 test scans (fold 0) is in these crop stores"
+    elif case == "fold_store_forgotten":  # one of the fold's two subsets: its scans counted as without candidates
+        splits = tmp_path / "s.tsv"
+        pd.DataFrame({"series_uid": [VAL_A, "9.9.9", TRAIN_A], "subset": ["subset0", "subset1", "subset0"],
+                      "fold": [0, 0, 1]}).to_csv(splits, sep="\t", index=False)
+        argv["--splits"] = str(splits)
+        expected = ("1 of the 2 test scans (fold 0) are in subset(s) subset1, whose crop store was not given; give "
+                    "the stores of every subset of the fold")
     elif case == "fold_without_candidates":  # its subset's store is given and holds none of its candidates
         argv["--splits"] = str(write_splits(tmp_path / "s.tsv", {"9.9.9": 0, VAL_A: 1}))
         expected = (f"{inputs['store0']}: none of the 1 test scans (fold 0) has a candidate in the stores of its "

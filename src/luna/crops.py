@@ -39,7 +39,7 @@ from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, c
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import (NA_REP, OutputError, check_not_an_input, check_outside_scan_folders, check_writable_dir,
-                     describe_os_error, lock_path, release_lock, write_tsv)
+                     describe_os_error, lock_path, named_output, release_lock, write_tsv)
 from luna.progress import format_eta
 from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import file_line, numeric_column, read_tsv
@@ -213,7 +213,7 @@ class CropApp(StageApp):
             raise CropError(f"--hu-window: {exc}") from exc
         if a.threads < 1:
             raise CropError(f"--threads must be >= 1, got {a.threads}")
-        self.out = Path(a.out)
+        self.out = named_output(a.out, "--out", "crop store to write (crops/subset0.h5)")
         self.skipped_path = Path(a.skipped) if a.skipped else self.out.parent / f"{a.subset}.skipped.tsv"
         self.cache_dir = Path(a.cache_dir) if a.cache_dir else self.out.parent / f".{self.out.name}.cache"
         self.root = Path(a.root)

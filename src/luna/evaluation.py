@@ -38,7 +38,7 @@ import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
 from luna.io import (NA_REP, OutputError, check_not_an_input, check_output_file, check_writable_dir, lock_path,
-                     release_lock, write_tsv)
+                     named_output, release_lock, write_tsv)
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, BootstrapInterval, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
@@ -553,6 +553,7 @@ class EvaluateApp(StageApp):
                               for name in ("predictions.tsv", "model.pt", "history.tsv")],
                   "--splits": [a.splits], "--annotations": [a.annotations],
                   "--annotations-excluded": [a.annotations_excluded]}
+        named_output(a.out, "--out", "report folder")
         check_report_not_an_input(a.out, inputs)
         annotations, excluded = check_report_options(a)
         splits = read_splits_tsv(a.splits)

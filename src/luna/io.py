@@ -49,6 +49,14 @@ def describe_os_error(exc: OSError) -> str:
     return reason[:1].lower() + reason[1:]
 
 
+def named_output(value: str | os.PathLike, option: str, what: str) -> Path:
+    """``value`` as a Path; OutputError when it is empty (an unset shell variable): ``Path("")`` is the current
+    folder, where an evaluation first removed the report files it found."""
+    if not str(value).strip():
+        raise OutputError(f"{option}: empty path; name the {what}")
+    return Path(value)
+
+
 def check_output_file(path: str | os.PathLike) -> Path:
     """The path an atomic write replaces: ``path``, or a symlink's target; OutputError when something other than
     a regular file is there (a folder, a FIFO, a device)."""
@@ -192,7 +200,10 @@ def lock_path(path: str | os.PathLike, busy: str) -> IO[bytes] | None:
     except ImportError:  # Windows
         return None
     path = Path(path)
-    handle = open(path, "a+b")  # noqa: SIM115 - held open while the lock is
+    try:
+        handle = open(path, "a+b")  # noqa: SIM115 - held open while the lock is
+    except OSError as exc:  # a folder in the way, another user's lock file in a shared folder
+        raise OutputError(f"{path}: cannot open the lock file ({describe_os_error(exc)})") from exc
     try:
         fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

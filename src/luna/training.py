@@ -58,8 +58,8 @@ from luna.data import CropDataset, DataError, EpochSampler, ResidentBatches, aug
 from luna.device import (DeviceError, cpu_has_native_bf16, dist_info_from_env, resident_decision, resolve_device,
                          strict_fp32, use_bf16)
 from luna.froc import on_findings
-from luna.io import (OutputError, check_not_an_input, check_output_file, check_writable_dir, copy_file, release_lock,
-                     write_tsv)
+from luna.io import (OutputError, check_not_an_input, check_output_file, check_writable_dir, copy_file, named_output,
+                     release_lock, write_tsv)
 from luna.luna16 import TableError, read_annotations_csv
 from luna.metrics import HISTORY_COLUMNS, MetricsError, format_row, metric_row, parse_threshold_policy
 from luna.model import LunaModel, atomic_torch_save, check_crop_shape, save_checkpoint, unwrap_model
@@ -148,7 +148,7 @@ class LunaTrainingApp(StageApp):
         self.args.channels_last = self.args.channels_last != "off"  # auto: on (faster on CPU and CUDA alike)
         self.time_str = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
         self._state_lock: IO[bytes] | None = None  # held from the output checks to the end of main()
-        self.out_dir = Path(self.args.out)
+        self.out_dir = named_output(self.args.out, "--out", "output folder")
         self.state_dir = Path(self.args.state) if self.args.state else default_state_dir(self.out_dir.resolve())
         if self.args.tb_dir is None:
             self.tb_dir: Path | None = self.out_dir / "tensorboard"

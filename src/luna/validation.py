@@ -40,7 +40,7 @@ from luna.evaluation import (
     write_report,
 )
 from luna.inference import TTA_FLIPS, Prediction, predict, rows_of_scans
-from luna.io import OutputError, check_not_an_input, check_writable_dir, write_tsv
+from luna.io import OutputError, check_not_an_input, check_writable_dir, named_output, write_tsv
 from luna.luna16 import TableError
 from luna.metrics import MetricsError
 from luna.model import CheckpointError, checkpoint_crop_shape, load_model, not_held_out, seen_scans
@@ -255,9 +255,20 @@ def run_predict(args: argparse.Namespace, out_dir: str | os.PathLike) -> Predict
                                   "nothing to predict")
         raise ValidationError(f"{', '.join(str(s.path) for s in stores)}: none of the {len(scans)} {args.scans} scans "
                               f"(fold {fold}) is in these crop stores; give the stores of their subsets")
+    if n_absent and splits is not None:
+        # a forgotten store: its scans counted as scans without candidates, and the CPM dropped without an error
+        absent = [uid for uid in scans if uid not in in_stores]
+        subset_of = dict(zip(splits["series_uid"], splits["subset"]))
+        given = {store.subset for store in stores}
+        forgotten = sorted({str(subset_of[uid]) for uid in absent if uid in subset_of} - given)
+        if forgotten:
+            n = sum(str(subset_of.get(uid)) in forgotten for uid in absent)
+            raise ValidationError(f"{n} of the {len(scans)} {args.scans} scans (fold {fold}) are in subset(s) "
+                                  f"{', '.join(forgotten)}, whose crop store was not given; give the stores of every "
+                                  "subset of the fold")
     if n_absent:
-        logger.warning("%d of the %d scans to predict are in none of the given crop stores (no candidates cropped); "
-                       "they count in the FROC divisor as scans without candidates", n_absent, len(scans))
+        logger.warning("%d of the %d scans to predict have no candidate in the crop stores of their subsets (none "
+                       "cropped); they count in the FROC divisor as scans without candidates", n_absent, len(scans))
     trained_tta = str(checkpoint.get("args", {}).get("tta", "none"))
     if trained_tta not in TTA_FLIPS:
         raise ValidationError(f"{args.model}: the model's selection pass used test-time augmentation {trained_tta!r}, "
@@ -290,6 +301,7 @@ class PredictApp(StageApp):
         parser.add_argument("--out", required=True, help="output predictions.tsv")
 
     def run(self) -> PredictResult:
+        named_output(self.args.out, "--out", "predictions.tsv file to write")
         if Path(self.args.out).is_dir():  # found now, not after predicting every candidate
             raise ValidationError(f"{self.args.out}: is a folder; --out names the predictions.tsv file to write")
         check_not_an_input(self.args.out, predict_inputs(self.args))
@@ -317,6 +329,7 @@ class ValidationApp(StageApp):
         a = self.args
         inputs = {**predict_inputs(a), "--history": [a.history], "--annotations": [a.annotations],
                   "--annotations-excluded": [a.annotations_excluded]}
+        named_output(a.out, "--out", "report folder")
         check_report_not_an_input(a.out, inputs)
         annotations, excluded = check_report_options(a)
         history = read_history(a.history) if a.history else None
