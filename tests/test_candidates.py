@@ -221,3 +221,10 @@ def test_a_quoted_field_over_several_lines_keeps_the_file_lines(tmp_path) -> Non
         read_candidates_csv(write(tmp_path, text))
     table = read_candidates_csv(write(tmp_path, text.replace("abc", "3")))
     assert table["line"].tolist() == [2, 5, 7]
+
+
+def test_a_space_before_a_quoted_field_over_several_lines(tmp_path) -> None:
+    """pandas reads ', "a' as a quoted field (skipinitialspace); the line count read it as two records."""
+    text = 'seriesuid,coordX,coordY,coordZ,class,note\n1.1,1,1,1,0, "a\nnote"\n1.2,abc,2,2,1,\n'
+    with pytest.raises(TableError, match=r"candidates\.csv:4: column coordX is not a finite number: 'abc'"):
+        read_candidates_csv(write(tmp_path, text))

@@ -4,6 +4,7 @@ stage's modules load is one line and exit status 130 (was a traceback through th
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 
@@ -30,3 +31,24 @@ def test_ctrl_c_while_the_stage_loads_is_one_line(monkeypatch, capsys) -> None:
         cli.luna_predict()
     assert info.value.code == 130
     assert capsys.readouterr().err == "luna-predict: interrupted\n"
+
+
+def test_sigterm_is_deferred_also_where_sigint_is_ignored() -> None:
+    """A script's background job (``luna-crops ... &``) starts with SIGINT ignored: deferred_sigint then deferred
+    nothing, and SIGTERM raised wherever the main thread was (lost in a thread pool's callback)."""
+    import signal
+
+    from luna.app import Terminated, deferred_sigint, raise_for, sigterm_unwinds
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigterm_unwinds(), deferred_sigint() as came:
+            assert came() == 0
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next bytecode: no exception here
+            assert came() == signal.SIGTERM
+            with pytest.raises(Terminated):
+                raise_for(came())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)

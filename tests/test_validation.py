@@ -537,6 +537,24 @@ def test_one_report_writer_per_folder_and_killed_runs_swept(inputs, labelled_run
     assert (out / "metrics.tsv").read_text().startswith("fold\t")
 
 
+def test_symlinked_report_files_are_written_through_and_unlinked_when_not_written(inputs, labelled_run, tmp_path):
+    """A report file that is a symlink is written through (the link stays); one this run does not write
+    (metrics_ci.tsv with --bootstrap 0) loses its link, and its target outside --out is left alone."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    for name in ("metrics.tsv", "metrics_ci.tsv"):
+        (elsewhere / name).write_text("an earlier run\n")
+        (out / name).symlink_to(elsewhere / name)
+    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
+            "--fold", "0", "--bootstrap", "0"]
+    assert ValidationApp(argv).main() == 0
+    assert (out / "metrics.tsv").is_symlink() and (elsewhere / "metrics.tsv").read_text().startswith("fold\t")
+    assert not (out / "metrics_ci.tsv").exists() and not (out / "metrics_ci.tsv").is_symlink()
+    assert (elsewhere / "metrics_ci.tsv").read_text() == "an earlier run\n"
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad input: one line, exit 2
 # ----------------------------------------------------------------------------------------------------

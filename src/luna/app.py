@@ -142,14 +142,16 @@ def deferred_sigint() -> Iterator[Callable[[], int]]:
     ``__del__`` callback (thread pools run many) it is printed as "Exception ignored" and lost, and the run went on
     to the end. The loop checks the flag at its own safe points and calls :func:`raise_for` there; one that comes
     after the last check (as the outputs are committed) lets the work finish. SIGTERM is deferred the same way
-    where :func:`sigterm_unwinds` set it to raise. Outside the main thread, or when SIGINT is not Python's default
-    handler (a caller's own), nothing changes."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    where :func:`sigterm_unwinds` set it to raise. Outside the main thread nothing changes, nor for a signal whose
+    handler is a caller's own (or ignored)."""
+    if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
     came: list[int] = []
-    deferred = [signal.SIGINT] + ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is _raise_terminated else [])
+    # each signal on its own: SIGINT is ignored in a script's background job (``luna-crops ... &``), and SIGTERM
+    # must still be deferred there
+    deferred = ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else []) + \
+        ([signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is _raise_terminated else [])
     previous = {signum: signal.getsignal(signum) for signum in deferred}
     for signum in deferred:
         signal.signal(signum, lambda signum, frame: came.append(signum))

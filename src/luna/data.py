@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -381,6 +382,14 @@ class ResidentBatches:
             yield self.crops.index_select(0, on_device), self.labels.index_select(0, on_device), index
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """Loader worker init: SIGTERM to the process group (SLURM's time limit, ``scancel``, ``kill -TERM -PGID``) is
+    the main process's to act on (luna.app.sigterm_unwinds). A worker ended by it first made torch raise "DataLoader
+    worker (pid N) is killed by signal: Terminated" in the main process, in the middle of its clean-up: a traceback,
+    exit status 1, temp files left. The worker still ends with the loader's shutdown or the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: Dataset,
     sampler: Sampler[int],
@@ -399,6 +408,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         drop_last=False,
+        worker_init_fn=_ignore_sigterm if num_workers > 0 else None,
     )
 
 

@@ -23,7 +23,6 @@ annotations give FROC/CPM; with neither only the pooled predictions and the subm
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import logging
 import math
@@ -37,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
-from luna.io import (NA_REP, OutputError, check_not_an_input, check_output_file, check_writable_dir, lock_path,
+from luna.io import (NA_REP, OutputError, check_not_an_input, check_writable_dir, lock_path,
                      named_output, release_lock, write_tsv)
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, BootstrapInterval, FrocResult, froc, froc_bootstrap
@@ -347,7 +346,9 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
     """Pool the folds and write every report file into ``out_dir`` (see the module docstring). Each file is written
     atomically, and the earlier report's files are removed before the first is written: on a failure (a full disk,
     SIGTERM) no report file is left in ``out_dir``, and a run killed outright leaves some of this run's files but
-    none of an earlier one, so nothing there mixes two runs. One run at a time per ``out_dir`` (a lock file)."""
+    none of an earlier one, so nothing there mixes two runs (a symlinked report file is written through and its
+    link kept; one this run does not write is unlinked, its target left alone). One run at a time per ``out_dir``
+    (a lock file)."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     seen: dict[int, str] = {}
@@ -371,13 +372,15 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
                              "wait for it, or give this run its own --out")
     try:
         _sweep_temp_files(out_dir)
-        if _remove_report(out_dir):
+        if _remove_report(out_dir, links=False):  # a kill -9 midway leaves this run's files only
             logger.info("removed the earlier report's files from %s", out_dir)
         try:
             _write_files(result, folds, labelled, annotations, bootstrap=bootstrap, seed=seed)
         except BaseException:
             _remove_report(out_dir)  # no half report: none at all
             raise
+        if _remove_report(out_dir, keep=result.written):  # symlinks to an earlier run's files this run did not write
+            logger.info("removed the earlier report's links this run does not write from %s", out_dir)
     finally:
         release_lock(handle, lock)
     result.seconds = time.perf_counter() - t0
@@ -385,17 +388,18 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
     return result
 
 
-def _remove_report(out_dir: Path) -> int:
-    """Remove every report file of ``out_dir`` (a symlinked one's target, so that the link stays for the new
-    file to be written through, as :func:`luna.io.atomic_path` does); returns how many there were."""
+def _remove_report(out_dir: Path, *, keep: Sequence[Path] = (), links: bool = True) -> int:
+    """Remove the report files of ``out_dir`` but those in ``keep``; a symlink is removed itself (its target
+    outside the folder is left alone), and with ``links`` False it is kept: the new file is written through it, as
+    :func:`luna.io.atomic_path` does. Returns how many were removed."""
+    kept = {Path(path).name for path in keep}
     removed = 0
     for name in OUTPUT_NAMES:
         path = out_dir / name
-        with contextlib.suppress(OutputError):
-            path = check_output_file(path)  # something not a file there: the write names it
-        if path.is_file():
-            path.unlink()
-            removed += 1
+        if name in kept or not (path.is_symlink() and links or path.is_file() and not path.is_symlink()):
+            continue
+        path.unlink()
+        removed += 1
     return removed
 
 

@@ -56,13 +56,15 @@ def _record_lines(path: str | os.PathLike, n_rows: int) -> np.ndarray:
     counting as a record (as ``pd.read_csv(skip_blank_lines=False)`` reads it) and a quoted field's lines as one."""
     starts: list[int] = []
     with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, skipinitialspace=True)  # as pandas reads it: ', "a' opens a quoted field
         last = 0
         for _ in reader:
             starts.append(last + 1)
             last = reader.line_num
             if len(starts) > n_rows:
                 break
+    if len(starts) < n_rows + 1:  # the two parsers disagree: the plain count rather than no line at all
+        return np.arange(n_rows) + 2
     return np.array(starts[1:n_rows + 1], dtype=np.int64)
 
 
