@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,16 @@ LIDC_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 LIDC_MHD = LIDC_DIR / f"{LIDC_UID}.mhd"
 LUNA16_ANNOTATIONS = FIXTURES / "luna16-csv" / "annotations.csv"
 BIN = Path(sys.executable).parent
+
+
+def symlinked_outputs(folder: Path, targets: Path, names: Sequence[str], text: str) -> None:
+    """Each of ``names`` in ``folder`` a symlink to a file holding ``text`` in ``targets`` (both folders created):
+    outputs that a run must write through."""
+    folder.mkdir(parents=True, exist_ok=True)
+    targets.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (targets / name).write_text(text)
+        (folder / name).symlink_to(targets / name)
 
 
 @pytest.fixture(scope="session")

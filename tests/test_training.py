@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import symlinked_outputs
 from hooks import hook_env
 from luna.evaluation import PREDICTION_COLUMNS
 from luna.metrics import HISTORY_COLUMNS
@@ -883,11 +884,7 @@ def test_symlinked_outputs_are_written_through(data, tmp_path):
     """design.md: a symlink at an output is written through. luna-train removed the links as previous outputs and
     wrote plain files: the link targets kept the old model."""
     out, shared = tmp_path / "o", tmp_path / "shared"
-    out.mkdir()
-    shared.mkdir()
-    for name in ("model.pt", "history.tsv"):
-        (shared / name).write_text("old\n")
-        (out / name).symlink_to(shared / name)
+    symlinked_outputs(out, shared, ("model.pt", "history.tsv"), "old\n")
     assert LunaTrainingApp(argv(data, out, "--epochs", "1")).main() == 0
     assert (out / "model.pt").is_symlink() and (out / "history.tsv").is_symlink()
     assert torch.load(shared / "model.pt", weights_only=True)["epoch"] == 1

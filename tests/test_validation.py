@@ -27,7 +27,7 @@ from luna.model import LunaModel, load_model, save_checkpoint
 from luna.store import CropStore, StoreWriter
 from luna.validation import ValidationApp, main
 
-from conftest import LIDC_DIR, LIDC_MHD, LIDC_UID
+from conftest import LIDC_DIR, LIDC_MHD, LIDC_UID, symlinked_outputs
 
 CROP_SHAPE = (32, 48, 48)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -184,6 +184,13 @@ def labelled_run(inputs, tmp_path_factory):
             "--fold", "0"]
     result = ValidationApp(argv).run()
     return out, result
+
+
+def report_argv(inputs, out: Path) -> list[str]:
+    """luna-validate of fold 0 with annotations into ``out``, no bootstrap: the report tests' run."""
+    return ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
+            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
+            "--fold", "0", "--bootstrap", "0"]
 
 
 def expected_probabilities(inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -474,9 +481,7 @@ def test_a_write_that_fails_midway_leaves_no_report(inputs, labelled_run, tmp_pa
         raise OutputError(f"{path}: cannot write (no space left on device)")
 
     monkeypatch.setattr(plots, "save_figure", full_disk)
-    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
-            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
-            "--fold", "0", "--bootstrap", "0"]
+    argv = report_argv(inputs, out)
     assert ValidationApp(argv).main() == 2
     assert capsys.readouterr().err.strip() == (f"luna-validate: error: {out / 'froc.png'}: cannot write (no space "
                                                "left on device)")
@@ -500,9 +505,7 @@ def test_sigterm_midway_leaves_no_report(inputs, labelled_run, tmp_path, monkeyp
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(plots, "save_figure", terminated)
-    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
-            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
-            "--fold", "0", "--bootstrap", "0"]
+    argv = report_argv(inputs, out)
     assert ValidationApp(argv).main() == 143
     assert capsys.readouterr().err.strip() == "luna-validate: terminated"
     assert sorted(p.name for p in out.iterdir()) == []
@@ -516,9 +519,7 @@ def test_one_report_writer_per_folder_and_killed_runs_swept(inputs, labelled_run
     them); other hidden files are left alone, and the lock file does not outlive the run."""
     out = tmp_path / "out"
     out.mkdir()
-    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
-            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
-            "--fold", "0", "--bootstrap", "0"]
+    argv = report_argv(inputs, out)
     (out / "metrics.tsv").write_text("an earlier run\n")
     with lock_held_elsewhere(out / ".luna-evaluate.lock"):
         assert ValidationApp(argv).main() == 2
@@ -541,14 +542,8 @@ def test_symlinked_report_files_are_written_through_and_unlinked_when_not_writte
     """A report file that is a symlink is written through (the link stays); one this run does not write
     (metrics_ci.tsv with --bootstrap 0) loses its link, and its target outside --out is left alone."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    out.mkdir()
-    elsewhere.mkdir()
-    for name in ("metrics.tsv", "metrics_ci.tsv"):
-        (elsewhere / name).write_text("an earlier run\n")
-        (out / name).symlink_to(elsewhere / name)
-    argv = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]),
-            "--splits", str(inputs["splits"]), "--annotations", str(inputs["annotations"]), "--out", str(out),
-            "--fold", "0", "--bootstrap", "0"]
+    symlinked_outputs(out, elsewhere, ("metrics.tsv", "metrics_ci.tsv"), "an earlier run\n")
+    argv = report_argv(inputs, out)
     assert ValidationApp(argv).main() == 0
     assert (out / "metrics.tsv").is_symlink() and (elsewhere / "metrics.tsv").read_text().startswith("fold\t")
     assert not (out / "metrics_ci.tsv").exists() and not (out / "metrics_ci.tsv").is_symlink()

@@ -39,7 +39,7 @@ from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, c
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import (NA_REP, OutputError, check_not_an_input, check_outside_scan_folders, check_writable_dir,
-                     describe_os_error, lock_path, named_output, release_lock, write_tsv)
+                     describe_os_error, locked, named_output, write_tsv)
 from luna.progress import format_eta
 from luna.store import COMPRESSIONS, StoreWriter, free_bytes, hdf5_left_broken
 from luna.tables import file_line, numeric_column, read_tsv
@@ -232,9 +232,9 @@ class CropApp(StageApp):
             for target, what in ((self.out, "crop store"), (self.cache_dir, "resume cache")):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 path = target.parent / f".{target.name}.lock"
-                handle = lock_path(path, f"{target}: the {what} is in use by another luna-crops run ({path} is "
-                                         "locked); wait for it, or give this run its own --out and --cache-dir")
-                locks.callback(release_lock, handle, path)
+                locks.enter_context(locked(path, f"{target}: the {what} is in use by another luna-crops run "
+                                                 f"({path} is locked); wait for it, or give this run its own --out "
+                                                 "and --cache-dir"))
             return self._run_locked(table, t0)
 
     def _run_locked(self, table: pd.DataFrame, t0: float) -> CropResult:
@@ -534,9 +534,9 @@ class CropApp(StageApp):
         bad_scans = [str(j.path) for j in jobs if j.error is not None]
         n_nodules = int(table.loc[table["candidate_id"].isin(skipped["candidate_id"]), "is_nodule"].eq(1).sum())
         # a warning when any is: a wrong origin in a header puts every candidate of its scan outside
-        (logger.warning if len(skipped) else logger.info)(
-            "%d candidates skipped (outside scan: %d, bad scan: %d; %d of them nodules); listed in %s",
-            len(skipped), n_outside, len(skipped) - n_outside, n_nodules, self.skipped_path)
+        logger.log(logging.WARNING if len(skipped) else logging.INFO,
+                   "%d candidates skipped (outside scan: %d, bad scan: %d; %d of them nodules); listed in %s",
+                   len(skipped), n_outside, len(skipped) - n_outside, n_nodules, self.skipped_path)
         logger.info("%d of %d scans from cache, %d read", n_from_cache, n_total, n_read)
         logger.info("time per phase (s, summed over threads): %s",
                     ", ".join(f"{k} {v:.2f}" for k, v in sorted(phase_s.items())))

@@ -23,7 +23,6 @@ annotations give FROC/CPM; with neither only the pooled predictions and the subm
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import math
 import os
@@ -36,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from luna.luna16 import TableError, read_annotations_csv
-from luna.io import (NA_REP, OutputError, check_not_an_input, check_writable_dir, lock_path,
-                     named_output, release_lock, write_tsv)
+from luna.io import (NA_REP, OutputError, check_not_an_input, check_writable_dir, locked, named_output,
+                     temp_files_of, write_tsv)
 from luna.app import StageApp
 from luna.froc import SENSITIVITY_COLUMNS, BootstrapInterval, FrocResult, froc, froc_bootstrap
 from luna.metrics import HISTORY_COLUMNS, MetricsError, metric_row
@@ -368,9 +367,8 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
             folds, annotations, excluded, max_per_scan=max_per_scan, bootstrap=bootstrap, seed=seed)
     check_writable_dir(out_dir, "output folder")
     lock = out_dir / LOCK_NAME
-    handle = lock_path(lock, f"{out_dir}: another luna-evaluate run is writing its report there ({lock} is locked); "
-                             "wait for it, or give this run its own --out")
-    try:
+    with locked(lock, f"{out_dir}: another luna-evaluate run is writing its report there ({lock} is locked); wait "
+                      "for it, or give this run its own --out"):
         _sweep_temp_files(out_dir)
         if _remove_report(out_dir, links=False):  # a kill -9 midway leaves this run's files only
             logger.info("removed the earlier report's files from %s", out_dir)
@@ -381,8 +379,6 @@ def write_report(folds: Sequence[FoldPredictions], out_dir: str | os.PathLike, a
             raise
         if _remove_report(out_dir, keep=result.written):  # symlinks to an earlier run's files this run did not write
             logger.info("removed the earlier report's links this run does not write from %s", out_dir)
-    finally:
-        release_lock(handle, lock)
     result.seconds = time.perf_counter() - t0
     _log_summary(result, folds)
     return result
@@ -396,7 +392,7 @@ def _remove_report(out_dir: Path, *, keep: Sequence[Path] = (), links: bool = Tr
     removed = 0
     for name in OUTPUT_NAMES:
         path = out_dir / name
-        if name in kept or not (path.is_symlink() and links or path.is_file() and not path.is_symlink()):
+        if name in kept or (path.is_symlink() and not links) or not (path.is_symlink() or path.is_file()):
             continue
         path.unlink()
         removed += 1
@@ -407,10 +403,9 @@ def _sweep_temp_files(out_dir: Path) -> None:
     """Remove the temp files a killed run left (``.<name>.<pid>.tmp``, :func:`luna.io.tmp_path_for`): with the
     folder's lock held no other run is writing them."""
     for name in OUTPUT_NAMES:
-        for tmp in out_dir.glob(f".{glob.escape(name)}.*.tmp"):
-            if tmp.is_file() and not tmp.is_symlink():
-                logger.info("removing %s, left by a run that was killed", tmp)
-                tmp.unlink()
+        for tmp in temp_files_of(out_dir / name):
+            logger.info("removing %s, left by a run that was killed", tmp)
+            tmp.unlink()
 
 
 def _write_files(result: EvaluationResult, folds: Sequence[FoldPredictions], labelled: bool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
 from pathlib import Path
@@ -33,6 +34,14 @@ def tmp_path_for(path: str | os.PathLike) -> Path:
     """The temp name an atomic write of ``path`` uses: a hidden file beside it, unique per process."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def temp_files_of(path: str | os.PathLike) -> list[Path]:
+    """The :func:`tmp_path_for` files of ``path`` from any process (a killed run's, or a live one's): regular
+    files only."""
+    path = Path(path)
+    return [tmp for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+            if tmp.is_file() and not tmp.is_symlink()]
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -225,3 +234,12 @@ def release_lock(handle: IO[bytes] | None, path: str | os.PathLike | None = None
     if handle is not None:
         handle.close()
 
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """:func:`lock_path` held within the block, then released and its file removed (:func:`release_lock`)."""
+    handle = lock_path(path, busy)
+    try:
+        yield
+    finally:
+        release_lock(handle, path)

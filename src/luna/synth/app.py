@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from luna.app import OneLineErrorParser, StageApp, thread_limit
+from luna.io import named_output
 from luna.synth.config import SynthConfig, SynthError
 from luna.synth.dataset import synthesize
 
@@ -64,8 +65,7 @@ class SynthApp(StageApp):
         super().__init__(argv)
         self.summary: dict[str, Any] | None = None
         # checked now, before anything is logged or written: a bad value is one line (SynthApp.console)
-        if not str(self.args.out).strip():  # Path("") is the current folder
-            raise SynthError("--out: empty path; name the data folder to write")
+        named_output(self.args.out, "--out", "data folder to write")
         if not 1 <= self.args.jobs <= thread_limit():
             raise SynthError(f"--jobs {self.args.jobs}: must be from 1 to {thread_limit()} (4 per CPU of this "
                              "machine)")
