@@ -972,3 +972,32 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capl
     lock = tmp_path / ".store.lock"  # luna-crops' lock files go at the end there too, though no lock was held
     release_lock(lock_path(lock, "busy"), lock)
     assert not lock.exists()
+
+
+def test_a_lock_released_between_open_and_lock_is_taken_anew(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder released and removed it must not hold the removed
+    file: a third run would create and lock a new one, and two runs would write at once."""
+    import fcntl
+
+    from luna.io import lock_path
+
+    lock = tmp_path / ".lock"
+    real_lockf = fcntl.lockf
+    calls = []
+
+    def holder_releases_first(fd: int, operation: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            lock.unlink()  # the holder's release_lock, between this run's open and its lockf
+        real_lockf(fd, operation)
+
+    monkeypatch.setattr(fcntl, "lockf", holder_releases_first)
+    handle = lock_path(lock, "busy")
+    monkeypatch.setattr(fcntl, "lockf", real_lockf)
+    assert handle is not None and len(calls) == 2  # locked twice: the removed file, then the new one
+    assert os.fstat(handle.fileno()).st_ino == lock.stat().st_ino  # holds the file at the path
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom luna.io import lock_path, OutputError\n"
+                            "try:\n    lock_path(sys.argv[1], 'busy')\nexcept OutputError as e:\n    print(e)\n",
+                            str(lock)], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "busy"  # a third run is refused
+    handle.close()

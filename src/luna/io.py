@@ -209,25 +209,42 @@ def lock_path(path: str | os.PathLike, busy: str) -> IO[bytes] | None:
     except ImportError:  # Windows
         return None
     path = Path(path)
-    try:
-        handle = open(path, "a+b")  # noqa: SIM115 - held open while the lock is
-    except OSError as exc:  # a folder in the way, another user's lock file in a shared folder
-        raise OutputError(f"{path}: cannot open the lock file ({describe_os_error(exc)})") from exc
-    try:
-        fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
+    while True:
+        try:
+            handle = open(path, "a+b")  # noqa: SIM115 - held open while the lock is
+        except OSError as exc:  # a folder in the way, another user's lock file in a shared folder
+            raise OutputError(f"{path}: cannot open the lock file ({describe_os_error(exc)})") from exc
+        try:
+            fcntl.lockf(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                logging.getLogger("luna.io").warning("%s: cannot lock (%s); two runs at once would not be refused",
+                                                     path, exc.strerror or exc)
+                return None
+            raise OutputError(busy) from exc
+        if _same_file(handle, path):
+            return handle
+        # the holder released and removed the file between this open and this lock: the lock is on a file no
+        # longer at ``path``, which a third run could create and lock anew; lock the file there now instead
         handle.close()
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            logging.getLogger("luna.io").warning("%s: cannot lock (%s); two runs at once would not be refused",
-                                                 path, exc.strerror or exc)
-            return None
-        raise OutputError(busy) from exc
-    return handle
+
+
+def _same_file(handle: IO[bytes], path: Path) -> bool:
+    """Whether ``path`` still names the open file ``handle`` (not removed, not replaced)."""
+    try:
+        on_disk = path.stat()
+    except OSError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def release_lock(handle: IO[bytes] | None, path: str | os.PathLike | None = None) -> None:
-    """Close a :func:`lock_path` file; with ``path``, remove the lock file first (while still held; also when
-    the file system gave no lock and ``handle`` is None)."""
+    """Close a :func:`lock_path` file; with ``path``, remove the lock file first (while still held, so no run
+    locks it after this one; a run that opened it before the removal finds it gone once it holds the lock, and
+    locks a new file there: :func:`lock_path`; also when the file system gave no lock and ``handle`` is
+    None)."""
     if path is not None:
         with contextlib.suppress(OSError):
             Path(path).unlink()
