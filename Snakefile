@@ -45,7 +45,7 @@ rule all:
     default_target: True
     input:
         # every file the evaluate job writes: a deleted plot or interval table is remade, not missing from the report
-        rules.evaluate.output,
+        evaluated_files,
 
 
 onsuccess:

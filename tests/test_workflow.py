@@ -360,6 +360,18 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
         other.write_text(__import__("yaml").safe_dump(changed))
         dry = snakemake(tiny_run, "-n", configfile=other)
         assert "Nothing to be done" in dry.stdout + dry.stderr, (section, key)
+    # a split that cannot train is refused after a finished run too: Snakemake took the train rule's refusal under
+    # existing files for "no producer", and reported the old results as up to date ("Nothing to be done", exit 0)
+    for fraction, fold, target in ((0.01, 0, "results/validation/metrics.tsv"),
+                                   (0.2, 1, "results/folds/1/predictions.tsv")):
+        message = (f"split.selection_fraction: {fraction} leaves test fold {fold} no scan in its selection set (of its "
+                   "6 other scans, 0 select)")
+        changed = copy.deepcopy(TINY_CONFIG)
+        changed["split"]["selection_fraction"] = fraction
+        other.write_text(__import__("yaml").safe_dump(changed))
+        for targets in ((), (target,)):
+            dry = snakemake(tiny_run, "-n", targets=targets, configfile=other, check=False)
+            assert dry.returncode != 0 and message in dry.stdout + dry.stderr, (fraction, targets, dry.stdout[-2000:])
 
 
 @pytest.mark.slow

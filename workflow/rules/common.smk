@@ -498,13 +498,28 @@ def run_folds_trainable():
 
 
 def trainable_splits(wildcards):
-    """The train rule's splits.tsv input, once the run folds, and a fold asked for by its path
-    (results/folds/N/model.pt), are known to exist and to be trainable."""
+    """The splits.tsv input of train and predict, once the run folds, and a fold asked for by its path
+    (results/folds/N/model.pt), are known to exist and to be trainable. Snakemake takes an input function's
+    error under an existing file for "no producer, the file is a source": after a finished run a refusal in
+    train alone was ignored ("Nothing to be done" for a split that cannot train), so predict, evaluate and all
+    check too, and the first job built, the target's, refuses."""
     run_folds_trainable()
     fold = int(wildcards.fold)
     if fold not in RUN_FOLDS:
         fold_trainable(fold)
     return f"{RESULTS}/splits.tsv"
+
+
+def trainable_run_splits(wildcards):
+    """The evaluate rule's splits.tsv input, once the run folds are known to be trainable (trainable_splits)."""
+    run_folds_trainable()
+    return f"{RESULTS}/splits.tsv"
+
+
+def evaluated_files(wildcards):
+    """Rule all's input: every file the evaluate job writes, once the run folds are known to be trainable."""
+    run_folds_trainable()
+    return list(rules.evaluate.output)
 
 
 @functools.cache

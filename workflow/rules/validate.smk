@@ -2,7 +2,7 @@ rule predict:
     input:
         model=f"{FOLDS_DIR}/{{fold}}/model.pt",
         crops=expand(f"{CROPS_DIR}/{{subset}}.h5", subset=SUBSETS),
-        splits=f"{RESULTS}/splits.tsv",
+        splits=trainable_splits,  # f"{RESULTS}/splits.tsv", refused for a split not trainable
     output:
         f"{FOLDS_DIR}/{{fold}}/predictions.tsv",
     log:
@@ -59,7 +59,7 @@ rule evaluate:
         models=fold_files("model.pt"),
         histories=fold_files("history.tsv"),
         predictions=fold_files("predictions.tsv"),
-        splits=f"{RESULTS}/splits.tsv",
+        splits=trainable_run_splits,  # f"{RESULTS}/splits.tsv", refused for a split not trainable
     output:
         **FROC_OUTPUTS,
         **CI_OUTPUTS,
