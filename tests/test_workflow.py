@@ -88,6 +88,9 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"crops": {"cache": ""}}, "config key crops.cache: '' should be non-empty"),  # was a cache under /
         ({"train": {"threshold": "0.5"}}, "config key train.threshold: '0.5' is a quoted number; write it without "
                                           "quotes"),
+        ({"train": {"lr": "0.001"}}, "config key train.lr: '0.001' is a quoted number; write it without quotes"),
+        # YAML 1.1 reads inf (no dot) as text: it was "a quoted number", which it was not
+        ({"train": {"threshold": "inf"}}, "config key train.threshold: 'inf' is not a finite number"),
         # a cache over the scans: luna-crops refused it, after the synthesis
         ({"crops": {"cache": "data/synthetic"}}, "crops.cache: data/synthetic/subset0 (the resume cache of subset0's "
                                                  "crop job, removed whole after it) overlaps"),
@@ -350,7 +353,8 @@ def test_second_run_has_nothing_to_do_and_a_train_change_reruns_only_train_and_v
     # default subsets spelled out, in any order, are the same subsets (they retrained every fold; listed in
     # another order they also trained other models: the crop stores' order is the samples'); the root spelled
     # otherwise is the same folder (it reran every stage but synthesis)
-    for section, key, value in (("train", "num_workers", 1), ("validate", "batch_size", 16),
+    # lr: 1e-3 is the shipped 0.001 (YAML 1.1 reads it as text, which the schema refused as not a number)
+    for section, key, value in (("train", "num_workers", 1), ("validate", "batch_size", 16), ("train", "lr", "1e-3"),
                                 ("crops", "cache", "results/.cache/elsewhere"),
                                 ("dataset", "subsets", ["subset0", "subset1", "subset2"]),
                                 ("dataset", "subsets", ["subset2", "subset0", "subset1"]),

@@ -50,15 +50,26 @@ def non_finite_values(value, path=()):
 def config_error_line(error):
     """One schema error as a line naming the key; a oneOf/anyOf also says which values it takes."""
     key = ".".join(str(p) for p in error.path) or "(top level)"
-    if error.validator == "pattern" and isinstance(error.instance, str):
+    wants_number = error.validator == "type" and {"number", "integer"} & set(
+        [error.validator_value]
+        if isinstance(error.validator_value, str)
+        else error.validator_value
+    )
+    if (
+        error.validator == "pattern" or wants_number
+    ) and isinstance(error.instance, str):
         try:
-            float(error.instance)
-            return (
-                f"config key {key}: {error.instance!r} is a quoted number; write it without quotes "
-                "(config/README.md lists the forms the key takes)"
-            )
+            number = float(error.instance)
         except ValueError:
+            if wants_number:
+                return f"config key {key}: {error.message}"
             return f"config key {key}: {error.message} (config/README.md lists the forms the key takes)"
+        if not math.isfinite(number):
+            return f"config key {key}: {error.instance!r} is not a finite number"
+        return (
+            f"config key {key}: {error.instance!r} is a quoted number; write it without quotes "
+            "(config/README.md lists the forms the key takes)"
+        )
     expected = ""
     if error.validator in ("oneOf", "anyOf"):
         expected = (
@@ -104,10 +115,17 @@ def describe_form(form):
     return " ".join(parts)
 
 
+# a number with an exponent, which YAML 1.1 (PyYAML, Snakemake's reader) takes for text unless it has a dot and
+# a signed exponent: 1e-3, 5E4, 1.0e3
+EXPONENT_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
 def whole_numbers_as_int(value, schema):
-    """8.0 where the schema asks for an integer (JSON Schema takes it as one) becomes 8, at any depth (the
-    epochs of train.balanced_schedule's pairs too): the stage CLIs and the synthetic generator parse integers,
-    and the rules' params then do not change with the spelling. Returns the converted value.
+    """Numbers spelled as the schema asks, at any depth (the epochs of train.balanced_schedule's pairs too):
+    8.0 where it asks for an integer (JSON Schema takes it as one) becomes 8, as the stage CLIs and the synthetic
+    generator parse integers, and the rules' params then do not change with the spelling; 1e-3 where it asks for
+    a number becomes 0.001 (YAML 1.1 reads it as the text '1e-3', which the schema refused as "not of type
+    'number'"). Returns the converted value.
     """
     forms = [schema, *schema.get("oneOf", [])]
     types = []
@@ -133,6 +151,12 @@ def whole_numbers_as_int(value, schema):
             sub = next((s for s in subs if isinstance(s, dict)), {})
             converted.append(whole_numbers_as_int(item, sub))
         return converted
+    if (
+        {"number", "integer"} & set(types)
+        and isinstance(value, str)
+        and EXPONENT_NUMBER.fullmatch(value.strip())
+    ):
+        value = float(value)
     if "integer" in types and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -145,6 +169,7 @@ os.environ.update(LUNA_REPO=str(Path(workflow.basedir).resolve()))
 SCHEMA = yaml.safe_load(
     (Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text()
 )
+whole_numbers_as_int(config, SCHEMA)  # before the check: 1e-3 is a number
 check_config(config, SCHEMA)
 validate(config, "../schemas/config.schema.yaml")  # fills in the defaults
 whole_numbers_as_int(config, SCHEMA)
