@@ -4,7 +4,7 @@ train.gpus > 1 runs it as that many processes under torchrun)."""
 import json
 from pathlib import Path
 
-from luna.runner import check_granted_gpus, config_argv, run_rule, run_rule_torchrun, spin_openmp_threads
+from luna.runner import config_argv, granted_gpus_argv, run_rule, run_rule_torchrun, spin_openmp_threads
 
 spin_openmp_threads()  # before luna.training loads torch
 from luna.training import LunaTrainingApp  # noqa: E402
@@ -16,7 +16,7 @@ config_json = state / "config.json"  # the run's full config, recorded in model.
 config_json.write_text(json.dumps(sm.config, indent=1, sort_keys=True))
 train = dict(sm.params.train)
 gpus = int(train.pop("gpus"))
-check_granted_gpus(gpus, int(getattr(sm.resources, "gpu", gpus)), sm.log[0])  # Snakemake cuts gpu to --resources
+device = granted_gpus_argv(gpus, sm.resources, sm.log[0])  # Snakemake cuts gpu to --resources; gpu=0: on the CPU
 speed = {k: sm.config["train"][k] for k in sm.params.speed_keys}  # read here, so a change reruns nothing
 
 argv = [
@@ -32,6 +32,7 @@ argv = [
     "--threads", max(1, sm.threads // gpus),
     *config_argv(train),
     *config_argv(speed),
+    *device,
 ]
 if sm.params.annotations_excluded:
     argv += ["--annotations-excluded", sm.params.annotations_excluded]

@@ -67,3 +67,29 @@ def test_an_argparse_error_is_in_the_log(tmp_path: Path) -> None:
     assert "luna-evaluate: error: argument --bootstrap: invalid int value: 'many' (see luna-evaluate --help)" in \
         log.read_text()
     assert "usage:" not in log.read_text()  # one line, not argparse's usage block above it
+
+
+def test_the_gpus_a_job_was_granted_become_its_device(tmp_path) -> None:
+    """All asked for: nothing to add; none (--resources gpu=0, a CPU-only cluster's gpu: 0): on the CPU, also where
+    CUDA is visible; fewer but some: the job fails in one line (torchrun would start more processes than devices)."""
+    from luna.runner import granted_gpus_argv
+
+    from types import SimpleNamespace as Resources
+
+    log = tmp_path / "train.log"
+    assert granted_gpus_argv(1, Resources(gpu=1), log) == granted_gpus_argv(2, Resources(gpu=3), log) == []
+    assert granted_gpus_argv(1, Resources(gpu=0, gres="gpu:a100:1"), log) == granted_gpus_argv(1, Resources(), log) == []
+    assert granted_gpus_argv(1, Resources(gpu=0), log) == granted_gpus_argv(2, Resources(gpu=0), log) == ["--device",
+                                                                                                          "cpu"]
+    assert not log.exists()
+    with pytest.raises(SystemExit) as exc:
+        granted_gpus_argv(2, Resources(gpu=1), log)
+    message = ("train.gpus = 2, but this job was granted gpu=1: give it 2 GPUs (--resources gpu=2 or more; on a "
+               "cluster the rule's gpu resource), or set train.gpus: 1")
+    assert str(exc.value.code) == f"LunaTrainingApp failed (exit 2): luna-train: error: {message}"
+    assert log.read_text().splitlines()[-1] == f"luna-train: error: {message}"
+    from luna.runner import gpus_granted
+
+    # a SLURM profile's gres names the GPUs where gpu is 0 (the plugin then sends --gres, not --gpus)
+    assert [gpus_granted(1), gpus_granted(0), gpus_granted(0, "gpu:a100:2"), gpus_granted(0, "gpu"),
+            gpus_granted(0, "tmpfs:10G"), gpus_granted(2, "gpu:1")] == [1, 0, 2, 1, 0, 2]

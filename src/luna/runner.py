@@ -97,17 +97,38 @@ def run_rule(app_factory: Callable[[list[str]], object], argv: Sequence[str], lo
         sys.exit(f"{app_factory.__name__} failed (exit {code}): {last[0] if last else ''}")
 
 
-def check_granted_gpus(gpus: int, granted: int, log_path: str | os.PathLike) -> None:
-    """Fail the train job, one line in its log, when it was granted fewer GPUs than train.gpus asks for:
-    Snakemake cuts a job's ``gpu`` resource to ``--resources gpu=M`` and goes on, and torchrun would start
-    train.gpus processes on fewer devices."""
+def gpus_granted(gpu: int, gres: str | None = None) -> int:
+    """The GPUs a job was granted: its ``gpu`` resource, or where that is 0 the GPUs of its SLURM ``gres``
+    (``gpu:2``, ``gpu:a100:2``; ``gpu`` alone is one), the profile's way to name a GPU type without ``--gpus``."""
+    if gpu > 0 or not gres:
+        return max(0, int(gpu))
+    total = 0
+    for item in str(gres).split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
+def granted_gpus_argv(gpus: int, resources: Any, log_path: str | os.PathLike) -> list[str]:
+    """The stage options for the GPUs Snakemake granted a job that asks for ``gpus`` (its ``resources``: ``gpu``,
+    where 0 ``gres``, :func:`gpus_granted`; no ``gpu`` at all: what it asked for): none when it got them all;
+    ``--device cpu`` when it got none (``--resources gpu=0``, or ``set-resources: {train: {gpu: 0}}`` on a
+    CPU-only cluster: a job granted no GPU must not take one, and its ``gpus`` processes run on the CPU); fewer
+    but some fails the job, one line in its log: Snakemake cuts a job's ``gpu`` resource to what it may grant
+    and goes on, and torchrun would start ``gpus`` processes on fewer devices (the workflow refuses
+    ``--resources gpu=N`` below train.gpus before any job; this is for a cluster's per-job grant)."""
+    granted = gpus_granted(int(getattr(resources, "gpu", gpus)), getattr(resources, "gres", None))
+    if granted <= 0:
+        return ["--device", "cpu"]
     if granted < gpus:
-        message = (f"train.gpus = {gpus}, but this job was granted gpu={granted} (--resources gpu={granted}): give "
-                   f"--resources gpu={gpus} or more, or set train.gpus: {granted}")
+        message = (f"train.gpus = {gpus}, but this job was granted gpu={granted}: give it {gpus} GPUs (--resources "
+                   f"gpu={gpus} or more; on a cluster the rule's gpu resource), or set train.gpus: {granted}")
         setup_logging(log_path)
         with open(log_path, "a") as fh:
             print(f"luna-train: error: {message}", file=fh)
         sys.exit(f"LunaTrainingApp failed (exit 2): luna-train: error: {message}")
+    return []
 
 
 def run_rule_torchrun(module: str, argv: Sequence[str], log_path: str | os.PathLike, nproc: int) -> None:

@@ -55,9 +55,9 @@ def config_error_line(error):
         if isinstance(error.validator_value, str)
         else error.validator_value
     )
-    if (
-        error.validator == "pattern" or wants_number
-    ) and isinstance(error.instance, str):
+    if (error.validator == "pattern" or wants_number) and isinstance(
+        error.instance, str
+    ):
         try:
             number = float(error.instance)
         except ValueError:
@@ -512,6 +512,23 @@ def run_folds():
 
 
 RUN_FOLDS = run_folds()
+
+
+def check_gpu_counter():
+    """--resources gpu=N below train.gpus (but above 0): Snakemake would cut the train job's request to N and
+    run it, and torchrun would start train.gpus processes on N devices; refused before any job (it failed the
+    train job after every crop). gpu=0 grants no GPU: the jobs run on the CPU."""
+    counter = workflow.global_resources.get("gpu")
+    granted = getattr(counter, "value", counter)
+    gpus = config["train"]["gpus"]
+    if isinstance(granted, int) and 0 < granted < gpus:
+        raise WorkflowError(
+            f"train.gpus = {gpus}, but --resources gpu={granted} grants a job at most {granted}: give "
+            f"--resources gpu={gpus} or more, or set train.gpus: {granted}"
+        )
+
+
+check_gpu_counter()
 
 
 @functools.cache
