@@ -74,6 +74,8 @@ def test_lint_and_snakefmt_clean() -> None:
         # a oneOf says what it takes; a split that leaves a run fold empty stops here, not after every crop
         ({"split": {"folds": 1}}, "config key split.folds: 1 is not valid under any of the given schemas; expected "
                                   "'subsets' or an integer >= 2"),
+        ({"split": {"run_folds": 0}}, "config key split.run_folds: 0 is not valid under any of the given schemas; "
+                                      "expected 'all' or a list of integers >= 0"),
         ({"dataset": {"subsets": ["subset1"]}, "split": {"run_folds": "all"}},
          "split.folds: subsets with one subset (subset1) is one fold, and nothing is left to train on"),
         # each failed its training job after every crop (the fold's 6 other scans: none selects, all select)
@@ -108,6 +110,8 @@ def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) 
     proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
     assert proc.returncode != 0
     assert expected in proc.stdout + proc.stderr
+    # one line for one mistake (a oneOf's type error beside it was a second)
+    assert (proc.stdout + proc.stderr).count("config key ") <= 1
 
 
 def test_a_synthetic_root_holding_other_files_stops_the_dry_run(tmp_path) -> None:
@@ -137,6 +141,13 @@ def test_a_fold_named_by_its_path_is_checked_as_run_folds_are(tmp_path) -> None:
             in proc.stdout + proc.stderr)
     proc = snakemake(tmp_path, "-n", targets=("results/folds/2/model.pt",), configfile=config_path, check=False)
     assert proc.returncode == 0 and job_stats(proc.stdout + proc.stderr)["train"] == 1, proc.stdout + proc.stderr
+    # one spelling per fold (folds/02 trained fold 2 again into a second folder); no crops of a subset not run
+    proc = snakemake(tmp_path, "-n", targets=("results/folds/02/model.pt",), configfile=config_path, check=False)
+    assert proc.returncode != 0 and "No rule to produce results/folds/02/model.pt" in proc.stdout + proc.stderr
+    proc = snakemake(tmp_path, "-n", targets=("results/crops/subset7.h5",), configfile=config_path, check=False)
+    assert proc.returncode != 0
+    assert ("results/crops/subset7.h5: subset7 is not one of this run's subsets (subset0, subset1, subset2; "
+            "dataset.subsets)") in proc.stdout + proc.stderr
     # a selection share of 0.2 selects one of fold 0's and fold 2's six other scans, none of fold 1's
     config = copy.deepcopy(TINY_CONFIG)
     config["split"] = {**config["split"], "selection_fraction": 0.2, "run_folds": [0]}
@@ -221,6 +232,13 @@ def test_candidates_without_a_class_column_stop_the_dry_run(tmp_path) -> None:
     assert proc.returncode != 0
     assert (f"dataset.candidates: {root / 'candidates.csv'} has no class column (header: seriesuid,coordX,coordY,"
             "coordZ); the workflow trains on the candidates' labels") in proc.stdout + proc.stderr
+    # a subset that is no folder name is named under its own key (it was dataset.root's)
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n1.2,0,0,0,0\n")
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, {"dataset": {
+        "source": "luna16", "root": str(root), "subsets": [".."]}}), check=False)
+    assert proc.returncode != 0
+    assert f"dataset.subsets: subset '..': a subset is the name of a folder directly under {root}" in \
+        proc.stdout + proc.stderr
 
 
 def test_a_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:

@@ -24,7 +24,13 @@ def check_config(cfg, schema):
         jsonschema.Draft202012Validator(schema).iter_errors(cfg),
         key=lambda e: list(e.path),
     )
-    lines = [config_error_line(e) for e in errors]
+    # a key's oneOf error says what it takes: its type error beside it would be a second line for one mistake
+    forms = {tuple(e.path) for e in errors if e.validator in ("oneOf", "anyOf")}
+    lines = [
+        config_error_line(e)
+        for e in errors
+        if not (e.validator == "type" and tuple(e.path) in forms)
+    ]
     lines += [
         f"config key {key}: {value} is not a finite number"
         for key, value in non_finite_values(cfg)
@@ -272,7 +278,13 @@ def check_dataset():
         found = find_scans(DATA_ROOT, list(DATASET["subsets"]) or None)
         return {uid: found[uid].subset for uid in sorted(found)}
     except (OSError, ValueError) as exc:
-        raise WorkflowError(f"dataset.root: {exc}") from exc
+        # a subset named or found wrong: the key the user set
+        key = (
+            "dataset.subsets"
+            if DATASET["subsets"] and "subset" in str(exc)
+            else "dataset.root"
+        )
+        raise WorkflowError(f"{key}: {exc}") from exc
 
 
 def check_values():
@@ -593,7 +605,13 @@ def dataset_inputs():
 def subset_inputs(wildcards):
     """A crop job reads its subset's folder (under the synthetic root when that is generated). A LUNA16 subset:
     the folder (a scan added, renamed or removed changes its mtime) and each file in it (a scan edited in place
-    changes only its own)."""
+    changes only its own). A subset the run does not have is refused (its crop job made an empty store).
+    """
+    if wildcards.subset not in SUBSETS:
+        raise WorkflowError(
+            f"{CROPS_DIR}/{wildcards.subset}.h5: {wildcards.subset} is not one of this run's subsets "
+            f"({', '.join(SUBSETS)}; dataset.subsets)"
+        )
     if SYNTHETIC:
         return {"root": DATA_ROOT}
     folder = Path(DATA_ROOT) / wildcards.subset

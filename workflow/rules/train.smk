@@ -14,7 +14,7 @@ rule train:
     benchmark:
         "benchmarks/runs/train/{fold}.tsv"
     wildcard_constraints:
-        fold=r"\d+",
+        fold=r"0|[1-9]\d*",  # one spelling per fold: folds/00 was a second fold 0
     conda:
         "../../envs/luna.yaml"
     threads: 2
