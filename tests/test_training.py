@@ -532,6 +532,9 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == f"luna-train: error: {missing}: no such file"
+    with pytest.raises(SystemExit) as info:  # it said "no such file"
+        main(argv(data, tmp_path / "o", "--crops", str(tmp_path)))
+    assert capsys.readouterr().err.strip() == f"luna-train: error: {tmp_path}: is a folder, not a crop store"
     with pytest.raises(SystemExit) as info:
         main(argv(data, tmp_path / "o", "--state", str(tmp_path / "o" / "state")))
     assert info.value.code == 2
@@ -621,13 +624,45 @@ def test_inputs_and_outputs_checked_before_training(data: dict[str, Path], tmp_p
     assert info.value.code == 2
     assert capsys.readouterr().err.strip() == (f"luna-train: error: {data['crops']}: crop store given twice (also as "
                                                f"{data['crops']})")
+    # a copy of it under another name: its scans were trained and selected on twice, with no word
+    import shutil
+
+    copy = shutil.copy(data["crops"], tmp_path / "subset0_copy.h5")
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o", "--crops", str(data["crops"]), str(copy)))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {copy} and {data['crops']} both hold scan 1.2.3.0: "
+                                               "its candidates would count twice (a copy of a store, or one subset cut "
+                                               "twice?)")
+    # a store of another data set took no part, with warnings only
+    make_store(tmp_path / "subset1.h5", uid_prefix="7.7.7")
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, tmp_path / "o", "--crops", str(data["crops"]), str(tmp_path / "subset1.h5")))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {tmp_path / 'subset1.h5'}: none of its 8 scans is "
+                                               "in the split (splits.tsv): a crop store of another data set?")
     out = tmp_path / "rerun"
     out.mkdir()
-    for name in ("model.pt", "history.tsv", "selection_predictions.tsv", "notes.txt"):
+    names = ("model.pt", "history.tsv", "selection_predictions.tsv", "notes.txt")
+    for name in names:
         (out / name).write_text("an earlier run's")
+    # a rerun refused by its inputs keeps them (a mistyped fold, selection share or config removed a finished model)
+    bad_config = tmp_path / "config.yaml"
+    bad_config.write_bytes(b"\x89HDF\r\n")  # not UTF-8: it was a traceback, after the outputs had gone
+    for extra, message in ((["--test-fold", "7"], "test fold 7 has no scans"),
+                           (["--config", str(bad_config)], f"{bad_config}: cannot read config ('utf-8' codec can't"),
+                           (["--balanced-schedule", "2:4", "2:0"], "--balanced-schedule gives epoch 2 more than once "
+                                                                   "(2:4, 2:0)")):
+        with pytest.raises(SystemExit) as info:
+            main(argv(data, out, *extra))
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("luna-train: error: ") and message in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    # one that trains removes them before its first epoch: a failed or killed rerun leaves none looking finished
     with pytest.raises(SystemExit) as info:
-        main(argv(data, out, "--test-fold", "7"))
-    assert info.value.code == 2
+        main(argv(data, out, "--lr", "1e8"))
+    assert info.value.code == 2 and "the training diverged" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -720,6 +755,22 @@ def test_setup_warns_of_settings_that_do_nothing_or_crawl(data: dict[str, Path],
     assert "--hard-negatives 0.5 mines the negatives of balanced epochs from the second on; this run has none " \
            "(--balanced 0, --balanced-schedule none, --epochs 2): it changes nothing" in caplog.text
     assert "--amp on: this CPU has no native bf16" in caplog.text
+    # a schedule's epoch past --epochs: unused (a later --resume --epochs may reach it), said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="luna.training"):
+        LunaTrainingApp(argv(data, tmp_path / "model", "--balanced-schedule", "9:8", "2:3")).setup()
+    assert f"--balanced-schedule 9:8: after the last epoch (--epochs {EPOCHS}), unused in this run" in caplog.text
+
+
+def test_one_balanced_schedule_in_another_order_resumes(data: dict[str, Path], tmp_path: Path) -> None:
+    """The resume key holds the schedule in epoch order: 3:4 2:3 is the run 2:3 3:4 was (it started afresh)."""
+    from luna.train_state import fingerprint_parts
+
+    def key(*schedule: str) -> dict:
+        args = build_parser().parse_args(argv(data, tmp_path / "m", "--balanced-schedule", *schedule))
+        return fingerprint_parts(args, False, torch.device("cpu"), 1)
+
+    assert key("2:3", "3:4") == key("3:4", "2:3") != key("2:3", "3:5")
 
 
 def test_the_last_log_line_reports_the_kept_model_at_its_operating_threshold(reference: Path, caplog,

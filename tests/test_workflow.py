@@ -101,6 +101,9 @@ def test_lint_and_snakefmt_clean() -> None:
         ({"train": {"clip_grad_norm": float("inf")}}, "config key train.clip_grad_norm: inf is not a finite number"),
         ({"split": {"selection_fraction": float("nan")}}, "config key split.selection_fraction: nan is not a finite "
                                                           "number"),
+        # luna-train refused it after every crop
+        ({"train": {"balanced_schedule": [[2, 4], [2, 0]]}}, "train.balanced_schedule: epoch 2 given more than once "
+                                                             "(each epoch once)"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:

@@ -79,6 +79,9 @@ class CropDataset(Dataset):
         for position, store in enumerate(self.stores):
             table = store.table
             assigned = table["series_uid"].map(roles)
+            if len(table) and assigned.isna().all():  # it took no part, and the run went on: with warnings only
+                raise DataError(f"{store.path}: none of its {table['series_uid'].nunique()} scans is in the split "
+                                "(splits.tsv): a crop store of another data set?")
             n_unlisted += int(assigned.isna().sum())
             keep = (assigned == role).to_numpy()
             part = table.loc[keep].copy()
@@ -92,8 +95,8 @@ class CropDataset(Dataset):
                     "class label (is_nodule -1); training needs labelled candidates"
                 )
             parts.append(part)
-        if n_unlisted:
-            logger.warning("%d crops belong to scans not listed in splits.tsv; left out of %s", n_unlisted, role)
+        if n_unlisted and role == ROLES[0]:  # once, not once per role
+            logger.warning("%d crops belong to scans not listed in splits.tsv; left out", n_unlisted)
         self.rows = (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             columns=["store", "row", "candidate_id", "series_uid", "coord_x", "coord_y", "coord_z",
                      "is_nodule", "diameter_mm"]))

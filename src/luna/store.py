@@ -430,9 +430,11 @@ class CropStore:
 
 
 def stores_mismatch(stores: Sequence[CropStore]) -> str | None:
-    """The first store whose crop shape or HU window differs from the first store's, as a one-line message
-    (None when they all agree): crops of another shape cannot share a batch, and the same int16 values under
-    another HU window would mean other tissue."""
+    """The first store whose crop shape or HU window differs from the first store's, or that holds a scan an
+    earlier store holds, as a one-line message (None when they all agree): crops of another shape cannot share
+    a batch, the same int16 values under another HU window would mean other tissue, and a scan in two stores (a
+    copy of a store, one subset cut twice) would count its candidates twice: in training, in the selection set
+    that chooses, and in the metrics."""
     for store in stores[1:]:
         if store.crop_shape != stores[0].crop_shape:
             return (f"{store.path}: crop shape {list(store.crop_shape)} differs from "
@@ -440,6 +442,13 @@ def stores_mismatch(stores: Sequence[CropStore]) -> str | None:
         if store.hu_window != stores[0].hu_window:
             return (f"{store.path}: HU window {list(store.hu_window)} differs from "
                     f"{stores[0].path}'s {list(stores[0].hu_window)}")
+    owner: dict[str, Path] = {}
+    for store in stores:
+        for uid in dict.fromkeys([*store.geometries, *store.table["series_uid"].astype(str)]):
+            if uid in owner:
+                return (f"{store.path} and {owner[uid]} both hold scan {uid}: its candidates would count twice (a "
+                        "copy of a store, or one subset cut twice?)")
+            owner[uid] = store.path
     return None
 
 

@@ -61,7 +61,9 @@ def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device,
     further) unless the learning-rate schedule depends on it, nor speed-only settings."""
     return {
         "code": code_version(),
-        "args": {k: getattr(args, k) for k in FINGERPRINT_ARGS},
+        # the schedule in epoch order: one schedule given in another order is the same run
+        "args": {k: sorted(getattr(args, k)) if k == "balanced_schedule" else getattr(args, k)
+                 for k in FINGERPRINT_ARGS},
         # a cosine schedule's rates depend on the run's length: a run with more epochs is another run
         "epochs": args.epochs if args.lr_schedule != "constant" else None,
         "augment": bool(args.augment),

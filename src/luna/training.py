@@ -9,9 +9,9 @@ evaluation path (the same code and float32 precision as luna-predict). For both,
 threshold 0.5) is appended to ``history.tsv`` (splits ``train`` and ``selection``), logged, and written to
 TensorBoard under the book's tag names with step = training samples seen. ``--keep`` picks the kept epoch
 (best selection F1 at the operating threshold, best AUC, or the last); ``--threshold`` the operating point
-(fixed, max_f1 or recall:R on the selection set). model.pt records the test fold, the training and selection
-series UIDs, the crop shape and the threshold; ``selection_predictions.tsv`` holds the kept epoch's selection
-probabilities (docs/design.md has the contracts).
+(fixed, max_f1, recall:R or fp_per_scan:F on the selection set). model.pt records the test fold, the training
+and selection series UIDs, the crop shape and the threshold; ``selection_predictions.tsv`` holds the kept epoch's
+selection probabilities (docs/design.md has the contracts).
 
 Method: the book's (SGD lr 0.001 momentum 0.99, balanced 1:1, Chapter 12 augmentation) unless asked;
 options beside it, each off by default: linear LR warm-up, gradient-norm clipping, Adam, an exponential
@@ -121,7 +121,7 @@ def _read_config(path: str | None) -> dict[str, Any] | None:
     try:
         with open(path) as fh:
             value = yaml.safe_load(fh)
-    except (OSError, yaml.YAMLError) as exc:  # PyYAML's messages span lines: one line here
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:  # PyYAML's messages span lines: one line here
         raise TrainingError(f"{path}: cannot read config ({' '.join(str(exc).split())})") from exc
     return value if isinstance(value, dict) else {"value": value}
 
@@ -172,6 +172,9 @@ class LunaTrainingApp(StageApp):
             raise TrainingError(f"--state {self.state_dir} lies inside --out {self.out_dir}; it must live "
                                 "outside the declared outputs")
         for path in [*args.crops, args.splits]:
+            if Path(path).is_dir():
+                what = "splits.tsv" if path == args.splits else "crop store"
+                raise TrainingError(f"{path}: is a folder, not a {what}")
             if not Path(path).is_file():
                 raise TrainingError(f"{path}: no such file")
         check_distinct_stores(args.crops)
@@ -180,6 +183,12 @@ class LunaTrainingApp(StageApp):
                                 "findings whose negatives leave the training set)")
         if args.annotations_excluded is not None and not Path(args.annotations_excluded).is_file():
             raise TrainingError(f"--annotations-excluded {args.annotations_excluded}: no such file")
+        repeated = sorted({e for e, _ in args.balanced_schedule
+                           if [f for f, _ in args.balanced_schedule].count(e) > 1})
+        if repeated:  # the larger ratio won, whatever the order given
+            raise TrainingError(f"--balanced-schedule gives epoch {repeated[0]} more than once ("
+                                + ", ".join(f"{e}:{r}" for e, r in args.balanced_schedule if e == repeated[0]) + ")")
+        self.config = _read_config(args.config)  # a bad one found now, before an earlier run's outputs go
         if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
             raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "
                                 f"--threshold (got --keep {args.keep} --threshold {args.threshold})")
@@ -244,12 +253,18 @@ class LunaTrainingApp(StageApp):
         inputs = {"--crops": list(self.args.crops), "--splits": [self.args.splits],
                   "--annotations-excluded": [self.args.annotations_excluded],
                   "--config": [self.args.config]}
-        for name in OUTPUT_NAMES:  # an earlier run's: a failed or killed rerun must not leave them looking finished
+        for name in OUTPUT_NAMES:  # an earlier run's, checked now (removed by _remove_previous_outputs)
             old = self.out_dir / name
             if old.is_dir():  # found now, not after the training
                 raise OutputError(f"{old}: is a folder; luna-train writes its {name} there")
             check_output_file(old)  # a FIFO or a device there: found now too
-            check_not_an_input(old, inputs, what=f"--out {self.out_dir}:")  # removed below, then read: gone
+            check_not_an_input(old, inputs, what=f"--out {self.out_dir}:")  # removed later, then read: gone
+
+    def _remove_previous_outputs(self) -> None:
+        """An earlier run's outputs, removed once this run's inputs have checked out (a refused rerun keeps
+        them) and before its first epoch (a failed or killed rerun must not leave them looking finished)."""
+        for name in OUTPUT_NAMES:
+            old = self.out_dir / name
             try:
                 if old.is_file():
                     logger.info("removing previous %s", old)
@@ -309,6 +324,10 @@ class LunaTrainingApp(StageApp):
                                     samples_per_epoch=args.samples_per_epoch, seed=args.seed,
                                     rank=self.dist.rank, world_size=self.dist.world_size,
                                     hard_negatives=args.hard_negatives)
+        unused = [f"{e}:{r}" for e, r in args.balanced_schedule if e > args.epochs]
+        if unused:  # not an error: a later --resume --epochs N may reach them
+            logger.warning("--balanced-schedule %s: after the last epoch (--epochs %d), unused in this run",
+                           " ".join(unused), args.epochs)
         if args.hard_negatives > 0 and not any(self.sampler.ratio_at(e) for e in range(2, args.epochs + 1)):
             logger.warning("--hard-negatives %g mines the negatives of balanced epochs from the second on; this run "
                            "has none (--balanced %g, --balanced-schedule %s, --epochs %d): it changes nothing",
@@ -330,7 +349,9 @@ class LunaTrainingApp(StageApp):
             self.ema.requires_grad_(False)
         self.state = StateFolder(self.state_dir, fingerprint_parts(args, self.use_amp, self.device,
                                                                    self.dist.world_size))
-        self.config = _read_config(args.config)
+
+        if self.dist.is_main:  # every input has checked out: an earlier run's outputs go before the first epoch
+            self._remove_previous_outputs()
 
         self.history: list[dict[str, Any]] = []
         self.best_epoch = 0
@@ -387,7 +408,8 @@ class LunaTrainingApp(StageApp):
         args, fold = self.args, self.args.test_fold
         if len(self.train_ds) == 0 or self.train_ds.n_pos == 0:
             raise TrainingError(f"{args.splits}: test fold {fold} leaves {len(self.train_ds)} training crops with "
-                                f"{self.train_ds.n_pos} nodules in {', '.join(args.crops)}; nothing to learn from")
+                                f"{self.train_ds.n_pos} nodules in {', '.join(args.crops)} (--selection-fraction "
+                                f"{args.selection_fraction}); nothing to learn from")
         if self.train_ds.n_neg == 0:  # a classifier of one class; balanced sampling failed only after setup
             raise TrainingError(f"{args.splits}: test fold {fold} leaves {len(self.train_ds)} training crops, all "
                                 f"nodules, in {', '.join(args.crops)}; nothing to tell them from")
@@ -645,8 +667,9 @@ class LunaTrainingApp(StageApp):
                         config=self.config, extra=extra)
         if selection is not None:
             write_tsv(selection_frame(self.sel_ds, selection, self.args.test_fold), self._best_selection_path)
-        logger.info("Epoch %d is kept so far (--keep %s; selection F1 %s at threshold %.4g)", epoch, self.args.keep,
-                    selection.operating_row["f1"] if selection is not None else "-", self.best_threshold)
+        by = "auc" if self.args.keep == "auc" else "f1"
+        logger.info("Epoch %d is kept so far (--keep %s; selection %s %s at threshold %.4g)", epoch, self.args.keep,
+                    by.upper(), selection.operating_row[by] if selection is not None else "-", self.best_threshold)
 
 
 main = LunaTrainingApp.console

@@ -160,7 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="resumable state folder (optimizer, sampler, RNG, best model); must lie outside the "
                     "declared outputs. Default: OUT/../.<OUT name>.train_state")
     io.add_argument("--resume", action="store_true",
-                    help="continue after the last finished epoch in --state (if its settings and inputs match); "
+                    help="continue after the last finished epoch in --state; a state written with other settings, "
+                         "inputs or code is not resumed: the run starts at epoch 1 (a warning names what differs) "
+                         "and replaces it; "
                          "a finished run extended with more --epochs keeps its old last epoch's selection pass, "
                          "which an uninterrupted longer run has only if that epoch is on --selection-interval")
     io.add_argument("--tb-dir", default=None, metavar="DIR",
@@ -224,7 +226,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "negative); 0 = plain shuffling")
     tr.add_argument("--balanced-schedule", type=_epoch_ratio, nargs="*", default=[], metavar="EPOCH:RATIO",
                     help="from EPOCH on, RATIO negatives per positive instead of --balanced (e.g. 7:8: learn on "
-                    "many positives first, end nearer the data's prior); none = --balanced throughout (the book)")
+                    "many positives first, end nearer the data's prior; each EPOCH once); no pairs = --balanced "
+                    "throughout (the book)")
     tr.add_argument("--hard-negatives", type=_unit_interval, default=0.0, metavar="SHARE",
                     help="from epoch 2 on, fill this share of each epoch's negative slots with negatives drawn by "
                     "the training loss they last had (hard-negative mining; balanced orders only); 0 = off (the book)")

@@ -301,6 +301,12 @@ def check_values():
         parse_threshold_policy(train["threshold"])
     except ValueError as exc:
         raise WorkflowError(f"train.threshold: {exc}") from exc
+    epochs = [pair[0] for pair in train["balanced_schedule"]]
+    repeated = sorted({e for e in epochs if epochs.count(e) > 1})
+    if repeated:  # luna-train refuses it, after the synthesis and every crop
+        raise WorkflowError(
+            f"train.balanced_schedule: epoch {repeated[0]} given more than once (each epoch once)"
+        )
     if config["split"]["selection_fraction"] == 0 and (
         train["keep"] != "last" or isinstance(train["threshold"], str)
     ):
