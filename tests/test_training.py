@@ -793,6 +793,15 @@ def test_a_refused_resume_names_only_what_differs() -> None:
     old = {"args": {"balanced_schedule": [[2, 1]], "lr": 0.001}, "threads": 2}
     new = {"args": {"balanced_schedule": [(2, 1)], "lr": 0.002}, "threads": 2}
     assert describe_changes(old, new) == "lr 0.001 -> 0.002"
+    # another torch: its kernels and RNG streams differ, so the state is not resumed under it
+    from luna.train_state import fingerprint_parts
+
+    args = build_parser().parse_args(["--crops", "a.h5", "--splits", "s.tsv", "--test-fold", "0", "--out", "m"])
+    args.splits = __file__  # a readable file: its hash is part of the key
+    args.crops = []
+    parts = fingerprint_parts(args, False, torch.device("cpu"), 1)
+    assert parts["torch"] == torch.__version__
+    assert describe_changes({**parts, "torch": "2.12.0"}, parts) == f"torch '2.12.0' -> '{torch.__version__}'"
 
 
 def test_a_full_disk_at_the_end_leaves_none_of_the_outputs(data, tmp_path, monkeypatch, capsys):

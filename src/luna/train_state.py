@@ -54,13 +54,15 @@ def _file_identity(path: str) -> list[Any]:
 
 def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> dict[str, Any]:
     """Everything that changes what is trained: settings, inputs (path, size, mtime), the code version (luna's
-    version and a hash of its sources, so an uncommitted edit counts), device kind, AMP, process count, on
+    version and a hash of its sources, so an uncommitted edit counts), torch's version, device kind, AMP, process count, on
     the CPU the torch thread count (fp32 sums split over other threads round differently: a resume at another
     count would not end where the uninterrupted run does) and on CUDA the GPU model and cuDNN version (other
     kernels). Not the number of epochs (a resumed run may go
     further) unless the learning-rate schedule depends on it, nor speed-only settings."""
     return {
         "code": code_version(),
+        # another torch has other kernels and RNG streams: a resume under it would not end where the run would
+        "torch": torch.__version__,
         # the schedule in epoch order: one schedule given in another order is the same run
         "args": {k: sorted(getattr(args, k)) if k == "balanced_schedule" else getattr(args, k)
                  for k in FINGERPRINT_ARGS},
