@@ -163,6 +163,11 @@ def test_split_app_errors_are_one_line(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         SplitApp(["--root", str(root), "--folds", "1", "--out", str(out)])
     assert "folds must be 'subsets' or a whole number from 2 to 1000000000" in capsys.readouterr().err
+    # an output folder that cannot be made is found first, before the scans are listed (as every stage does)
+    (tmp_path / "afile").write_text("")
+    assert SplitApp(["--root", str(root), "--subsets", "subset9", "--out", str(tmp_path / "afile" / "s.tsv")]).main() == 2
+    assert capsys.readouterr().err == (f"luna-split: error: {tmp_path / 'afile'}: cannot write to the output folder "
+                                       "(a file is in the way: not a folder)\n")
 
 
 def test_splits_frame_round_trips(tmp_path: Path) -> None:

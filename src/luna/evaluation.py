@@ -533,7 +533,8 @@ def note_nodules_off_disk(annotations: pd.DataFrame, splits: pd.DataFrame, annot
 
 class EvaluateApp(StageApp):
     """Pool the test-fold predictions of the folds run into one report: per-fold and pooled metrics.tsv (with
-    each operating threshold), pooled FROC/CPM with bootstrap intervals, predictions, LUNA16 submission, plots."""
+    each operating threshold), predictions, LUNA16 submission, plots; with --annotations pooled FROC/CPM with
+    bootstrap intervals."""
 
     prog = "luna-evaluate"
     errors = (EvaluationError, CheckpointError, TableError, MetricsError, SplitsError, OutputError)

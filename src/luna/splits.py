@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from luna.app import StageApp
-from luna.io import OutputError, check_outside_scan_folders, write_tsv
+from luna.io import OutputError, check_outside_scan_folders, check_writable_dir, write_tsv
 from luna.tables import file_line, read_tsv
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ class SplitApp(StageApp):
         from luna.ct import find_scans
 
         a = self.args
+        check_writable_dir(Path(a.out).parent, "output folder")  # found before the scans are listed
         scans = find_scans(a.root, a.subsets or None)
         if not scans:
             raise SplitsError(f"{a.root}: no scans (<series_uid>.mhd) under "

@@ -30,8 +30,8 @@ agree to float noise only).
 Speed without changing the method: channels_last_3d, bf16 autocast for the training steps (CUDA; CPU only
 with native bf16), pinned memory and non-blocking copies on CUDA, augmentation batched on the device, HDF5
 read a batch at a time. Several processes: DistributedDataParallel under torchrun (gloo on CPU, nccl on
-CUDA); each process trains on every world_size-th sample and evaluates a share of the selection set; only
-rank 0 writes.
+CUDA); each process trains on its own contiguous block of each epoch's samples (luna.data.EpochSampler; strided
+slots would give a rank of a balanced order one class) and evaluates a share of the selection set; only rank 0 writes.
 """
 
 from __future__ import annotations

@@ -314,7 +314,8 @@ class PredictApp(StageApp):
 
 class ValidationApp(StageApp):
     """Validate one model: predict its test fold (or --scans selection / all), then write the evaluation report
-    (predictions.tsv, metrics.tsv with CPM, froc.tsv, metrics_ci.tsv, submission.csv, plots) into --out."""
+    (predictions.tsv, metrics.tsv, submission.csv, plots; with --annotations also the CPM, froc.tsv and
+    metrics_ci.tsv) into --out."""
 
     prog = "luna-validate"
     errors = ERRORS

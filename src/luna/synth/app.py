@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class SynthApp(StageApp):
-    """Write a synthetic LUNA16-format data set (chest-CT-like scans, candidates.csv, annotations.csv)."""
+    """Write a synthetic LUNA16-format data set (chest-CT-like scans, candidates.csv, annotations.csv,
+    annotations_excluded.csv, seriesuids.csv)."""
 
     prog = "luna-synth"
     errors = (ValueError, OSError)  # SynthError, ScanError, OutputError: one line naming the key or the file
