@@ -69,6 +69,12 @@ def test_candidates_without_class_column(tmp_path) -> None:
     p = write(tmp_path, "seriesuid,coordX,coordY,coordZ\n1.2,1,2,3\n")
     df = read_candidates_csv(p)
     assert "class" not in df and df["coordZ"].tolist() == [3.0]
+    # 'Class': read as no class column, every row unlabelled, found only by luna-train after the crops
+    p = write(tmp_path, "seriesuid,coordX,coordY,coordZ,Class\n1.2,1,2,3,1\n")
+    with pytest.raises(TableError) as info:
+        read_candidates_csv(p)
+    assert str(info.value) == (f"{p}:1: column 'Class': column names are case-sensitive, 'class' is meant? (without a "
+                               "'class' column the rows are read without it)")
 
 
 def test_diameter_matching_book_rule() -> None:
@@ -135,11 +141,17 @@ def test_candidates_app_bad_csv_exits_2(tmp_path, capsys) -> None:
     assert not (tmp_path / "c.tsv").exists()
 
 
-def test_candidates_predict_only_has_nan_is_nodule(tmp_path) -> None:
+def test_candidates_predict_only_has_nan_is_nodule(tmp_path, caplog) -> None:
     root = _data_root(tmp_path)
     write(root, "seriesuid,coordX,coordY,coordZ\n1.1,1,1,1\n", "list.csv")
     out = tmp_path / "c.tsv"
-    assert CandidatesApp(["--root", str(root), "--candidates", "list.csv", "--annotations", "", "--out", str(out)]).main() == 0
+    with caplog.at_level("INFO", logger="luna.candidates"):
+        assert CandidatesApp(["--root", str(root), "--candidates", "list.csv", "--annotations", "", "--out",
+                              str(out)]).main() == 0
+    # said, not "(0 positive)": such a list fails luna-train only after every crop
+    assert "1 candidate rows read, 1 refer to the 3 scans on disk (no class column: unlabelled)" in caplog.text
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "the candidates have no class column: fit for luna-predict, not for luna-train"]
     assert out.read_text().splitlines()[1].split("\t")[6] == "NaN"  # undefined, as every TSV of the pipeline
     assert read_candidates_tsv(out)["is_nodule"].isna().all()
     # the crop stage takes that table as it is: the candidate unlabelled (-1) in the store

@@ -286,6 +286,13 @@ def test_every_crop_equals_reference(tmp_path, synthetic_scans, crop_shape):
     assert (n_rows, n_skipped) == (5 * 21, 5 * 15)
     assert app.skipped_path == out.parent / f"{SUBSET}.skipped.tsv"
     assert app.result.n_cropped == n_rows and app.result.n_outside == n_skipped
+    # a second store of the subset beside it (another shape) gets its own table: it removed the first one's
+    table = app.skipped_path.read_bytes()
+    small = CropApp(["--candidates", str(tsv), "--root", str(root), "--subset", SUBSET, "--out",
+                     str(out.parent / "small.h5"), "--shape", "16", "16", "16", "--cache-dir", str(tmp_path / "c2")])
+    small.run()
+    assert small.skipped_path == out.parent / "small.skipped.tsv" and small.skipped_path.is_file()
+    assert app.skipped_path.read_bytes() == table
     assert not (tmp_path / "out" / "cache").exists()  # resume cache removed after the commit
     store = CropStore(out)
     assert store.crop_shape == crop_shape
@@ -337,9 +344,13 @@ def test_read_crops_from_several_stores_in_the_order_given(tmp_path, synthetic_s
     assert read_crops([], np.zeros(0, int), np.zeros(0, int), (8, 12, 16)).shape == (0, 8, 12, 16)
 
 
-def test_same_inputs_identical_arrays_any_thread_count(tmp_path, synthetic_scans):
+def test_same_inputs_identical_arrays_any_thread_count(tmp_path, synthetic_scans, caplog):
     root, tsv, df, paths = synthetic_scans
-    _, out1 = _run(tmp_path, tsv, root, "a", ["--shape", "8", "12", "16", "--threads", "1"])
+    with caplog.at_level("WARNING", logger="luna.crops"):
+        _, out1 = _run(tmp_path, tsv, root, "a", ["--shape", "8", "12", "16", "--threads", "1"])
+    # a store for other uses, said: luna-train refused it only after every subset was cut
+    assert "--shape 8 12 16: LunaModel needs each size >= 16 (four 2x max-pools); luna-train will refuse these " \
+           "crops" in caplog.text
     _, out3 = _run(tmp_path, tsv, root, "b", ["--shape", "8", "12", "16", "--threads", "3", "--compression", "gzip1"])
     a1, a3 = read_arrays(out1), read_arrays(out3)
     assert a1.keys() == a3.keys()

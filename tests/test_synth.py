@@ -552,11 +552,16 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     assert not any(running(pid) for pid in workers)
 
 
+@pytest.mark.parametrize("twice", [False, True])
 @pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
-def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path, signame, code, said):
+def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path, signame, code, said, twice):
     """Ctrl-C (SIGINT to the process group, as a terminal sends) of luna-synth --jobs 2: one line, exit 130, and
     the queued scans are cancelled (the pool's exit ran every queued scan first: 38 of 40 written). SIGTERM to the
-    group (Snakemake stopping its jobs) the same, exit 143 (it ended the process on the spot)."""
+    group (Snakemake stopping its jobs) the same, exit 143 (it ended the process on the spot). ``twice``: the
+    signal to the app, then to its group, as `timeout -s INT` sends it (or a user pressing Ctrl-C twice): one line
+    too. (By hand, `timeout -s INT 2 luna-synth --jobs 2` of default-size scans hung in 3-4 of 10 tries: a second
+    signal broke into the cleanup, printed tracebacks and left the app waiting on its pool; a race this test's
+    timing does not reliably hit.)"""
     import signal
     import time
 
@@ -571,10 +576,13 @@ def test_ctrl_c_with_jobs_cancels_the_queued_scans(tmp_path, signame, code, said
     deadline = time.monotonic() + 120
     while len(list(out.glob("subset*/*.mhd"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    if twice:
+        os.kill(proc.pid, getattr(signal, signame))
     os.killpg(proc.pid, getattr(signal, signame))
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, output
     assert output.rstrip().endswith(f"luna-synth: {said}")
+    assert "Traceback" not in output and "Exception ignored" not in output, output
     written = len(list(out.glob("subset*/*.mhd")))
     assert 2 <= written <= 12, written  # the scans done, and those running at the signal (2 workers, 1 queued)
     assert not (out / "candidates.csv").exists()  # the set is not marked complete

@@ -643,7 +643,7 @@ def test_inputs_and_outputs_checked_before_training(data: dict[str, Path], tmp_p
                                                "in the split (splits.tsv): a crop store of another data set?")
     out = tmp_path / "rerun"
     out.mkdir()
-    names = ("model.pt", "history.tsv", "selection_predictions.tsv", "notes.txt")
+    names = ("model.pt", "history.tsv", "selection_predictions.tsv", "predictions.tsv", "notes.txt")
     for name in names:
         (out / name).write_text("an earlier run's")
     # a rerun refused by its inputs keeps them (a mistyped fold, selection share or config removed a finished model)
@@ -659,7 +659,8 @@ def test_inputs_and_outputs_checked_before_training(data: dict[str, Path], tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("luna-train: error: ") and message in err[0], err
         assert sorted(p.name for p in out.iterdir()) == sorted(names)
-    # one that trains removes them before its first epoch: a failed or killed rerun leaves none looking finished
+    # one that trains removes them before its first epoch: a failed or killed rerun leaves none looking finished;
+    # and the old model's predictions.tsv (luna-evaluate reported the new model.pt's epoch and threshold over them)
     with pytest.raises(SystemExit) as info:
         main(argv(data, out, "--lr", "1e8"))
     assert info.value.code == 2 and "the training diverged" in capsys.readouterr().err
@@ -760,6 +761,12 @@ def test_setup_warns_of_settings_that_do_nothing_or_crawl(data: dict[str, Path],
     with caplog.at_level("WARNING", logger="luna.training"):
         LunaTrainingApp(argv(data, tmp_path / "model", "--balanced-schedule", "9:8", "2:3")).setup()
     assert f"--balanced-schedule 9:8: after the last epoch (--epochs {EPOCHS}), unused in this run" in caplog.text
+    # a table given without the switch that reads it: it was silently not read
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="luna.training"):
+        LunaTrainingApp(argv(data, tmp_path / "model", "--annotations-excluded", str(data["splits"])))
+    assert f"--annotations-excluded {data['splits']} is read only with --skip-excluded: this run trains on every " \
+           "candidate" in caplog.text
 
 
 def test_one_balanced_schedule_in_another_order_resumes(data: dict[str, Path], tmp_path: Path) -> None:

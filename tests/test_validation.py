@@ -960,6 +960,17 @@ def test_refused_inputs_leave_an_earlier_report_and_every_input_alone(inputs, tm
         assert EvaluateApp(["--folds", str(bad), *base, "--out", str(out)]).main() == 2
         assert f"{bad / 'predictions.tsv'}:3: loss = " in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a header-only predictions.tsv (truncated, emptied) was a report: CPM 0 over the fold's scans, exit 0
+    empty = tmp_path / "empty" / "5"
+    empty.mkdir(parents=True)
+    (empty / "model.pt").write_bytes((folds[1] / "model.pt").read_bytes())
+    header = (folds[1] / "predictions.tsv").read_text().splitlines()[0]
+    (empty / "predictions.tsv").write_text(header + "\n")
+    n_scans = int((pd.read_csv(splits, sep="\t")["fold"] == 5).sum())
+    assert EvaluateApp(["--folds", str(empty), *base, "--out", str(out)]).main() == 2
+    assert capsys.readouterr().err.strip() == (f"luna-evaluate: error: {empty / 'predictions.tsv'}: no rows, for test "
+                                               f"fold 5's {n_scans} scans (a truncated file? rerun luna-predict)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # --out one of the folds: its predictions.tsv would become the pooled rows
     fold_bytes = (folds[1] / "predictions.tsv").read_bytes()
     assert EvaluateApp(["--folds", *map(str, folds), *base, "--out", str(folds[1])]).main() == 2

@@ -40,13 +40,16 @@ class CandidatesReport:
     n_scans_on_disk: int
     n_positive: int
     duplicates: str = ""  # the warning line when duplicate rows were dropped
+    labelled: bool = True  # the CSV has a class column
 
     def lines(self) -> list[str]:
         """The summary line, then one warning line per thing left out."""
         out = [
             f"{self.n_rows} candidate rows read, {self.n_kept} refer to the {self.n_scans_on_disk} scans on disk "
-            f"({self.n_positive} positive)",
+            + (f"({self.n_positive} positive)" if self.labelled else "(no class column: unlabelled)"),
         ]
+        if not self.labelled:
+            out.append("the candidates have no class column: fit for luna-predict, not for luna-train")
         if self.duplicates:
             out.append(self.duplicates)
         if self.n_missing_scan_rows:
@@ -90,6 +93,7 @@ def build_candidates_table(
         n_scans_on_disk=len(scans),
         n_positive=int(table["is_nodule"].fillna(0).sum()) if len(table) else 0,
         duplicates=duplicates.line(candidates_csv) if duplicates.n_dropped else "",
+        labelled="class" in cand,
     )
     return table, report
 

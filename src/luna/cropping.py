@@ -18,6 +18,7 @@ import numpy as np
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 
 DEFAULT_CROP_SHAPE = (32, 48, 48)
+MIN_CROP_SIZE = 16  # LunaModel's four 2x max-pools: every axis needs >= 16 voxels to keep >= 1 after the last block
 DEFAULT_HU_WINDOW = (-1000, 1000)
 
 _INT16 = np.iinfo(np.int16)

@@ -1,7 +1,7 @@
 """The crop stage, luna-crops: one subset of candidates.tsv -> ``crops/{subset}.h5`` (layout: luna.store).
 
 Every candidate whose centre lies inside its scan gets an int16 crop, HU clipped to the window, placed by the
-border rule (luna.cropping); the others go to ``{subset}.skipped.tsv`` with the reason. Each scan's result is
+border rule (luna.cropping); the others go to ``<store name>.skipped.tsv`` with the reason. Each scan's result is
 memoized in the resume cache (luna.crop_cache), so a killed job reruns only the scans it had not finished.
 The cache is removed once the store is committed: LUNA16 V2 is ~110 GB of crops, no second copy is kept.
 A run that fails (killed, a bad scan, out of disk space) keeps what the cache holds, by design: the next run
@@ -35,7 +35,8 @@ import pandas as pd
 from luna.app import StageApp, deferred_sigint, raise_for
 from luna.crop_cache import (CACHE_BYTES_PER_SCAN, cache_error, cache_get, cache_key, cache_put, check_cache_folder,
                               clear_cache_folder, complete_entries, open_cache, remove_cache_folder)
-from luna.cropping import DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, check_window, crop_start, cut_scan_crops
+from luna.cropping import (DEFAULT_CROP_SHAPE, DEFAULT_HU_WINDOW, MIN_CROP_SIZE, check_window, crop_start,
+                           cut_scan_crops)
 from luna.ct import ScanError, read_geometry, read_scan, scan_identity
 from luna.geometry import Geometry, is_inside, xyz_to_irc
 from luna.io import (NA_REP, OutputError, check_not_an_input, check_outside_scan_folders, check_writable_dir,
@@ -169,7 +170,8 @@ class CropApp(StageApp):
         parser.add_argument("--subset", required=True, help="subset to crop (rows of candidates.tsv with this subset)")
         parser.add_argument("--out", required=True, help="output crop store, e.g. results/crops/subset0.h5")
         parser.add_argument("--skipped", default=None,
-                            help="skipped-candidates table; default: <out dir>/<subset>.skipped.tsv")
+                            help="skipped-candidates table; default: <out dir>/<out name without .h5>.skipped.tsv "
+                                 "(results/crops/subset0.skipped.tsv for --out results/crops/subset0.h5)")
         parser.add_argument("--cache-dir", default=None,
                             help="this subset's resume cache (diskcache): a new or empty folder, or an earlier "
                                  "run's cache; removed whole after success; default: <out dir>/.<out name>.cache")
@@ -207,6 +209,9 @@ class CropApp(StageApp):
         self.crop_shape = tuple(int(v) for v in a.shape)
         if min(self.crop_shape) < 1:
             raise CropError(f"--shape must be positive, got {list(a.shape)}")
+        if min(self.crop_shape) < MIN_CROP_SIZE:  # a store for other uses; luna-train refuses it, after the cropping
+            logger.warning("--shape %s: LunaModel needs each size >= %d (four 2x max-pools); luna-train will refuse "
+                           "these crops", " ".join(map(str, self.crop_shape)), MIN_CROP_SIZE)
         try:
             self.hu_window = check_window(a.hu_window)
         except ValueError as exc:
@@ -214,7 +219,9 @@ class CropApp(StageApp):
         if a.threads < 1:
             raise CropError(f"--threads must be >= 1, got {a.threads}")
         self.out = named_output(a.out, "--out", "crop store to write (crops/subset0.h5)")
-        self.skipped_path = Path(a.skipped) if a.skipped else self.out.parent / f"{a.subset}.skipped.tsv"
+        # named after the store, not the subset: a second store of one subset in the folder (another shape or HU
+        # window) removed the first one's table
+        self.skipped_path = Path(a.skipped) if a.skipped else self.out.parent / f"{self.out.stem}.skipped.tsv"
         self.cache_dir = Path(a.cache_dir) if a.cache_dir else self.out.parent / f".{self.out.name}.cache"
         self.root = Path(a.root)
         self._cache: diskcache.Cache | None = None  # opened once the store's room is reserved

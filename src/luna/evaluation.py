@@ -202,6 +202,9 @@ def read_fold_dir(folder: str | os.PathLike, splits: pd.DataFrame, splits_path: 
     scans = splits.loc[splits["fold"] == fold, "series_uid"].tolist()
     if not scans:
         raise EvaluationError(f"{splits_path}: test fold {fold} of {folder} has no scans")
+    if predictions.empty:  # luna-predict writes every candidate of the fold and refuses a fold without any
+        raise EvaluationError(f"{folder / 'predictions.tsv'}: no rows, for test fold {fold}'s {len(scans)} scans (a "
+                              "truncated file? rerun luna-predict)")
     outside = ~predictions["series_uid"].isin(set(scans))
     if outside.any():
         line = file_line(folder / "predictions.tsv", int(np.flatnonzero(outside.to_numpy())[0]))

@@ -103,6 +103,11 @@ def read_luna_csv(path: str | os.PathLike, required: Sequence[str], optional: Se
                          f"{','.join((*required, *optional))}")
     if missing:
         raise TableError(f"{path}:1: missing column {missing[0]!r} (header is {','.join(header)})")
+    for name in optional:  # 'Class' was read as no class column: every row unlabelled, found at training
+        alike = [h for h in header if h != name and h.lower() == name.lower()]
+        if name not in header and alike:
+            raise TableError(f"{path}:1: column {alike[0]!r}: column names are case-sensitive, {name!r} is meant? "
+                             f"(without a {name!r} column the rows are read without it)")
     wanted = [c for c in (*required, *optional) if c in header]
     try:
         df = pd.read_csv(

@@ -27,13 +27,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from luna.cropping import MIN_CROP_SIZE  # four 2x max-pools: every axis needs >= 16 voxels
 from luna.io import atomic_path
 from luna.provenance import plain, provenance
 
 CHECKPOINT_FORMAT = "luna-model-v1"
 _PREFIXES = ("module.", "_orig_mod.")
 BOOK_CROP_SHAPE = (32, 48, 48)
-MIN_CROP_SIZE = 16  # four 2x max-pools: every axis needs >= 16 voxels to keep >= 1 after the last block
 
 
 class CheckpointError(ValueError):

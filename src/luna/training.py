@@ -92,6 +92,10 @@ class TrainingError(ValueError):
 OUTPUT_NAMES = ("model.pt", "history.tsv", "selection_predictions.tsv")
 """What --out receives, written when the run ends (model.pt last)."""
 
+STALE_NAMES = ("predictions.tsv",)
+"""Made from an earlier model.pt in --out (luna-predict's output in a fold folder, luna-evaluate --folds reads it
+beside model.pt): removed with that model, so the new model is never reported with the old one's probabilities."""
+
 ERRORS = (TrainingError, DataError, SplitsError, StoreError, OutputError, MetricsError, DeviceError, DivergedError)
 """What a bad input or an unwritable output raises: reported as one line, exit status 2."""
 
@@ -183,6 +187,9 @@ class LunaTrainingApp(StageApp):
                                 "findings whose negatives leave the training set)")
         if args.annotations_excluded is not None and not Path(args.annotations_excluded).is_file():
             raise TrainingError(f"--annotations-excluded {args.annotations_excluded}: no such file")
+        if args.annotations_excluded is not None and not args.skip_excluded:  # luna-evaluate's is another option
+            logger.warning("--annotations-excluded %s is read only with --skip-excluded: this run trains on every "
+                           "candidate", args.annotations_excluded)
         repeated = sorted({e for e, _ in args.balanced_schedule
                            if [f for f, _ in args.balanced_schedule].count(e) > 1})
         if repeated:  # the larger ratio won, whatever the order given
@@ -262,12 +269,14 @@ class LunaTrainingApp(StageApp):
 
     def _remove_previous_outputs(self) -> None:
         """An earlier run's outputs, removed once this run's inputs have checked out (a refused rerun keeps
-        them) and before its first epoch (a failed or killed rerun must not leave them looking finished)."""
-        for name in OUTPUT_NAMES:
+        them) and before its first epoch (a failed or killed rerun must not leave them looking finished), with
+        the predictions made from that model (STALE_NAMES)."""
+        for name in (*OUTPUT_NAMES, *STALE_NAMES):
             old = self.out_dir / name
             try:
                 if old.is_file():
-                    logger.info("removing previous %s", old)
+                    logger.info("removing previous %s%s", old, " (made by the model this run replaces)"
+                                if name in STALE_NAMES else "")
                     _remove_output(old)
             except OSError as exc:
                 raise OutputError(f"{old}: cannot remove the previous output ({exc.strerror or exc})") from exc

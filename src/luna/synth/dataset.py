@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -107,9 +108,12 @@ def _die_with_parent(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:
         os._exit(1)
-    # SIGTERM to the process group is the parent's to act on (luna.app.sigterm_unwinds: it cancels the queued
-    # scans); a worker ended by it first made the parent's error a misleading "a scan worker process died"
+    # SIGTERM and Ctrl-C's SIGINT to the process group are the parent's to act on (luna.app.sigterm_unwinds: it
+    # cancels the queued scans and ends the workers); a worker ended by SIGTERM first made the parent's error a
+    # misleading "a scan worker process died", and one interrupted by SIGINT printed its traceback (a second
+    # Ctrl-C left the parent waiting on its pool at exit)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]:
@@ -149,12 +153,22 @@ def synthesize(root: Path, config: SynthConfig, jobs: int = 1) -> dict[str, Any]
                 res = fut.result()
                 results[res["index"]] = res
                 progress(len(results))
-        except BaseException as exc:  # Ctrl-C or a failed scan: the queued scans are cancelled here, not waited
-            # for (a with-block's exit waited for every one; shutdown's cancel_futures is left to the pool's thread,
-            # which loses it once the pool is collected, and then ran every queued scan before the exit)
-            for fut in futures:
-                fut.cancel()  # a scan not yet running; the few running end with their scan, or with this process
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException as exc:  # Ctrl-C, SIGTERM or a failed scan: the queued scans are cancelled here (a
+            # with-block's exit ran every one; shutdown's cancel_futures alone is lost once the pool is collected),
+            # the running ones end with their scan (seconds; a worker killed holding the task queue's lock hangs the
+            # exit). A second SIGINT or SIGTERM (timeout's to the group right after its own to the app, a user
+            # pressing Ctrl-C twice) that broke into this cleanup left the pool's thread and workers waiting on each
+            # other at exit: both are ignored until the pool is shut down
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
+                if in_main else {}
+            try:
+                for fut in futures:
+                    fut.cancel()  # a scan not yet running
+                pool.shutdown(wait=True, cancel_futures=True)
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             if isinstance(exc, BrokenProcessPool):
                 raise SynthError(f"{root}: a scan worker process died ({exc}); killed, or out of memory? (try "
                                  "fewer --jobs)") from exc
