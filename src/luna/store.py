@@ -444,7 +444,7 @@ def stores_mismatch(stores: Sequence[CropStore]) -> str | None:
                     f"{stores[0].path}'s {list(stores[0].hu_window)}")
     owner: dict[str, Path] = {}
     for store in stores:
-        for uid in dict.fromkeys([*store.geometries, *store.table["series_uid"].astype(str)]):
+        for uid in dict.fromkeys([*store.geometries, *store.table["series_uid"].astype(str).unique()]):
             if uid in owner:
                 return (f"{store.path} and {owner[uid]} both hold scan {uid}: its candidates would count twice (a "
                         "copy of a store, or one subset cut twice?)")

@@ -54,8 +54,8 @@ def _file_identity(path: str) -> list[Any]:
 
 def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device, world_size: int) -> dict[str, Any]:
     """Everything that changes what is trained: settings, inputs (path, size, mtime), the code version (luna's
-    version and a hash of its sources, so an uncommitted edit counts), torch's version, device kind, AMP, process count, on
-    the CPU the torch thread count (fp32 sums split over other threads round differently: a resume at another
+    version and a hash of its sources, so an uncommitted edit counts), torch's version, device kind, AMP, process
+    count, on the CPU the torch thread count (fp32 sums split over other threads round differently: a resume at another
     count would not end where the uninterrupted run does) and on CUDA the GPU model and cuDNN version (other
     kernels). Not the number of epochs (a resumed run may go
     further) unless the learning-rate schedule depends on it, nor speed-only settings."""

@@ -43,6 +43,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Sequence
 
@@ -190,11 +191,11 @@ class LunaTrainingApp(StageApp):
         if args.annotations_excluded is not None and not args.skip_excluded:  # luna-evaluate's is another option
             logger.warning("--annotations-excluded %s is read only with --skip-excluded: this run trains on every "
                            "candidate", args.annotations_excluded)
-        repeated = sorted({e for e, _ in args.balanced_schedule
-                           if [f for f, _ in args.balanced_schedule].count(e) > 1})
-        if repeated:  # the larger ratio won, whatever the order given
-            raise TrainingError(f"--balanced-schedule gives epoch {repeated[0]} more than once ("
-                                + ", ".join(f"{e}:{r}" for e, r in args.balanced_schedule if e == repeated[0]) + ")")
+        counts = Counter(e for e, _ in args.balanced_schedule)
+        repeated = min((e for e, n in counts.items() if n > 1), default=None)
+        if repeated is not None:  # the larger ratio won, whatever the order given
+            raise TrainingError(f"--balanced-schedule gives epoch {repeated} more than once ("
+                                + ", ".join(f"{e}:{r}" for e, r in args.balanced_schedule if e == repeated) + ")")
         self.config = _read_config(args.config)  # a bad one found now, before an earlier run's outputs go
         if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
             raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "

@@ -155,7 +155,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--crops", nargs="+", required=True, metavar="H5", help="crop stores (results/crops/*.h5)")
     io.add_argument("--splits", required=True, metavar="TSV", help="splits.tsv: series_uid, subset, fold (luna-split)")
-    io.add_argument("--out", required=True, metavar="DIR", help="output folder for model.pt, history.tsv and selection_predictions.tsv")
+    io.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder for model.pt, history.tsv and selection_predictions.tsv")
     io.add_argument("--state", default=None, metavar="DIR",
                     help="resumable state folder (optimizer, sampler, RNG, best model); must lie outside the "
                     "declared outputs. Default: OUT/../.<OUT name>.train_state")

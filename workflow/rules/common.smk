@@ -1,5 +1,6 @@
 """Config validation and helpers shared by the rules: data locations, subsets, folds, state folders."""
 
+import collections
 import csv
 import functools
 import hashlib
@@ -301,11 +302,11 @@ def check_values():
         parse_threshold_policy(train["threshold"])
     except ValueError as exc:
         raise WorkflowError(f"train.threshold: {exc}") from exc
-    epochs = [pair[0] for pair in train["balanced_schedule"]]
-    repeated = sorted({e for e in epochs if epochs.count(e) > 1})
-    if repeated:  # luna-train refuses it, after the synthesis and every crop
+    counts = collections.Counter(pair[0] for pair in train["balanced_schedule"])
+    repeated = min((e for e, n in counts.items() if n > 1), default=None)
+    if repeated is not None:  # luna-train refuses it, after the synthesis and every crop
         raise WorkflowError(
-            f"train.balanced_schedule: epoch {repeated[0]} given more than once (each epoch once)"
+            f"train.balanced_schedule: epoch {repeated} given more than once (each epoch once)"
         )
     if config["split"]["selection_fraction"] == 0 and (
         train["keep"] != "last" or isinstance(train["threshold"], str)
