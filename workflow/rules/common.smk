@@ -304,7 +304,8 @@ def check_values():
         raise WorkflowError(f"train.threshold: {exc}") from exc
     counts = collections.Counter(pair[0] for pair in train["balanced_schedule"])
     repeated = min((e for e, n in counts.items() if n > 1), default=None)
-    if repeated is not None:  # luna-train refuses it, after the synthesis and every crop
+    # luna-train refuses it, after the synthesis and every crop
+    if repeated is not None:
         raise WorkflowError(
             f"train.balanced_schedule: epoch {repeated} given more than once (each epoch once)"
         )
