@@ -1,4 +1,5 @@
-"""What the default run's last epoch buys, paired on development models: 7 against 8 epochs of 3,750 samples.
+"""What the default run's last epoch buys, paired on development models: 7 against 8 epochs of 3,750 samples
+(``--epochs``: any list, e.g. 8 12 16 for what a faster CPU's spare minutes would buy).
 
 Each training seed trains config/config.yaml's recipe for 7 epochs on the development data (synthetic seed 7,
 test fold 0 held out as in quality_sweep.py), then the same run resumes for an 8th epoch: with the constant
@@ -36,20 +37,21 @@ import tta_views
 VIEW_SETS = {"none": "none", "point mirror": "flip2z", "flip4z": "flip4z"}
 
 
-def train_argv(data: tuple, seed: int, epochs: int, out: Path, state: Path) -> list[str]:
-    """luna-train's options for config/config.yaml's recipe on the development data's fold 0."""
+def train_argv(data: tuple, seed: int, epochs: int, out: Path, state: Path, amp: str | None = None) -> list[str]:
+    """luna-train's options for config/config.yaml's recipe on the development data's fold 0 (``amp``: another
+    train.amp than the config's)."""
     from luna.runner import config_argv
 
     crops, splits, _, _ = data
     train = copy.deepcopy(q.CONFIG["train"])
-    train.update(seed=seed, epochs=epochs)
+    train.update(seed=seed, epochs=epochs, **({"amp": amp} if amp else {}))
     train.pop("gpus", None)
     return ["--crops", *crops, "--splits", splits, "--test-fold", "0",
             "--selection-fraction", str(q.CONFIG["split"]["selection_fraction"]), "--out", str(out),
             "--state", str(state), "--resume", "--tb-dir", "none", "--threads", "2", *config_argv(train)]
 
 
-def train(data: tuple, seed: int, epochs: int, run: Path, state: Path) -> float:
+def train(data: tuple, seed: int, epochs: int, run: Path, state: Path, amp: str | None = None) -> float:
     """luna-train into ``run/0`` (resuming from ``state``); seconds taken."""
     from luna.training import LunaTrainingApp
 
@@ -57,7 +59,7 @@ def train(data: tuple, seed: int, epochs: int, run: Path, state: Path) -> float:
         return float("nan")
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()) as err:
-        rc = LunaTrainingApp(train_argv(data, seed, epochs, run / "0", state)).main()
+        rc = LunaTrainingApp(train_argv(data, seed, epochs, run / "0", state, amp)).main()
     if rc != 0:
         raise SystemExit(f"seed {seed}, {epochs} epochs: luna-train failed (rc {rc}): {err.getvalue().strip()[-500:]}")
     return time.perf_counter() - t0
@@ -84,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
     p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
     p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
+    p.add_argument("--epochs", nargs="+", type=int, default=None,
+                   help="epoch counts, each resumed from the one before (default: the config's epochs - 1 and epochs)")
+    p.add_argument("--views", nargs="+", choices=sorted(VIEW_SETS.values()), default=list(VIEW_SETS.values()),
+                   help="test-time view sets to score (each flip4z view costs a dev-test prediction pass)")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default=None,
+                   help="train.amp for every run (default: the config's); runs go to their own folders")
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
     if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed) or a.dev_seed == a.devtest_seed:
@@ -94,24 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     data = q.build_data(a.work, a.dev_seed, 2, q.CONFIG["synthetic"])
     dev = q.devtest_set(a.work, a.devtest_seed)
     epochs = int(q.CONFIG["train"]["epochs"])
+    counts = sorted(set(a.epochs or [epochs - 1, epochs]))
+    if counts[0] < 1:
+        raise SystemExit(f"--epochs: {counts[0]} is not a positive number of epochs")
+    base = epochs if epochs in counts else counts[-1]
     lines = ["# The last epoch's worth on development models (benchmarks/epoch_budget.py)", "",
              f"Development data: synthetic seed {a.dev_seed}, fold 0 held out; dev-test data: seed {a.devtest_seed}, "
              f"{len(dev.scans)} scans ({len(dev.nodules)} nodules) in five 30-scan blocks. config/config.yaml's "
-             f"recipe; {epochs - 1} epochs, then the same run resumed for epoch {epochs} (paired: one trajectory "
-             "per seed). Threshold: each model's own selection pass. Blocks: 30-scan dev-test blocks meeting "
+             f"recipe{f' with amp {a.amp}' if a.amp else ''}; {counts[0]} epochs, then the same run resumed to {', '.join(map(str, counts[1:]))} "
+             f"epochs (paired: one trajectory per seed; {q.CONFIG['train']['samples_per_epoch']} samples an epoch). Threshold: each model's own selection pass. Blocks: 30-scan dev-test blocks meeting "
              "recall >= 0.8 at precision >= 0.3.", "",
-             "| seed | epochs | training s (this call: epoch 8 alone when resumed) | views | dev-test CPM (95% CI) | ROC AUC | threshold | blocks met |",
+             "| seed | epochs | training s (this call: the epochs it added when resumed) | views | dev-test CPM (95% CI) | ROC AUC | threshold | blocks met |",
              "|---:|---:|---:|---|---|---:|---:|---:|"]
     cpm: dict[tuple[int, int, str], float] = {}
     for seed in a.seeds:
-        state = a.work / "runs" / f"budget-s{seed}-state"
-        for n in (epochs - 1, epochs):
-            run = a.work / "runs" / f"budget-s{seed}-e{n}"
-            seconds = train(data, seed, n, run, state)
+        tag = f"-amp-{a.amp}" if a.amp else ""
+        state = a.work / "runs" / f"budget-s{seed}{tag}-state"
+        for n in counts:
+            run = a.work / "runs" / f"budget-s{seed}-e{n}{tag}"
+            seconds = train(data, seed, n, run, state, a.amp)
             _, checkpoint = load_model(run / "0" / "model.pt", map_location="cpu")
             threshold = float(checkpoint["threshold"])
-            views = tta_views.cached_views(run, dev, TTA_FLIPS["flip4z"])  # every view of the three sets
-            for name, setting in VIEW_SETS.items():
+            sets = {name: setting for name, setting in VIEW_SETS.items() if setting in a.views}
+            wanted = tuple(dict.fromkeys(d for setting in sets.values() for d in TTA_FLIPS[setting]))
+            views = tta_views.cached_views(run, dev, wanted)  # every view of the sets scored
+            for name, setting in sets.items():
                 frame = dev.frame.copy()
                 frame["probability"] = np.mean([views[d] for d in TTA_FLIPS[setting]], axis=0)
                 score = q.devtest_scores(frame, dev.nodules, dev.scans, dev.ignored)
@@ -122,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"{score['dt_high']:.3f}) | {score['dt_auc']:.3f} | {threshold:.3f} | {met} |")
                 print(lines[-1], flush=True)
         shutil.rmtree(state, ignore_errors=True)  # both models are written; the resumable state is spent
-    lines += ["", f"Change from epoch {epochs} to epoch {epochs - 1}, per seed:", ""]
-    for name in VIEW_SETS:
-        diffs = [cpm[(s, epochs - 1, name)] - cpm[(s, epochs, name)] for s in a.seeds]
-        lines.append(f"- {name}: {' '.join(f'{d:+.3f}' for d in diffs)} (mean {np.mean(diffs):+.3f})")
+    for n in (c for c in counts if c != base):
+        lines += ["", f"Change from {base} to {n} epochs, per seed:", ""]
+        for name in (name for name, setting in VIEW_SETS.items() if setting in a.views):
+            diffs = [cpm[(s, n, name)] - cpm[(s, base, name)] for s in a.seeds]
+            lines.append(f"- {name}: {' '.join(f'{d:+.3f}' for d in diffs)} (mean {np.mean(diffs):+.3f})")
     with atomic_path(a.out) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return 0

@@ -851,7 +851,8 @@ def test_a_diverged_training_stops_with_one_line(data, tmp_path, capsys):
 
 def test_a_training_role_of_nodules_only_is_refused_before_training(tmp_path, capsys):
     """All training crops nodules: --balanced failed after setup ("balanced sampling needs positive and negative
-    training crops"), naming no file; --balanced 0 trained a one-class model, exit 0."""
+    training crops"), naming no file; --balanced 0 trained a one-class model, exit 0. A refused run left an empty
+    --out/tensorboard and a state folder holding only its lock file."""
     uids = make_store(tmp_path / "subset0.h5", n=40, n_pos=40, n_scans=8, seed=3)
     nodules_only = {"crops": tmp_path / "subset0.h5", "splits": write_splits(tmp_path / "splits.tsv", uids)}
     for balanced in ("1", "0"):
@@ -861,6 +862,13 @@ def test_a_training_role_of_nodules_only_is_refused_before_training(tmp_path, ca
         assert capsys.readouterr().err.strip() == (
             f"luna-train: error: {tmp_path / 'splits.tsv'}: test fold 0 leaves 20 training crops, all nodules, in "
             f"{tmp_path / 'subset0.h5'}; nothing to tell them from")
+        # refused after its output checks: the folders it made for its outputs, state and lock are gone again
+        assert not (tmp_path / f"o{balanced}").exists() and not (tmp_path / f".o{balanced}.train_state").exists()
+    kept = tmp_path / "kept"  # a folder that was there before stays, with what it held
+    (kept / "tensorboard").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        main(argv(nodules_only, kept))
+    assert (kept / "tensorboard").is_dir() and not (tmp_path / ".kept.train_state").exists()
 
 
 def test_on_findings_uses_frocs_hit_rule() -> None:

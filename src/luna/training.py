@@ -37,6 +37,7 @@ slots would give a rank of a balanced order one class) and evaluates a share of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import logging
@@ -153,6 +154,7 @@ class LunaTrainingApp(StageApp):
         self.args.channels_last = self.args.channels_last != "off"  # auto: on (faster on CPU and CUDA alike)
         self.time_str = datetime.datetime.now().strftime("%Y-%m-%d_%H.%M.%S")
         self._state_lock: IO[bytes] | None = None  # held from the output checks to the end of main()
+        self._new_dirs: list[Path] = []  # folders this run created: removed at the end if it left them empty
         self.out_dir = named_output(self.args.out, "--out", "output folder")
         self.state_dir = Path(self.args.state) if self.args.state else default_state_dir(self.out_dir.resolve())
         if self.args.tb_dir is None:
@@ -230,9 +232,7 @@ class LunaTrainingApp(StageApp):
         try:
             return self._main()
         finally:
-            release_lock(self._state_lock)  # the next run in this process (a notebook, a test) may take it
-            self._state_lock = None
-            self.tensorboard.close()
+            self._release_and_tidy()
             if self.dist.enabled and dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -240,8 +240,25 @@ class LunaTrainingApp(StageApp):
         self.setup()
         return self.run()
 
+    def _release_and_tidy(self) -> None:
+        """The state lock released (the next run in this process, a notebook or a test, may take it) and the
+        folders this run created removed where it left them empty: a refused run leaves no empty --out,
+        tensorboard or state folder (with its lock file) behind."""
+        lock, self._state_lock = self._state_lock, None
+        state_lock_only = False
+        if self.state_dir in self._new_dirs:
+            with contextlib.suppress(OSError):
+                state_lock_only = {p.name for p in self.state_dir.iterdir()} == {".lock"}
+        release_lock(lock, self.state_dir / ".lock" if state_lock_only else None)  # removed while still held
+        self.tensorboard.close()
+        for folder in reversed(self._new_dirs):  # the tensorboard folder before the --out folder holding it
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one
+        self._new_dirs = []
+
     def _check_writable(self) -> None:
         """Every folder this run writes, checked before the first epoch (not after an hour of training)."""
+        self._new_dirs = [d for d in (self.out_dir, self.state_dir, self.tb_dir) if d is not None and not d.exists()]
         check_writable_dir(self.out_dir, "--out folder")
         check_writable_dir(self.state_dir, "--state folder")
         if self.tb_dir is not None:
