@@ -106,11 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     if counts[0] < 1:
         raise SystemExit(f"--epochs: {counts[0]} is not a positive number of epochs")
     base = epochs if epochs in counts else counts[-1]
+    per_epoch = q.CONFIG["train"]["samples_per_epoch"]
+    length = (f"{counts[0]} epochs, then the same run resumed to {', '.join(map(str, counts[1:]))} epochs (paired: one "
+              f"trajectory per seed; {per_epoch} samples an epoch)" if len(counts) > 1
+              else f"{counts[0]} epochs ({per_epoch} samples an epoch)")
     lines = ["# The last epoch's worth on development models (benchmarks/epoch_budget.py)", "",
              f"Development data: synthetic seed {a.dev_seed}, fold 0 held out; dev-test data: seed {a.devtest_seed}, "
              f"{len(dev.scans)} scans ({len(dev.nodules)} nodules) in five 30-scan blocks. config/config.yaml's "
-             f"recipe{f' with amp {a.amp}' if a.amp else ''}; {counts[0]} epochs, then the same run resumed to {', '.join(map(str, counts[1:]))} "
-             f"epochs (paired: one trajectory per seed; {q.CONFIG['train']['samples_per_epoch']} samples an epoch). Threshold: each model's own selection pass. Blocks: 30-scan dev-test blocks meeting "
+             f"recipe{f' with amp {a.amp}' if a.amp else ''}; {length}. Threshold: each model's own selection pass. "
+             "Blocks: 30-scan dev-test blocks meeting "
              "recall >= 0.8 at precision >= 0.3.", "",
              "| seed | epochs | training s (this call: the epochs it added when resumed) | views | dev-test CPM (95% CI) | ROC AUC | threshold | blocks met |",
              "|---:|---:|---:|---|---|---:|---:|---:|"]

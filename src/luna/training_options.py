@@ -259,7 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rt.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto = cuda when available, else cpu")
     add_switch(rt, "--amp", "bf16 autocast of the training steps; auto: on a GPU that runs bf16 natively (not a V100 "
-               "or T4) and on a CPU that does (AVX512-BF16 or AMX); evaluation is always float32")
+               "or T4) and on a CPU that does (AVX512-BF16 or AMX); evaluation is always float32. Faster, not free: on "
+               "an AMX CPU bf16 training scored dev-test CPM 0.04 below float32 at the same samples, and "
+               "config/config.yaml trains in float32 (benchmarks/results/quality.md, fourteenth)")
     add_switch(rt, "--channels-last", "channels_last_3d memory format of model and batches; auto: on (measured "
                "faster on the CPU and on CUDA; the results agree to ~1e-5, not bit for bit)")
     rt.add_argument("--num-workers", type=_workers, default="auto",
