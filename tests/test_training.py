@@ -956,6 +956,27 @@ def test_a_second_run_on_a_state_folder_in_use_is_refused(data, tmp_path, capsys
     del app
 
 
+def test_a_run_refused_by_the_lock_leaves_the_holders_folders(data, tmp_path, monkeypatch, capsys):
+    """A run that found --out and the state folder missing, then lost the lock to a run that made them in
+    between, must not tidy them away as its own: removing the holder's lock file would let a third run in."""
+    import luna.training
+    from luna.io import OutputError
+
+    out = tmp_path / "o"
+    state = default_state_dir(out.resolve())
+
+    def taken_meanwhile(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)  # this run's folder check made it a moment before
+        (Path(folder) / ".lock").write_bytes(b"")
+        raise OutputError(f"{folder}: the state folder is in use by another luna-train run")
+
+    monkeypatch.setattr(luna.training, "lock_state_folder", taken_meanwhile)
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, out, "--epochs", "1"))
+    assert info.value.code == 2 and "in use by another luna-train run" in capsys.readouterr().err
+    assert (state / ".lock").is_file() and out.is_dir()
+
+
 def test_symlinked_outputs_are_written_through(data, tmp_path):
     """design.md: a symlink at an output is written through. luna-train removed the links as previous outputs and
     wrote plain files: the link targets kept the old model."""

@@ -243,18 +243,19 @@ class LunaTrainingApp(StageApp):
     def _release_and_tidy(self) -> None:
         """The state lock released (the next run in this process, a notebook or a test, may take it) and the
         folders this run created removed where it left them empty: a refused run leaves no empty --out,
-        tensorboard or state folder (with its lock file) behind."""
+        tensorboard or state folder (with its lock file) behind. Only by the run that held the lock: a run
+        refused by it may have seen the folders missing a moment before the running one made them."""
         lock, self._state_lock = self._state_lock, None
+        new_dirs, self._new_dirs = (self._new_dirs if lock is not None else []), []
         state_lock_only = False
-        if self.state_dir in self._new_dirs:
+        if self.state_dir in new_dirs:
             with contextlib.suppress(OSError):
                 state_lock_only = {p.name for p in self.state_dir.iterdir()} == {".lock"}
         release_lock(lock, self.state_dir / ".lock" if state_lock_only else None)  # removed while still held
         self.tensorboard.close()
-        for folder in reversed(self._new_dirs):  # the tensorboard folder before the --out folder holding it
+        for folder in reversed(new_dirs):  # the tensorboard folder before the --out folder holding it
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only an empty one
-        self._new_dirs = []
 
     def _check_writable(self) -> None:
         """Every folder this run writes, checked before the first epoch (not after an hour of training)."""
