@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
              "recall >= 0.8 at precision >= 0.3.", "",
              "| seed | epochs | training s (this call: the epochs it added when resumed) | views | dev-test CPM (95% CI) | ROC AUC | threshold | blocks met |",
              "|---:|---:|---:|---|---|---:|---:|---:|"]
+    sets = {name: setting for name, setting in VIEW_SETS.items() if setting in a.views}
+    wanted = tuple(dict.fromkeys(d for setting in sets.values() for d in TTA_FLIPS[setting]))  # each view once
     cpm: dict[tuple[int, int, str], float] = {}
     for seed in a.seeds:
         tag = f"-amp-{a.amp}" if a.amp else ""
@@ -127,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             seconds = train(data, seed, n, run, state, a.amp)
             _, checkpoint = load_model(run / "0" / "model.pt", map_location="cpu")
             threshold = float(checkpoint["threshold"])
-            sets = {name: setting for name, setting in VIEW_SETS.items() if setting in a.views}
-            wanted = tuple(dict.fromkeys(d for setting in sets.values() for d in TTA_FLIPS[setting]))
             views = tta_views.cached_views(run, dev, wanted)  # every view of the sets scored
             for name, setting in sets.items():
                 frame = dev.frame.copy()
@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"| {seed} | {n} | {seconds:.0f} | {name} | {score['dt_cpm']:.3f} ({score['dt_low']:.3f}-"
                              f"{score['dt_high']:.3f}) | {score['dt_auc']:.3f} | {threshold:.3f} | {met} |")
                 print(lines[-1], flush=True)
-        shutil.rmtree(state, ignore_errors=True)  # both models are written; the resumable state is spent
+        shutil.rmtree(state, ignore_errors=True)  # every model is written; the resumable state is spent
     for n in (c for c in counts if c != base):
         lines += ["", f"Change from {base} to {n} epochs, per seed:", ""]
-        for name in (name for name, setting in VIEW_SETS.items() if setting in a.views):
+        for name in sets:
             diffs = [cpm[(s, n, name)] - cpm[(s, base, name)] for s in a.seeds]
             lines.append(f"- {name}: {' '.join(f'{d:+.3f}' for d in diffs)} (mean {np.mean(diffs):+.3f})")
     with atomic_path(a.out) as tmp:
