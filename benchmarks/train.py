@@ -611,7 +611,7 @@ def write_table(args: argparse.Namespace, groups: list[dict], data_name: str, na
     lever_error, batch_noise, logits_equal = numerics
     cpu_lines = "; ".join(f"`{g['cpu']}`" for g in groups)
     loads = "; ".join(
-        f"load average at start {g['load_at_start']:.2f}, other processes used "
+        f"{g['isa'].rsplit(' ', 1)[0]} rows: load average at start {g['load_at_start']:.2f}, other processes used "
         + (f"{g['outside_cores']:.2f} of the {os.cpu_count()} cores" if g.get("outside_cores") is not None
            else "an unknown share of the cores") + " during the timed rounds" for g in groups)
     compile_note = [f"torch.compile: the first batch (compilation with an empty inductor cache) took "

@@ -189,3 +189,26 @@ def test_one_channel_weight_grad_matches_aten():
     got_w, got_b = cpu_speed.one_channel_weight_grad(gy, x)
     assert got_w.shape == grad_w.shape
     assert torch.allclose(got_w, grad_w, rtol=1e-5, atol=1e-5) and torch.allclose(got_b, grad_b, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_before_the_second_relu_gives_the_same_values_and_gradients():
+    """maxpool(relu(x)) == relu(maxpool(x)), gradients included: windows with a positive max pass the gradient
+    to the same element, windows with none pass nothing (half the windows here hold no positive value)."""
+    from luna.model import LunaBlock
+
+    block = LunaBlock(2, 3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 8, 10, generator=g) - 1.2  # mostly negative: many all-negative windows
+    x[0, 0, :2, :2, :2] = -0.5  # one window all negative
+    windows = F.max_pool3d(x, 2, 2)
+    assert (windows <= 0).float().mean() > 0.2 and (windows > 0).any()
+    grad = torch.randn(2, 3, 3, 4, 5, generator=g)
+    plain_in = x.clone().requires_grad_(True)
+    plain = block.maxpool(block.relu2(plain_in.clone()))
+    plain.backward(grad)
+    fast_in = x.clone().requires_grad_(True)
+    fast = cpu_speed._pool_then_relu(block, fast_in.clone())
+    fast.backward(grad)
+    assert torch.equal(plain, fast)
+    assert torch.equal(plain_in.grad, fast_in.grad)
+    assert plain_in.grad[0, 0, :2, :2, :2].abs().sum() == 0 and plain_in.grad.abs().sum() > 0
