@@ -84,12 +84,6 @@ def test_help_lists_every_option(capsys) -> None:
     assert "(default: 0.001)" in text and "(default: 0.99)" in text
 
 
-def test_fold_is_the_test_fold_as_in_luna_predict() -> None:
-    fold = ["--crops", "a", "--splits", "b", "--out", "c", "--fold", "3"]
-    assert build_parser().parse_args(fold).test_fold == 3
-    assert build_parser().parse_args(BASE).test_fold == 0
-
-
 def test_loader_workers_auto_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args(BASE).num_workers == "auto"
     assert resolve_workers("auto", torch.device("cpu")) == 0  # workers only compete with the model on a CPU

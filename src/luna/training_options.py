@@ -174,9 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--comment", default="", help="suffix of the TensorBoard run names")
 
     fo = p.add_argument_group("fold, selection and what is kept")
-    fo.add_argument("--test-fold", "--fold", dest="test_fold", type=_nonnegative_int, required=True, metavar="N",
-                    help="the held-out fold: its scans are never trained on and never choose anything (--fold: "
-                         "the name luna-predict and luna-validate use for it)")
+    fo.add_argument("--test-fold", type=_nonnegative_int, required=True, metavar="N",
+                    help="the held-out fold: its scans are never trained on and never choose anything")
     fo.add_argument("--selection-fraction", type=_unit_interval, default=0.2, metavar="F",
                     help="share of the other folds' scans (stable hash of UID and test fold) that form the "
                          "selection set, which alone chooses the kept epoch and the threshold; 0 = none (then "
