@@ -33,8 +33,8 @@ bit-identical, gradients differ from plain eager ones by fp32 reduction order on
   - each block's ``maxpool(relu2(x))`` runs as ``relu2(maxpool(x))`` (:func:`_pool_then_relu`): max and ReLU
     commute, so the values are bit-identical and the gradients equal (a window with a positive max passes
     its gradient to the same element; one without passes none either way), and ReLU's forward and backward
-    touch an eighth of the voxels: block1's ~3.7 + ~9.7 ms become ~0.5 + ~1.2 ms, 1.035x on the step (median
-    of 8 interleaved rounds, emulated AVX2, 2026-12-02). Tried with it and not kept: writing block1's first
+    touch an eighth of the voxels: block1's ~3.7 + ~9.7 ms become ~0.5 + ~1.2 ms, 1.02-1.035x on the step
+    (medians of 8 interleaved rounds, emulated AVX2 and native AVX-512, 2026-12-02). Tried with it and not kept: writing block1's first
     ReLU straight into a depth-padded buffer for conv2 (no ``F.pad`` copy): 0.95x.
 * :func:`resample_affine` — augment_batch's ``affine_grid`` + 3-D ``grid_sample`` as a 2-D resampling of the
   slices plus a linear interpolation in depth (exact for AugmentConfig's affines, which never mix depth into
@@ -340,7 +340,7 @@ def speed_up_training(model: nn.Module) -> str:
     :class:`DepthPaddedConv3d`, and the model routes tail BatchNorm + block1.conv1 through
     :func:`input_norm_conv` and applies each block's second ReLU after its max-pool
     (:func:`_pool_then_relu`). Eval, no_grad, autocast and CUDA run the plain code. Returns a log line.
-    ~1.4x on the training step (2-core AVX2 box, other levers on), of which the pooling order ~1.035x.
+    ~1.4x on the training step (2-core AVX2 box, other levers on), of which the pooling order ~1.03x.
 
     Apply to the model itself, before wrapping it (DistributedDataParallel); a deep copy (EMA) keeps the
     classes, which behave as the plain ones in eval. :func:`restore_training` undoes it."""
