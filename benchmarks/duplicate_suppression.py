@@ -69,7 +69,8 @@ def bootstrap_cpms(frame: pd.DataFrame, dev: q.DevtestSet, n_bootstrap: int, see
     cpms = np.empty(n_bootstrap)
     for sample in range(n_bootstrap):
         draws = np.bincount(rng.integers(0, len(scans), size=len(scans)), minlength=len(scans)).astype(np.float64)
-        fp, sens = _curve_points(is_hit, draws[entry_scan], last_of_run, len(scans), float(draws @ entries.nodules_per_scan))
+        n_nodules = float(draws @ entries.nodules_per_scan)
+        fp, sens = _curve_points(is_hit, draws[entry_scan], last_of_run, len(scans), n_nodules)
         cpms[sample] = _sensitivities(fp, sens).mean()
     return cpms
 
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (all scans)")
     p.add_argument("--tta", default="flip2z", help="view set averaged before suppression (luna.inference.TTA_FLIPS)")
     p.add_argument("--radii", nargs="+", type=float, default=[3.0, 5.0, 7.0, 10.0], help="suppression radii, mm")
-    p.add_argument("--factor", type=float, default=0.01, help="what a suppressed candidate's probability is multiplied by")
+    p.add_argument("--factor", type=float, default=0.01,
+                   help="what a suppressed candidate's probability is multiplied by")
     p.add_argument("--bootstrap", type=int, default=200, help="paired scan-bootstrap samples")
     p.add_argument("--out", required=True, type=Path, help="markdown table")
     args = p.parse_args(argv)
@@ -147,15 +149,17 @@ def main(argv: list[str] | None = None) -> int:
 def write_table(args: argparse.Namespace, rows: list[dict], shares: dict[float, float]) -> None:
     radii = args.radii
     lines = ["# Suppressing near-duplicate candidates (benchmarks/duplicate_suppression.py)", "",
-             f"Dev-test data: synthetic seed {args.devtest_seed}, every scan; views `{args.tta}` averaged, then per-scan "
-             f"greedy suppression (probability x {args.factor:g} within the radius of a higher-scoring kept candidate). "
+             f"Dev-test data: synthetic seed {args.devtest_seed}, every scan; views `{args.tta}` averaged, then "
+             f"per-scan greedy suppression (probability x {args.factor:g} within the radius of a higher-scoring kept "
+             "candidate). "
              f"CPM change with its 95% paired scan-bootstrap interval ({args.bootstrap} samples).", "",
              "Candidates with another candidate closer than the radius: "
              + ", ".join(f"{r:g} mm {shares[r]:.1%}" for r in radii) + ".", "",
              "| run | CPM | " + " | ".join(f"{r:g} mm: CPM (change, 95% CI)" for r in radii) + " |",
              "|---|---:|" + "---|" * len(radii)]
     for row in rows:
-        cells = [f"{row[r][0]:.3f} ({row[r][0] - row['base']:+.3f}, {row[r][1]:+.3f} to {row[r][2]:+.3f})" for r in radii]
+        cells = [f"{row[r][0]:.3f} ({row[r][0] - row['base']:+.3f}, {row[r][1]:+.3f} to {row[r][2]:+.3f})"
+                 for r in radii]
         lines.append(f"| {row['run']} | {row['base']:.3f} | " + " | ".join(cells) + " |")
     lines += ["", "| mean over runs | " + f"{np.mean([r['base'] for r in rows]):.3f} | "
               + " | ".join(f"{np.mean([row[r][0] for row in rows]):.3f} "

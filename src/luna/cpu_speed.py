@@ -34,8 +34,8 @@ bit-identical, gradients differ from plain eager ones by fp32 reduction order on
     commute, so the values are bit-identical and the gradients equal (a window with a positive max passes
     its gradient to the same element; one without passes none either way), and ReLU's forward and backward
     touch an eighth of the voxels: block1's ~3.7 + ~9.7 ms become ~0.5 + ~1.2 ms, 1.02-1.035x on the step
-    (medians of 8 interleaved rounds, emulated AVX2 and native AVX-512, 2026-12-02). Tried with it and not kept: writing block1's first
-    ReLU straight into a depth-padded buffer for conv2 (no ``F.pad`` copy): 0.95x.
+    (medians of 8 interleaved rounds, emulated AVX2 and native AVX-512, 2026-12-02). Tried with it and not
+    kept: writing block1's first ReLU straight into a depth-padded buffer for conv2 (no ``F.pad`` copy): 0.95x.
 * :func:`resample_affine` — augment_batch's ``affine_grid`` + 3-D ``grid_sample`` as a 2-D resampling of the
   slices plus a linear interpolation in depth (exact for AugmentConfig's affines, which never mix depth into
   the plane): ~60 -> ~15 ms per batch of 32 on 2 cores, 1.05-1.15x on the step; values equal to fp32
