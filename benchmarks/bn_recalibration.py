@@ -65,13 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="quality_sweep.py's scratch folder (holds both data sets)")
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="quality_sweep.py run folders (<run>/0/)")
-    p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
-    p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
+    q.add_seed_options(p)
     p.add_argument("--crops-per-row", type=int, default=2048, help="training crops each re-estimation runs over")
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
-    if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed) or a.dev_seed == a.devtest_seed:
-        raise SystemExit("--dev-seed and --devtest-seed must differ from each other and from the default run's seed")
+    q.check_seeds(a)
     from luna.cpu_speed import tune_allocator
     from luna.data import CropDataset, ResidentBatches
     from luna.inference import predict

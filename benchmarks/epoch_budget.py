@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, type=Path, help="scratch folder: development data and runs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
-    p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
-    p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
+    q.add_seed_options(p)
     p.add_argument("--epochs", nargs="+", type=int, default=None,
                    help="epoch counts, each resumed from the one before (default: the config's epochs - 1 and epochs)")
     p.add_argument("--views", nargs="+", choices=sorted(VIEW_SETS.values()), default=list(VIEW_SETS.values()),
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train.amp for every run (default: the config's); runs go to their own folders")
     p.add_argument("--out", required=True, type=Path, help="markdown table to write")
     a = p.parse_args(argv)
-    if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed) or a.dev_seed == a.devtest_seed:
-        raise SystemExit("--dev-seed and --devtest-seed must differ from each other and from the default run's seed")
+    q.check_seeds(a)
     from luna.inference import TTA_FLIPS
     from luna.model import load_model
 

@@ -237,6 +237,18 @@ def write_table(path: Path, rows: list[dict], header: str) -> None:
     os.replace(tmp, path)
 
 
+def add_seed_options(parser: argparse.ArgumentParser) -> None:
+    """--dev-seed and --devtest-seed, as the paired development scripts take them (check with :func:`check_seeds`)."""
+    parser.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
+    parser.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
+
+
+def check_seeds(args: argparse.Namespace) -> None:
+    """Refuse development or dev-test data that is the default run's, or one data set used as both."""
+    if CONFIG["synthetic"]["seed"] in (args.dev_seed, args.devtest_seed) or args.dev_seed == args.devtest_seed:
+        raise SystemExit("--dev-seed and --devtest-seed must differ from each other and from the default run's seed")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)

@@ -106,12 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, type=Path, help="quality_sweep.py's scratch folder (data, runs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
-    p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
-    p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (not 16)")
+    q.add_seed_options(p)
     p.add_argument("--out", required=True, type=Path, help="markdown table")
     a = p.parse_args(argv)
-    if q.CONFIG["synthetic"]["seed"] in (a.dev_seed, a.devtest_seed) or a.dev_seed == a.devtest_seed:
-        raise SystemExit("--dev-seed and --devtest-seed must differ from each other and from the default run's seed")
+    q.check_seeds(a)
     from luna.inference import TTA_FLIPS
     from luna.training import LunaTrainingApp
 

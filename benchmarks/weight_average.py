@@ -32,7 +32,8 @@ import torch
 import luna.training as training_module
 from luna.app import DefaultsHelpFormatter
 from luna.recipe import ema_decay_at
-from quality_sweep import CONFIG, build_data, predict_froc, run_variant, score_devtest
+from quality_sweep import (CONFIG, add_seed_options, build_data, check_seeds, predict_froc, run_variant,
+                           score_devtest)
 
 AVERAGES = ("none", "ema-tf", "mean-0.99", "mean-0.995", "mean-0.998", "tail-2")
 
@@ -83,13 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--work", required=True, help="scratch folder (data as quality_sweep.py builds it, runs)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds, one run each")
-    p.add_argument("--dev-seed", type=int, default=7, help="synthetic seed of the development data (not 16)")
-    p.add_argument("--devtest-seed", type=int, default=8, help="synthetic seed of the dev-test data (all scans)")
+    add_seed_options(p)
     p.add_argument("--averages", nargs="+", default=list(AVERAGES), help="averages to compare (see above)")
     p.add_argument("--out", required=True, help="markdown table, rewritten after every run")
     args = p.parse_args(argv)
-    if CONFIG["synthetic"]["seed"] in (args.dev_seed, args.devtest_seed) or args.dev_seed == args.devtest_seed:
-        raise SystemExit("development and dev-test seeds must differ from each other and from the default run's")
+    check_seeds(args)
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
     data = build_data(work, args.dev_seed, os.cpu_count() or 1, CONFIG["synthetic"])
