@@ -1,0 +1,229 @@
+"""Recipe changes that luna-train has no option for, tried on development data by patching one function for
+the run: does a change worth an option lift the dev-test CPM?
+
+Two patches (``--patch``), each fixed before any run:
+
+* ``size-weighted`` (small nodules drawn more often as positives). On the development models, detection depends
+  on nodule size: at 1 false positive per dev-test scan, nodules up to 5 mm are found about half the time, 5-7
+  mm three times in four, larger ones more than nine in ten. The book's balanced order cycles the positive
+  candidates uniformly; here the positive list is expanded before it is shuffled and cycled, each positive
+  candidate ``w`` times: 3 up to 5 mm, 2 above 5 and up to 7 mm, 1 above (``luna.data.balanced_indices``
+  replaced).
+* ``depth-scale`` (slice-thickness augmentation). Small nodules in scans with slices thicker than 1.3 mm are
+  found less often than in thin-slice scans (the table's last two columns): the crop is the
+  book's, in voxels, so a nodule's depth extent in voxels depends on the scan's slice spacing. Here each
+  training sample's affine also scales the depth axis by ``exp(u ln 1.6)``, ``u`` uniform in [-1, 1) (0.625x to
+  1.6x, on top of the book's per-axis +-20%), so thin-slice nodules are also seen as thick-slice ones and the
+  other way round (``luna.data.random_affine`` wrapped).
+
+Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
+but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
+on in the default, only if the mean dev-test CPM with the recipe's views (flip2z) over training seeds 0 and 1
+rises by at least 0.01 against the same seeds' runs of the plain recipe, and neither seed loses. Baselines:
+``epoch_budget.py --amp off`` runs (``budget-s{seed}-e8-amp-off``, the same recipe, code and machine kind).
+Nothing here reads the default run's data.
+
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch size-weighted --seeds 0 1 \\
+        --out benchmarks/results/size_weighted_positives.md
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch depth-scale --seeds 0 1 \\
+        --out benchmarks/results/depth_scale_augmentation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import luna.data as data_module
+from luna.app import DefaultsHelpFormatter
+from luna.io import atomic_path
+
+import epoch_budget
+import quality_sweep as q
+import tta_views
+
+BINS_MM = (0.0, 5.0, 7.0, 10.0, np.inf)
+THIN_MM = 1.3  # slice spacing up to which a scan counts as thin-sliced
+
+
+def weights_of(diameter_mm: np.ndarray) -> np.ndarray:
+    """Copies of each positive in the cycled list: 3 up to 5 mm, 2 up to 7 mm, else 1."""
+    d = np.asarray(diameter_mm, dtype=np.float64)
+    return np.where(d <= 5.0, 3, np.where(d <= 7.0, 2, 1)).astype(np.int64)
+
+
+class SizeWeighted:
+    """Stand-in for luna.data.balanced_indices: the book's order with the positive list expanded by size."""
+
+    def __init__(self) -> None:
+        self.diameter_mm: np.ndarray | None = None
+        self._init = data_module.CropDataset.__init__
+        self._balanced = data_module.balanced_indices
+
+    def __enter__(self) -> SizeWeighted:
+        outer = self
+
+        def init(dataset, *args, **kwargs) -> None:  # noqa: ANN001 - CropDataset's own signature
+            outer._init(dataset, *args, **kwargs)
+            if dataset.role == "train":
+                outer.diameter_mm = dataset.rows["diameter_mm"].to_numpy(dtype=np.float64)
+
+        data_module.CropDataset.__init__ = init
+        data_module.balanced_indices = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        data_module.CropDataset.__init__ = self._init
+        data_module.balanced_indices = self._balanced
+
+    def __call__(self, labels: np.ndarray, ratio: float, n_samples: int, rng: np.random.Generator) -> np.ndarray:
+        labels = np.asarray(labels)
+        if self.diameter_mm is None or len(self.diameter_mm) != len(labels):
+            raise RuntimeError("the training crops' diameters were not recorded")
+        positives = np.flatnonzero(labels > 0)
+        negatives = np.flatnonzero(labels <= 0)
+        positives = np.repeat(positives, weights_of(self.diameter_mm[positives]))
+        positives = positives[rng.permutation(len(positives))]
+        negatives = negatives[rng.permutation(len(negatives))]
+        i = np.arange(n_samples, dtype=np.int64)
+        pos_ndx = np.floor(i / (ratio + 1.0)).astype(np.int64)
+        is_pos = np.diff(pos_ndx, prepend=-1) > 0
+        neg_ndx = (i - 1 - pos_ndx) % len(negatives)
+        return np.where(is_pos, positives[pos_ndx % len(positives)], negatives[neg_ndx])
+
+
+class DepthScale:
+    """Wrapper of luna.data.random_affine: every sample's depth axis also scaled by exp(u ln ``factor``)."""
+
+    def __init__(self, factor: float = 1.6) -> None:
+        self.log_factor = float(np.log(factor))
+        self._affine = data_module.random_affine
+
+    def __enter__(self) -> DepthScale:
+        data_module.random_affine = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        data_module.random_affine = self._affine
+
+    def __call__(self, n: int, config: data_module.AugmentConfig, generator, device="cpu"):  # noqa: ANN001
+        theta = self._affine(n, config, generator, device)
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float32) * 2 - 1
+        theta[:, 2, 2] = theta[:, 2, 2] * torch.exp(u * self.log_factor)  # row 2: the depth (index) axis, unrotated
+        return theta
+
+
+PATCHES = {"size-weighted": SizeWeighted, "depth-scale": DepthScale}
+TITLES = {"size-weighted": "Small nodules drawn more often as positives",
+          "depth-scale": "Slice-thickness augmentation: the depth axis scaled 0.625x to 1.6x"}
+RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz"}
+SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled positive list up to 5 mm, twice up to 7 mm",
+            "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)"}
+
+
+def spacing_z_mm(work: Path, seed: int) -> dict[str, float]:
+    """Slice spacing of every scan of the synthetic data set of ``seed`` (its .mhd headers)."""
+    from luna.ct import read_geometry
+
+    root = work / f"data-{seed}" / "synthetic"
+    return {path.stem: float(read_geometry(path)[0].spacing_xyz[2]) for path in sorted(root.glob("subset*/*.mhd"))}
+
+
+def detection(frame: pd.DataFrame, diameter_mm: np.ndarray, spacing_z: dict[str, float]) -> dict[str, float]:
+    """Share of dev-test nodules (series, diameter) whose best candidate scores above the scans'
+    1-false-positive-per-scan cut (the n_scans-th highest negative), per size bin, and for the nodules up to 7 mm
+    in scans with slices up to 1.3 mm apart and thicker."""
+    f = frame.assign(d=diameter_mm)
+    negatives = np.sort(f.loc[f["is_nodule"] == 0, "probability"].to_numpy())[::-1]
+    cut = negatives[min(len(negatives) - 1, f["series_uid"].nunique() - 1)]
+    best = f[f["is_nodule"] == 1].groupby(["series_uid", "d"])["probability"].max().reset_index()
+    found = best["probability"].to_numpy() > cut
+    out = {}
+    for low, high in zip(BINS_MM[:-1], BINS_MM[1:]):
+        in_bin = ((best["d"] > low) & (best["d"] <= high)).to_numpy()
+        name = f"{low:g}-{high:g} mm" if np.isfinite(high) else f"> {low:g} mm"
+        out[name] = float(found[in_bin].mean()) if in_bin.any() else float("nan")
+    small = (best["d"] <= 7.0).to_numpy()
+    thick = best["series_uid"].map(spacing_z).to_numpy() > THIN_MM
+    for name, rows in ((f"<= 7 mm, slices <= {THIN_MM:g} mm", small & ~thick),
+                       (f"<= 7 mm, slices > {THIN_MM:g} mm", small & thick)):
+        out[name] = float(found[rows].mean()) if rows.any() else float("nan")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--work", required=True, type=Path, help="quality_sweep.py's scratch folder (data, runs)")
+    p.add_argument("--patch", required=True, choices=sorted(PATCHES), help="the recipe change (see above)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
+    q.add_seed_options(p)
+    p.add_argument("--out", required=True, type=Path, help="markdown table")
+    a = p.parse_args(argv)
+    q.check_seeds(a)
+    from luna.inference import TTA_FLIPS
+    from luna.training import LunaTrainingApp
+
+    data = q.build_data(a.work, a.dev_seed, 2, q.CONFIG["synthetic"])
+    dev = q.devtest_set(a.work, a.devtest_seed)
+    diameters = dev.rows["diameter_mm"].to_numpy(dtype=np.float64)
+    spacing_z = spacing_z_mm(a.work, a.devtest_seed)
+    epochs = int(q.CONFIG["train"]["epochs"])
+    recipe_views = q.CONFIG["train"]["tta"]
+    results = []
+    for seed in a.seeds:
+        for variant in ("plain", a.patch):
+            name = f"budget-s{seed}-e{epochs}-amp-off" if variant == "plain" else f"{RUN_PREFIX[a.patch]}-s{seed}"
+            run = a.work / "runs" / name
+            if not (run / "0" / "model.pt").exists():
+                if variant == "plain":
+                    raise SystemExit(f"{run}: no baseline; run benchmarks/epoch_budget.py --amp off --epochs {epochs}")
+                with PATCHES[a.patch](), contextlib.redirect_stderr(io.StringIO()) as err:
+                    rc = LunaTrainingApp(epoch_budget.train_argv(data, seed, epochs, run / "0",
+                                                                 run.with_name(name + "-state"))).main()
+                if rc != 0:
+                    raise SystemExit(f"seed {seed}: luna-train failed (rc {rc}): {err.getvalue().strip()[-500:]}")
+            views = tta_views.cached_views(run, dev, TTA_FLIPS[recipe_views])
+            for view_set in ("none", recipe_views):
+                frame = dev.frame.copy()
+                frame["probability"] = np.mean([views[d] for d in TTA_FLIPS[view_set]], axis=0)
+                score = q.devtest_scores(frame, dev.nodules, dev.scans, dev.ignored)
+                results.append({"seed": seed, "variant": variant, "views": view_set, **score,
+                                **detection(frame, diameters, spacing_z)})
+                r = results[-1]
+                print(f"seed {seed} {variant:13s} {view_set:6s} CPM {r['dt_cpm']:.3f} "
+                      f"({r['dt_low']:.3f}-{r['dt_high']:.3f}) AUC {r['dt_auc']:.3f}", flush=True)
+    write_table(a, results)
+    return 0
+
+
+def write_table(a: argparse.Namespace, results: list[dict]) -> None:
+    columns = [k for k in results[0] if " mm" in k]
+    lines = [f"# {TITLES[a.patch]} (benchmarks/recipe_patches.py --patch {a.patch})", "",
+             f"Development data: synthetic seed {a.dev_seed}, fold 0 held out; dev-test: seed {a.devtest_seed}, every "
+             f"scan. config/config.yaml's recipe (float32), 8 epochs; `{a.patch}`: {SETTINGS[a.patch]}. Detected: "
+             "share of dev-test nodules whose best candidate beats the 1-false-positive-per-scan cut.", "",
+             "| seed | run | views | dev-test CPM (95% CI) | ROC AUC | "
+             + " | ".join(f"detected, {c}" for c in columns) + " |", "|---:|---|---|---|---:|" + "---:|" * len(columns)]
+    for r in results:
+        lines.append(f"| {r['seed']} | {r['variant']} | {r['views']} | {r['dt_cpm']:.3f} ({r['dt_low']:.3f}-"
+                     f"{r['dt_high']:.3f}) | {r['dt_auc']:.3f} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
+    table = pd.DataFrame(results)
+    mean = table.groupby(["views", "variant"], sort=False)["dt_cpm"].mean()
+    lines += ["", f"| views | plain, mean CPM | {a.patch}, mean CPM | change |", "|---|---:|---:|---:|"]
+    for views in table["views"].unique():
+        if (views, a.patch) in mean and (views, "plain") in mean:
+            lines.append(f"| {views} | {mean[(views, 'plain')]:.3f} | {mean[(views, a.patch)]:.3f} | "
+                         f"{mean[(views, a.patch)] - mean[(views, 'plain')]:+.3f} |")
+    with atomic_path(a.out) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
