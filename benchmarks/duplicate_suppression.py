@@ -77,8 +77,8 @@ def bootstrap_cpms(frame: pd.DataFrame, dev: q.DevtestSet, n_bootstrap: int, see
 
 def operating_point(run: Path, frame: pd.DataFrame, radius_mm: float | None, factor: float) -> tuple[float, float]:
     """Candidate recall and precision on ``frame`` (dev-test) at the threshold the run's policy picks on its
-    selection set (``selection_predictions.tsv``, the same view set), both suppressed at ``radius_mm`` (None:
-    neither)."""
+    selection set (``selection_predictions.tsv``: the views of the run's own selection pass, its train.tta), both
+    suppressed at ``radius_mm`` (None: neither)."""
     import torch
 
     from luna.metrics import choose_threshold
