@@ -58,21 +58,12 @@ def suppress(frame: pd.DataFrame, radius_mm: float, factor: float) -> np.ndarray
 
 
 def bootstrap_cpms(frame: pd.DataFrame, dev: q.DevtestSet, n_bootstrap: int, seed: int) -> np.ndarray:
-    """CPM of each scan-bootstrap sample (the draws of luna.froc.froc_bootstrap for ``seed``: the same scans are
-    drawn for every frame of the same dev-test set, which makes differences paired)."""
-    from luna.froc import _curve_points, _froc_entries, _sensitivities, _sorted_entries
+    """CPM of each scan-bootstrap sample (luna.froc.froc_bootstrap's draws for ``seed``: the same scans are drawn
+    for every frame of the same dev-test set, which makes differences paired)."""
+    from luna.froc import froc_bootstrap_samples
 
-    scans, entries = _froc_entries(frame, dev.nodules, dev.scans, dev.ignored, 100)
-    order, _, last_of_run, is_hit = _sorted_entries(entries)
-    entry_scan = entries.scan[order]
-    rng = np.random.default_rng(seed)
-    cpms = np.empty(n_bootstrap)
-    for sample in range(n_bootstrap):
-        draws = np.bincount(rng.integers(0, len(scans), size=len(scans)), minlength=len(scans)).astype(np.float64)
-        n_nodules = float(draws @ entries.nodules_per_scan)
-        fp, sens = _curve_points(is_hit, draws[entry_scan], last_of_run, len(scans), n_nodules)
-        cpms[sample] = _sensitivities(fp, sens).mean()
-    return cpms
+    return froc_bootstrap_samples(frame, dev.nodules, dev.scans, dev.ignored, n_bootstrap=n_bootstrap,
+                                  seed=seed).mean(axis=1)
 
 
 def operating_point(run: Path, frame: pd.DataFrame, radius_mm: float | None, factor: float) -> tuple[float, float]:

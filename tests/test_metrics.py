@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from luna.evaluation import METRICS_COLUMNS, combine_metrics
-from luna.froc import FROC_RATES, SENSITIVITY_COLUMNS, froc, froc_bootstrap
+from luna.froc import FROC_RATES, SENSITIVITY_COLUMNS, froc, froc_bootstrap, froc_bootstrap_samples
 from luna.metrics import (
     HISTORY_COLUMNS,
     MetricsError,
@@ -360,6 +360,21 @@ def test_froc_bootstrap_is_deterministic_and_brackets_the_estimate():
         assert n_samples == 200  # every scan but one holds a nodule: all 200 samples drew one
     assert first["cpm"].low < 4.1 / 7 < first["cpm"].high
     assert froc_bootstrap(predictions, annotations, val, excluded, n_bootstrap=200, seed=8) != first
+
+
+def test_froc_bootstrap_samples_are_the_intervals_draws_and_paired_across_predictions():
+    predictions, annotations, excluded, val = hand_case()
+    samples = froc_bootstrap_samples(predictions, annotations, val, excluded, n_bootstrap=200, seed=7)
+    assert samples.shape == (200, len(SENSITIVITY_COLUMNS))
+    interval = froc_bootstrap(predictions, annotations, val, excluded, n_bootstrap=200, seed=7)["cpm"]
+    assert (interval.low, interval.high) == tuple(np.percentile(samples.mean(axis=1), [2.5, 97.5]))
+    # other predictions for the same scans get the same draws: halving every score keeps every ranking, so
+    # every sample is unchanged (different draws would not give equal rows)
+    lowered = predictions.assign(probability=predictions["probability"] * 0.5)
+    halved = froc_bootstrap_samples(lowered, annotations, val, excluded, n_bootstrap=200, seed=7)
+    np.testing.assert_allclose(halved, samples)
+    other = froc_bootstrap_samples(predictions, annotations, val, excluded, n_bootstrap=200, seed=8)
+    assert not np.array_equal(other, samples)
 
 
 def test_froc_bootstrap_counts_the_samples_without_nodules_it_leaves_out():

@@ -31,7 +31,7 @@ import pandas as pd
 from luna.metrics import MetricsError
 
 __all__ = ["FROC_RATES", "SENSITIVITY_COLUMNS", "BootstrapInterval", "FrocResult", "froc", "froc_bootstrap",
-           "on_findings"]
+           "froc_bootstrap_samples", "on_findings"]
 
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which LUNA16 reads the sensitivity; CPM is the mean of the seven."""
@@ -323,6 +323,35 @@ class BootstrapInterval(NamedTuple):
     scans has no sensitivity); fewer than requested only when some test scans have no nodules."""
 
 
+def froc_bootstrap_samples(
+    predictions: pd.DataFrame,
+    annotations: pd.DataFrame,
+    val_series_uids: Iterable[str],
+    annotations_excluded: pd.DataFrame | None = None,
+    max_per_scan: int | None = 100,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
+    """(n_bootstrap, 7): the seven sensitivities of each scan-bootstrap sample of :func:`froc_bootstrap` (NaN in a
+    sample that drew no nodule); CPM is a row's mean. The draws depend only on ``seed`` and the number of val
+    scans, so two sets of predictions for the same scans get the same samples: their differences are paired."""
+    if n_bootstrap < 1:
+        raise MetricsError(f"n_bootstrap: must be >= 1, got {n_bootstrap}")
+    scans, entries = _froc_entries(predictions, annotations, val_series_uids, annotations_excluded, max_per_scan)
+    n_scans = len(scans)
+    order, _, last_of_run, is_hit = _sorted_entries(entries)
+    entry_scan = entries.scan[order]
+    rng = np.random.default_rng(seed)
+    values = np.empty((n_bootstrap, len(FROC_RATES)), dtype=np.float64)
+    for sample in range(n_bootstrap):
+        draws = np.bincount(rng.integers(0, n_scans, size=n_scans), minlength=n_scans).astype(np.float64)
+        n_nodules = float(draws @ entries.nodules_per_scan)
+        fp_per_scan, sensitivity = _curve_points(is_hit, draws[entry_scan], last_of_run, n_scans, n_nodules)
+        values[sample] = _sensitivities(fp_per_scan, sensitivity)
+    return values
+
+
 def froc_bootstrap(
     predictions: pd.DataFrame,
     annotations: pd.DataFrame,
@@ -345,21 +374,12 @@ def froc_bootstrap(
     are left out (the interval is conditional on drawing a nodule) and ``n_samples`` says how many remain;
     NaN when none does.
     """
-    if n_bootstrap < 1:
+    if n_bootstrap < 1:  # checked first, as before froc_bootstrap_samples took the loop
         raise MetricsError(f"n_bootstrap: must be >= 1, got {n_bootstrap}")
     if not 0.0 < confidence < 1.0:
         raise MetricsError(f"confidence: must lie in (0, 1), got {confidence}")
-    scans, entries = _froc_entries(predictions, annotations, val_series_uids, annotations_excluded, max_per_scan)
-    n_scans = len(scans)
-    order, _, last_of_run, is_hit = _sorted_entries(entries)
-    entry_scan = entries.scan[order]
-    rng = np.random.default_rng(seed)
-    values = np.empty((n_bootstrap, len(FROC_RATES)), dtype=np.float64)
-    for sample in range(n_bootstrap):
-        draws = np.bincount(rng.integers(0, n_scans, size=n_scans), minlength=n_scans).astype(np.float64)
-        n_nodules = float(draws @ entries.nodules_per_scan)
-        fp_per_scan, sensitivity = _curve_points(is_hit, draws[entry_scan], last_of_run, n_scans, n_nodules)
-        values[sample] = _sensitivities(fp_per_scan, sensitivity)
+    values = froc_bootstrap_samples(predictions, annotations, val_series_uids, annotations_excluded, max_per_scan,
+                                    n_bootstrap=n_bootstrap, seed=seed)
     cpm = values.mean(axis=1)
     percentiles = [50.0 * (1.0 - confidence), 50.0 * (1.0 + confidence)]
     result: dict[str, BootstrapInterval] = {}
