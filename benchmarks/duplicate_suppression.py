@@ -66,16 +66,13 @@ def bootstrap_cpms(frame: pd.DataFrame, dev: q.DevtestSet, n_bootstrap: int, see
                                   seed=seed).mean(axis=1)
 
 
-def operating_point(run: Path, frame: pd.DataFrame, radius_mm: float | None, factor: float) -> tuple[float, float]:
-    """Candidate recall and precision on ``frame`` (dev-test) at the threshold the run's policy picks on its
-    selection set (``selection_predictions.tsv``: the views of the run's own selection pass, its train.tta), both
-    suppressed at ``radius_mm`` (None: neither)."""
-    import torch
-
+def operating_point(selection: pd.DataFrame, policy: str, frame: pd.DataFrame, radius_mm: float | None,
+                    factor: float) -> tuple[float, float]:
+    """Candidate recall and precision on ``frame`` (dev-test) at the threshold ``policy`` picks on the run's
+    selection predictions (``selection_predictions.tsv``: the views of its own selection pass, its train.tta),
+    both suppressed at ``radius_mm`` (None: neither)."""
     from luna.metrics import choose_threshold
 
-    policy = torch.load(run / "0" / "model.pt", map_location="cpu", weights_only=False)["threshold_policy"]
-    selection = pd.read_csv(run / "0" / "selection_predictions.tsv", sep="\t")
     p_sel, p_dev = selection["probability"].to_numpy(), frame["probability"].to_numpy()
     if radius_mm is not None:
         p_sel, p_dev = suppress(selection, radius_mm, factor), suppress(frame, radius_mm, factor)
@@ -113,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     views_of = tta_views.view_sets()
     if args.tta not in views_of:
         raise SystemExit(f"--tta {args.tta}: one of {', '.join(views_of)}")
+    import torch
+
     from luna.froc import froc
 
     dev = q.devtest_set(args.work, args.devtest_seed)
@@ -123,14 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         frame = dev.frame.copy()
         frame["probability"] = np.mean([views[v] for v in views_of[args.tta]], axis=0)
         base = bootstrap_cpms(frame, dev, args.bootstrap, 0)
+        folder = args.work / "runs" / run / "0"
+        policy = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)["threshold_policy"]
+        selection = pd.read_csv(folder / "selection_predictions.tsv", sep="\t")
         row = {"run": run, "base": froc(frame, dev.nodules, dev.scans, dev.ignored).cpm,
-               "op": {None: operating_point(args.work / "runs" / run, frame, None, args.factor)}}
+               "op": {None: operating_point(selection, policy, frame, None, args.factor)}}
         for r in args.radii:
             suppressed = frame.copy()
             suppressed["probability"] = suppress(frame, r, args.factor)
             delta = bootstrap_cpms(suppressed, dev, args.bootstrap, 0) - base
             row[r] = (froc(suppressed, dev.nodules, dev.scans, dev.ignored).cpm, *np.percentile(delta, [2.5, 97.5]))
-            row["op"][r] = operating_point(args.work / "runs" / run, frame, r, args.factor)
+            row["op"][r] = operating_point(selection, policy, frame, r, args.factor)
         rows.append(row)
         print(run, f"{row['base']:.3f}", *(f"r{r:g}: {row[r][0]:.3f}" for r in args.radii), flush=True)
     write_table(args, rows, shares)
