@@ -1,7 +1,7 @@
 """Recipe changes that luna-train has no option for, tried on development data by patching one function for
 the run: does a change worth an option lift the dev-test CPM?
 
-Two patches (``--patch``), each fixed before any run:
+Three patches (``--patch``), each fixed before any run:
 
 * ``size-weighted`` (small nodules drawn more often as positives). On the development models, detection depends
   on nodule size: at 1 false positive per dev-test scan, nodules up to 5 mm are found about half the time, 5-7
@@ -15,6 +15,12 @@ Two patches (``--patch``), each fixed before any run:
   training sample's affine also scales the depth axis by ``exp(u ln 1.6)``, ``u`` uniform in [-1, 1) (0.625x to
   1.6x, on top of the book's per-axis +-20%), so thin-slice nodules are also seen as thick-slice ones and the
   other way round (``luna.data.random_affine`` wrapped).
+* ``clean-last`` (the last epoch on nearly clean crops). Every training crop is resampled through a random
+  affine (trilinear: it blurs even at a small angle) and gets 25 HU of noise, while the selection and test crops
+  are the raw voxels; the training loss ends above the selection loss. Here the last epoch keeps the random
+  flips (voxel centres map onto voxel centres: the voxels mirrored, to 0.005 HU) and drops the offset, scale, rotation and
+  noise, so the model's last ~234 steps see crops as they are predicted (``LunaTrainingApp._train_epoch``
+  wrapped; epochs 1 to 7 are the baseline's, step for step).
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
@@ -27,6 +33,8 @@ Nothing here reads the default run's data.
         --out benchmarks/results/size_weighted_positives.md
     python benchmarks/recipe_patches.py --work /tmp/sweep --patch depth-scale --seeds 0 1 \\
         --out benchmarks/results/depth_scale_augmentation.md
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch clean-last --seeds 0 1 \\
+        --out benchmarks/results/clean_last_epoch.md
 """
 
 from __future__ import annotations
@@ -115,12 +123,44 @@ class DepthScale:
         return theta
 
 
-PATCHES = {"size-weighted": SizeWeighted, "depth-scale": DepthScale}
+class CleanLast:
+    """Wrapper of LunaTrainingApp._train_epoch: in the run's last epoch, the augmentation is the flips alone."""
+
+    def __init__(self) -> None:
+        from luna.training import LunaTrainingApp
+
+        self.app = LunaTrainingApp
+        self._epoch = LunaTrainingApp._train_epoch
+
+    def __enter__(self) -> CleanLast:
+        outer = self
+
+        def train_epoch(app, epoch: int):  # noqa: ANN001, ANN202 - LunaTrainingApp's own signature
+            if epoch != app.args.epochs:
+                return outer._epoch(app, epoch)
+            augment = app.augment
+            app.augment = data_module.AugmentConfig(flip=augment.flip, offset=0.0, scale=0.0, rotate=False,
+                                                    noise_hu=0.0)
+            try:
+                return outer._epoch(app, epoch)
+            finally:
+                app.augment = augment
+
+        self.app._train_epoch = train_epoch
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.app._train_epoch = self._epoch
+
+
+PATCHES = {"size-weighted": SizeWeighted, "depth-scale": DepthScale, "clean-last": CleanLast}
 TITLES = {"size-weighted": "Small nodules drawn more often as positives",
-          "depth-scale": "Slice-thickness augmentation: the depth axis scaled 0.625x to 1.6x"}
-RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz"}
+          "depth-scale": "Slice-thickness augmentation: the depth axis scaled 0.625x to 1.6x",
+          "clean-last": "The last epoch on nearly clean crops: flips only"}
+RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz", "clean-last": "cleanlast"}
 SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled positive list up to 5 mm, twice up to 7 mm",
-            "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)"}
+            "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)",
+            "clean-last": "the last epoch's crops flipped at random and nothing else (no offset, scale, rotation, noise)"}
 
 
 def spacing_z_mm(work: Path, seed: int) -> dict[str, float]:

@@ -206,6 +206,40 @@ def test_hard_negatives_are_mined_from_epoch_2_and_resumed(data: dict[str, Path]
         build_parser().parse_args([*BASE, "--hard-negatives", "1"])
 
 
+def test_flip_only_last_epochs_change_only_those_epochs(reference: Path, data: dict[str, Path], tmp_path: Path,
+                                                        caplog) -> None:
+    from luna.data import AugmentConfig
+    from luna.recipe import augment_config
+
+    args = build_parser().parse_args([*BASE, "--epochs", "8", "--augment-flip-only-epochs", "2",
+                                      "--augment-noise", "10"])
+    book = AugmentConfig(flip=True, offset=0.1, scale=0.2, rotate=True, noise_hu=10.0)
+    flips = AugmentConfig(flip=True, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+    assert [augment_config(args, e) for e in range(1, 9)] == [book] * 6 + [flips] * 2
+    assert augment_config(args) == book  # the run's settings
+    assert not augment_config(build_parser().parse_args([*BASE, "--no-augment", "--augment-flip-only-epochs", "1"]),
+                              1).enabled
+    # two epochs, the last flip-only: the first is the reference's step for step, the second is not, and its
+    # training loss is lower (crops as predicted are easier than resampled and noised ones)
+    out = tmp_path / "model"
+    assert LunaTrainingApp(argv(data, out, "--augment-flip-only-epochs", "1")).main() == 0
+    assert "E2: augmentation flips only (the last 1 epoch(s), --augment-flip-only-epochs)" in caplog.text
+    assert "E1: augmentation flips only" not in caplog.text
+    ours = pd.read_csv(out / "history.tsv", sep="\t")
+    theirs = pd.read_csv(reference / "history.tsv", sep="\t")
+    assert ours.iloc[:2].equals(theirs.iloc[:2])
+    assert ours.loss_all.iloc[2] != theirs.loss_all.iloc[2]
+    # which epochs are flip-only depends on the run's length: a resume to more epochs is another run
+    part, state = tmp_path / "part", tmp_path / "state"
+    assert LunaTrainingApp(argv(data, part, "--state", str(state), "--epochs", "1",
+                                "--augment-flip-only-epochs", "1")).main() == 0
+    caplog.clear()
+    assert LunaTrainingApp(argv(data, part, "--state", str(state), "--resume",
+                                "--augment-flip-only-epochs", "1")).main() == 0
+    assert "written with other settings, inputs or code (epochs 1 -> 2); starting at epoch 1" in caplog.text
+    assert (part / "history.tsv").read_bytes() == (out / "history.tsv").read_bytes()
+
+
 def test_ema_update_averages_weights_and_statistics() -> None:
     ema, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     with torch.no_grad():
@@ -543,6 +577,7 @@ def test_bad_input_is_one_line_and_exit_2(data: dict[str, Path], tmp_path: Path,
         (["--test-fold", "7"], "splits.tsv: test fold 7 has no scans (folds present: 0, 1, 2, 3)"),
         (["--selection-fraction", "0"], "--selection-fraction 0 leaves nothing to choose on: use --keep last"),
         (["--selection-fraction", "0.05"], "the selection set of test fold 0 (--selection-fraction 0.05) has 0 nodule"),
+        (["--augment-flip-only-epochs", "3"], "--augment-flip-only-epochs 3 is more than --epochs 2"),
     ]:
         with pytest.raises(SystemExit) as info:
             main(argv(data, tmp_path / "o2", *extra))

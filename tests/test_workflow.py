@@ -104,6 +104,8 @@ def test_lint_and_snakefmt_clean() -> None:
         # luna-train refused it after every crop
         ({"train": {"balanced_schedule": [[2, 4], [2, 0]]}}, "train.balanced_schedule: epoch 2 given more than once "
                                                              "(each epoch once)"),
+        ({"train": {"epochs": 2, "augment": {"flip_only_epochs": 3}}}, "train.augment.flip_only_epochs: 3 is more "
+                                                                       "than train.epochs (2)"),
     ],
 )
 def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) -> None:

@@ -8,8 +8,8 @@ bit-identical, gradients differ from plain eager ones by fp32 reduction order on
 ~1e-6, against ~0.16 between two batches); tests/test_cpu_speed.py checks both.
 
 * :func:`tune_allocator` — glibc's malloc hands every freed block of 32 MiB or more back to the kernel
-  (mmap/munmap), and block1's activations and gradients are 37.7 MB each (32 x 8 x 32 x 48 x 48 fp32): every
-  step then touches ~7 such blocks as fresh zero pages, 120,000-150,000 page faults (0.3-0.45 s of system
+  (mmap/munmap), and block1's activations and gradients are 75.5 MB each at batch 32 (32 x 8 x 32 x 48 x 48
+  fp32): every step then touches ~7 such blocks as fresh zero pages, 120,000-150,000 page faults (0.3-0.45 s of system
   time a step when faults are dear on this VM). Keeping big blocks on the heap ends the faults: 1.1-1.35x on
   the training step (the cost of a fault varies with the VM's state), 1.3x on validation's forward pass
   (batch 64: 455 -> 346 ms); ~+0.1-0.25 GB resident. This is also why ``aten::threshold_backward`` (ReLU
@@ -116,8 +116,8 @@ def tune_allocator() -> str:
 
     ``mallopt(M_MMAP_MAX, 0)`` (no mmap-backed blocks) and ``mallopt(M_TRIM_THRESHOLD, 1 GiB)`` (shrink the
     heap only past 1 GiB of free memory at its top). A training step then reuses the same pages for
-    block1's 37.7 MB tensors instead of 120,000-150,000 page faults: 1.1-1.35x on the training step and
-    1.3x on validation's forward pass on the 2-core AVX2 box (benchmarks/results/train.md). Costs: freed
+    block1's 75.5 MB tensors (batch 32) instead of 120,000-150,000 page faults: 1.1-1.35x on the training step
+    and 1.3x on validation's forward pass on the 2-core AVX2 box (benchmarks/results/train.md). Costs: freed
     memory stays with the process (up to 1 GiB above its peak; measured +0.1-0.25 GB). Call once, early
     (before the model and loaders are built; loader workers forked later inherit it). Process-wide and
     harmless on GPUs too. Nothing is done when the C library is not glibc or another allocator is preloaded
@@ -142,7 +142,7 @@ def untune_allocator() -> str:
     For benchmarks that interleave runs with and without :func:`tune_allocator` in one process. glibc's
     default threshold is dynamic (it rises to the largest freed mmap-backed block, at most 32 MiB); this
     sets it to that ceiling, which is where it ends up after a training step (block2's 18.9 MB tensors on
-    the heap, block1's 37.7 MB ones mmap-backed)."""
+    the heap, block1's 75.5 MB ones mmap-backed)."""
     libc = _libc()
     if libc is None or _preloaded_allocator():
         return "allocator: not glibc malloc; nothing to undo"

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -439,6 +439,11 @@ class AugmentConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def flips_only(self) -> AugmentConfig:
+        """These settings with only the flips kept: crops as they are predicted, mirrored (voxel centres map onto
+        voxel centres, so nothing is interpolated), without the offset, scale, rotation and noise."""
+        return replace(self, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
 
 
 NO_AUGMENTATION = AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)

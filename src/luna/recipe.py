@@ -70,8 +70,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.copy_(m)
 
 
-def augment_config(args: argparse.Namespace) -> AugmentConfig:
+def augment_config(args: argparse.Namespace, epoch: int | None = None) -> AugmentConfig:
+    """The run's augmentation (``--augment-*``), or that of training epoch ``epoch``: the same but flips only in
+    the last ``--augment-flip-only-epochs`` of ``--epochs`` (the model ends on crops as they are predicted)."""
     if not args.augment:
         return AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
-    return AugmentConfig(flip=args.augment_flip, offset=args.augment_offset, scale=args.augment_scale,
-                         rotate=args.augment_rotate, noise_hu=args.augment_noise)
+    config = AugmentConfig(flip=args.augment_flip, offset=args.augment_offset, scale=args.augment_scale,
+                           rotate=args.augment_rotate, noise_hu=args.augment_noise)
+    if epoch is not None and epoch > args.epochs - getattr(args, "augment_flip_only_epochs", 0):
+        return config.flips_only()
+    return config

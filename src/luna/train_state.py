@@ -27,7 +27,8 @@ FINGERPRINT_ARGS = (
     "batch_size", "optimizer", "weight_decay", "lr", "momentum", "balanced", "balanced_schedule", "hard_negatives",
     "samples_per_epoch",
     "seed", "lr_warmup_steps", "lr_schedule", "clip_grad_norm", "ema_decay", "skip_excluded",
-    "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "channels_last",
+    "augment_flip", "augment_offset", "augment_scale", "augment_rotate", "augment_noise", "augment_flip_only_epochs",
+    "channels_last",
 )
 
 
@@ -58,7 +59,7 @@ def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device,
     count, on the CPU the torch thread count (fp32 sums split over other threads round differently: a resume at another
     count would not end where the uninterrupted run does) and on CUDA the GPU model and cuDNN version (other
     kernels). Not the number of epochs (a resumed run may go
-    further) unless the learning-rate schedule depends on it, nor speed-only settings."""
+    further) unless the learning-rate schedule or the flip-only last epochs depend on it, nor speed-only settings."""
     return {
         "code": code_version(),
         # another torch has other kernels and RNG streams: a resume under it would not end where the run would
@@ -66,8 +67,10 @@ def fingerprint_parts(args: argparse.Namespace, amp: bool, device: torch.device,
         # the schedule in epoch order: one schedule given in another order is the same run
         "args": {k: sorted(getattr(args, k)) if k == "balanced_schedule" else getattr(args, k)
                  for k in FINGERPRINT_ARGS},
-        # a cosine schedule's rates depend on the run's length: a run with more epochs is another run
-        "epochs": args.epochs if args.lr_schedule != "constant" else None,
+        # a cosine schedule's rates depend on the run's length, and so do which epochs are flip-only: a run with
+        # more epochs is another run
+        "epochs": (args.epochs if args.lr_schedule != "constant" or (args.augment and args.augment_flip_only_epochs)
+                   else None),
         "augment": bool(args.augment),
         "crops": [_file_identity(p) for p in args.crops],
         "splits": hashlib.sha256(Path(args.splits).read_bytes()).hexdigest(),

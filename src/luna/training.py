@@ -198,6 +198,9 @@ class LunaTrainingApp(StageApp):
         if repeated is not None:  # the larger ratio won, whatever the order given
             raise TrainingError(f"--balanced-schedule gives epoch {repeated} more than once ("
                                 + ", ".join(f"{e}:{r}" for e, r in args.balanced_schedule if e == repeated) + ")")
+        if args.augment_flip_only_epochs > args.epochs:
+            raise TrainingError(f"--augment-flip-only-epochs {args.augment_flip_only_epochs} is more than --epochs "
+                                f"{args.epochs}")
         self.config = _read_config(args.config)  # a bad one found now, before an earlier run's outputs go
         if args.selection_fraction == 0 and (args.keep != "last" or parse_threshold_policy(args.threshold)[0] != "fixed"):
             raise TrainingError("--selection-fraction 0 leaves nothing to choose on: use --keep last and a fixed "
@@ -600,12 +603,16 @@ class LunaTrainingApp(StageApp):
         self.sampler.set_epoch(epoch)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(_seed_int(self.args.seed, 3, epoch, self.dist.rank))
+        augment = augment_config(self.args, epoch)
+        if augment != self.augment:
+            logger.info("E%d: augmentation flips only (the last %d epoch(s), --augment-flip-only-epochs)", epoch,
+                        self.args.augment_flip_only_epochs)
         labels, probs, losses, items = [], [], [], []
         first_step = (epoch - 1) * len(self.train_batches)
         for step, (crops, label, index) in enumerate(
                 with_progress(self.train_batches, len(self.train_batches), f"E{epoch} Training", log=logger),
                 start=first_step):
-            crops = augment_batch(self._to_device(crops).float(), self.augment, generator)
+            crops = augment_batch(self._to_device(crops).float(), augment, generator)
             label = self._to_device(label)
             self.optimizer.zero_grad(set_to_none=True)
             logits, probability = self._forward(self.train_model, crops, amp=self.use_amp)

@@ -309,6 +309,11 @@ def check_values():
         raise WorkflowError(
             f"train.balanced_schedule: epoch {repeated} given more than once (each epoch once)"
         )
+    if train["augment"].get("flip_only_epochs", 0) > train["epochs"]:
+        raise WorkflowError(
+            f"train.augment.flip_only_epochs: {train['augment']['flip_only_epochs']} is more than "
+            f"train.epochs ({train['epochs']})"
+        )
     if config["split"]["selection_fraction"] == 0 and (
         train["keep"] != "last" or isinstance(train["threshold"], str)
     ):
