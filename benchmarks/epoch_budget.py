@@ -4,7 +4,10 @@
 Each training seed trains config/config.yaml's recipe for 7 epochs on the development data (synthetic seed 7,
 test fold 0 held out as in quality_sweep.py), then the same run resumes for an 8th epoch: with the constant
 learning rate, the per-step EMA warm-up and the per-epoch sampler orders, the first 7 epochs of an 8-epoch run
-are exactly the 7-epoch run (luna-train's run fingerprint leaves the epoch count out for that reason). Each
+are exactly the 7-epoch run (luna-train's run fingerprint leaves the epoch count out for that reason). Not so
+under ``train.augment.flip_only_epochs`` > 0 (1 in config/config.yaml since 2026-12-02): the flip-only epochs are
+each run's last ones, so every length trains afresh (the fingerprint then holds the epoch count; the rows are
+then separate trajectories, not one resumed). The tables in benchmarks/results were run before it. Each
 model's selection pass after its last epoch chooses its threshold (``fp_per_scan:2.5``), as in the default run.
 Both models are scored on the 150 dev-test scans (synthetic seed 8, nothing trained or chosen on them) with
 no test-time views, the point mirror (2 views) and flip4z (4 views): CPM with a 200-resample scan bootstrap,

@@ -1,5 +1,6 @@
-"""Recipe changes that luna-train has no option for, tried on development data by patching one function for
-the run: does a change worth an option lift the dev-test CPM?
+"""Recipe changes that luna-train had no option for, tried on development data by patching one function for
+the run: does a change worth an option lift the dev-test CPM? (``clean-last`` did: luna-train's
+``--augment-flip-only-epochs``, 1 in config/config.yaml since; its patch stays to reproduce the table.)
 
 Three patches (``--patch``), each fixed before any run:
 
