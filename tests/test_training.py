@@ -219,8 +219,7 @@ def test_flip_only_last_epochs_change_only_those_epochs(reference: Path, data: d
     assert augment_config(args) == book  # the run's settings
     assert not augment_config(build_parser().parse_args([*BASE, "--no-augment", "--augment-flip-only-epochs", "1"]),
                               1).enabled
-    # two epochs, the last flip-only: the first is the reference's step for step, the second is not, and its
-    # training loss is lower (crops as predicted are easier than resampled and noised ones)
+    # two epochs, the last flip-only: the first is the reference's step for step, the second is not
     out = tmp_path / "model"
     assert LunaTrainingApp(argv(data, out, "--augment-flip-only-epochs", "1")).main() == 0
     assert "E2: augmentation flips only (the last 1 epoch(s), --augment-flip-only-epochs)" in caplog.text

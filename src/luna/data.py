@@ -442,7 +442,8 @@ class AugmentConfig:
 
     def flips_only(self) -> AugmentConfig:
         """These settings with only the flips kept: crops as they are predicted, mirrored (voxel centres map onto
-        voxel centres, so nothing is interpolated), without the offset, scale, rotation and noise."""
+        voxel centres, so the resampling only mirrors: values equal to fp32 rounding), without the offset, scale,
+        rotation and noise."""
         return replace(self, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
 
 

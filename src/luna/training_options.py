@@ -256,8 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="std of Gaussian noise added, HU; 0 = off")
     au.add_argument("--augment-flip-only-epochs", type=_nonnegative_int, default=0, metavar="N",
                     help="the last N epochs keep only the flips (no offset, scale, rotation or noise): the model "
-                         "ends on crops as they are predicted, not resampled and noised. 0 = the book; 1 in "
-                         "config/config.yaml: dev-test CPM +0.021 with flip2z over two seeds "
+                         "ends on crops as they are predicted, neither blurred by resampling nor noised. 0 = the "
+                         "book; 1 in config/config.yaml: dev-test CPM +0.021 with flip2z over two seeds "
                          "(benchmarks/results/clean_last_epoch.md)")
 
     rt = p.add_argument_group("runtime (speed; --amp and --channels-last also move the numbers slightly)")
