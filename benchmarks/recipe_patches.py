@@ -32,8 +32,10 @@ Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seed
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
 on in the default, only if the mean dev-test CPM with the recipe's views (flip2z) over training seeds 0 and 1
 rises by at least 0.01 against the same seeds' runs of the plain recipe, and neither seed loses. Baselines:
-``epoch_budget.py --amp off`` runs (``budget-s{seed}-e8-amp-off``, the same recipe, code and machine kind).
-Nothing here reads the default run's data.
+``epoch_budget.py --amp off`` runs (``budget-s{seed}-e8-amp-off``, the same recipe, code and machine kind), made
+before config/config.yaml took ``augment.flip_only_epochs: 1``: a patch trained now also gets that flip-only last
+epoch, so ``size-weighted`` and ``depth-scale`` need fresh baselines to be rerun. ``clean-last-2``'s baseline is
+the ``clean-last`` runs (``BASELINES``). Nothing here reads the default run's data.
 
     python benchmarks/recipe_patches.py --work /tmp/sweep --patch size-weighted --seeds 0 1 \\
         --out benchmarks/results/size_weighted_positives.md
@@ -166,6 +168,10 @@ TITLES = {"size-weighted": "Small nodules drawn more often as positives",
           "clean-last-2": "The last two epochs on nearly clean crops: flips only"}
 RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz", "clean-last": "cleanlast",
               "clean-last-2": "cleanlast2"}
+# the runs a patch is compared with (table label, run folder for a seed and the epochs): the recipe of the patch's
+# date, or for clean-last-2 the clean-last runs its rule names
+BASELINES = {"clean-last-2": ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}")}
+PLAIN = ("plain", lambda seed, epochs: f"budget-s{seed}-e{epochs}-amp-off")
 SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled positive list up to 5 mm, twice up to 7 mm",
             "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)",
             "clean-last": ("the last epoch's crops flipped at random and nothing else (no offset, scale, rotation, "
@@ -220,16 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     spacing_z = spacing_z_mm(a.work, a.devtest_seed)
     epochs = int(q.CONFIG["train"]["epochs"])
     recipe_views = q.CONFIG["train"]["tta"]
+    baseline, baseline_run = BASELINES.get(a.patch, PLAIN)
     results = []
     for seed in a.seeds:
-        for variant in ("plain", a.patch):
-            name = f"budget-s{seed}-e{epochs}-amp-off" if variant == "plain" else f"{RUN_PREFIX[a.patch]}-s{seed}"
+        for variant in (baseline, a.patch):
+            name = baseline_run(seed, epochs) if variant == baseline else f"{RUN_PREFIX[a.patch]}-s{seed}"
             run = a.work / "runs" / name
-            if variant != "plain":
+            if variant != baseline:
                 with PATCHES[a.patch]():
                     epoch_budget.train(data, seed, epochs, run, run.with_name(name + "-state"))  # skipped when trained
             elif not (run / "0" / "model.pt").exists():
-                raise SystemExit(f"{run}: no baseline; run benchmarks/epoch_budget.py --amp off --epochs {epochs}")
+                how = (f"recipe_patches.py --patch {baseline}" if a.patch in BASELINES
+                       else f"benchmarks/epoch_budget.py --amp off --epochs {epochs}")
+                raise SystemExit(f"{run}: no baseline; run {how}")
             views = tta_views.cached_views(run, dev, TTA_FLIPS[recipe_views])
             for view_set in ("none", recipe_views):
                 frame = dev.frame.copy()
@@ -240,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = results[-1]
                 print(f"seed {seed} {variant:13s} {view_set:6s} CPM {r['dt_cpm']:.3f} "
                       f"({r['dt_low']:.3f}-{r['dt_high']:.3f}) AUC {r['dt_auc']:.3f}", flush=True)
-    write_table(a, results)
+    write_table(a, results, baseline)
     return 0
 
 
-def write_table(a: argparse.Namespace, results: list[dict]) -> None:
+def write_table(a: argparse.Namespace, results: list[dict], baseline: str) -> None:
     columns = [k for k in results[0] if " mm" in k]
     lines = [f"# {TITLES[a.patch]} (benchmarks/recipe_patches.py --patch {a.patch})", "",
              f"Development data: synthetic seed {a.dev_seed}, fold 0 held out; dev-test: seed {a.devtest_seed}, every "
@@ -257,11 +266,11 @@ def write_table(a: argparse.Namespace, results: list[dict]) -> None:
                      f"{r['dt_high']:.3f}) | {r['dt_auc']:.3f} | " + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
     table = pd.DataFrame(results)
     mean = table.groupby(["views", "variant"], sort=False)["dt_cpm"].mean()
-    lines += ["", f"| views | plain, mean CPM | {a.patch}, mean CPM | change |", "|---|---:|---:|---:|"]
+    lines += ["", f"| views | {baseline}, mean CPM | {a.patch}, mean CPM | change |", "|---|---:|---:|---:|"]
     for views in table["views"].unique():
-        if (views, a.patch) in mean and (views, "plain") in mean:
-            lines.append(f"| {views} | {mean[(views, 'plain')]:.3f} | {mean[(views, a.patch)]:.3f} | "
-                         f"{mean[(views, a.patch)] - mean[(views, 'plain')]:+.3f} |")
+        if (views, a.patch) in mean and (views, baseline) in mean:
+            lines.append(f"| {views} | {mean[(views, baseline)]:.3f} | {mean[(views, a.patch)]:.3f} | "
+                         f"{mean[(views, a.patch)] - mean[(views, baseline)]:+.3f} |")
     with atomic_path(a.out) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
 

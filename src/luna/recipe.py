@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from luna.data import AugmentConfig
+from luna.data import NO_AUGMENTATION, AugmentConfig
 
 
 def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
@@ -74,9 +74,9 @@ def augment_config(args: argparse.Namespace, epoch: int | None = None) -> Augmen
     """The run's augmentation (``--augment-*``), or that of training epoch ``epoch``: the same but flips only in
     the last ``--augment-flip-only-epochs`` of ``--epochs`` (the model ends on crops as they are predicted)."""
     if not args.augment:
-        return AugmentConfig(flip=False, offset=0.0, scale=0.0, rotate=False, noise_hu=0.0)
+        return NO_AUGMENTATION
     config = AugmentConfig(flip=args.augment_flip, offset=args.augment_offset, scale=args.augment_scale,
                            rotate=args.augment_rotate, noise_hu=args.augment_noise)
-    if epoch is not None and epoch > args.epochs - getattr(args, "augment_flip_only_epochs", 0):
+    if epoch is not None and epoch > args.epochs - args.augment_flip_only_epochs:
         return config.flips_only()
     return config
