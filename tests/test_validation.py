@@ -806,6 +806,25 @@ def test_a_test_fold_the_model_trained_or_chose_on_is_refused(inputs, tmp_path, 
         PredictApp(argv).run()
 
 
+def test_predict_takes_the_test_fold_under_luna_trains_name(inputs, tmp_path):
+    """luna-train names the held-out fold --test-fold; luna-predict takes that name as well as --fold, with the
+    same result (the fixture's model records no test fold, so without either it is refused)."""
+    from luna.validation import PredictApp
+
+    base = ["--model", str(inputs["model"]), "--crops", str(inputs["store0"]), str(inputs["store1"]), "--splits",
+            str(inputs["splits"]), "--device", "cpu"]
+    written = {}
+    for option in ("--fold", "--test-fold"):
+        out = tmp_path / f"{option.strip('-')}.tsv"
+        result = PredictApp([*base, option, "0", "--out", str(out)]).run()
+        assert result.fold == 0 and sorted(result.scans) == sorted([VAL_A, VAL_B, VAL_EMPTY])
+        written[option] = out.read_bytes()
+    assert written["--fold"] == written["--test-fold"]
+    assert len(pd.read_csv(tmp_path / "test-fold.tsv", sep="\t")) > 0
+    with pytest.raises(ValueError, match="no test fold recorded; give --fold N"):
+        PredictApp([*base, "--out", str(tmp_path / "none.tsv")]).run()
+
+
 def test_evaluate_refuses_a_test_fold_the_model_trained_on(inputs, tmp_path):
     """luna-predict refuses a splits.tsv whose test fold holds the model's training scans; luna-evaluate took one
     (stale or edited) and reported its numbers as held out."""

@@ -191,9 +191,10 @@ def add_predict_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scans", choices=SCAN_CHOICES, default="test",
                         help="test: the scans of the test fold (model.pt's, or --fold); selection: the scans that chose "
                              "the model's epoch and threshold (as recorded in model.pt); all: every scan of the stores")
-    parser.add_argument("--fold", type=int, default=None,
+    parser.add_argument("--fold", "--test-fold", dest="fold", type=int, default=None, metavar="N",
                         help="with --scans test: predict this fold instead of model.pt's test fold; with --scans "
-                             "all: the fold column's value (default: model.pt's test fold, or 0 for a model without one)")
+                             "all: the fold column's value (default: model.pt's test fold, or 0 for a model without "
+                             "one); --test-fold is the same option under luna-train's name")
     parser.add_argument("--batch-size", type=int, default=64, help="candidates per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CUDA when available, else the CPU")
