@@ -24,9 +24,11 @@ Four patches (``--patch``), each fixed before any run:
   luna.training calls each epoch wrapped; epochs 1 to 7 are the baseline's, step for step).
 * ``clean-last-2``: the same for the last two epochs (7 and 8), measured after ``clean-last`` was taken. Its rule,
   written before its runs: two flip-only epochs only if the mean flip2z dev-test CPM over seeds 0 and 1 rises by
-  at least 0.01 against the same seeds' ``clean-last`` runs (``cleanlast-s{seed}``) and neither seed loses. Not run
-  yet: its first attempt (2026-12-02) ran through a wrapper the new option bypassed (epoch 7 stayed augmented;
-  seed 0 reproduced ``clean-last`` to the digit) and was discarded.
+  at least 0.01 against the same seeds' ``clean-last`` runs (``cleanlast-s{seed}``) and neither seed loses. Run on
+  2026-12-03 (2 Zen 4 cores, float32; the ``clean-last`` runs trained afresh on the same box, as this patch's
+  ``--patch clean-last`` would, through the per-epoch ``augment_config``): mean flip2z dev-test CPM 0.839 -> 0.840
+  (+0.003, -0.001), not taken (quality.md, "nineteenth"). Its first attempt (2026-12-02) ran through a wrapper the
+  new option bypassed (epoch 7 stayed augmented) and was discarded.
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
