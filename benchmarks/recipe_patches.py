@@ -25,9 +25,10 @@ Four patches (``--patch``), each fixed before any run:
 * ``clean-last-2``: the same for the last two epochs (7 and 8), measured after ``clean-last`` was taken. Its rule,
   written before its runs: two flip-only epochs only if the mean flip2z dev-test CPM over seeds 0 and 1 rises by
   at least 0.01 against the same seeds' ``clean-last`` runs (``cleanlast-s{seed}``) and neither seed loses. Run on
-  2026-12-03 (2 Zen 4 cores, float32; the ``clean-last`` runs trained afresh on the same box, as this patch's
-  ``--patch clean-last`` would, through the per-epoch ``augment_config``): mean flip2z dev-test CPM 0.839 -> 0.840
-  (+0.003, -0.001), not taken (quality.md, "nineteenth"). Its first attempt (2026-12-02) ran through a wrapper the
+  2026-12-03 (2 Zen 4 cores, float32), its ``cleanlast-s{seed}`` runs trained afresh on the same box first, each by
+  ``epoch_budget.train`` inside ``PATCHES["clean-last"]()``, which is what ``--patch clean-last`` does (that
+  command would also score its plain baselines, which need ``epoch_budget.py --amp off`` runs): mean flip2z dev-test
+  CPM 0.839 -> 0.840 (+0.003, -0.001), not taken (quality.md, "nineteenth"). Its first attempt (2026-12-02) ran through a wrapper the
   new option bypassed (epoch 7 stayed augmented) and was discarded.
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
