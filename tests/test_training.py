@@ -93,6 +93,15 @@ def test_loader_workers_auto_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_workers("auto", torch.device("cuda"), processes=4) == 3  # 4 GPUs share the 15 cores: was 8 each
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert resolve_workers("auto", torch.device("cuda")) == 1
+    # --threads (the rule's threads in the workflow) caps them: a local run with 16 cores and the rule's 2
+    # threads starts 1 worker, as a 2-CPU SLURM job would, not 8 beside the jobs Snakemake gave the other cores
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert resolve_workers("auto", torch.device("cuda"), cores=2) == 1
+    assert resolve_workers("auto", torch.device("cuda"), processes=4, cores=4) == 3  # --threads is per process
+    assert resolve_workers("auto", torch.device("cuda"), cores=32) == 8
+    assert resolve_workers("auto", torch.device("cuda"), cores=1) == 0
+    assert resolve_workers("auto", torch.device("cpu"), cores=8) == 0
+    assert resolve_workers(5, torch.device("cuda"), cores=2) == 5  # a number given is taken as it is
     with pytest.raises(SystemExit):
         build_parser().parse_args([*BASE, "--num-workers", "-1"])
 

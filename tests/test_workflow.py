@@ -119,6 +119,31 @@ def test_bad_config_stops_the_dry_run_naming_the_key(tmp_path, patch, expected) 
     assert (proc.stdout + proc.stderr).count("config key ") <= 1
 
 
+def rule_threads(output: str) -> dict[str, int]:
+    """A dry run's threads per rule ({rule: threads}; rules printed without a threads line: 1)."""
+    threads: dict[str, int] = {}
+    for block in re.split(r"\n(?=rule \w+:)", output):
+        name = re.match(r"rule (\w+):", block)
+        if name:
+            found = re.search(r"^\s+threads: (\d+)", block, re.MULTILINE)
+            threads[name.group(1)] = int(found.group(1)) if found else 1
+    return threads
+
+
+def test_slurm_profile_gives_training_cpus_for_its_loader_workers(tmp_path) -> None:
+    """On a GPU, --num-workers auto starts the train rule's threads - 1 loader workers (luna-train gets them as
+    --threads): with the rule's 2 a SLURM job streaming real crops had 1 worker, where 4 feed an H100. The profile
+    asks 8 for train and leaves the other rules' (the local executor shows the threads in a dry run)."""
+    cmd = [str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--profile", str(REPO / "profiles" / "slurm"), "--executor", "local", "--cores", "16",
+           "--configfile", str(write_config(tmp_path, TINY_CONFIG))]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    threads = rule_threads(proc.stdout)
+    assert threads["train"] == 8
+    assert threads["crops"] == 4 and threads["predict"] == 2
+
+
 def test_a_synthetic_root_holding_other_files_stops_the_dry_run(tmp_path) -> None:
     """Snakemake deletes the synthesize rule's directory() output before the job, so luna-synth's own refusal of a
     folder it did not write came after the user's files were gone (root set to one's LUNA16 copy, source left

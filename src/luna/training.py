@@ -430,7 +430,7 @@ class LunaTrainingApp(StageApp):
             logger.info("loaded %d training and %d selection crops onto %s in %.1f s", len(self.train_ds),
                         len(self.sel_ds), self.device, time.perf_counter() - started)
         else:
-            workers = resolve_workers(args.num_workers, self.device, self.dist.world_size)
+            workers = resolve_workers(args.num_workers, self.device, self.dist.world_size, args.threads)
             self.train_batches = make_loader(self.train_ds, self.sampler, batch_size=args.batch_size,
                                              num_workers=workers, pin_memory=self.device.type == "cuda")
 

@@ -79,13 +79,19 @@ def _workers(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"auto or a whole number >= 0, got {text!r}") from None
 
 
-def resolve_workers(choice: int | str, device: torch.device, processes: int = 1) -> int:
-    """Loader worker processes for ``--num-workers`` (``auto``: by device, as measured), per training process:
-    on CUDA the cores but one, shared by the ``processes`` of a torchrun job, at most 8 each."""
+def resolve_workers(choice: int | str, device: torch.device, processes: int = 1, cores: int = 0) -> int:
+    """Loader worker processes for ``--num-workers`` (``auto``: by device, as measured), per training process.
+
+    On CUDA ``auto`` is the cores but one, at most 8: ``cores`` when given (``--threads``, which the workflow sets
+    to its rule's threads per process, so a local run leaves the cores Snakemake gave other jobs to them, as a
+    SLURM job's CPU allocation does), otherwise this process's CPUs shared by the ``processes`` of a torchrun job.
+    """
     if choice != "auto":
         return int(choice)
     if device.type != "cuda":
         return 0
+    if cores > 0:
+        return max(0, min(8, cores - 1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, (cores - 1) // max(1, processes)))
 
@@ -271,11 +277,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                "faster on the CPU and on CUDA; the results agree to ~1e-5, not bit for bit)")
     rt.add_argument("--num-workers", type=_workers, default="auto",
                     help="DataLoader worker processes; 0 = load in the main process; auto = 0 on the CPU (workers "
-                    "only compete with the model for cores) and min(8, (cores - 1) // processes) per process on "
-                    "CUDA, the cores but one shared by the processes of a torchrun job (an H100 trains ~3,000 "
+                    "only compete with the model for cores) and on CUDA the cores but one, at most 8: --threads - 1 "
+                    "when --threads is given (the workflow passes its rule's threads), else this process's CPUs "
+                    "shared by the processes of a torchrun job, (cores - 1) // processes (an H100 trains ~3,000 "
                     "samples/s, more than 4 workers deliver: benchmarks/results/gpu_check_h100.txt)")
     rt.add_argument("--threads", type=_threads, default=0,
-                    help="torch CPU threads; 0 = torch's default")
+                    help="torch CPU threads, and the cores --num-workers auto counts on CUDA; 0 = torch's default "
+                    "(and this process's CPUs)")
     rt.add_argument("--data-on-device", choices=("auto", "always", "never"), default="auto",
                     help="hold the training (and selection) crops in one int16 tensor on the training device and "
                          "gather batches there, or stream them from the stores through the loader; auto: resident "
