@@ -28,8 +28,10 @@ Four patches (``--patch``), each fixed before any run:
   2026-12-03 (2 Zen 4 cores, float32), its ``cleanlast-s{seed}`` runs trained afresh on the same box first, each by
   ``epoch_budget.train`` inside ``PATCHES["clean-last"]()``, which is what ``--patch clean-last`` does (that
   command would also score its plain baselines, which need ``epoch_budget.py --amp off`` runs): mean flip2z dev-test
-  CPM 0.839 -> 0.840 (+0.003, -0.001), not taken (quality.md, "nineteenth"). Its first attempt (2026-12-02) ran through a wrapper the
-  new option bypassed (epoch 7 stayed augmented) and was discarded.
+  CPM 0.839 -> 0.840 (+0.003, -0.001), not taken (quality.md, "nineteenth"). Its first attempt (2026-12-02)
+  ran through a wrapper the new option bypassed (epoch 7 stayed augmented) and was discarded. Since 2026-12-03
+  (later) this command trains missing ``cleanlast-s{seed}`` baselines itself, with the ``clean-last`` patch, so it
+  reproduces its table from an empty ``--work`` folder.
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
@@ -38,7 +40,7 @@ rises by at least 0.01 against the same seeds' runs of the plain recipe, and nei
 ``epoch_budget.py --amp off`` runs (``budget-s{seed}-e8-amp-off``, the same recipe, code and machine kind), made
 before config/config.yaml took ``augment.flip_only_epochs: 1``: a patch trained now also gets that flip-only last
 epoch, so ``size-weighted`` and ``depth-scale`` need fresh baselines to be rerun. ``clean-last-2``'s baseline is
-the ``clean-last`` runs (``BASELINES``). Nothing here reads the default run's data.
+the ``clean-last`` runs (``BASELINES``), trained here with the ``clean-last`` patch when missing. Nothing here reads the default run's data.
 
     python benchmarks/recipe_patches.py --work /tmp/sweep --patch size-weighted --seeds 0 1 \\
         --out benchmarks/results/size_weighted_positives.md
@@ -235,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         for variant in (baseline, a.patch):
             name = baseline_run(seed, epochs) if variant == baseline else f"{RUN_PREFIX[a.patch]}-s{seed}"
             run = a.work / "runs" / name
-            if variant != baseline:
-                with PATCHES[a.patch]():
-                    epoch_budget.train(data, seed, epochs, run, run.with_name(name + "-state"))  # skipped when trained
+            # a patch's run, or a baseline that is itself a patch (trained with it, as --patch BASELINE would
+            # train it, when missing): epoch_budget.train skips a run already trained
+            patch = a.patch if variant != baseline else (baseline if a.patch in BASELINES else None)
+            if patch is not None:
+                with PATCHES[patch]():
+                    epoch_budget.train(data, seed, epochs, run, run.with_name(name + "-state"))
             elif not (run / "0" / "model.pt").exists():
-                how = (f"recipe_patches.py --patch {baseline}" if a.patch in BASELINES
-                       else f"benchmarks/epoch_budget.py --amp off --epochs {epochs}")
-                raise SystemExit(f"{run}: no baseline; run {how}")
+                raise SystemExit(f"{run}: no baseline; run benchmarks/epoch_budget.py --amp off --epochs {epochs}")
             views = tta_views.cached_views(run, dev, TTA_FLIPS[recipe_views])
             for view_set in ("none", recipe_views):
                 frame = dev.frame.copy()
