@@ -13,6 +13,8 @@ import pytest
 from luna.candidates import CandidatesApp, build_candidates_table, read_candidates_tsv
 from luna.luna16 import TableError, read_annotations_csv, read_candidates_csv
 from luna.crops import CropApp, CropError, read_subset_candidates
+from luna.evaluation import PREDICTION_COLUMNS, EvaluationError, read_predictions_tsv
+from luna.splits import SplitsError, read_splits_tsv
 from luna.ct import ScanFile, write_scan
 from luna.geometry import Geometry
 
@@ -215,3 +217,108 @@ def test_crops_subset_not_in_the_table_exits_2_and_writes_nothing(tmp_path, caps
     with pytest.raises(CropError) as info:
         read_subset_candidates(header_only, "subset0")
     assert str(info.value) == f"{header_only}: no candidates of subset 'subset0' (it has no rows)"
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline TSVs
+
+
+CAND_TSV_HEADER = "candidate_id\tseries_uid\tsubset\tcoord_x\tcoord_y\tcoord_z\tis_nodule\tdiameter_mm\n"
+
+
+def _candidates_tsv(tmp_path, rows: list[str], header: str = CAND_TSV_HEADER):
+    path = tmp_path / "candidates.tsv"
+    path.write_text(header + "".join(rows))
+    return path
+
+
+def test_a_trailing_tab_on_every_row_is_named_when_the_ids_count_up_from_0(tmp_path) -> None:
+    """pandas makes a first row's extra field an index; with ids 0, 1, 2 (candidates.tsv's own) that index was the
+    default 0..n-1, the check passed, and every column shifted by one into a nonsense error."""
+    rows = [f"{i}\t1.1\tsubset0\t{i}.5\t2\t3\t0\t0\t\n" for i in range(4)]
+    path = _candidates_tsv(tmp_path, rows)
+    with pytest.raises(CropError) as info:
+        read_subset_candidates(path, "subset0")
+    assert str(info.value) == f"{path}:2: 9 fields where the header has 8"
+    predictions = tmp_path / "predictions.tsv"
+    predictions.write_text("\t".join(PREDICTION_COLUMNS) + "\n" + "".join(
+        f"{i}\t1.1\t0\t0\t0\t0\t0\t0.5\t0.7\t0\textra\n" for i in range(3)))
+    with pytest.raises(EvaluationError) as info:
+        read_predictions_tsv(predictions)
+    assert str(info.value) == f"{predictions}:2: 11 fields where the header has 10"
+    ok = _candidates_tsv(tmp_path, [f"{i}\t1.1\tsubset0\t{i}.5\t2\t3\t0\t0\n" for i in range(4)])
+    assert read_subset_candidates(ok, "subset0")["coord_x"].tolist() == [0.5, 1.5, 2.5, 3.5]
+
+
+def test_spaces_around_header_cells_and_uids_of_an_edited_tsv_are_stripped(tmp_path) -> None:
+    """A table edited by hand: "series_uid " matched no column (the message listed the same name back), and a
+    UID with a trailing space matched no scan (luna-train dropped the scan with a warning and trained on less)."""
+    splits = tmp_path / "splits.tsv"
+    splits.write_text("series_uid \t subset\tfold\n1.1 \tsubset0\t0\n 1.2\tsubset1 \t1\n")
+    frame = read_splits_tsv(splits)
+    assert frame["series_uid"].tolist() == ["1.1", "1.2"] and frame["subset"].tolist() == ["subset0", "subset1"]
+    assert frame["fold"].tolist() == [0, 1]
+    predictions = tmp_path / "predictions.tsv"
+    predictions.write_text(" \t".join(PREDICTION_COLUMNS) + " \n7\t1.1 \t1.5\t0\t0\t1\t6\t0.9\t0.1\t0\n")
+    frame = read_predictions_tsv(predictions)
+    assert frame["series_uid"].tolist() == ["1.1"] and frame["coord_x"].tolist() == [1.5]
+
+
+def test_a_tsv_saved_with_commas_is_said_so(tmp_path) -> None:
+    splits = tmp_path / "splits.tsv"
+    splits.write_text("series_uid,subset,fold\n1.1,subset0,0\n")
+    with pytest.raises(SplitsError) as info:
+        read_splits_tsv(splits)
+    assert str(info.value) == (f"{splits}:1: not tab-separated (the header is split by commas: saved as CSV?); the "
+                               "pipeline's tables are TSV with the columns series_uid, subset, fold")
+
+
+def test_the_subsets_named_in_a_no_candidates_error_are_capped(tmp_path) -> None:
+    rows = [f"{i}\t1.{i}\tsubset{i}\t0\t0\t0\t0\t0\n" for i in range(13)]
+    path = _candidates_tsv(tmp_path, rows)
+    with pytest.raises(CropError) as info:
+        read_subset_candidates(path, "subset99")
+    assert str(info.value) == (f"{path}: no candidates of subset 'subset99' (its subsets are subset0, subset1, "
+                               "subset10, subset11, subset12, subset2, subset3, subset4, subset5, subset6 and 3 more)")
+
+
+# ---------------------------------------------------------------------------------------------------- annotations
+
+
+ANN_HEADER = "seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+
+
+def test_a_repeated_annotation_is_one_nodule_with_one_warning(tmp_path, caplog) -> None:
+    """Two annotation files concatenated: FROC counted the repeat as a second nodule (CPM changed, silently)."""
+    path = _write(tmp_path, ANN_HEADER + "1.1,1,2,3,6\n1.1,4,5,6,8\n1.1,1.0,2,3.00,6.0\n1.2,1,2,3,6\n",
+                  "annotations.csv")
+    caplog.set_level(logging.WARNING, logger="luna.luna16")
+    ann = read_annotations_csv(path)
+    assert ann[["seriesuid", "diameter_mm"]].values.tolist() == [["1.1", 6.0], ["1.1", 8.0], ["1.2", 6.0]]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: 1 duplicate annotation rows dropped (same seriesuid, coordinates and diameter_mm as an earlier "
+        "row; first: line 4 repeats line 2)"]
+    excluded = _write(tmp_path, ANN_HEADER + "1.1,1,2,3,-1\n1.1,1,2,3,-1\n", "annotations_excluded.csv")
+    assert len(read_annotations_csv(excluded, allow_negative=True)) == 2  # ignored regions: a repeat changes nothing
+
+
+def test_one_point_annotated_with_two_diameters_names_both_lines(tmp_path) -> None:
+    path = _write(tmp_path, ANN_HEADER + "1.1,1,2,3,6\n1.1,1,2,3,7.5\n", "annotations.csv")
+    with pytest.raises(TableError) as info:
+        read_annotations_csv(path)
+    assert str(info.value) == (f"{path}:3: same seriesuid and coordinates as line 2 but diameter_mm 7.5 where that "
+                               "line has 6")
+
+
+def test_annotations_that_match_no_positive_candidate_are_warned_about(tmp_path) -> None:
+    """The official annotations.csv given with another data set's candidates: every diameter 0, said nowhere."""
+    root = _data_root(tmp_path, HEADER + "1.1,1,2,3,1\n1.1,4,5,6,0\n")
+    scans = {"1.1": ScanFile("1.1", "subset0", root / "subset0" / "1.1.mhd")}
+    other = _write(tmp_path, ANN_HEADER + "9.9,1,2,3,6\n9.8,1,2,3,6\n", "annotations.csv")
+    table, report = build_candidates_table(root / "candidates.csv", other, scans)
+    assert table["diameter_mm"].tolist() == [0.0, 0.0]
+    assert report.lines()[1:] == [
+        f"{other}: none of the 1 positive candidates matched an annotation (within diameter/4 of its centre), so "
+        "every diameter_mm is 0; 0 of its 2 rows are on the scans on disk: the annotations of another data set?"]
+    right = _write(tmp_path, ANN_HEADER + "1.1,1,2,3,6\n", "annotations.csv")
+    table, report = build_candidates_table(root / "candidates.csv", right, scans)
+    assert table["diameter_mm"].tolist() == [6.0, 0.0] and len(report.lines()) == 1

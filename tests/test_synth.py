@@ -442,6 +442,17 @@ def test_app_options_round_trip_the_config():
     assert SynthApp(["--out", "x"]).config() == SynthConfig()
 
 
+def test_an_output_folder_under_a_file_is_one_line_like_every_stage(tmp_path, capsys):
+    """luna-synth printed the OS error ("[Errno 20] Not a directory: 'blocker/x'"), every other stage "<folder>:
+    cannot write to the output folder (<reason>)"."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be\n")
+    assert SynthApp(["--out", str(blocker / "x"), "--n-subsets", "1", "--scans-per-subset", "1"]).main() == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"luna-synth: error: {blocker / 'x'}: cannot write to the output folder (a file is in the way: not a folder)")
+    assert blocker.read_text() == "a file where a folder should be\n"
+
+
 def _console(argv: list[str]) -> int:
     """luna-synth's exit status, as the console script gives it (a bad value is found in the constructor)."""
     with pytest.raises(SystemExit) as info:

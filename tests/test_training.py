@@ -915,6 +915,25 @@ def test_a_training_role_of_nodules_only_is_refused_before_training(tmp_path, ca
     assert (kept / "tensorboard").is_dir() and not (tmp_path / ".kept.train_state").exists()
 
 
+def test_a_refused_run_leaves_no_folder_it_made_not_even_a_parent(data, tmp_path, capsys):
+    """--out new/o refused (a test fold with no scans) left an empty new/; a --tb-dir under a file, refused before
+    the state lock was taken, left the --out and state folders it had made."""
+    out = tmp_path / "new" / "o"
+    with pytest.raises(SystemExit) as info:
+        main([*argv(data, out), "--test-fold", "7"])
+    assert info.value.code == 2
+    assert "test fold 7 has no scans" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "new2" / "o"
+    with pytest.raises(SystemExit) as info:
+        main(argv(data, out, "--tb-dir", str(tmp_path / "afile" / "tb")))
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"luna-train: error: {tmp_path / 'afile' / 'tb'}: cannot write to the "
+                                               "--tb-dir folder (a file is in the way: not a folder)")
+    assert not (tmp_path / "new2").exists() and (tmp_path / "afile").read_text() == "x"
+
+
 def test_on_findings_uses_frocs_hit_rule() -> None:
     """Strictly inside the radius (a point on the sphere is out), a negative diameter meaning 10 mm, per scan."""
     from luna.froc import on_findings

@@ -41,6 +41,7 @@ class CandidatesReport:
     n_positive: int
     duplicates: str = ""  # the warning line when duplicate rows were dropped
     labelled: bool = True  # the CSV has a class column
+    unmatched_annotations: str = ""  # the warning line when annotations were given and no positive matched one
 
     def lines(self) -> list[str]:
         """The summary line, then one warning line per thing left out."""
@@ -52,6 +53,8 @@ class CandidatesReport:
             out.append("the candidates have no class column: fit for luna-predict, not for luna-train")
         if self.duplicates:
             out.append(self.duplicates)
+        if self.unmatched_annotations:
+            out.append(self.unmatched_annotations)
         if self.n_missing_scan_rows:
             shown = ", ".join(self.missing_scans[:3]) + (" ..." if len(self.missing_scans) > 3 else "")
             out.append(
@@ -95,6 +98,12 @@ def build_candidates_table(
         duplicates=duplicates.line(candidates_csv) if duplicates.n_dropped else "",
         labelled="class" in cand,
     )
+    if annotations_csv is not None and report.n_positive and not (table["diameter_mm"] > 0).any():
+        n_on_disk = int(ann["seriesuid"].isin(scans.keys()).sum())
+        report.unmatched_annotations = (
+            f"{annotations_csv}: none of the {report.n_positive} positive candidates matched an annotation (within "
+            f"diameter/4 of its centre), so every diameter_mm is 0; {n_on_disk} of its {len(ann)} rows are on the "
+            "scans on disk: the annotations of another data set?")
     return table, report
 
 

@@ -127,7 +127,8 @@ def read_subset_candidates(path: str | os.PathLike, subset: str, allow_empty: bo
     present = sorted(set(df["subset"].dropna().astype(str)))
     df = df[df["subset"] == subset].reset_index(drop=True)
     if df.empty and not allow_empty:  # a typo in --subset must not give an empty store
-        has = f"its subsets are {', '.join(present)}" if present else "it has no rows"
+        shown = ", ".join(present[:10]) + (f" and {len(present) - 10} more" if len(present) > 10 else "")
+        has = f"its subsets are {shown}" if present else "it has no rows"
         raise CropError(f"{path}: no candidates of subset {subset!r} ({has})")
     for col in ("candidate_id", "coord_x", "coord_y", "coord_z", "diameter_mm", "is_nodule"):
         values = numeric_column(df, col, path, CropError, allow_missing=col == "is_nodule", rows=df["file_row"])

@@ -9,12 +9,14 @@ Duplicate candidates (same seriesuid, coordinates and class as an earlier row) a
 that counts them and names the first pair of lines: a repeated row adds nothing but a second, identical crop
 (and weight in training and FROC), and the official 750,000-row candidates_V2.csv must stay usable as
 downloaded, which an error would prevent. The same point with a different class contradicts itself: an error
-naming both lines.
+naming both lines. So with annotations.csv: a repeated row (two files concatenated) would count as a second
+nodule in FROC and CPM; it is dropped with one warning, and the same point with another diameter is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ from luna.tables import first_line, long_row_error
 
 CANDIDATE_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "class"]
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+
+
+logger = logging.getLogger(__name__)
 
 
 class TableError(ValueError):
@@ -191,6 +196,9 @@ def read_annotations_csv(path: str | os.PathLike, allow_negative: bool = False) 
         if bad.any():
             i = int(np.argmax(bad))
             raise TableError(f"{path}:{df['line'].iloc[i]}: diameter_mm must be > 0, got {df['diameter_mm'].iloc[i]}")
+        df, repeats = _drop_repeated_points(df, path, "diameter_mm")  # each row is a nodule to find: once
+        if repeats.n_dropped:
+            logger.warning("%s", repeats.line(path, "annotation", "diameter_mm"))
     return df
 
 
@@ -202,8 +210,8 @@ class Duplicates:
     first_line: int = 0  # of the kept row
     repeat_line: int = 0  # of its first repeat
 
-    def line(self, path: str | os.PathLike) -> str:
-        return (f"{path}: {self.n_dropped} duplicate candidate rows dropped (same seriesuid, coordinates and class "
+    def line(self, path: str | os.PathLike, what: str = "candidate", value: str = "class") -> str:
+        return (f"{path}: {self.n_dropped} duplicate {what} rows dropped (same seriesuid, coordinates and {value} "
                 f"as an earlier row; first: line {self.repeat_line} repeats line {self.first_line})")
 
 
@@ -212,20 +220,29 @@ def drop_duplicate_candidates(cand: pd.DataFrame, path: str | os.PathLike) -> tu
 
     The same seriesuid and coordinates with a different class is a TableError naming both lines.
     """
+    return _drop_repeated_points(cand, path, "class")
+
+
+def _drop_repeated_points(table: pd.DataFrame, path: str | os.PathLike,
+                          value: str) -> tuple[pd.DataFrame, Duplicates]:
+    """Rows without repeats of an earlier row's seriesuid and coordinates (the first kept, file order), and what
+    was dropped; the same point with another ``value`` (when the table has that column) is a TableError naming
+    both lines."""
+    cand = table
     point = ["seriesuid", "coordX", "coordY", "coordZ"]
     same_point = cand.duplicated(subset=point, keep=False).to_numpy()
     if not same_point.any():
         return cand, Duplicates()
-    if "class" in cand:
-        classes = cand[same_point].groupby(point, sort=False)["class"].nunique()
-        if (classes > 1).any():
-            conflict = cand[same_point].merge(classes[classes > 1].reset_index()[point], on=point)  # file order
+    if value in cand:
+        values = cand[same_point].groupby(point, sort=False)[value].nunique()
+        if (values > 1).any():
+            conflict = cand[same_point].merge(values[values > 1].reset_index()[point], on=point)  # file order
             first = conflict.iloc[0]
             group = conflict[np.all([(conflict[c] == first[c]).to_numpy() for c in point], axis=0)]
-            other = group[group["class"] != first["class"]].iloc[0]
+            other = group[group[value] != first[value]].iloc[0]
             raise TableError(f"{path}:{int(other['line'])}: same seriesuid and coordinates as line "
-                             f"{int(first['line'])} but class {int(other['class'])} where that line has "
-                             f"{int(first['class'])}")
+                             f"{int(first['line'])} but {value} {other[value]:g} where that line has "
+                             f"{first[value]:g}")
     repeat = cand.duplicated(subset=point, keep="first").to_numpy()
     i = int(np.argmax(repeat))
     row = cand.iloc[i]

@@ -61,15 +61,36 @@ def long_row_error(path: str | os.PathLike, frame_or_exc: pd.DataFrame | BaseExc
                    sep: str) -> str | None:
     """``"<path>:<line>: <n> fields where the header has <m>"`` when a row is longer than the header, else None.
 
-    Given the frame pandas read: its index is not a RangeIndex when the first row had one field more than the
-    header (pandas made that field an index); the file is then scanned for the first long line. Given pandas'
-    ParserError ("Expected 4 fields in line 7, saw 5"): its numbers."""
+    Given the frame pandas read: when the first data row has one field more than the header, pandas makes that
+    field an index (then a later long row is its ParserError); its index is then not the default 0..n-1, or is
+    when the first column counts up from 0 (candidate ids: pandas turns an evenly spaced integer index into a
+    RangeIndex), so the file's first data row is read to tell, and the file scanned for the first long line.
+    Given pandas' ParserError ("Expected 4 fields in line 7, saw 5"): its numbers."""
     if isinstance(frame_or_exc, BaseException):
         match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(frame_or_exc))
         return f"{path}:{match[2]}: {match[3]} fields where the header has {match[1]}" if match else None
-    if isinstance(frame_or_exc.index, pd.RangeIndex):
+    index = frame_or_exc.index
+    default = isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1 and index.name is None
+    if default and not _first_row_longer(path, sep):
         return None
     return _first_row_error(path, sep, lambda n, n_header: n > n_header) or f"{path}: rows longer than the header"
+
+
+def _first_records(path: str | os.PathLike, sep: str) -> tuple[list[str], list[str]]:
+    """The file's header and first data row as the csv module splits them (blank lines skipped, as pandas
+    does); empty lists where there are none or the file cannot be read."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+            records = (r for r in csv.reader(fh, delimiter=sep) if r and not (len(r) == 1 and not r[0].strip()))
+            return next(records, []), next(records, [])
+    except (OSError, csv.Error):
+        return [], []
+
+
+def _first_row_longer(path: str | os.PathLike, sep: str) -> bool:
+    """Whether the file's first non-blank data row has more fields than its header."""
+    header, first = _first_records(path, sep)
+    return len(first) > len(header)
 
 
 def short_row_error(path: str | os.PathLike, sep: str) -> str | None:
@@ -91,13 +112,20 @@ def _first_row_error(path: str | os.PathLike, sep: str, wrong: Callable[[int, in
 
 
 def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], required: Sequence[str] = (),
-             **read_csv_kwargs: Any) -> pd.DataFrame:
+             strip: Sequence[str] = ("series_uid", "subset"), **read_csv_kwargs: Any) -> pd.DataFrame:
     """``pd.read_csv(path, sep="\\t", **read_csv_kwargs)`` with its failures raised as ``error`` (one line).
 
     ``what`` names the table in the missing-file message ("splits file"); ``required`` are the columns the header
     must have (others are allowed, order is free). Parse and dtype errors of pandas (ValueError, TypeError) and
-    OS errors other than a missing file (a directory, no permission) are "not a readable TSV".
+    OS errors other than a missing file (a directory, no permission) are "not a readable TSV". Header cells and
+    the text of the ``strip`` columns lose surrounding spaces (a table edited by hand: ``"series_uid "`` matched
+    no column, a UID with a trailing space no scan); a table saved with commas instead of tabs is said so.
     """
+    spaced = {cell: cell.strip() for cell in _first_records(path, "\t")[0] if cell != cell.strip()}
+    for key in ("dtype", "na_values"):  # per-column settings apply to a header cell with spaces around it too
+        value = read_csv_kwargs.get(key)
+        if spaced and isinstance(value, dict):
+            read_csv_kwargs[key] = {**value, **{cell: value[name] for cell, name in spaced.items() if name in value}}
     try:
         frame = pd.read_csv(path, sep="\t", **read_csv_kwargs)
     except FileNotFoundError as exc:
@@ -111,9 +139,16 @@ def read_tsv(path: str | os.PathLike, *, what: str, error: type[Exception], requ
         message = short_row_error(path, "\t")
     if message:
         raise error(message)
+    frame.columns = [c.strip() if isinstance(c, str) else c for c in frame.columns]
     missing = [column for column in required if column not in frame.columns]
+    if missing and len(frame.columns) == 1 and "," in str(frame.columns[0]):
+        raise error(f"{path}:1: not tab-separated (the header is split by commas: saved as CSV?); the pipeline's "
+                    f"tables are TSV with the columns {', '.join(required)}")
     if missing:
         raise error(f"{path}:1: missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    for column in strip:
+        if column in frame.columns and not pd.api.types.is_numeric_dtype(frame[column]):
+            frame[column] = frame[column].str.strip()
     return frame
 
 

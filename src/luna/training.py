@@ -262,9 +262,17 @@ class LunaTrainingApp(StageApp):
 
     def _check_writable(self) -> None:
         """Every folder this run writes, checked before the first epoch (not after an hour of training)."""
-        self._new_dirs = [d for d in (self.out_dir, self.state_dir, self.tb_dir) if d is not None and not d.exists()]
+        # the folders missing now, with their missing parents (--out new/t made new/ too), shallowest first: the
+        # tidy-up removes them deepest first where this run leaves them empty
+        missing = {parent for d in (self.out_dir, self.state_dir, self.tb_dir) if d is not None
+                   for parent in (d, *d.parents) if not parent.exists()}
+        self._new_dirs = sorted(missing, key=lambda d: (len(d.parts), str(d)))
         check_writable_dir(self.out_dir, "--out folder")
         check_writable_dir(self.state_dir, "--state folder")
+        # one run at a time per state folder (two runs with one --out share the default one): the second one's
+        # cleanup deleted the first's kept model, and each copied whatever file had the kept name. Taken before
+        # the --tb-dir check: a refused --tb-dir then leaves no folder this run made (only the holder tidies up)
+        self._state_lock = lock_state_folder(self.state_dir)
         if self.tb_dir is not None:
             check_writable_dir(self.tb_dir, "--tb-dir folder")
             try:
@@ -272,9 +280,6 @@ class LunaTrainingApp(StageApp):
             except ImportError as exc:
                 raise TrainingError(f"TensorBoard logging needs the tensorboard package ({exc}): install it, or "
                                     "pass --tb-dir none") from exc
-        # one run at a time per state folder (two runs with one --out share the default one): the second one's
-        # cleanup deleted the first's kept model, and each copied whatever file had the kept name
-        self._state_lock = lock_state_folder(self.state_dir)
         last = self.state_dir / "last.pt"
         if last.is_dir():  # found now, not after the first epoch
             raise OutputError(f"{last}: is a folder; luna-train keeps its resumable state there")

@@ -27,7 +27,7 @@ import numpy as np
 
 from luna import __version__
 from luna.ct import write_scan
-from luna.io import write_bytes
+from luna.io import describe_os_error, write_bytes
 from luna.synth.config import ANNOTATIONS_HEADER, CANDIDATES_HEADER, ScanPlan, SynthConfig, SynthError, plan_dataset
 from luna.synth.rendering import synthesize_scan
 
@@ -70,7 +70,10 @@ def _prepare_root(root: Path, plans: list[ScanPlan], config: SynthConfig) -> Non
     marker = root / MARKER_NAME
     if root.exists() and not root.is_dir():
         raise SynthError(f"{root}: output path exists and is not a folder")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, a read-only file system
+        raise SynthError(f"{root}: cannot write to the output folder ({describe_os_error(exc)})") from None
     ours = marker.is_file()
     held = sorted(p.name for p in root.iterdir())
     if held and not ours:  # a LUNA16 copy, a project, a scan folder: nothing of it is luna.synth's to replace
