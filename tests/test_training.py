@@ -3,6 +3,8 @@ kill -9 + resume, code-version fingerprint, DDP under torchrun (gloo), errors.""
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import os
 import re
@@ -758,6 +760,27 @@ def test_tensorboard_folder_holds_this_models_runs_across_a_resume(data: dict[st
         assert [e.step for e in acc.Scalars("loss/all")] == [SAMPLES, 2 * SAMPLES]
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     assert checkpoint["tensorboard_runs"] == [str(tb / run) for run in runs]
+
+
+def test_a_finished_state_resumed_after_another_training_names_no_others_runs(data, tmp_path, caplog) -> None:
+    """The workflow's rerun with old settings resumes their finished state (model.pt identical) after a training
+    with other settings removed the old runs from OUT/tensorboard: the folder kept the other model's runs and
+    model.pt named the removed ones. Now the other training's runs go and model.pt names what is there."""
+    out, tb = tmp_path / "model", tmp_path / "model" / "tensorboard"
+    first = argv(data, out, "--state", str(tmp_path / "s1"), "--epochs", "1", "--tb-dir", str(tb))
+    assert LunaTrainingApp(first).main() == 0
+    old_runs = sorted(p.name for p in tb.iterdir())
+    model = (out / "model.pt").read_bytes()
+    time.sleep(1.1)  # run folders are named by the second the training started
+    other = argv(data, out, "--state", str(tmp_path / "s2"), "--epochs", "1", "--tb-dir", str(tb), "--lr", "0.002")
+    assert LunaTrainingApp(other).main() == 0
+    assert not set(old_runs) & {p.name for p in tb.iterdir()}  # a fresh start removed the first model's runs
+    caplog.set_level(logging.WARNING, logger="luna.training")
+    assert LunaTrainingApp([*first, "--resume"]).main() == 0
+    checkpoint = torch.load(out / "model.pt", weights_only=True)
+    assert list(tb.iterdir()) == [] and checkpoint["tensorboard_runs"] == []
+    assert torch.load(io.BytesIO(model), weights_only=True)["tensorboard_runs"] == [str(tb / r) for r in old_runs]
+    assert any("were removed by a training with other settings since" in r.getMessage() for r in caplog.records)
 
 
 def test_missing_tensorboard_is_one_line_before_training(data: dict[str, Path], tmp_path: Path,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -40,13 +40,15 @@ class TensorBoardLog:
         if self.folder is not None:
             importlib.import_module("torch.utils.tensorboard")
 
-    def remove_earlier_runs(self) -> list[Path]:
-        """Delete the run folders of earlier trainings (``*-trn_cls*``, ``*-val_cls*``) from the folder, so that it
-        shows this model's curves only; returns what was removed."""
+    def remove_earlier_runs(self, keep: Sequence[str] = ()) -> list[Path]:
+        """Delete the run folders of earlier trainings (``*-trn_cls*``, ``*-val_cls*``) but those named in ``keep``
+        from the folder, so that it shows this model's curves only; returns what was removed."""
         if self.folder is None or not self.folder.is_dir():
             return []
         removed = []
         for path in sorted(self.folder.iterdir()):
+            if path.name in keep:
+                continue
             if path.is_dir() and ("-trn_cls" in path.name or "-val_cls" in path.name):
                 shutil.rmtree(path)
                 removed.append(path)

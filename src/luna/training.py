@@ -395,10 +395,17 @@ class LunaTrainingApp(StageApp):
         self.best_threshold = math.nan
         self.samples_seen = 0
         self.start_epoch = self._restore() + 1
-        if self.start_epoch == 1 and self.dist.is_main and self.tb_dir is not None \
+        if self.dist.is_main and self.tb_dir is not None \
                 and self.tb_dir.resolve() == (self.out_dir / "tensorboard").resolve():
-            for path in self.tensorboard.remove_earlier_runs():  # OUT/tensorboard shows this model's curves only
+            # OUT/tensorboard shows this model's curves only: a resumed run keeps its own runs (named by the
+            # state's time), and removes another training's, left there since by a run with other settings
+            own = self.tensorboard.run_names if self.start_epoch > 1 else []
+            for path in self.tensorboard.remove_earlier_runs(keep=own):
                 logger.info("removed an earlier training's TensorBoard run %s", path)
+            if own and not (self.tb_dir / own[0]).is_dir():  # its training run is written every epoch
+                logger.warning("%s: this model's TensorBoard runs (%s) were removed by a training with other "
+                               "settings since; its curves start again at epoch %d (history.tsv has every epoch)",
+                               self.tb_dir, ", ".join(own), self.start_epoch)
 
         self.train_model: torch.nn.Module = self.model
         if self.dist.enabled:
@@ -569,6 +576,10 @@ class LunaTrainingApp(StageApp):
         kept = torch.load(self._best_path, map_location="cpu", weights_only=True)
         kept["args"] = plain(_plain_args(self.args))
         kept["provenance"] = provenance(self.device, self.config)
+        # the runs that hold its curves now (a run without a selection pass has no val run; a resumed one's
+        # runs may have been removed by a training with other settings since)
+        kept["tensorboard_runs"] = [str(self.tb_dir / run) for run in self.tensorboard.run_names
+                                    if (self.tb_dir / run).is_dir()] if self.tb_dir is not None else []
         try:
             write_history(out["history.tsv"], self.history)
             if selected:
