@@ -301,6 +301,36 @@ def test_a_run_fold_without_scans_stops_the_dry_run(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_a_luna16_fold_whose_training_set_has_no_nodule_stops_the_dry_run(tmp_path) -> None:
+    """A LUNA16 folder whose class-1 candidates all lie in the test scans of a run fold: the dry run passed and
+    luna-train refused the fold after every crop ("... training crops with 0 nodules")."""
+    root = tmp_path / "luna"
+    scans = {f"1.2.{i}": f"subset{i % 3}" for i in range(6)}  # fold 1: 1.2.1 and 1.2.4; the rest trains
+    for uid, subset in scans.items():
+        (root / subset).mkdir(parents=True, exist_ok=True)
+        (root / subset / f"{uid}.mhd").write_text("")  # found by name; the dry run reads no scan
+    rows = [f"{uid},1,2,3,{int(subset == 'subset1')}\n{uid},4,5,6,0\n" for uid, subset in scans.items()]
+    (root / "candidates.csv").write_text("seriesuid,coordX,coordY,coordZ,class\n" + "".join(rows))
+    config = {"dataset": {"source": "luna16", "root": str(root), "annotations": None},
+              "split": {"folds": "subsets", "run_folds": [1], "selection_fraction": 0},
+              "train": {"keep": "last", "threshold": 0.5}}
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    assert proc.returncode != 0
+    assert (f"{root / 'candidates.csv'}: the train set of test fold 1 (4 scans) has no candidate of class 1 (the 6 "
+            f"scans under {root}): nothing to learn from; use more scans or lower split.selection_fraction") in \
+        proc.stdout + proc.stderr
+    # one positive in a training scan, and the same dry run plans the jobs
+    (root / "candidates.csv").write_text((root / "candidates.csv").read_text().replace("1.2.0,4,5,6,0",
+                                                                                       "1.2.0,4,5,6,1"))
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the test fold's own nodules: none in fold 2 (subset2: 1.2.2, 1.2.5)
+    config["split"]["run_folds"] = [2]
+    proc = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, config), check=False)
+    assert (f"{root / 'candidates.csv'}: the test fold 2 (2 scans) has no candidate of class 1 (the 6 scans under "
+            f"{root}): its metrics would be undefined; use fewer folds or more scans") in proc.stdout + proc.stderr
+
+
 def test_no_annotations_means_no_excluded_findings(tmp_path) -> None:
     """annotations: null (predict-only) with the shipped annotations_excluded: the excluded findings qualify a FROC
     there is not, so they are ignored (luna-evaluate refused the pair, after every fold had trained)."""

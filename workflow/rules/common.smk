@@ -435,10 +435,11 @@ def check_folds_trainable(folds):
             f"split.folds: subsets with one subset ({', '.join(SUBSETS)}) is one fold, and nothing is "
             "left to train on; select two subsets or more, or give a number of folds"
         )
-    nodules = None  # per scan, where known before any file exists: the synthetic plan's
+    nodules = None  # per scan, where known before any job runs: the synthetic plan's, the candidates' classes
     if SCANS is not None:
         scans = {uid: subset for uid, subset in SCANS.items() if subset in SUBSETS}
         where = f"the {len(scans)} scans under {DATA_ROOT}"
+        nodules = positive_candidates()
     else:
         from luna.synth.config import SynthConfig, plan_dataset
 
@@ -484,27 +485,57 @@ def check_folds_trainable(folds):
             check_roles_hold_nodules(fold, by_uid, nodules, where)
 
 
+@functools.cache
+def positive_candidates():
+    """Class-1 candidates per scan of a LUNA16 folder's candidate CSV (its seriesuid and class columns, read
+    lightly), or None where they cannot be told now (no class column, no row, a table the candidates rule will
+    refuse with its own message)."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(
+            table_path(DATASET["candidates"]),
+            usecols=["seriesuid", "class"],
+            dtype={"seriesuid": str},
+            encoding="utf-8-sig",
+            skipinitialspace=True,
+        )
+        positive = pd.to_numeric(table["class"], errors="raise") == 1
+    except (OSError, ValueError, KeyError):
+        return None
+    if table.empty:  # header only: the candidates rule's error
+        return None
+    counts = table.loc[positive, "seriesuid"].str.strip().value_counts()
+    return collections.Counter(counts.to_dict())
+
+
 def check_roles_hold_nodules(fold, roles, nodules, where):
-    """The synthetic plan's nodules per role of one run fold: a test fold, training set or selection set
-    (when there is one: a selection_fraction above 0 that selects no scan is refused before) whose scans are
-    planned no nodule fails luna-train after the synthesis and every crop.
+    """Nodules per role of one run fold, as known before any job (the synthetic plan's, or a LUNA16 folder's
+    class-1 candidates): a test fold, training set or selection set (when there is one: a selection_fraction
+    above 0 that selects no scan is refused before) without one fails luna-train after every crop.
     """
-    for role, why, fix in (
-        (
-            "test",
-            "its metrics would be undefined",
+    if SYNTHETIC:
+        key, none = "synthetic.nodules_per_scan", "is planned no nodule"
+        fixes = (
             "use fewer folds, more scans or a higher synthetic.nodules_per_scan",
-        ),
-        (
-            "train",
-            "nothing to learn from",
             "use more scans or a higher synthetic.nodules_per_scan",
-        ),
-        (
-            "selection",
-            "its threshold and kept epoch could not be chosen",
             "raise split.selection_fraction or synthetic.nodules_per_scan",
+        )
+    else:
+        key, none = table_path(DATASET["candidates"]), "has no candidate of class 1"
+        fixes = (
+            "use fewer folds or more scans",
+            "use more scans or lower split.selection_fraction",
+            "raise split.selection_fraction",
+        )
+    for role, why, fix in zip(
+        ("test", "train", "selection"),
+        (
+            "its metrics would be undefined",
+            "nothing to learn from",
+            "its threshold and kept epoch could not be chosen",
         ),
+        fixes,
     ):
         uids = [uid for uid, r in roles.items() if r == role]
         if role == "selection" and not uids:
@@ -512,8 +543,8 @@ def check_roles_hold_nodules(fold, roles, nodules, where):
         if not sum(nodules[uid] for uid in uids):
             what = "test fold" if role == "test" else f"{role} set of test fold"
             raise WorkflowError(
-                f"synthetic.nodules_per_scan: the {what} {fold} ({len(uids)} "
-                f"scan{'s' if len(uids) != 1 else ''}) is planned no nodule ({where}): {why}; {fix}"
+                f"{key}: the {what} {fold} ({len(uids)} "
+                f"scan{'s' if len(uids) != 1 else ''}) {none} ({where}): {why}; {fix}"
             )
 
 
