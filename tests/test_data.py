@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import math
+import signal
+import sys
 from pathlib import Path
 
 import h5py
@@ -444,3 +446,28 @@ def test_offset_shifts_the_crop() -> None:
     shift = (centre_out - centre_in).abs()
     assert shift.max() > 0.5 and torch.all(shift <= torch.tensor([32, 48, 48]) * 0.1 / 2 + 1)
     assert math.isclose(out.sum().item(), x.sum().item(), rel_tol=0.35)
+
+
+def test_a_loader_worker_prints_no_traceback_for_the_main_process_going_away(capsys) -> None:
+    """The worker's fd-handover thread printed "Traceback ... resource_sharer.py ... _serve" after luna-train's
+    one-line "terminated" when SIGTERM ended the main process mid-handover; other errors still print."""
+    from luna.data import _ignore_sigterm
+
+    previous = (sys.excepthook, signal.getsignal(signal.SIGTERM))
+    try:
+        _ignore_sigterm(0)  # what each loader worker runs first
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), EOFError()):
+            try:
+                raise error
+            except type(error):
+                sys.excepthook(*sys.exc_info())
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a real error")
+        except ValueError:
+            sys.excepthook(*sys.exc_info())
+        assert capsys.readouterr().err.strip().endswith("ValueError: a real error")
+    finally:
+        sys.excepthook = previous[0]
+        signal.signal(signal.SIGTERM, previous[1])

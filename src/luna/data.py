@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -389,8 +390,23 @@ def _ignore_sigterm(worker_id: int) -> None:
     """Loader worker init: SIGTERM to the process group (SLURM's time limit, ``scancel``, ``kill -TERM -PGID``) is
     the main process's to act on (luna.app.sigterm_unwinds). A worker ended by it first made torch raise "DataLoader
     worker (pid N) is killed by signal: Terminated" in the main process, in the middle of its clean-up: a traceback,
-    exit status 1, temp files left. The worker still ends with the loader's shutdown or the main process."""
+    exit status 1, temp files left. The worker still ends with the loader's shutdown or the main process.
+
+    A worker hands its batches' shared memory to the main process as file descriptors, through a background
+    thread (multiprocessing's resource sharer) that prints any error with ``sys.excepthook``: when the main
+    process ends mid-handover (SIGTERM, Ctrl-C) the broken connection printed a traceback after the run's one-line
+    message. A connection error there is the main process going away, and is not printed."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = _quiet_connection_errors
+
+
+def _quiet_connection_errors(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """A loader worker's ``sys.excepthook``: broken connections, pipes and descriptors (OSError, EOFError: the main
+    process gone) silent, every other error printed as Python does. Errors of the worker's own work (reading a
+    crop) do not come here: torch's worker loop sends them to the main process, which raises them."""
+    if issubclass(kind, (OSError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, tb)
 
 
 def make_loader(

@@ -223,12 +223,11 @@ def drop_duplicate_candidates(cand: pd.DataFrame, path: str | os.PathLike) -> tu
     return _drop_repeated_points(cand, path, "class")
 
 
-def _drop_repeated_points(table: pd.DataFrame, path: str | os.PathLike,
+def _drop_repeated_points(cand: pd.DataFrame, path: str | os.PathLike,
                           value: str) -> tuple[pd.DataFrame, Duplicates]:
     """Rows without repeats of an earlier row's seriesuid and coordinates (the first kept, file order), and what
     was dropped; the same point with another ``value`` (when the table has that column) is a TableError naming
     both lines."""
-    cand = table
     point = ["seriesuid", "coordX", "coordY", "coordZ"]
     same_point = cand.duplicated(subset=point, keep=False).to_numpy()
     if not same_point.any():

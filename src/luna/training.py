@@ -403,8 +403,9 @@ class LunaTrainingApp(StageApp):
             for path in self.tensorboard.remove_earlier_runs(keep=own):
                 logger.info("removed an earlier training's TensorBoard run %s", path)
             if own and not (self.tb_dir / own[0]).is_dir():  # its training run is written every epoch
-                logger.warning("%s: this model's TensorBoard runs (%s) were removed by a training with other "
-                               "settings since; its curves start again at epoch %d (history.tsv has every epoch)",
+                logger.warning("%s: this model's TensorBoard runs (%s) are not there (a training with other "
+                               "settings removed them since, or its earlier epochs were logged elsewhere); its curves "
+                               "there start at epoch %d (history.tsv has every epoch)",
                                self.tb_dir, ", ".join(own), self.start_epoch)
 
         self.train_model: torch.nn.Module = self.model
