@@ -249,10 +249,9 @@ TITLES = {"size-weighted": "Small nodules drawn more often as positives",
 RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz", "clean-last": "cleanlast",
               "clean-last-2": "cleanlast2", "last-epoch-lr": "lastlr", "selection-0.05": "sel005"}
 # the runs a patch is compared with (table label, run folder for a seed and the epochs): the recipe of the patch's
-# date, or for clean-last-2 the clean-last runs its rule names
-BASELINES = {"clean-last-2": ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}"),
-             "last-epoch-lr": ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}"),
-             "selection-0.05": ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}")}
+# date, or for the patches measured after clean-last was taken the clean-last runs their rules name
+CLEAN_LAST = ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}")  # the recipe since clean-last was taken
+BASELINES = {"clean-last-2": CLEAN_LAST, "last-epoch-lr": CLEAN_LAST, "selection-0.05": CLEAN_LAST}
 PLAIN = ("plain", lambda seed, epochs: f"budget-s{seed}-e{epochs}-amp-off")
 SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled positive list up to 5 mm, twice up to 7 mm",
             "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)",

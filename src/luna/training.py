@@ -577,8 +577,9 @@ class LunaTrainingApp(StageApp):
         kept = torch.load(self._best_path, map_location="cpu", weights_only=True)
         kept["args"] = plain(_plain_args(self.args))
         kept["provenance"] = provenance(self.device, self.config)
-        # the runs that hold its curves now (a run without a selection pass has no val run; a resumed one's
-        # runs may have been removed by a training with other settings since)
+        # the runs that hold its curves, named when the outputs are written, not with the kept epoch: a run
+        # without a selection pass has no val run, and a resumed one's may have been removed by a training with
+        # other settings since
         kept["tensorboard_runs"] = [str(self.tb_dir / run) for run in self.tensorboard.run_names
                                     if (self.tb_dir / run).is_dir()] if self.tb_dir is not None else []
         try:
@@ -710,8 +711,6 @@ class LunaTrainingApp(StageApp):
             "hu_window": list(self.train_ds.stores[0].hu_window),  # luna-predict refuses stores cut otherwise
             "keep": self.args.keep,
             "selection_metrics": selection.operating_row if selection is not None else {},
-            "tensorboard_runs": [str(self.tb_dir / run) for run in self.tensorboard.run_names]
-            if self.tb_dir is not None else [],
         }
         save_checkpoint(self._best_path, self.eval_model, epoch=epoch,
                         val_metrics=selection.row if selection is not None else {},
