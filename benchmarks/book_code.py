@@ -217,8 +217,13 @@ def main(argv: list[str] | None = None) -> None:
             work.mkdir(parents=True, exist_ok=True)
         else:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="luna-book-code-")))
+        marker = work / "luna-book-code-data.txt"  # which --data the layout and cache were made from
         if not (work / "data-unversioned" / "part2" / "luna").exists():
             book_layout(work, data, args.candidates, args.annotations)
+            marker.write_text(f"{data}\n")
+        elif not marker.is_file() or marker.read_text().strip() != str(data):
+            raise SystemExit(f"book_code.py: --work {work} holds the book's layout for other data than --data {data} "
+                             f"(see {marker.name}): give another --work")
         here = os.getcwd()
         os.chdir(work)  # the book's paths are relative
         stack.callback(os.chdir, here)
