@@ -351,7 +351,7 @@ def write_table(a: argparse.Namespace, results: list[dict], baseline: str) -> No
              "at precision >= 0.3 | " + " | ".join(f"detected, {c}" for c in columns) + " |",
              "|---:|---|---|---|---:|---:|---:|" + "---:|" * len(columns)]
     for r in results:
-        blocks = f"{r['blocks']} of 5" if r["blocks"] is not None else ""
+        blocks = r["blocks"] or ""
         lines.append(f"| {r['seed']} | {r['variant']} | {r['views']} | {r['dt_cpm']:.3f} ({r['dt_low']:.3f}-"
                      f"{r['dt_high']:.3f}) | {r['dt_auc']:.3f} | {r['threshold']:.3f} | {blocks} | "
                      + " | ".join(f"{r[c]:.2f}" for c in columns) + " |")
