@@ -26,7 +26,7 @@ Loops, each timed over ``--batches-per-turn`` batches of 32 per round, in interl
 The book's loops get a fresh DataLoader each turn (its sampler: the next consecutive indices of the book's
 own shuffled dataset, as its epoch walks them); with workers, each loop's clock starts once the first batch is
 in (the workers' steady state: batches the workers loaded before that are free, which favours the book's
-loops), and the time is scaled to the turn's batches. ``--emulate-avx2`` re-runs this script with
+loops; every batch's step is timed, as train.py times its book-style loop). ``--emulate-avx2`` re-runs this script with
 ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` (bf16 is off throughout: every loop is fp32); the cpu line
 in the table proves what ran.
 """
@@ -49,7 +49,6 @@ import io
 import logging
 import platform
 import random
-import shutil
 import tempfile
 import time
 import warnings
@@ -148,7 +147,8 @@ class BookCodeLoop:
         self.workers, self.batch_size, self.next_index = workers, batch_size, 0
 
     def train(self, samples: int, epoch: int) -> float:
-        """Seconds for ``samples`` samples: with workers, the steady rate after the first batch, scaled."""
+        """Seconds for ``samples`` samples: with workers from the first batch's arrival (its loading free, its step
+        and every later one timed: train.py's convention for the book-style loop)."""
         n = len(self.dataset)
         indices = [(self.next_index + k) % n for k in range(samples)]
         self.next_index = (self.next_index + samples) % n
@@ -157,10 +157,7 @@ class BookCodeLoop:
         start = time.perf_counter()
         self.app.doTraining(epoch, loader)
         end = time.perf_counter()
-        batches = len(loader)
-        if self.workers and batches > 1 and loader.first is not None:
-            return (end - loader.first) * batches / (batches - 1)
-        return end - start
+        return end - (loader.first if self.workers and loader.first is not None else start)
 
 
 def prepcache(book: Any, workers: int) -> float:
@@ -228,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         os.chdir(work)  # the book's paths are relative
         stack.callback(os.chdir, here)
         book = import_book(book_code)
-        cached = (work / "data-unversioned" / "cache" / "part2ch12_raw").exists() and args.work is not None
+        cached = (work / "data-unversioned" / "cache" / "part2ch12_raw").exists()  # only a given --work has one
         prep_s = None if cached else prepcache(book, os.cpu_count() or 2)
         if prep_s is not None:
             print(f"the book's prepcache: {prep_s:.0f} s", flush=True)
@@ -246,8 +243,6 @@ def main(argv: list[str] | None = None) -> None:
         timed_s = time.perf_counter() - started
         outside_cores = outside.cores()
         del loops
-        if args.work is None:
-            shutil.rmtree(work / "data-unversioned" / "cache", ignore_errors=True)
     for (name, _), r in zip(specs, rates):
         print(f"{name:<100s} {np.median(r):7.1f} samples/s (median round)", flush=True)
     write_table(args, cpu_line, specs, rates, prep_s, outside_cores, timed_s, len(base), data)
