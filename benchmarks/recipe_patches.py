@@ -2,7 +2,7 @@
 the run: does a change worth an option lift the dev-test CPM? (``clean-last`` did: luna-train's
 ``--augment-flip-only-epochs``, 1 in config/config.yaml since; its patch stays to reproduce the table.)
 
-Four patches (``--patch``), each fixed before any run:
+The patches (``--patch``), each fixed before any run:
 
 * ``size-weighted`` (small nodules drawn more often as positives). On the development models, detection depends
   on nodule size: at 1 false positive per dev-test scan, nodules up to 5 mm are found about half the time, 5-7
@@ -57,6 +57,36 @@ Four patches (``--patch``), each fixed before any run:
   17, mean flip2z dev-test CPM 0.839 -> 0.807 (-0.038, -0.024), blocks met 8 of 10 either way: not taken
   (quality.md, "twenty-first").
 
+* ``clip-20`` (gradient-norm clipping at 20 instead of 5). The recipe clips at 5 because the book's init gives
+  first gradients of norm ~200 (quality.md, ninth); the norms recorded in a 3-epoch run of the recipe on the
+  development data (seed 0, 2026-12-03) show the clip acting far beyond that: median 12.9 in epoch 1 (88% of
+  steps clipped), then 5.1 and 5.5 in epochs 2 and 3 (52% and 59% clipped; 90th percentile 8.0 and 8.4, largest
+  17.1 and 20.4). Adam normalises the step size, so what a clip at 5 does after the first epoch is to scale down
+  the batches with the largest gradients, those with the most misclassified crops, relative to the rest. Here
+  the clip is 20: it still bounds the first epoch's steps (the 200 warm-up steps are unchanged) and leaves the
+  later ones nearly alone. Rule, written on 2026-12-03 before its runs: taken (``train.clip_grad_norm: 20``)
+  only if the mean flip2z dev-test CPM over seeds 0 and 1 rises by at least 0.01 against the same seeds'
+  ``cleanlast-s{seed}`` runs, neither seed loses, and the operating point is met in no fewer 30-scan dev-test
+  blocks in total. The value 20 was fixed before the runs and is not tuned. The run records every step's norm
+  (``grad_norms.npy`` in the run folder; a per-epoch table in the output).
+  Run on 2026-12-03 (2 Zen 4 cores, float32): seed 0's dev-test CPM fell 0.835 -> 0.809 with flip2z (0.784 ->
+  0.779 without views), and its training loss was higher from epoch 2 on (0.503 against 0.459 after epoch 2): not
+  taken, seed 1 not run (the rule needs both seeds to gain; quality.md, "twenty-second"). The clip at 5 acted on
+  42-69% of the steps of epochs 2 to 8 in that run.
+* ``clip-2.5`` (gradient-norm clipping at 2.5 instead of 5), tried because ``clip-20`` lost with a slower fall of
+  the training loss: if clipping the larger gradients is what speeds the first epochs, a tighter clip may speed
+  them more (at 2.5 nearly every step is clipped after the first epoch: Adam on gradients of one norm). Rule,
+  written on 2026-12-03 before its runs, as for ``clip-20``; seed 1 is run only if seed 0 gains. The value 2.5
+  was fixed before the runs (half the recipe's, as 20 was four times it) and is not tuned.
+  Run on 2026-12-03 (2 Zen 4 cores, float32): seed 0's dev-test CPM 0.835 -> 0.824 with flip2z (0.784 -> 0.794
+  without views): not taken, seed 1 not run (quality.md, "twenty-second").
+* ``warmup-50`` (a learning-rate warm-up of 50 steps instead of 200). A longer one (500) lost dev-test CPM -0.017
+  (quality.md, tenth), about what its slower start would cost a run that is still learning at its end; the clip at
+  5, which scales down 88-98% of the first epoch's steps (``clip-20``'s and ``clip-2.5``'s norms), already bounds
+  what the first gradients (norm ~200) do. Here the warm-up is 50 steps, so 150 more steps run at the full rate.
+  Rule, written on 2026-12-03 before its runs, as for ``clip-20``; seed 1 is run only if seed 0 gains. The value
+  50 was fixed before the runs and is not tuned.
+
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
 on in the default, only if the mean dev-test CPM with the recipe's views (flip2z) over training seeds 0 and 1
@@ -78,6 +108,12 @@ the ``clean-last`` runs (``BASELINES``), trained here with the ``clean-last`` pa
         --out benchmarks/results/last_epoch_lr.md
     python benchmarks/recipe_patches.py --work /tmp/sweep --patch selection-0.05 --seeds 0 1 \\
         --out benchmarks/results/selection_fraction_005.md
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch clip-20 --seeds 0 \\
+        --out benchmarks/results/clip_20.md
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch clip-2.5 --seeds 0 \\
+        --out benchmarks/results/clip_2p5.md
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch warmup-50 --seeds 0 \\
+        --out benchmarks/results/warmup_50.md
 """
 
 from __future__ import annotations
@@ -221,37 +257,83 @@ class LastEpochLr:
         self.module.scheduled_lr = self._lr
 
 
-class SelectionFraction:
-    """config/config.yaml's ``split.selection_fraction`` replaced for the run (epoch_budget reads it from there)."""
+class ConfigValue:
+    """One value of config/config.yaml replaced for the run (epoch_budget reads the recipe from there)."""
 
-    def __init__(self, fraction: float) -> None:
-        self.fraction = fraction
-        self._old = q.CONFIG["split"]["selection_fraction"]
+    def __init__(self, section: str, key: str, value: object) -> None:
+        self.section, self.key, self.value = section, key, value
+        self._old = q.CONFIG[section][key]
 
-    def __enter__(self) -> SelectionFraction:
-        q.CONFIG["split"]["selection_fraction"] = self.fraction
+    def __enter__(self) -> ConfigValue:
+        q.CONFIG[self.section][self.key] = self.value
         return self
 
     def __exit__(self, *exc: object) -> None:
-        q.CONFIG["split"]["selection_fraction"] = self._old
+        q.CONFIG[self.section][self.key] = self._old
+
+
+class GradNorms(ConfigValue):
+    """``train.clip_grad_norm`` replaced for the run, and every step's gradient norm before clipping (what
+    ``torch.nn.utils.clip_grad_norm_`` returns) recorded; :meth:`summary` gives them per epoch."""
+
+    def __init__(self, max_norm: float) -> None:
+        super().__init__("train", "clip_grad_norm", max_norm)
+        self.norms: list[float] = []
+        self._clip = torch.nn.utils.clip_grad_norm_
+
+    def __enter__(self) -> GradNorms:
+        outer = self
+
+        def clip(parameters, max_norm, *args, **kwargs):  # noqa: ANN001, ANN202 - torch's own signature
+            total = outer._clip(parameters, max_norm, *args, **kwargs)
+            outer.norms.append(float(total))
+            return total
+
+        torch.nn.utils.clip_grad_norm_ = clip
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.nn.utils.clip_grad_norm_ = self._clip
+        super().__exit__(*exc)
+
+    def summary(self, steps_per_epoch: int, recipe_max: float) -> list[str]:
+        """One line per epoch: median, 90th percentile and largest norm, and the share of steps above
+        ``recipe_max`` (what the recipe's clip would have scaled down) and above this run's own maximum."""
+        norms = np.asarray(self.norms)
+        lines = []
+        for start in range(0, len(norms), steps_per_epoch):
+            part = norms[start:start + steps_per_epoch]
+            lines.append(f"| {start // steps_per_epoch + 1} | {len(part)} | {np.median(part):.2f} | "
+                         f"{np.percentile(part, 90):.2f} | {part.max():.1f} | {np.mean(part > recipe_max):.0%} | "
+                         f"{np.mean(part > self.value):.0%} |")
+        return lines
 
 
 PATCHES = {"size-weighted": SizeWeighted, "depth-scale": DepthScale, "clean-last": CleanLast,
            "clean-last-2": lambda: CleanLast(2),
            "last-epoch-lr": lambda: LastEpochLr(0.3, int(q.CONFIG["train"]["epochs"])),
-           "selection-0.05": lambda: SelectionFraction(0.05)}
+           "selection-0.05": lambda: ConfigValue("split", "selection_fraction", 0.05),
+           "clip-20": lambda: GradNorms(20.0), "clip-2.5": lambda: GradNorms(2.5),
+           "warmup-50": lambda: ConfigValue("train", "lr_warmup_steps", 50)}
 TITLES = {"size-weighted": "Small nodules drawn more often as positives",
           "depth-scale": "Slice-thickness augmentation: the depth axis scaled 0.625x to 1.6x",
           "clean-last": "The last epoch on nearly clean crops: flips only",
           "clean-last-2": "The last two epochs on nearly clean crops: flips only",
           "last-epoch-lr": "The last (flip-only) epoch at 0.3 times the learning rate",
-          "selection-0.05": "Half the selection set: selection_fraction 0.05 (its scans train)"}
+          "selection-0.05": "Half the selection set: selection_fraction 0.05 (its scans train)",
+          "clip-20": "Gradient-norm clipping at 20 instead of 5: the first epoch's large gradients only",
+          "clip-2.5": "Gradient-norm clipping at 2.5 instead of 5",
+          "warmup-50": "A 50-step learning-rate warm-up instead of 200"}
 RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz", "clean-last": "cleanlast",
-              "clean-last-2": "cleanlast2", "last-epoch-lr": "lastlr", "selection-0.05": "sel005"}
+              "clean-last-2": "cleanlast2", "last-epoch-lr": "lastlr", "selection-0.05": "sel005",
+              "clip-20": "clip20", "clip-2.5": "clip2p5",
+              "warmup-50": "warm50"}
 # the runs a patch is compared with (table label, run folder for a seed and the epochs): the recipe of the patch's
 # date, or for the patches measured after clean-last was taken the clean-last runs their rules name
 CLEAN_LAST = ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}")  # the recipe since clean-last was taken
-BASELINES = {"clean-last-2": CLEAN_LAST, "last-epoch-lr": CLEAN_LAST, "selection-0.05": CLEAN_LAST}
+BASELINES = {"clean-last-2": CLEAN_LAST, "last-epoch-lr": CLEAN_LAST, "selection-0.05": CLEAN_LAST,
+             "clip-20": CLEAN_LAST, "clip-2.5": CLEAN_LAST,
+             "warmup-50": CLEAN_LAST}
 PLAIN = ("plain", lambda seed, epochs: f"budget-s{seed}-e{epochs}-amp-off")
 SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled positive list up to 5 mm, twice up to 7 mm",
             "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)",
@@ -260,7 +342,10 @@ SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled posi
             "clean-last-2": "the last two epochs' crops flipped at random and nothing else",
             "last-epoch-lr": "the last epoch's steps (its crops flipped only, as the recipe has it) at lr 0.0003",
             "selection-0.05": ("split.selection_fraction 0.05 instead of 0.1: about half the selection scans train, "
-                               "the threshold (fp_per_scan:2.5) rests on the other half")}
+                               "the threshold (fp_per_scan:2.5) rests on the other half"),
+            "clip-20": "train.clip_grad_norm 20 instead of 5 (the 200 warm-up steps unchanged)",
+            "clip-2.5": "train.clip_grad_norm 2.5 instead of 5 (the 200 warm-up steps unchanged)",
+            "warmup-50": "train.lr_warmup_steps 50 instead of 200 (the clip at 5 unchanged)"}
 
 
 def spacing_z_mm(work: Path, seed: int) -> dict[str, float]:
@@ -312,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe_views = q.CONFIG["train"]["tta"]
     baseline, baseline_run = BASELINES.get(a.patch, PLAIN)
     results = []
+    norm_lines: dict[int, list[str]] = {}  # seed -> per-epoch gradient-norm rows (GradNorms patches)
     for seed in a.seeds:
         for variant in (baseline, a.patch):
             name = baseline_run(seed, epochs) if variant == baseline else f"{RUN_PREFIX[a.patch]}-s{seed}"
@@ -320,8 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             # train it, when missing): epoch_budget.train skips a run already trained
             patch = a.patch if variant != baseline else (baseline if a.patch in BASELINES else None)
             if patch is not None:
-                with PATCHES[patch]():
+                with PATCHES[patch]() as patched:
                     epoch_budget.train(data, seed, epochs, run, run.with_name(name + "-state"))
+                if isinstance(patched, GradNorms) and patched.norms:  # this call trained the run: keep its norms
+                    np.save(run / "grad_norms.npy", np.asarray(patched.norms))
+                if isinstance(patched, GradNorms) and (run / "grad_norms.npy").exists():
+                    patched.norms = np.load(run / "grad_norms.npy").tolist()
+                    steps = -(-int(q.CONFIG["train"]["samples_per_epoch"]) // int(q.CONFIG["train"]["batch_size"]))
+                    norm_lines[seed] = patched.summary(steps, float(q.CONFIG["train"]["clip_grad_norm"]))
             elif not (run / "0" / "model.pt").exists():
                 raise SystemExit(f"{run}: no baseline; run benchmarks/epoch_budget.py --amp off --epochs {epochs}")
             views = tta_views.cached_views(run, dev, TTA_FLIPS[recipe_views])
@@ -337,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = results[-1]
                 print(f"seed {seed} {variant:13s} {view_set:6s} CPM {r['dt_cpm']:.3f} "
                       f"({r['dt_low']:.3f}-{r['dt_high']:.3f}) AUC {r['dt_auc']:.3f}", flush=True)
-    write_table(a, results, baseline)
+    write_table(a, results, baseline, norm_lines)
     return 0
 
 
-def write_table(a: argparse.Namespace, results: list[dict], baseline: str) -> None:
+def write_table(a: argparse.Namespace, results: list[dict], baseline: str,
+                norm_lines: dict[int, list[str]] | None = None) -> None:
     columns = [k for k in results[0] if " mm" in k]
     lines = [f"# {TITLES[a.patch]} (benchmarks/recipe_patches.py --patch {a.patch})", "",
              f"Development data: synthetic seed {a.dev_seed}, fold 0 held out; dev-test: seed {a.devtest_seed}, every "
@@ -362,6 +455,11 @@ def write_table(a: argparse.Namespace, results: list[dict], baseline: str) -> No
         if (views, a.patch) in mean and (views, baseline) in mean:
             lines.append(f"| {views} | {mean[(views, baseline)]:.3f} | {mean[(views, a.patch)]:.3f} | "
                          f"{mean[(views, a.patch)] - mean[(views, baseline)]:+.3f} |")
+    for seed, rows in (norm_lines or {}).items():
+        lines += ["", f"Gradient norms before clipping, `{a.patch}` run, seed {seed} (per epoch; the recipe clips at "
+                  f"{q.CONFIG['train']['clip_grad_norm']:g}):", "",
+                  "| epoch | steps | median | 90th percentile | largest | above the recipe's clip | above this run's |",
+                  "|---:|---:|---:|---:|---:|---:|---:|", *rows]
     with atomic_path(a.out) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
 
