@@ -86,6 +86,9 @@ The patches (``--patch``), each fixed before any run:
   what the first gradients (norm ~200) do. Here the warm-up is 50 steps, so 150 more steps run at the full rate.
   Rule, written on 2026-12-03 before its runs, as for ``clip-20``; seed 1 is run only if seed 0 gains. The value
   50 was fixed before the runs and is not tuned.
+  Run on 2026-12-03 (2 Zen 4 cores, float32): seed 0's dev-test CPM 0.835 -> 0.808 with flip2z (0.784 -> 0.782
+  without views), though its training loss fell faster (0.796 after epoch 1 against 0.976): not taken, seed 1
+  not run (quality.md, "twenty-third").
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
