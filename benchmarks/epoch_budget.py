@@ -35,6 +35,7 @@ from luna.io import atomic_path
 
 import quality_sweep as q
 import tta_views
+from threshold_policies import meets  # recall and precision of p > threshold against quality_sweep.GOAL
 
 # table row -> luna.inference.TTA_FLIPS setting
 VIEW_SETS = {"none": "none", "point mirror": "flip2z", "flip4z": "flip4z"}
@@ -71,16 +72,11 @@ def train(data: tuple, seed: int, epochs: int, run: Path, state: Path, amp: str 
 def blocks_met(frame, dev: q.DevtestSet, threshold: float) -> str:
     """How many of the 30-scan dev-test blocks meet recall >= 0.8 at precision >= 0.3 (candidates at
     ``threshold``), as "K of N"."""
-    met = 0
     blocks = sorted(dev.splits["fold"].unique())
+    met = 0
     for fold in blocks:
         scans = set(dev.splits.loc[dev.splits["fold"] == fold, "series_uid"])
-        block = frame[frame["series_uid"].isin(scans)]
-        called = block["probability"].to_numpy() > threshold  # the project's rule: a positive is p > threshold
-        positive = block["is_nodule"].to_numpy() == 1
-        recall = (called & positive).sum() / max(positive.sum(), 1)
-        precision = (called & positive).sum() / max(called.sum(), 1)
-        met += bool(recall >= 0.8 and precision >= 0.3)
+        met += meets(frame[frame["series_uid"].isin(scans)], threshold)
     return f"{met} of {len(blocks)}"
 
 

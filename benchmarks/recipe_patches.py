@@ -314,16 +314,14 @@ class GradNorms(ConfigValue):
         torch.nn.utils.clip_grad_norm_ = self._clip
         super().__exit__(*exc)
 
-    def summary(self, steps_per_epoch: int, recipe_max: float) -> list[str]:
-        """One line per epoch: median, 90th percentile and largest norm, and the share of steps above
-        ``recipe_max`` (what the recipe's clip would have scaled down) and above this run's own clip."""
-        norms = np.asarray(self.norms)
+    def summary(self, epochs: int) -> list[str]:
+        """One line per epoch (the run's steps in ``epochs`` equal parts, as every epoch has the same batches):
+        median, 90th percentile and largest norm, and the share of steps above the recipe's clip (what it would
+        have scaled down) and above this run's own."""
         lines = []
-        for start in range(0, len(norms), steps_per_epoch):
-            part = norms[start:start + steps_per_epoch]
-            lines.append(f"| {start // steps_per_epoch + 1} | {len(part)} | {np.median(part):.2f} | "
-                         f"{np.percentile(part, 90):.2f} | {part.max():.1f} | {np.mean(part > recipe_max):.0%} | "
-                         f"{np.mean(part > self.value):.0%} |")
+        for epoch, part in enumerate(np.array_split(np.asarray(self.norms), epochs), start=1):
+            lines.append(f"| {epoch} | {len(part)} | {np.median(part):.2f} | {np.percentile(part, 90):.2f} | "
+                         f"{part.max():.1f} | {np.mean(part > self._old):.0%} | {np.mean(part > self.value):.0%} |")
         return lines
 
 
@@ -430,12 +428,14 @@ def main(argv: list[str] | None = None) -> int:
             if patch is not None:
                 with PATCHES[patch]() as patched:
                     epoch_budget.train(data, seed, epochs, run, run.with_name(name + "-state"))
-                if isinstance(patched, GradNorms) and patched.norms:  # this call trained the run: keep its norms
-                    np.save(run / "grad_norms.npy", np.asarray(patched.norms))
-                if isinstance(patched, GradNorms) and (run / "grad_norms.npy").exists():
-                    patched.norms = np.load(run / "grad_norms.npy").tolist()
-                    steps = -(-int(q.CONFIG["train"]["samples_per_epoch"]) // int(q.CONFIG["train"]["batch_size"]))
-                    norm_lines[seed] = patched.summary(steps, float(q.CONFIG["train"]["clip_grad_norm"]))
+                if isinstance(patched, GradNorms):
+                    norms_file = run / "grad_norms.npy"
+                    if patched.norms:  # this call trained the run: keep its norms for later calls
+                        np.save(norms_file, np.asarray(patched.norms))
+                    elif norms_file.exists():
+                        patched.norms = np.load(norms_file).tolist()
+                    if patched.norms:
+                        norm_lines[seed] = patched.summary(epochs)
             elif not (run / "0" / "model.pt").exists():
                 raise SystemExit(f"{run}: no baseline; run benchmarks/epoch_budget.py --amp off --epochs {epochs}")
             views = tta_views.cached_views(run, dev, TTA_FLIPS[recipe_views])
