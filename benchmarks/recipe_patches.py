@@ -102,6 +102,14 @@ The patches (``--patch``), each fixed before any run:
   Run on 2026-12-03 (2 Zen 4 cores, float32): seed 0's dev-test CPM 0.835 -> 0.812 with flip2z (0.784 -> 0.773
   without views; epochs 1 to 7 identical to the baseline's): not taken, seed 1 not run (quality.md,
   "twenty-fourth").
+* ``epochs-16`` (twice the training samples: 16 epochs of 3,750 instead of 8; a diagnostic, not a candidate). The
+  default run's fold-0 CPM stays 0.02-0.03 short of 0.80 on every machine measured, and no recipe change tried
+  since the eighteenth section gained beyond the noise of a one-seed screen. The eighth epoch was worth +0.016
+  with flip2z (epoch_budget.md): is the recipe short of samples, which 2 AVX2 cores cannot give in 15 minutes,
+  or near what this model reaches on this data? Here the recipe runs 16 epochs (60,000 samples, 3,760 steps, the
+  last epoch flip-only as in the recipe; ~20 minutes of training on 2 Zen 4 cores). Nothing is taken from it
+  (it does not fit the default run's budget); written on 2026-12-03 before its runs: seeds 0 and 1, both
+  reported against their ``cleanlast-s{seed}`` runs, whatever they show.
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
@@ -132,6 +140,8 @@ the ``clean-last`` runs (``BASELINES``), trained here with the ``clean-last`` pa
         --out benchmarks/results/warmup_50.md
     python benchmarks/recipe_patches.py --work /tmp/sweep --patch last-epoch-1to2 --seeds 0 \\
         --out benchmarks/results/last_epoch_1to2.md
+    python benchmarks/recipe_patches.py --work /tmp/sweep --patch epochs-16 --seeds 0 1 \\
+        --out benchmarks/results/epochs_16.md
 """
 
 from __future__ import annotations
@@ -290,6 +300,13 @@ class ConfigValue:
         q.CONFIG[self.section][self.key] = self._old
 
 
+class Epochs(ConfigValue):
+    """``train.epochs`` replaced: the recipe run longer, its flip-only last epoch still its last."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__("train", "epochs", epochs)
+
+
 class GradNorms(ConfigValue):
     """``train.clip_grad_norm`` replaced for the run, and every step's gradient norm before clipping (what
     ``torch.nn.utils.clip_grad_norm_`` returns) recorded; :meth:`summary` gives them per epoch."""
@@ -332,7 +349,8 @@ PATCHES = {"size-weighted": SizeWeighted, "depth-scale": DepthScale, "clean-last
            "clip-20": lambda: GradNorms(20.0), "clip-2.5": lambda: GradNorms(2.5),
            "warmup-50": lambda: ConfigValue("train", "lr_warmup_steps", 50),
            "last-epoch-1to2": lambda: ConfigValue("train", "balanced_schedule",
-                                                  [[int(q.CONFIG["train"]["epochs"]), 2]])}
+                                                  [[int(q.CONFIG["train"]["epochs"]), 2]]),
+           "epochs-16": lambda: Epochs(16)}
 TITLES = {"size-weighted": "Small nodules drawn more often as positives",
           "depth-scale": "Slice-thickness augmentation: the depth axis scaled 0.625x to 1.6x",
           "clean-last": "The last epoch on nearly clean crops: flips only",
@@ -342,17 +360,18 @@ TITLES = {"size-weighted": "Small nodules drawn more often as positives",
           "clip-20": "Gradient-norm clipping at 20 instead of 5: the first epoch's large gradients only",
           "clip-2.5": "Gradient-norm clipping at 2.5 instead of 5",
           "warmup-50": "A 50-step learning-rate warm-up instead of 200",
-          "last-epoch-1to2": "The last (flip-only) epoch at one positive per two negatives"}
+          "last-epoch-1to2": "The last (flip-only) epoch at one positive per two negatives",
+          "epochs-16": "Twice the training samples: 16 epochs instead of 8 (a diagnostic, not a candidate)"}
 RUN_PREFIX = {"size-weighted": "sizew", "depth-scale": "depthz", "clean-last": "cleanlast",
               "clean-last-2": "cleanlast2", "last-epoch-lr": "lastlr", "selection-0.05": "sel005",
               "clip-20": "clip20", "clip-2.5": "clip2p5",
-              "warmup-50": "warm50", "last-epoch-1to2": "last1to2"}
+              "warmup-50": "warm50", "last-epoch-1to2": "last1to2", "epochs-16": "epochs16"}
 # the runs a patch is compared with (table label, run folder for a seed and the epochs): the recipe of the patch's
 # date, or for the patches measured after clean-last was taken the clean-last runs their rules name
 CLEAN_LAST = ("clean-last", lambda seed, epochs: f"cleanlast-s{seed}")  # the recipe since clean-last was taken
 BASELINES = {"clean-last-2": CLEAN_LAST, "last-epoch-lr": CLEAN_LAST, "selection-0.05": CLEAN_LAST,
              "clip-20": CLEAN_LAST, "clip-2.5": CLEAN_LAST,
-             "warmup-50": CLEAN_LAST, "last-epoch-1to2": CLEAN_LAST}
+             "warmup-50": CLEAN_LAST, "last-epoch-1to2": CLEAN_LAST, "epochs-16": CLEAN_LAST}
 PLAIN = ("plain", lambda seed, epochs: f"budget-s{seed}-e{epochs}-amp-off")
 SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled positive list up to 5 mm, twice up to 7 mm",
             "depth-scale": "each training sample's depth axis also scaled by exp(u ln 1.6), u uniform in [-1, 1)",
@@ -365,7 +384,9 @@ SETTINGS = {"size-weighted": "each positive candidate 3 times in the cycled posi
             "clip-20": "train.clip_grad_norm 20 instead of 5 (the 200 warm-up steps unchanged)",
             "clip-2.5": "train.clip_grad_norm 2.5 instead of 5 (the 200 warm-up steps unchanged)",
             "warmup-50": "train.lr_warmup_steps 50 instead of 200 (the clip at 5 unchanged)",
-            "last-epoch-1to2": "train.balanced_schedule [[8, 2]]: the last epoch draws two negatives per positive"}
+            "last-epoch-1to2": "train.balanced_schedule [[8, 2]]: the last epoch draws two negatives per positive",
+            "epochs-16": ("train.epochs 16 instead of 8 (60,000 samples; the last epoch flip-only as in the recipe), "
+                          "everything else the recipe's")}
 
 
 def spacing_z_mm(work: Path, seed: int) -> dict[str, float]:
@@ -427,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             patch = a.patch if variant != baseline else (baseline if a.patch in BASELINES else None)
             if patch is not None:
                 with PATCHES[patch]() as patched:
-                    epoch_budget.train(data, seed, epochs, run, run.with_name(name + "-state"))
+                    run_epochs = patched.value if isinstance(patched, Epochs) else epochs
+                    epoch_budget.train(data, seed, run_epochs, run, run.with_name(name + "-state"))
                 if isinstance(patched, GradNorms):
                     norms_file = run / "grad_norms.npy"
                     if patched.norms:  # this call trained the run: keep its norms for later calls
@@ -460,7 +482,8 @@ def write_table(a: argparse.Namespace, results: list[dict], baseline: str,
     columns = [k for k in results[0] if " mm" in k]
     lines = [f"# {TITLES[a.patch]} (benchmarks/recipe_patches.py --patch {a.patch})", "",
              f"Development data: synthetic seed {a.dev_seed}, fold 0 held out; dev-test: seed {a.devtest_seed}, every "
-             f"scan. config/config.yaml's recipe (float32), 8 epochs; `{a.patch}`: {SETTINGS[a.patch]}. Detected: "
+             f"scan. config/config.yaml's recipe (float32), {q.CONFIG['train']['epochs']} epochs; `{a.patch}`: "
+             f"{SETTINGS[a.patch]}. Detected: "
              "share of dev-test nodules whose best candidate beats the 1-false-positive-per-scan cut.", "",
              "| seed | run | views | dev-test CPM (95% CI) | ROC AUC | threshold | 30-scan blocks meeting recall >= 0.8 "
              "at precision >= 0.3 | " + " | ".join(f"detected, {c}" for c in columns) + " |",
