@@ -110,6 +110,9 @@ The patches (``--patch``), each fixed before any run:
   last epoch flip-only as in the recipe; ~20 minutes of training on 2 Zen 4 cores). Nothing is taken from it
   (it does not fit the default run's budget); written on 2026-12-03 before its runs: seeds 0 and 1, both
   reported against their ``cleanlast-s{seed}`` runs, whatever they show.
+  Run on 2026-12-03 (2 Zen 4 cores, float32; 21 min 50 s and 20 min 48 s of training): dev-test CPM with flip2z
+  0.835 -> 0.845 and 0.842 -> 0.870 (mean +0.019; +0.021 and +0.026 without views): the model keeps learning,
+  slowly (quality.md, "twenty-fifth").
 
 Everything else is config/config.yaml's recipe (float32, 8 epochs, the same seeds); luna-train runs unchanged
 but for the patched function. Decision rule, written before the runs: a patch would become a luna-train option,
