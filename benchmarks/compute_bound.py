@@ -5,7 +5,7 @@ Why: the default run's budget is samples (30,000 in ~10 minutes of training on 2
 levers found are in (benchmarks/results/train.md). If the step already runs near the rate a matrix multiply
 reaches on these cores, no kernel change can buy the run many more samples; if it runs far below, there is room.
 
-    .venv/bin/python benchmarks/compute_bound.py --out benchmarks/results/compute_bound.md
+    .venv/bin/python benchmarks/compute_bound.py --rounds 9 --out benchmarks/results/compute_bound.md
 
 Rows, each in a child process per ISA (``native``, and ``avx2``: ``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2``, set before torch loads; the child's ``cpu_report`` line shows what took effect):
