@@ -303,13 +303,6 @@ class ConfigValue:
         q.CONFIG[self.section][self.key] = self._old
 
 
-class Epochs(ConfigValue):
-    """``train.epochs`` replaced: the recipe run longer, its flip-only last epoch still its last."""
-
-    def __init__(self, epochs: int) -> None:
-        super().__init__("train", "epochs", epochs)
-
-
 class GradNorms(ConfigValue):
     """``train.clip_grad_norm`` replaced for the run, and every step's gradient norm before clipping (what
     ``torch.nn.utils.clip_grad_norm_`` returns) recorded; :meth:`summary` gives them per epoch."""
@@ -353,7 +346,7 @@ PATCHES = {"size-weighted": SizeWeighted, "depth-scale": DepthScale, "clean-last
            "warmup-50": lambda: ConfigValue("train", "lr_warmup_steps", 50),
            "last-epoch-1to2": lambda: ConfigValue("train", "balanced_schedule",
                                                   [[int(q.CONFIG["train"]["epochs"]), 2]]),
-           "epochs-16": lambda: Epochs(16)}
+           "epochs-16": lambda: ConfigValue("train", "epochs", 16)}
 TITLES = {"size-weighted": "Small nodules drawn more often as positives",
           "depth-scale": "Slice-thickness augmentation: the depth axis scaled 0.625x to 1.6x",
           "clean-last": "The last epoch on nearly clean crops: flips only",
@@ -450,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             # train it, when missing): epoch_budget.train skips a run already trained
             patch = a.patch if variant != baseline else (baseline if a.patch in BASELINES else None)
             if patch is not None:
-                with PATCHES[patch]() as patched:
-                    run_epochs = patched.value if isinstance(patched, Epochs) else epochs
+                with PATCHES[patch]() as patched:  # the epochs as the patch left the config (epochs-16 sets them)
+                    run_epochs = int(q.CONFIG["train"]["epochs"])
                     epoch_budget.train(data, seed, run_epochs, run, run.with_name(name + "-state"))
                 if isinstance(patched, GradNorms):
                     norms_file = run / "grad_norms.npy"
